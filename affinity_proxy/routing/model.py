@@ -72,13 +72,21 @@ class MembershipView:
     epoch: int = 0
     by_id: Mapping[InstanceId, Instance] = field(default_factory=dict)
     ring: HashRing = field(default_factory=lambda: HashRing({}))
+    fallback_ring: HashRing = field(default_factory=lambda: HashRing({}))
 
     @classmethod
     def build(cls, instances: Iterable[Instance], epoch: int = 0) -> MembershipView:
         items = tuple(instances)
         by_id = {inst.id: inst for inst in items}
         ring = HashRing({inst.id: inst.weight for inst in items if inst.state.accepts_new})
-        return cls(instances=items, epoch=epoch, by_id=by_id, ring=ring)
+        # When no instance is up, new users may still go to draining/stopped ones rather than get a 503.
+        fallback = HashRing({} if len(ring) else {i.id: i.weight for i in items if i.state.routable})
+        return cls(instances=items, epoch=epoch, by_id=by_id, ring=ring, fallback_ring=fallback)
+
+    def choose_new(self, key: str, exclude: frozenset[str] | set[str] = frozenset()) -> InstanceId | None:
+        """Instance for a new pin: the ring over ``up`` instances, else over any routable one."""
+        found = self.ring.choose(key, exclude) or self.fallback_ring.choose(key, exclude)
+        return InstanceId(found) if found is not None else None
 
     def get(self, instance_id: str) -> Instance | None:
         """The instance with that id, or None when unknown. No I/O."""
