@@ -1,0 +1,1 @@
+"""Metrics and logs: one CollectorRegistry per process, structured logging with redaction."""
