@@ -1,0 +1,1 @@
+"""Membership: which instances exist and what state each is in, published as immutable snapshots."""
