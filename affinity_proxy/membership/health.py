@@ -80,6 +80,6 @@ class HealthChecker:
             ) as resp:
                 await resp.read()
                 return 200 <= resp.status < 300
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.debug("probe failed", extra={"fields": {"instance": inst.id, "error": repr(exc)}})
             return False
