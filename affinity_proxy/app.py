@@ -1,0 +1,195 @@
+"""Wiring: the only module that builds the parts and connects them (AppKeys, cleanup_ctx, routes).
+
+``build_context(config)`` makes the shared parts, ``build_apps(ctx)`` the main and admin aiohttp
+applications, and ``ProxyServer`` runs both listeners (tests use port 0 and read the bound ports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from affinity_proxy._tasks import TaskSet
+from affinity_proxy.config import Config
+from affinity_proxy.forwarding.client import UpstreamClient
+from affinity_proxy.membership.health import HealthChecker, HealthSettings
+from affinity_proxy.membership.registry import Membership
+from affinity_proxy.observability.metrics import ProxyMetrics
+from affinity_proxy.pins.factory import open_pin_store
+from affinity_proxy.pins.reaper import Reaper
+from affinity_proxy.pins.store import PinStore, PinStoreUnavailable
+from affinity_proxy.routing.cookie import CookieCodec
+from affinity_proxy.routing.decide import DecidePolicy
+from affinity_proxy.routing.model import Instance, InstanceId
+from affinity_proxy.routing.userkey import UserKeySource
+from affinity_proxy.web.admin import REAPER, add_admin_routes, health, session_check, token_middleware
+from affinity_proxy.web.context import CONTEXT, ProxyContext
+from affinity_proxy.web.errors import json_error
+from affinity_proxy.web.middlewares import header_size_guard
+from affinity_proxy.web.proxy_handler import ProxyHandler
+from affinity_proxy.web.server import ProxyAppRunner, handler_args
+
+log = logging.getLogger("affinity_proxy.app")
+
+PIN_COUNT_REFRESH_SECONDS = 5.0
+
+
+def instances_from_config(config: Config) -> list[Instance]:
+    return [Instance(InstanceId(i.id), i.url.rstrip("/"), i.weight) for i in config.instances]
+
+
+def build_context(config: Config, *, store: PinStore | None = None) -> ProxyContext:
+    """Create the per-process parts. Secrets must be present (``serve`` checks; ``demo`` generates)."""
+    tasks = TaskSet()
+    metrics = ProxyMetrics()
+    membership = Membership(instances_from_config(config))
+    c = config.cookie
+    codec = CookieCodec(c.secret, c.previous_secrets, signed=c.signed, max_age=c.max_age)
+    ctx_holder: list[ProxyContext] = []
+
+    def on_store_state(up: bool) -> None:
+        metrics.store_up.set(1 if up else 0)
+        if ctx_holder:
+            ctx_holder[0].store_ok = up
+
+    if store is None:
+        store = open_pin_store(
+            config.store.url, key_prefix=config.store.key_prefix, pin_ttl=config.pin_ttl,
+            timeout=config.store.timeout, tasks=tasks,
+            on_error=lambda op: metrics.store_errors.labels(op=op).inc(),
+            on_state_change=on_store_state,
+        )
+    ctx = ProxyContext(
+        config=config, membership=membership, store=store, codec=codec, metrics=metrics, tasks=tasks,
+        policy=DecidePolicy(revalidate_after=c.revalidate_after),
+        user_key_sources=tuple(UserKeySource(s.kind, s.name) for s in config.user_key),
+    )
+    ctx_holder.append(ctx)
+    metrics.watch_snapshots(membership.current, lambda: ctx.pin_counts)
+    return ctx
+
+
+async def _refresh_pin_counts(ctx: ProxyContext) -> None:
+    """Keep the ``affinity_pins`` gauge and store health fresh without touching the request path."""
+    failing = False
+    while True:
+        try:
+            ctx.pin_counts = dict(await ctx.store.counts())
+            ctx.store_ok = True
+            if failing:
+                log.info("pin store reachable again")
+            failing = False
+        except PinStoreUnavailable as exc:
+            ctx.store_ok = False
+            if not failing:
+                log.warning("pin store unreachable: %s", exc)
+            failing = True
+        ctx.metrics.store_up.set(1 if ctx.store_ok else 0)
+        await asyncio.sleep(PIN_COUNT_REFRESH_SECONDS)
+
+
+def _lifecycle(ctx: ProxyContext, reaper: Reaper):  # type: ignore[no-untyped-def]
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        limits = ctx.config.limits
+        ctx.started_at = time.monotonic()
+        ctx.client = UpstreamClient(
+            connect_timeout=limits.upstream_connect_timeout, read_timeout=limits.upstream_timeout,
+        )
+        await ctx.client.start()
+        h = ctx.config.health
+        ctx.health = HealthChecker(
+            ctx.membership, ctx.client.session,
+            HealthSettings(h.path, h.interval, h.timeout, h.unhealthy_after, h.healthy_after),
+        )
+        ctx.tasks.spawn(ctx.health.run(), name="health-checker")
+        ctx.tasks.spawn(reaper.run(), name="reaper")
+        ctx.tasks.spawn(_refresh_pin_counts(ctx), name="pin-counts")
+        yield
+        ctx.shutting_down = True
+        await ctx.tasks.close()
+        try:
+            await ctx.store.flush()
+        except PinStoreUnavailable as exc:
+            log.warning("could not flush pin refreshes on shutdown: %s", exc)
+        await ctx.store.close()
+        await ctx.client.close()
+
+    return lifecycle
+
+
+async def _reserved_not_found(request: web.Request) -> web.Response:
+    return json_error(404, "unknown affinity-proxy endpoint", code="not_found")
+
+
+def build_apps(ctx: ProxyContext) -> tuple[web.Application, web.Application]:
+    """The main (proxy) application and the admin application, sharing ``ctx``."""
+    limits = ctx.config.limits
+    reaper = Reaper(
+        ctx.store, ctx.membership.current, grace=ctx.config.reaper.grace, interval=ctx.config.reaper.interval,
+        on_reaped=lambda n: ctx.metrics.orphaned_pins_reaped.inc(n),
+    )
+    main = web.Application(middlewares=[header_size_guard(limits.max_header_bytes)],
+                           client_max_size=min(limits.max_body_bytes, 1024 * 1024))
+    main[CONTEXT] = ctx
+    main.router.add_get("/_affinity/health", health)
+    main.router.add_route("*", "/_affinity/session-check", session_check)
+    main.router.add_route("*", "/_affinity/{tail:.*}", _reserved_not_found)
+    main.router.add_route("*", "/{tail:.*}", ProxyHandler(ctx))
+    main.cleanup_ctx.append(_lifecycle(ctx, reaper))
+
+    admin = web.Application(middlewares=[token_middleware(ctx.config.admin.token)])
+    admin[CONTEXT] = ctx
+    admin[REAPER] = reaper
+    add_admin_routes(admin)
+    return main, admin
+
+
+class ProxyServer:
+    """Runs the main and admin listeners of one process. ``start()`` binds; ports are then known."""
+
+    def __init__(self, config: Config, *, store: PinStore | None = None, reuse_port: bool = False) -> None:
+        self.config = config
+        self.ctx = build_context(config, store=store)
+        self.main_app, self.admin_app = build_apps(self.ctx)
+        self._reuse_port = reuse_port
+        self._runners: list[web.AppRunner] = []
+        self.main_port = 0
+        self.admin_port = 0
+
+    async def start(self) -> None:
+        limits = self.config.limits
+        args = handler_args(limits.max_header_bytes)
+        main_runner = ProxyAppRunner(self.main_app, handler_args=args, access_log=None,
+                                     shutdown_timeout=limits.client_timeout)
+        admin_runner = web.AppRunner(self.admin_app, access_log=None)
+        await main_runner.setup()
+        await admin_runner.setup()
+        self._runners = [main_runner, admin_runner]
+        main_site = web.TCPSite(main_runner, self.config.listen_host, self.config.listen_port,
+                                reuse_port=self._reuse_port or None, backlog=1024)
+        await main_site.start()
+        self.main_port = _bound_port(main_site)
+        admin_site = web.TCPSite(admin_runner, self.config.admin_host, self.config.admin_port,
+                                 reuse_port=self._reuse_port or None)
+        await admin_site.start()
+        self.admin_port = _bound_port(admin_site)
+        log.info("listening", extra={"fields": {
+            "listen": f"{self.config.listen_host}:{self.main_port}",
+            "admin": f"{self.config.admin_host}:{self.admin_port}", "store": self.ctx.store.kind,
+            "instances": len(self.config.instances)}})
+
+    async def stop(self) -> None:
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners = []
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server = site._server  # aiohttp exposes no public accessor for the bound port of port 0
+    assert server is not None
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1])

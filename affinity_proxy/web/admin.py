@@ -1,0 +1,202 @@
+"""Admin listener routes (loopback by default; bearer token when ``admin.token`` is set) and the
+main listener's ``/_affinity/health`` and ``/_affinity/session-check``.
+
+Handlers here are thin: they read the context and call library code.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from affinity_proxy.pins.reaper import Reaper
+from affinity_proxy.pins.store import PinStoreUnavailable
+from affinity_proxy.routing.model import InstanceId, is_valid_instance_id
+from affinity_proxy.routing.userkey import MAX_USER_KEY_LENGTH
+from affinity_proxy.web.context import CONTEXT, ProxyContext
+from affinity_proxy.web.errors import json_error
+from affinity_proxy.web.session_check import session_check_get, session_check_post
+
+REAPER: web.AppKey[Reaper] = web.AppKey("affinity_reaper", Reaper)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def health_document(ctx: ProxyContext) -> tuple[int, dict[str, Any]]:
+    """200 ok / 200 degraded (store down) / 503 (nothing routable or shutting down)."""
+    view = ctx.membership.current()
+    routable = len(view.routable_ids)
+    checks = {
+        "instances": {"ok": routable > 0, "routable": routable, "total": len(view.instances)},
+        "store": {"ok": ctx.store_ok, "kind": ctx.store.kind},
+        "shutting_down": {"ok": not ctx.shutting_down},
+    }
+    if routable == 0 or ctx.shutting_down:
+        status, code = "unavailable", 503
+    elif not ctx.store_ok:
+        status, code = "degraded", 200
+    else:
+        status, code = "ok", 200
+    return code, {"status": status, "checks": checks, "uptime_seconds": int(time.monotonic() - ctx.started_at)}
+
+
+async def health(request: web.Request) -> web.Response:
+    code, doc = health_document(request.app[CONTEXT])
+    return web.json_response(doc, status=code)
+
+
+async def session_check(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    if request.method == "POST":
+        return await session_check_post(ctx, request)
+    return await session_check_get(ctx, request)
+
+
+def token_middleware(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Require ``Authorization: Bearer <token>`` (constant-time compare) when a token is set."""
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected is not None:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return json_error(401, "admin token required", code="unauthorized",
+                                  headers={"WWW-Authenticate": 'Bearer realm="affinity-proxy"'})
+        return await handler(request)
+
+    return check
+
+
+def _user(request: web.Request) -> str:
+    user = request.match_info["user"]
+    if not user or len(user) > MAX_USER_KEY_LENGTH or not user.isprintable():
+        raise web.HTTPBadRequest(text="user key: 1 to 256 printable characters")
+    return user
+
+
+def _store_down(exc: PinStoreUnavailable) -> web.Response:
+    return json_error(503, f"pin store unavailable: {exc}", code="store_unavailable")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    return web.Response(body=ctx.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def pins_list(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    instance = request.query.get("instance")
+    if instance is not None and not is_valid_instance_id(instance):
+        return json_error(400, "instance: not a valid instance id", code="bad_instance")
+    try:
+        limit = min(int(request.query.get("limit", "1000")), 100_000)
+        pins = await ctx.store.list(InstanceId(instance) if instance else None, limit=limit)
+    except ValueError:
+        return json_error(400, "limit: expected an integer", code="bad_limit")
+    except PinStoreUnavailable as exc:
+        return _store_down(exc)
+    return web.json_response({"pins": [
+        {"user": p.user_key, "instance": p.instance, "expires_in": p.expires_in} for p in pins]})
+
+
+async def pin_show(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    try:
+        user = _user(request)
+        pin = await ctx.store.get(user)
+    except web.HTTPBadRequest as exc:
+        return json_error(400, exc.text or "bad user", code="bad_user")
+    except PinStoreUnavailable as exc:
+        return _store_down(exc)
+    if pin is None:
+        return json_error(404, "no pin for this user", code="no_pin")
+    return web.json_response({"user": pin.user_key, "instance": pin.instance, "expires_in": pin.expires_in,
+                              "state": ctx.membership.current().state_of(pin.instance).value})
+
+
+async def pin_set(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    try:
+        user = _user(request)
+        body = await request.json()
+    except web.HTTPBadRequest as exc:
+        return json_error(400, exc.text or "bad user", code="bad_user")
+    except ValueError:
+        return json_error(400, 'body must be {"instance": ID}', code="bad_json")
+    instance = body.get("instance") if isinstance(body, dict) else None
+    if not isinstance(instance, str) or ctx.membership.current().get(instance) is None:
+        return json_error(400, "instance: must name a known instance", code="unknown_instance")
+    try:
+        pin = await ctx.store.set(user, InstanceId(instance))
+    except PinStoreUnavailable as exc:
+        return _store_down(exc)
+    ctx.metrics.repins.labels(repin_reason="operator").inc()
+    return web.json_response({"user": pin.user_key, "instance": pin.instance, "expires_in": pin.expires_in})
+
+
+async def pin_drop(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    try:
+        dropped = await ctx.store.drop(_user(request))
+    except web.HTTPBadRequest as exc:
+        return json_error(400, exc.text or "bad user", code="bad_user")
+    except PinStoreUnavailable as exc:
+        return _store_down(exc)
+    if not dropped:
+        return json_error(404, "no pin for this user", code="no_pin")
+    return web.json_response({"dropped": True})
+
+
+async def instances_list(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    view = ctx.membership.current()
+    try:
+        counts: dict[str, int] = dict(await ctx.store.counts())
+    except PinStoreUnavailable:
+        counts = dict(ctx.pin_counts)
+    return web.json_response({"instances": [
+        {"id": i.id, "url": i.url, "state": i.state.value, "weight": i.weight, "pins": counts.get(i.id, 0),
+         "local": i.local, "region": i.region or None}
+        for i in view.instances]})
+
+
+def _drain_handler(drain: bool) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        ctx = request.app[CONTEXT]
+        instance = InstanceId(request.match_info["id"])
+        ok = ctx.membership.drain(instance) if drain else ctx.membership.undrain(instance)
+        if not ok:
+            return json_error(404, "unknown instance", code="unknown_instance")
+        return web.json_response({"id": instance, "state": ctx.membership.current().state_of(instance).value})
+
+    return handler
+
+
+async def reap(request: web.Request) -> web.Response:
+    reaper = request.app[REAPER]
+    dry_run = request.query.get("dry_run", "0").lower() in ("1", "true", "yes")
+    try:
+        result = await reaper.reap(dry_run=dry_run)
+    except PinStoreUnavailable as exc:
+        return _store_down(exc)
+    return web.json_response({"dry_run": dry_run, "reaped": result,
+                              "total": sum(len(v) for v in result.values())})
+
+
+def add_admin_routes(app: web.Application) -> None:
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health", health)
+    app.router.add_route("*", "/session-check", session_check)
+    app.router.add_get("/pins", pins_list)
+    app.router.add_get("/pins/{user}", pin_show)
+    app.router.add_put("/pins/{user}", pin_set)
+    app.router.add_delete("/pins/{user}", pin_drop)
+    app.router.add_get("/instances", instances_list)
+    app.router.add_post("/instances/{id}/drain", _drain_handler(True))
+    app.router.add_post("/instances/{id}/undrain", _drain_handler(False))
+    app.router.add_post("/reap", reap)

@@ -1,0 +1,46 @@
+"""ProxyContext: the wired parts one process shares, stored on the app under ``CONTEXT``.
+
+Built by ``app.build_app`` and read by handlers; holds no per-user state itself (pins live in the
+store, membership in its snapshot), so several workers can each have their own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from affinity_proxy._tasks import TaskSet
+from affinity_proxy.config import Config
+from affinity_proxy.forwarding.client import UpstreamClient
+from affinity_proxy.membership.health import HealthChecker
+from affinity_proxy.membership.registry import Membership
+from affinity_proxy.observability.metrics import ProxyMetrics
+from affinity_proxy.pins.store import PinStore
+from affinity_proxy.routing.cookie import CookieCodec
+from affinity_proxy.routing.decide import DecidePolicy
+from affinity_proxy.routing.userkey import UserKeySource
+
+
+@dataclass(slots=True)
+class ProxyContext:
+    config: Config
+    membership: Membership
+    store: PinStore
+    codec: CookieCodec
+    metrics: ProxyMetrics
+    tasks: TaskSet
+    policy: DecidePolicy
+    user_key_sources: tuple[UserKeySource, ...]
+    client: UpstreamClient | None = None
+    health: HealthChecker | None = None
+    node: str = field(default_factory=lambda: os.environ.get("FLY_MACHINE_ID") or socket.gethostname())
+    started_at: float = 0.0
+    pin_counts: dict[str, int] = field(default_factory=dict)  # refreshed in the background for metrics
+    store_ok: bool = True
+    shutting_down: bool = False
+
+
+CONTEXT: web.AppKey[ProxyContext] = web.AppKey("affinity_context", ProxyContext)

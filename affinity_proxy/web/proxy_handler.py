@@ -1,0 +1,135 @@
+"""ProxyHandler: the catch-all request handler of the main listener.
+
+request -> ``resolve`` (pure decision, at most one store look-up) -> forward over HTTP or WebSocket
+-> metrics. Upstream connect failures are reported to health; idempotent requests are retried once
+on the instance the re-decision picks. Everything the proxy itself refuses gets a JSON error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from aiohttp import hdrs, web
+
+from affinity_proxy.forwarding.client import UpstreamError
+from affinity_proxy.forwarding.headers import upstream_request_headers
+from affinity_proxy.forwarding.http import BodyTooLarge, forward_http
+from affinity_proxy.forwarding.websocket import relay_websocket
+from affinity_proxy.routing.cookie import set_cookie_value
+from affinity_proxy.routing.decide import Decision, DecisionReason, Refuse, RepinReason, Route, RouteInput
+from affinity_proxy.web.context import ProxyContext
+from affinity_proxy.web.errors import json_error
+from affinity_proxy.web.resolve import FORCE_HEADER, resolve, route_input
+
+log = logging.getLogger("affinity_proxy.proxy")
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+INSTANCE_HEADER = "X-Fly-Instance"
+
+
+def is_websocket_upgrade(request: web.Request) -> bool:
+    headers = request.headers
+    return (
+        headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+        and "upgrade" in headers.get(hdrs.CONNECTION, "").lower()
+    )
+
+
+class ProxyHandler:
+    """Callable aiohttp handler bound to one ``ProxyContext``."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        c = ctx.config.cookie
+        self._cookie_attrs = {
+            "max_age": c.max_age,
+            "path": c.path,
+            "domain": c.domain,
+            "secure": c.secure,
+            "http_only": c.http_only,
+            "same_site": c.same_site,
+        }
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        ctx = self.ctx
+        inp = route_input(ctx, request)
+        decision, inp = await resolve(ctx, inp)
+        response = await self._act(request, decision, inp, attempt=0)
+        ctx.metrics.response(response.status)
+        return response
+
+    async def _act(
+        self, request: web.Request, decision: Decision, inp: RouteInput, attempt: int
+    ) -> web.StreamResponse:
+        ctx = self.ctx
+        if isinstance(decision, Refuse):
+            ctx.metrics.requests.labels(action="refuse", reason=decision.reason).inc()
+            return json_error(503, "no instance can serve this request", code=decision.reason,
+                              headers={"Retry-After": "5"})
+        assert isinstance(decision, Route)
+        self._count(decision)
+        instance = ctx.membership.current().get(decision.instance)
+        if instance is None or not instance.url:
+            return json_error(502, "chosen instance has no address", code="no_upstream")
+        extra = [(INSTANCE_HEADER, instance.id)]
+        if decision.set_cookie or (inp.cookie is not None and ctx.codec.needs_reissue(inp.cookie)):
+            value = ctx.codec.encode(instance.id, int(inp.now), inp.user_digest)
+            extra.append((hdrs.SET_COOKIE, set_cookie_value(ctx.config.cookie.name, value, **self._cookie_attrs)))
+        headers = upstream_request_headers(
+            request.headers,
+            client_ip=request.remote,
+            scheme=request.scheme,
+            host=request.host,
+            request_id=request.headers.get("Fly-Request-Id"),
+            drop=(FORCE_HEADER,),
+        )
+        limits = ctx.config.limits
+        assert ctx.client is not None
+        started = time.perf_counter()
+        try:
+            if is_websocket_upgrade(request):
+                gauge = ctx.metrics.websocket_connections.labels(instance=instance.id)
+                gauge.inc()
+                try:
+                    return await relay_websocket(
+                        request, instance.url, ctx.client, upstream_headers=headers,
+                        extra_response_headers=extra, max_message_bytes=limits.max_ws_message_bytes,
+                        heartbeat=limits.ws_heartbeat or None,
+                    )
+                finally:
+                    gauge.dec()
+            response = await forward_http(
+                request, instance.url, ctx.client, extra_response_headers=extra,
+                upstream_headers=headers, max_body_bytes=limits.max_body_bytes,
+            )
+            ctx.metrics.upstream_duration.labels(instance=instance.id).observe(time.perf_counter() - started)
+            return response
+        except BodyTooLarge:
+            return json_error(413, f"request body exceeds {limits.max_body_bytes} bytes", code="body_too_large")
+        except UpstreamError as exc:
+            ctx.metrics.upstream_errors.labels(instance=instance.id, kind=exc.kind).inc()
+            log.warning("upstream failed", extra={"fields": {
+                "instance": instance.id, "kind": exc.kind, "attempt": attempt, "path": request.path}})
+            if exc.retryable and ctx.health is not None:
+                ctx.health.report_failure(instance.id, exc.kind)
+            if exc.retryable and attempt == 0 and self._may_retry(request):
+                retry_inp = replace(inp, avoid={**inp.avoid, instance.id: RepinReason.DEAD})
+                decision, retry_inp = await resolve(self.ctx, retry_inp)
+                return await self._act(request, decision, retry_inp, attempt=1)
+            message = "upstream timed out" if exc.kind == "timeout" else "upstream unreachable"
+            return json_error(exc.status, message, code=f"upstream_{exc.kind}")
+
+    @staticmethod
+    def _may_retry(request: web.Request) -> bool:
+        """Retry only requests that are idempotent and whose body (if any) was not consumed."""
+        return request.method in IDEMPOTENT_METHODS and not request.body_exists
+
+    def _count(self, route: Route) -> None:
+        m = self.ctx.metrics
+        m.requests.labels(action="forward", reason=route.reason.value).inc()
+        if route.reason is DecisionReason.REPIN and route.repin_reason is not None:
+            m.repins.labels(repin_reason=route.repin_reason.value).inc()
+        if route.conflict:
+            m.pin_conflicts.inc()

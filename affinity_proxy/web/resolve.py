@@ -1,0 +1,129 @@
+"""From an aiohttp request to a routing decision: build ``RouteInput``, consult the store when the
+pure core asks for it (``NeedPin``), and carry out the atomic store operation it returns.
+
+This is the only place the request path touches the pin store. A valid, fresh cookie never gets
+here with a store call: ``decide`` answers it directly. Store failures degrade to the ring and are
+counted; they never fail the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import replace
+
+from aiohttp import web
+
+from affinity_proxy.pins.store import PinStoreUnavailable
+from affinity_proxy.routing.cookie import AffinityCookie, CookieProblem
+from affinity_proxy.routing.decide import (
+    ClaimPin,
+    Decision,
+    DecisionReason,
+    NeedPin,
+    RepinReason,
+    Route,
+    RouteInput,
+    decide,
+)
+from affinity_proxy.routing.model import InstanceId, MembershipView
+from affinity_proxy.routing.userkey import extract_user_key
+from affinity_proxy.web.context import ProxyContext
+
+log = logging.getLogger("affinity_proxy.resolve")
+
+FORCE_HEADER = "fly-force-instance-id"
+
+
+def route_input(
+    ctx: ProxyContext,
+    request: web.Request,
+    *,
+    user_key_override: str | None = None,
+    avoid: dict[InstanceId, RepinReason] | None = None,
+) -> RouteInput:
+    """Everything ``decide`` needs from the request. No I/O; the cookie HMAC is cached by the codec."""
+    now = time.time()
+    raw_cookie = request.cookies.get(ctx.config.cookie.name)
+    cookie: AffinityCookie | None = None
+    problem: CookieProblem | None = None
+    if raw_cookie is not None:
+        parsed = ctx.codec.decode(raw_cookie, now)
+        if isinstance(parsed, AffinityCookie):
+            cookie = parsed
+        else:
+            problem = parsed
+    if user_key_override is not None:
+        user_key: str | None = user_key_override or None
+    else:
+        user_key = extract_user_key(ctx.user_key_sources, request.headers, request.query, request.cookies)
+    return RouteInput(
+        user_key=user_key,
+        user_digest=ctx.codec.user_digest(user_key),
+        cookie=cookie,
+        cookie_problem=problem,
+        force_instance=request.headers.get(FORCE_HEADER),
+        now=now,
+        avoid=avoid or {},
+        anonymous_key=secrets.token_urlsafe(12),
+    )
+
+
+async def lookup_pin(ctx: ProxyContext, inp: RouteInput) -> RouteInput:
+    """Fill in the stored pin (or mark the store as failed). One store round trip."""
+    assert inp.user_key is not None
+    try:
+        pin = await ctx.store.get(inp.user_key)
+    except PinStoreUnavailable:
+        ctx.metrics.store_errors.labels(op="get").inc()
+        return replace(inp, pin_looked_up=True, stored_pin=None, store_ok=False)
+    return replace(inp, pin_looked_up=True, stored_pin=pin.instance if pin else None, store_ok=True)
+
+
+async def resolve(ctx: ProxyContext, inp: RouteInput, *, apply: bool = True) -> tuple[Decision, RouteInput]:
+    """Decide, asking the store at most once, then (``apply``) perform the decision's store op."""
+    view = ctx.membership.current()
+    decision = decide(inp, view, ctx.policy)
+    if isinstance(decision, NeedPin):
+        inp = await lookup_pin(ctx, inp)
+        decision = decide(inp, view, ctx.policy)
+    if apply and isinstance(decision, Route):
+        if decision.store_op is not None:
+            decision = await apply_store_op(ctx, decision, view, inp)
+        elif decision.touch and inp.user_key is not None and inp.store_ok:
+            await touch(ctx, inp.user_key, decision.instance)
+    return decision, inp
+
+
+async def touch(ctx: ProxyContext, user_key: str, instance: InstanceId) -> None:
+    try:
+        await ctx.store.touch(user_key, instance)
+    except PinStoreUnavailable:
+        ctx.metrics.store_errors.labels(op="touch").inc()
+
+
+async def apply_store_op(ctx: ProxyContext, route: Route, view: MembershipView, inp: RouteInput) -> Route:
+    """Claim (SET NX) or compare-and-set the pin. When another worker or node won the race, route
+    to the winner so every racer ends on the same instance."""
+    op = route.store_op
+    assert op is not None
+    op_name = "claim" if isinstance(op, ClaimPin) else "repin"
+    try:
+        if isinstance(op, ClaimPin):
+            result = await ctx.store.claim(op.user_key, op.instance)
+        else:
+            result = await ctx.store.repin(op.user_key, op.expected, op.instance)
+    except PinStoreUnavailable:
+        ctx.metrics.store_errors.labels(op=op_name).inc()
+        return route
+    winner = result.pin.instance
+    if result.won or winner == route.instance:
+        return route
+    if view.is_routable(winner) and winner not in inp.avoid:
+        return Route(winner, DecisionReason.PIN, set_cookie=True)
+    log.warning(
+        "lost a pin race to an unroutable instance; serving unpinned",
+        extra={"fields": {"instance": route.instance, "winner": winner, "op": op_name}},
+    )
+    return route
