@@ -1,0 +1,93 @@
+"""``affinity-proxy demo``: demo backends plus the proxy on the embedded memory store, in one process.
+
+Needs no Redis and no config file; generates a throwaway cookie secret. Prints what to try.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+import sys
+
+from aiohttp import web
+
+from affinity_proxy.config import Config, CookieConfig, HealthConfig, InstanceConfig, UserKeySourceConfig
+from affinity_proxy.observability.logs import configure_logging
+
+DEMO_IDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india")
+
+
+def demo_config(ports: list[int], port: int, admin_port: int) -> Config:
+    instances = tuple(
+        InstanceConfig(DEMO_IDS[i] if i < len(DEMO_IDS) else f"app{i}", f"http://127.0.0.1:{p}")
+        for i, p in enumerate(ports)
+    )
+    return Config(
+        listen=f"127.0.0.1:{port}",
+        admin_listen=f"127.0.0.1:{admin_port}",
+        instances=instances,
+        cookie=CookieConfig(secret=secrets.token_urlsafe(32)),
+        user_key=(UserKeySourceConfig("header", "X-User-Id"), UserKeySourceConfig("query", "userId")),
+        health=HealthConfig(interval=1.0, timeout=1.0),
+    )
+
+
+def _banner(port: int, admin_port: int, ids: list[str]) -> str:
+    base = f"http://127.0.0.1:{port}"
+    return f"""
+affinity-proxy demo: {len(ids)} instances ({", ".join(ids)}) behind {base} (memory store, no Redis)
+
+Try:
+  curl -i {base}/                                  # anonymous: a new session, Set-Cookie fly-instance-id
+  curl -s -c /tmp/jar -b /tmp/jar {base}/ ; curl -s -c /tmp/jar -b /tmp/jar {base}/   # same instance twice
+  curl -s -H 'X-User-Id: alice' {base}/              # user key: consistent hash + stored pin
+  curl -s '{base}/_affinity/session-check?userId=alice'   # why alice lands where she does
+  curl -s http://127.0.0.1:{admin_port}/instances           # instances, states, pin counts
+  curl -s -X POST http://127.0.0.1:{admin_port}/instances/{ids[0]}/drain   # drain: pinned users stay
+  curl -s http://127.0.0.1:{admin_port}/metrics | grep ^affinity_
+  affinity-proxy pins list --admin http://127.0.0.1:{admin_port}
+Press Ctrl-C to stop.
+"""
+
+
+async def _run(instances: int, port: int, fly: bool) -> None:
+    from affinity_proxy.app import ProxyServer
+    from affinity_proxy.demo.backend import start_backend
+
+    runners: list[web.AppRunner] = []
+    ports: list[int] = []
+    for i in range(instances):
+        runner, bport = await start_backend(DEMO_IDS[i] if i < len(DEMO_IDS) else f"app{i}")
+        runners.append(runner)
+        ports.append(bport)
+    admin_port = port + 1 if port else 0
+    config = demo_config(ports, port, admin_port)
+    server = ProxyServer(config)
+    await server.start()
+    print(_banner(server.main_port, server.admin_port, [i.id for i in config.instances]), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+        for runner in runners:
+            await runner.cleanup()
+
+
+def run_demo(instances: int, port: int, fly: bool) -> int:
+    """Entry point of ``affinity-proxy demo``."""
+    if fly:
+        print("error: demo --fly needs fly mode, which this build does not have yet", file=sys.stderr)
+        return 2
+    if not 1 <= instances <= 9:
+        print("error: --instances must be between 1 and 9", file=sys.stderr)
+        return 2
+    configure_logging("INFO", "text")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_run(instances, port, fly))
+    return 0
