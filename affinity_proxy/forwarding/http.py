@@ -1,0 +1,220 @@
+"""forward_http: proxy one HTTP/1.1 request to an instance, streaming both bodies.
+
+Neither body is ever held whole: the request body is read from the client in the chunks the
+socket delivers and written to the instance as it arrives, and the response is relayed 64 KiB at
+a time, so memory per request is bounded by aiohttp's flow-control buffers (a few hundred KiB)
+whatever the body size. Back-pressure crosses the proxy: a slow reader on one side pauses reading
+on the other. Imports only aiohttp/yarl/multidict and ``forwarding.*``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from affinity_proxy.forwarding.client import UpstreamClient
+from affinity_proxy.forwarding.errors import BodyTooLarge, UpstreamError, upstream_error_from
+from affinity_proxy.forwarding.headers import (
+    ExtraHeaders,
+    downstream_response_headers,
+    merge_extra_headers,
+)
+
+__all__ = ["BodyTooLarge", "UpstreamError", "forward_http", "upstream_url"]
+
+log = logging.getLogger("affinity_proxy.forwarding.http")
+
+CHUNK_SIZE = 64 * 1024
+
+
+def upstream_url(base_url: str, request: web.BaseRequest) -> URL:
+    """``base_url`` (scheme, host, port, optional path prefix) + the request target as received.
+
+    The path and query are the raw bytes the client sent (no decoding, re-quoting or dot-segment
+    normalisation), so ``/a%2Fb?x=%20+y`` reaches the instance unchanged. Pure.
+    """
+    target = request.raw_path
+    if not target.startswith("/"):  # absolute-form or "*": fall back to the parsed origin-form
+        target = request.rel_url.raw_path_qs
+    return URL(base_url.rstrip("/") + target, encoded=True)
+
+
+class _RequestBody:
+    """The client's request body as an async iterator for aiohttp, counted as it streams.
+
+    aiohttp pulls one chunk at a time while writing to the instance, so at most one socket read
+    is in memory. The object records why it stopped (too large, or the client's side failed) so
+    ``forward_http`` can tell those apart from instance failures, which aiohttp reports with the
+    same exception type. Not started until aiohttp writes the body, so a request that fails to
+    connect has consumed nothing and can be retried elsewhere.
+    """
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self._content = content
+        self._limit = limit
+        self.sent = 0
+        self.too_large = False
+        self.client_error: BaseException | None = None
+
+    def __aiter__(self) -> _RequestBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._content.readany()
+        except Exception as exc:  # recorded, then re-raised into aiohttp's writer
+            self.client_error = exc
+            raise
+        if not chunk:
+            raise StopAsyncIteration
+        self.sent += len(chunk)
+        if self.sent > self._limit:
+            self.too_large = True
+            raise BodyTooLarge(self._limit)
+        return chunk
+
+
+def _outgoing_headers(upstream_headers: CIMultiDict[str], declared: int | None) -> CIMultiDict[str]:
+    headers = CIMultiDict(upstream_headers)
+    # aiohttp's server already answered "100 Continue" on the client leg before our handler ran;
+    # forwarding Expect would make aiohttp's client wait for a second one from the instance.
+    headers.popall("Expect", None)
+    headers.popall("Content-Length", None)
+    if declared is not None:
+        headers["Content-Length"] = str(declared)
+    return headers
+
+
+async def forward_http(
+    request: web.Request,
+    base_url: str,
+    client: UpstreamClient,
+    *,
+    extra_response_headers: ExtraHeaders = (),
+    upstream_headers: CIMultiDict[str],
+    max_body_bytes: int,
+) -> web.StreamResponse:
+    """Send ``request`` to the instance at ``base_url`` and stream its answer back to the client.
+
+    ``upstream_headers`` is what to send (normally ``upstream_request_headers(...)``); framing
+    headers are recomputed here: a declared Content-Length is passed through, a body of unknown
+    length is sent chunked, and a request without a body sends none. ``extra_response_headers``
+    (``X-Fly-Instance``, the affinity cookie) are merged into the response as described in
+    ``headers.merge_extra_headers``. Status, reason and end-to-end headers, including every
+    ``Set-Cookie`` and the instance's ``Content-Length``, are relayed; HEAD/204/304 carry no body.
+
+    Raises, always before anything was written to the client unless noted:
+
+    - ``BodyTooLarge``: declared Content-Length over ``max_body_bytes`` (the instance is not
+      contacted), or an unknown-length body grew past it before the instance answered.
+    - ``UpstreamError(kind="connect", retryable=True)``: no connection (refused, DNS, timeout);
+      the body was not touched, so the caller may retry with the same request.
+    - ``UpstreamError(kind="timeout", status=504)`` / ``(kind="protocol", status=502)``: the
+      instance went silent for ``read_timeout`` or broke the exchange before its headers came.
+    - ``UpstreamError(response_started=True)``: the instance failed mid-body after the response
+      had started. The client connection is already closed (the client sees a truncated body) and
+      a warning is logged; the caller only counts it.
+
+    If the client goes away mid-response, the instance's response is closed (its connection is
+    not reused) and the partly sent response is returned without logging above debug; if the
+    client's request body breaks, a 400 with ``Connection: close`` is returned.
+    Cost: one pooled upstream connection for the duration; memory bounded as described above.
+    """
+    declared = request.content_length
+    if declared is not None and declared > max_body_bytes:
+        raise BodyTooLarge(max_body_bytes, declared)
+    body: _RequestBody | None = None
+    if (declared is not None and declared > 0) or (declared is None and request.body_exists):
+        body = _RequestBody(request.content, max_body_bytes)
+    try:
+        upstream = await client.session.request(
+            request.method,
+            upstream_url(base_url, request),
+            headers=_outgoing_headers(upstream_headers, declared),
+            data=body,
+            allow_redirects=False,
+        )
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        if body is not None and body.too_large:
+            raise BodyTooLarge(max_body_bytes) from exc
+        if body is not None and body.client_error is not None:
+            return _client_body_failed(request, body.client_error)
+        raise upstream_error_from(exc) from exc
+    return await _relay_response(request, upstream, extra_response_headers, body)
+
+
+def _client_body_failed(request: web.Request, exc: BaseException) -> web.Response:
+    log.debug("client request body broke for %s %s: %r", request.method, request.path, exc)
+    response = web.Response(status=400, text="request body incomplete\n")
+    response.force_close()
+    return response
+
+
+async def _relay_response(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    extra: ExtraHeaders,
+    body: _RequestBody | None,
+) -> web.StreamResponse:
+    """Copy status, headers and body of ``upstream`` to the client; always frees ``upstream``."""
+    reusable = False
+    try:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
+        response.headers.extend(downstream_response_headers(upstream.headers))
+        rejected = merge_extra_headers(response.headers, extra)
+        if rejected:
+            log.warning("dropped unsafe extra response headers: %s", ", ".join(rejected))
+        try:
+            await response.prepare(request)
+        except ConnectionError:
+            log.debug("client left before the response of %s started", request.path)
+            return response
+        while True:
+            try:
+                chunk = await upstream.content.read(CHUNK_SIZE)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise _broken_mid_body(request, exc, body) from exc
+            if not chunk:
+                break
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                log.debug("client left during the response of %s", request.path)
+                return response
+        reusable = True
+        try:
+            await response.write_eof()
+        except ConnectionError:
+            log.debug("client left before the end of the response of %s", request.path)
+        return response
+    finally:
+        if reusable:
+            upstream.release()
+        else:
+            upstream.close()
+
+
+def _broken_mid_body(request: web.Request, exc: BaseException, body: _RequestBody | None) -> UpstreamError:
+    """Close the client connection so it sees a truncated response; build the error to raise.
+
+    Closing (rather than finishing the chunked stream or padding to Content-Length) is the only
+    way to tell an HTTP/1.1 client the body is incomplete. aiohttp then finds the transport
+    closing when it finishes the response and drops the connection without logging an error.
+    """
+    if request.transport is not None:
+        request.transport.close()
+    error = upstream_error_from(exc, response_started=True)
+    if body is not None and body.client_error is not None:
+        log.debug("client request body broke mid-response for %s: %r", request.path, body.client_error)
+    else:
+        log.warning(
+            "instance failed mid-response for %s %s (%s); client connection closed",
+            request.method,
+            request.path,
+            error,
+        )
+    return error
