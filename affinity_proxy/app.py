@@ -133,12 +133,13 @@ def build_apps(ctx: ProxyContext) -> tuple[web.Application, web.Application]:
         on_reaped=lambda n: ctx.metrics.orphaned_pins_reaped.inc(n),
     )
     main = web.Application(middlewares=[header_size_guard(limits.max_header_bytes)],
-                           client_max_size=min(limits.max_body_bytes, 1024 * 1024))
+                           client_max_size=min(limits.max_body_bytes, 1024 * 1024),
+                           handler_args=handler_args(limits.max_header_bytes))
     main[CONTEXT] = ctx
     main.router.add_get("/_affinity/health", health)
     main.router.add_route("*", "/_affinity/session-check", session_check)
     main.router.add_route("*", "/_affinity/{tail:.*}", _reserved_not_found)
-    main.router.add_route("*", "/{tail:.*}", ProxyHandler(ctx))
+    main.router.add_route("*", "/{tail:.*}", ProxyHandler(ctx).__call__)
     main.cleanup_ctx.append(_lifecycle(ctx, reaper))
 
     admin = web.Application(middlewares=[token_middleware(ctx.config.admin.token)])
@@ -162,8 +163,7 @@ class ProxyServer:
 
     async def start(self) -> None:
         limits = self.config.limits
-        args = handler_args(limits.max_header_bytes)
-        main_runner = ProxyAppRunner(self.main_app, handler_args=args, access_log=None,
+        main_runner = ProxyAppRunner(self.main_app, access_log=None,
                                      shutdown_timeout=limits.client_timeout)
         admin_runner = web.AppRunner(self.admin_app, access_log=None)
         await main_runner.setup()
