@@ -3,7 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint install bench clean
+.PHONY: demo test test-all lint install bench clean redis-server
+
+# Tests start their own redis-server on a free port; install Debian's package when it is missing.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (Debian package)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +23,11 @@ demo: install
 	$(BIN)/affinity-proxy demo
 
 # Runs ruff and the whole suite (needs redis-server on PATH: tests start their own on a free port).
-test: install
+test: install redis-server
 	$(BIN)/ruff check affinity_proxy tests benchmarks
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
 
-test-all: install
+test-all: install redis-server
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: install
