@@ -1,0 +1,174 @@
+"""Lua scripts of the Redis pin store: every multi-key mutation runs as one atomic script.
+
+Why Lua: a pin and its per-instance index entry must change together, and ``claim``/``repin``/
+``drop(expected)``/``drop_instance`` must be compare-and-set in Redis itself, without WATCH retries.
+Scripts read the server clock (``TIME``), so index scores (expiry, unix ms) agree with the pins' own
+PX expiry whatever the clocks of the proxy nodes say.
+
+Calling convention: ``KEYS`` holds the keys known before the call (the pin key, the instances set);
+``ARGV[1]`` is the key prefix, because index keys depend on values read inside the script. That is
+fine on a single Redis (and Sentinel) but not on Redis Cluster (see CONTRACT.md, "Beyond"). Replies:
+PTTL conventions (-1 no expiry, -2 gone). The key schema is documented in ``pins.redis``.
+
+Pure data: no imports, no I/O.
+"""
+
+from __future__ import annotations
+
+_PRELUDE = """
+if redis.replicate_commands then redis.replicate_commands() end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function idx(prefix, instance) return prefix .. 'idx:' .. instance end
+local function write(pinkey, setkey, prefix, user, cur, instance, ttl)
+  local now = now_ms()
+  redis.call('SET', pinkey, instance, 'PX', ttl)
+  if cur and cur ~= instance then redis.call('ZREM', idx(prefix, cur), user) end
+  redis.call('ZADD', idx(prefix, instance), now + ttl, user)
+  redis.call('SADD', setkey, instance)
+end
+"""
+
+# KEYS: pin. Reply: {instance or false, pttl}.
+GET = """
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+"""
+
+# KEYS: pin, instances. ARGV: prefix, user, instance, ttl_ms. Reply: {won, instance, pttl}.
+CLAIM = (
+    _PRELUDE
+    + """
+local cur = redis.call('GET', KEYS[1])
+if cur then return {0, cur, redis.call('PTTL', KEYS[1])} end
+local ttl = tonumber(ARGV[4])
+write(KEYS[1], KEYS[2], ARGV[1], ARGV[2], false, ARGV[3], ttl)
+return {1, ARGV[3], ttl}
+"""
+)
+
+# KEYS: pin, instances. ARGV: prefix, user, expected ('' = absent), instance, ttl_ms.
+# A missing pin matches any expected value (see RedisPinStore.repin). Reply: {won, instance, pttl}.
+REPIN = (
+    _PRELUDE
+    + """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[3] then return {0, cur, redis.call('PTTL', KEYS[1])} end
+local ttl = tonumber(ARGV[5])
+write(KEYS[1], KEYS[2], ARGV[1], ARGV[2], cur, ARGV[4], ttl)
+return {1, ARGV[4], ttl}
+"""
+)
+
+# KEYS: pin, instances. ARGV: prefix, user, instance, ttl_ms. Reply: {1, instance, pttl}.
+SET = (
+    _PRELUDE
+    + """
+local ttl = tonumber(ARGV[4])
+write(KEYS[1], KEYS[2], ARGV[1], ARGV[2], redis.call('GET', KEYS[1]), ARGV[3], ttl)
+return {1, ARGV[3], ttl}
+"""
+)
+
+# KEYS: pin. ARGV: prefix, user, expected ('' = any). Reply: 1 when deleted.
+DROP = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+if ARGV[3] ~= '' and cur ~= ARGV[3] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', ARGV[1] .. 'idx:' .. cur, ARGV[2])
+return 1
+"""
+
+# ARGV: prefix, ttl_ms, then user, instance pairs. Refreshes only pins that still name that
+# instance (a pin re-pinned since the touch is left alone). Reply: number refreshed.
+TOUCH = (
+    _PRELUDE
+    + """
+local now = now_ms()
+local ttl = tonumber(ARGV[2])
+local n = 0
+for i = 3, #ARGV, 2 do
+  local user, instance = ARGV[i], ARGV[i + 1]
+  local key = ARGV[1] .. 'pin:' .. user
+  if redis.call('GET', key) == instance then
+    redis.call('PEXPIRE', key, ttl)
+    redis.call('ZADD', idx(ARGV[1], instance), now + ttl, user)
+    n = n + 1
+  end
+end
+return n
+"""
+)
+
+# ARGV: prefix, instance, limit. Read-only. Reply: flat {user, pttl, ...} of live pins naming instance.
+LIST = (
+    _PRELUDE
+    + """
+local members = redis.call('ZRANGEBYSCORE', idx(ARGV[1], ARGV[2]), '(' .. string.format('%d', now_ms()),
+  '+inf', 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, user in ipairs(members) do
+  local key = ARGV[1] .. 'pin:' .. user
+  if redis.call('GET', key) == ARGV[2] then
+    out[#out + 1] = user
+    out[#out + 1] = redis.call('PTTL', key)
+  end
+end
+return out
+"""
+)
+
+# KEYS: instances. ARGV: prefix. Trims expired index entries, forgets empty indexes.
+# Reply: flat {instance, count, ...}. Cost: O(instances + expired entries).
+COUNTS = (
+    _PRELUDE
+    + """
+local now = string.format('%d', now_ms())
+local out = {}
+for _, instance in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = idx(ARGV[1], instance)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  local n = redis.call('ZCARD', key)
+  if n == 0 then
+    redis.call('SREM', KEYS[1], instance)
+  else
+    out[#out + 1] = instance
+    out[#out + 1] = n
+  end
+end
+return out
+"""
+)
+
+# KEYS: instances. ARGV: prefix, instance, batch. Deletes up to `batch` pins of the index that still
+# name instance, and removes every visited member from the index whatever it names now. Atomic per
+# batch, so concurrent reapers see disjoint members. Reply: {entries left in the index, {users...}}.
+DROP_INSTANCE = """
+local index = ARGV[1] .. 'idx:' .. ARGV[2]
+local dropped = {}
+for _, user in ipairs(redis.call('ZRANGE', index, 0, tonumber(ARGV[3]) - 1)) do
+  local key = ARGV[1] .. 'pin:' .. user
+  if redis.call('GET', key) == ARGV[2] then
+    redis.call('DEL', key)
+    dropped[#dropped + 1] = user
+  end
+  redis.call('ZREM', index, user)
+end
+local left = redis.call('ZCARD', index)
+if left == 0 then redis.call('SREM', KEYS[1], ARGV[2]) end
+return {left, dropped}
+"""
+
+SCRIPTS: dict[str, str] = {
+    "GET": GET,
+    "CLAIM": CLAIM,
+    "REPIN": REPIN,
+    "SET": SET,
+    "DROP": DROP,
+    "TOUCH": TOUCH,
+    "LIST": LIST,
+    "COUNTS": COUNTS,
+    "DROP_INSTANCE": DROP_INSTANCE,
+}
