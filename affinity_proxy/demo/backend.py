@@ -43,6 +43,8 @@ class BackendState:
     instance_id: str
     healthy: bool = True
     count: int = 0
+    #: ``/upload`` requests that reached the handler (counted before the body is read).
+    uploads_started: int = 0
     #: (code, reason) of every WebSocket the client closed, in order.
     ws_closes: list[tuple[int | None, str]] = field(default_factory=list)
     #: "complete" or "aborted" for every ``/stream`` response, in order.
@@ -121,11 +123,15 @@ async def echo(request: web.Request) -> web.Response:
 
 async def upload(request: web.Request) -> web.Response:
     """Hash the body as it streams in; report its size and SHA-256 (never holds the whole body)."""
+    _state(request).uploads_started += 1
     digest = hashlib.sha256()
     total = 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        digest.update(chunk)
-        total += len(chunk)
+    try:
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            digest.update(chunk)
+            total += len(chunk)
+    except ConnectionError:  # the sender vanished mid-body: nobody is left to answer
+        return web.Response(status=400, text=f"body incomplete after {total} bytes\n")
     return web.json_response(
         {
             "instance": _state(request).instance_id,
@@ -151,6 +157,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     if request.query.get("length") == "1":
         response.content_length = total
     await response.prepare(request)
+    if request.method == "HEAD":  # aiohttp would send whatever we write, even for HEAD
+        return response
     sent = 0
     try:
         while sent < total:
@@ -187,7 +195,8 @@ async def set_cookie(request: web.Request) -> web.Response:
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
-    """Echo; ``whoami`` -> instance id; ``close:<code>`` -> close with that code and reason ``bye``."""
+    """Echo; ``whoami`` -> instance id; ``close:<code>`` -> close with that code and reason ``bye``;
+    ``drop`` -> abort the TCP connection without a closing handshake."""
     state = _state(request)
     ws = web.WebSocketResponse(protocols=WS_PROTOCOLS)
     if not ws.can_prepare(request).ok:
@@ -198,6 +207,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         if msg.type is WSMsgType.TEXT:
             if msg.data == "whoami":
                 await ws.send_str(state.instance_id)
+            elif msg.data == "drop":  # vanish without a closing handshake, like a crashed instance
+                state.ws_closes.append((None, "dropped"))
+                if request.transport is not None:
+                    request.transport.abort()
+                break
             elif msg.data.startswith("close:"):
                 await ws.close(code=int(msg.data[6:]), message=b"bye")
                 break

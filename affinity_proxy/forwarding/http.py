@@ -210,6 +210,8 @@ def _broken_mid_body(request: web.Request, exc: BaseException, body: _RequestBod
     error = upstream_error_from(exc, response_started=True)
     if body is not None and body.client_error is not None:
         log.debug("client request body broke mid-response for %s: %r", request.path, body.client_error)
+    elif body is not None and body.too_large:
+        log.info("request body of %s %s passed the limit mid-response; closed", request.method, request.path)
     else:
         log.warning(
             "instance failed mid-response for %s %s (%s); client connection closed",

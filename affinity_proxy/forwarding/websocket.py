@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
 from affinity_proxy.forwarding.client import UpstreamClient
@@ -59,7 +59,7 @@ def websocket_url(base_url: str, request: web.BaseRequest) -> URL:
     return url.with_scheme(scheme)
 
 
-def offered_protocols(headers: CIMultiDict[str] | Any) -> tuple[str, ...]:
+def offered_protocols(headers: MultiMapping[str]) -> tuple[str, ...]:
     """Subprotocols the client offered, in its order of preference (all header lines)."""
     values = headers.getall("Sec-WebSocket-Protocol", [])
     return tuple(p.strip() for value in values for p in value.split(",") if p.strip())
@@ -193,9 +193,13 @@ async def _pump(src: _WSAny, dst: _WSAny, *, src_gone: int, dst_gone: int) -> No
         if msg.type is WSMsgType.CLOSING:
             return
         if msg.type in (WSMsgType.CLOSED, WSMsgType.ERROR):
+            code = src.close_code
             if msg.type is WSMsgType.ERROR:
-                log.debug("websocket leg failed: %r (close code %s)", msg.data, src.close_code)
-            await dst.close(code=_close_code(src.close_code, src_gone))
+                # A protocol violation (e.g. 1009 message too big) carries its own code; by now
+                # src.close_code may already say 1006 because aiohttp dropped that leg.
+                code = getattr(msg.data, "code", None) or code
+                log.debug("websocket leg failed: %r (close code %s)", msg.data, code)
+            await dst.close(code=_close_code(code, src_gone))
             return
         # PING/PONG only surface with autoping off; they are per-leg and never relayed.
 
