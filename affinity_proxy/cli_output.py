@@ -82,11 +82,16 @@ def instances_table(instances: Sequence[Mapping[str, Any]]) -> str:
 
 def pin_stats(instances: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Pins per instance and balance: ``mean`` over all listed instances, ``balance`` = max / mean
-    (1.0 is perfectly even; ``None`` when there are no pins). ``share`` is each instance's fraction."""
+    (1.0 is perfectly even; ``None`` when there are no pins). ``share`` is each instance's fraction;
+    ``weighted_balance`` is the largest pins / (total * weight / sum of weights), 1.0 when every
+    instance holds exactly its weighted share."""
     counts = [int(i.get("pins", 0)) for i in instances]
+    weights = [max(int(i.get("weight", 1)), 0) for i in instances]
     total = sum(counts)
     mean = total / len(counts) if counts else 0.0
     peak = max(counts, default=0)
+    weight_sum = sum(weights)
+    ratios = [n * weight_sum / (total * w) for n, w in zip(counts, weights, strict=True) if w] if total else []
     return {
         "instances": [
             {"id": i["id"], "state": i["state"], "weight": i.get("weight", 1), "pins": n,
@@ -97,6 +102,7 @@ def pin_stats(instances: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "mean": round(mean, 2),
         "max": peak,
         "balance": round(peak / mean, 3) if mean else None,
+        "weighted_balance": round(max(ratios), 3) if ratios else None,
     }
 
 
@@ -109,6 +115,8 @@ def stats_text(stats: Mapping[str, Any], width: int = BAR_WIDTH) -> str:
     body = table(("INSTANCE", "STATE", "WEIGHT", "PINS", "SHARE", ""), rows, right=(2, 3, 4))
     balance = "n/a" if stats["balance"] is None else f"{stats['balance']:.2f}"
     summary = f"total {stats['total']}  mean {stats['mean']:.2f}  max {stats['max']}  balance (max/mean) {balance}"
+    if stats.get("weighted_balance") is not None and len({i["weight"] for i in stats["instances"]}) > 1:
+        summary += f"  weighted {stats['weighted_balance']:.2f}"
     return f"{body}\n\n{summary}"
 
 

@@ -533,4 +533,12 @@ def test_table_aligns_columns() -> None:
 
 def test_pin_stats_empty() -> None:
     stats = pin_stats([{"id": "a", "state": "up", "weight": 1, "pins": 0}])
-    assert stats["total"] == 0 and stats["balance"] is None
+    assert stats["total"] == 0 and stats["balance"] is None and stats["weighted_balance"] is None
+
+
+def test_pin_stats_weighted() -> None:
+    stats = pin_stats([{"id": "a", "state": "up", "weight": 1, "pins": 10},
+                       {"id": "b", "state": "up", "weight": 2, "pins": 20},
+                       {"id": "c", "state": "draining", "weight": 0, "pins": 0}])
+    assert stats["total"] == 30 and stats["mean"] == 10.0 and stats["balance"] == 2.0
+    assert stats["weighted_balance"] == 1.0
