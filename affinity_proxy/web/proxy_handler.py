@@ -110,6 +110,8 @@ class ProxyHandler:
             return json_error(413, f"request body exceeds {limits.max_body_bytes} bytes", code="body_too_large")
         except UpstreamError as exc:
             ctx.metrics.upstream_errors.labels(instance=instance.id, kind=exc.kind).inc()
+            if exc.response_started:  # already logged by forwarding; the client connection is closed
+                return web.Response(status=exc.status)
             log.warning("upstream failed", extra={"fields": {
                 "instance": instance.id, "kind": exc.kind, "attempt": attempt, "path": request.path}})
             if exc.retryable and ctx.health is not None:
