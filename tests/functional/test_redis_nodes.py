@@ -1,0 +1,154 @@
+"""Several proxy nodes sharing one real Redis: identical routing, atomic first pins, Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+
+import redis.asyncio as aioredis
+
+from affinity_proxy.config import CookieConfig, StoreConfig
+from affinity_proxy.pins.store import PinStoreUnavailable
+from tests.functional.conftest import make_config
+from tests.functional.helpers import COOKIE, admin, affinity_cookie, base, metric_value
+from tests.support.waiting import wait_until
+
+
+def redis_config(backends, url: str, **overrides):  # type: ignore[no-untyped-def]
+    return make_config(backends, store=StoreConfig(url=url, timeout=0.25), **overrides)
+
+
+async def test_two_nodes_route_users_identically(backends, start_proxy, http, redis_url) -> None:
+    n1 = await start_proxy(redis_config(backends, redis_url))
+    n2 = await start_proxy(redis_config(backends, redis_url))
+    for i in range(100):
+        user = f"shared{i}"
+        node_a, node_b = (n1, n2) if i % 2 else (n2, n1)
+        async with http.get(base(node_a) + "/", headers={"X-User-Id": user}) as resp:
+            first = (await resp.json())["instance"]
+        async with http.get(base(node_b) + "/", headers={"X-User-Id": user}) as resp:
+            assert (await resp.json())["instance"] == first
+
+
+async def test_operator_pin_is_obeyed_by_both_nodes_within_revalidation(backends, start_proxy, http,
+                                                                         redis_url) -> None:
+    cookie_cfg = CookieConfig(secret="test-secret-" + "x" * 20, revalidate_after=1.0)
+    n1 = await start_proxy(redis_config(backends, redis_url, cookie=cookie_cfg))
+    n2 = await start_proxy(redis_config(backends, redis_url, cookie=cookie_cfg))
+    async with http.get(base(n1) + "/", headers={"X-User-Id": "mallory"}) as resp:
+        cookie = affinity_cookie(resp)
+        old = (await resp.json())["instance"]
+    target = next(i for i in ("a", "b", "c") if i != old)
+    async with http.put(admin(n2) + "/pins/mallory", json={"instance": target}) as resp:
+        assert resp.status == 200
+    headers = {"X-User-Id": "mallory", "Cookie": f"{COOKIE}={cookie}"}
+
+    async def both_follow() -> bool:
+        seen = []
+        for node in (n1, n2):
+            async with http.get(base(node) + "/", headers=headers) as resp:
+                seen.append((await resp.json())["instance"])
+        return seen == [target, target]
+
+    started = time.monotonic()
+    await wait_until(both_follow, timeout=5, interval=0.1)
+    assert time.monotonic() - started < 5
+    metrics = await (await http.get(admin(n1) + "/metrics")).text()
+    assert metric_value(metrics, "affinity_pin_conflicts_total") >= 1
+
+
+async def test_race_for_first_pin_across_two_nodes(backends, start_proxy, redis_url) -> None:
+    import aiohttp
+
+    n1 = await start_proxy(redis_config(backends, redis_url))
+    n2 = await start_proxy(redis_config(backends, redis_url))
+    results: list[str] = []
+    connector = aiohttp.TCPConnector(limit=200)
+    async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as http:
+        async def one(i: int) -> None:
+            node = n1 if i % 2 else n2
+            async with http.get(base(node) + "/", headers={"X-User-Id": "racer"}) as resp:
+                assert resp.status == 200
+                results.append((await resp.json())["instance"])
+
+        await asyncio.gather(*(one(i) for i in range(100)))
+    client = aioredis.from_url(redis_url)
+    try:
+        keys = [k async for k in client.scan_iter("affinity:pin:*")]
+        assert keys == [b"affinity:pin:racer"]
+        stored = (await client.get("affinity:pin:racer")).decode()
+    finally:
+        await client.aclose()
+    assert set(results) == {stored}, collections.Counter(results)
+
+
+async def test_redis_outage_under_load(backends, start_proxy, http, private_redis) -> None:
+    """Kill redis-server for a while under steady load: cookie clients see no error, everyone is
+    served (users needing a pin fall back to the ring), and pins work again after the restart."""
+    n1 = await start_proxy(redis_config(backends, private_redis.url))
+    n2 = await start_proxy(redis_config(backends, private_redis.url))
+    nodes = [n1, n2]
+    cookies: list[str] = []
+    for _ in range(20):
+        async with http.get(base(n1) + "/") as resp:
+            cookies.append(affinity_cookie(resp) or "")
+    counts: collections.Counter[str] = collections.Counter()
+    stop = asyncio.Event()
+
+    async def client_loop(kind: str, i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            node = nodes[(i + n) % 2]
+            if kind == "cookie":
+                headers = {"Cookie": f"{COOKIE}={cookies[i % len(cookies)]}"}
+            elif kind == "user":
+                headers = {"X-User-Id": f"outage-{i}-{n}"}
+            else:
+                headers = {}
+            try:
+                async with http.get(base(node) + "/", headers=headers) as resp:
+                    await resp.read()
+                    counts[f"{kind}_ok" if resp.status == 200 else f"{kind}_error"] += 1
+            except Exception:
+                counts[f"{kind}_error"] += 1
+            n += 1
+            await asyncio.sleep(0.01)
+
+    loops = [asyncio.ensure_future(client_loop(kind, i)) for kind in ("cookie", "user", "anon") for i in range(4)]
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(private_redis.stop)
+    outage_started = time.monotonic()
+    await wait_until(lambda: not n1.ctx.store_ok or n1.ctx.store.available is False, timeout=10)
+    await wait_until(lambda: not n1.ctx.store_ok, timeout=10)
+    async with http.get(base(n1) + "/_affinity/health") as resp:
+        doc = await resp.json()
+        assert resp.status == 200 and doc["status"] == "degraded", doc
+    metrics = await (await http.get(admin(n1) + "/metrics")).text()
+    assert metric_value(metrics, "affinity_store_up") == 0
+    await asyncio.sleep(max(0.0, 10.0 - (time.monotonic() - outage_started)))
+    during = dict(counts)
+    await asyncio.to_thread(private_redis.start)
+    await asyncio.sleep(1.0)
+    stop.set()
+    await asyncio.gather(*loops)
+    print(f"redis outage 10s, 2 nodes, 12 clients: {dict(counts)} (at restart: {during})")
+    assert counts["cookie_error"] == 0
+    assert counts["user_error"] == 0 and counts["anon_error"] == 0
+    assert counts["cookie_ok"] > 100 and counts["user_ok"] > 100
+
+    async def pins_work_again() -> bool:
+        async with http.get(base(n2) + "/", headers={"X-User-Id": "after-outage"}) as resp:
+            assert resp.status == 200
+        try:
+            return await n1.ctx.store.get("after-outage") is not None
+        except PinStoreUnavailable:
+            return False  # n1's circuit breaker has not probed Redis again yet
+
+    await wait_until(pins_work_again, timeout=15, interval=0.2)
+    await wait_until(lambda: n1.ctx.store_ok, timeout=10)
+    async with http.get(base(n1) + "/_affinity/health") as resp:
+        assert (await resp.json())["status"] == "ok"
+    metrics = await (await http.get(admin(n1) + "/metrics")).text()
+    assert metric_value(metrics, "affinity_store_errors_total") > 0
+    assert metric_value(metrics, "affinity_store_up") == 1
