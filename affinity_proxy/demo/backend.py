@@ -264,3 +264,20 @@ async def start_backend(
         raise
     bound = runner.addresses[-1][1]
     return runner, int(bound)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m affinity_proxy.demo.backend --id a --port 3000``: one demo instance, standalone
+    (used by examples/docker-compose.yml and examples/fly as a stand-in for a real app)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="affinity-proxy demo app instance")
+    parser.add_argument("--id", required=True, help="instance id reported in every answer")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=3000)
+    args = parser.parse_args(argv)
+    web.run_app(build_backend_app(args.id), host=args.host, port=args.port, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
