@@ -1,8 +1,10 @@
 """ProxyHandler: the catch-all request handler of the main listener.
 
-request -> ``resolve`` (pure decision, at most one store look-up) -> forward over HTTP or WebSocket
--> metrics. Upstream connect failures are reported to health; idempotent requests are retried once
-on the instance the re-decision picks. Everything the proxy itself refuses gets a JSON error.
+request -> ``resolve`` (pure decision, at most one store look-up) -> carry it out -> metrics.
+Proxy mode forwards every decision. Fly mode first asks ``routing.replay.plan``: serve here,
+answer with ``fly-replay`` (no upstream call), or forward over the private network when Fly cannot
+replay the body. Upstream connect failures are reported to health; idempotent requests are retried
+once on the instance the re-decision picks. Everything the proxy refuses gets a JSON error.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from affinity_proxy.forwarding.client import UpstreamError
 from affinity_proxy.forwarding.headers import upstream_request_headers
 from affinity_proxy.forwarding.http import BodyTooLarge, forward_http
 from affinity_proxy.forwarding.websocket import relay_websocket
+from affinity_proxy.pins.store import PinStoreUnavailable
 from affinity_proxy.routing.cookie import set_cookie_value
 from affinity_proxy.routing.decide import Decision, DecisionReason, Refuse, RepinReason, Route, RouteInput
+from affinity_proxy.routing.model import Instance, InstanceId
+from affinity_proxy.routing.replay import LocalForward, PrivateForward, Replay, ReplaySource
+from affinity_proxy.web import fly
 from affinity_proxy.web.context import ProxyContext
 from affinity_proxy.web.errors import json_error
 from affinity_proxy.web.resolve import FORCE_HEADER, resolve, route_input
@@ -27,6 +33,7 @@ log = logging.getLogger("affinity_proxy.proxy")
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 INSTANCE_HEADER = "X-Fly-Instance"
+Headers = list[tuple[str, str]]
 
 
 def is_websocket_upgrade(request: web.Request) -> bool:
@@ -38,53 +45,97 @@ def is_websocket_upgrade(request: web.Request) -> bool:
 
 
 class ProxyHandler:
-    """Callable aiohttp handler bound to one ``ProxyContext``."""
+    """Callable aiohttp handler bound to one ``ProxyContext`` (register ``handler.__call__``)."""
 
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
         c = ctx.config.cookie
         self._cookie_attrs = {
-            "max_age": c.max_age,
-            "path": c.path,
-            "domain": c.domain,
-            "secure": c.secure,
-            "http_only": c.http_only,
-            "same_site": c.same_site,
+            "max_age": c.max_age, "path": c.path, "domain": c.domain, "secure": c.secure,
+            "http_only": c.http_only, "same_site": c.same_site,
         }
+        self._fly = ctx.config.mode == "fly"
+        self._local = InstanceId(ctx.config.fly.machine_id or "") if self._fly else None
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         ctx = self.ctx
-        inp = route_input(ctx, request)
-        decision, inp = await resolve(ctx, inp)
-        response = await self._act(request, decision, inp, attempt=0)
+        src: ReplaySource | None = None
+        if self._fly:
+            src = fly.replay_source(request)
+            inp = route_input(ctx, request, avoid=fly.repin_signals(request))
+            assert self._local is not None
+            adopted = fly.replayed_new_session(inp, src, self._local)
+            decision: Decision
+            if adopted is not None:
+                decision = adopted
+            else:
+                decision, inp = await resolve(ctx, inp)
+        else:
+            inp = route_input(ctx, request)
+            decision, inp = await resolve(ctx, inp)
+        response = await self._dispatch(request, decision, inp, src, attempt=0)
         ctx.metrics.response(response.status)
         return response
 
-    async def _act(
-        self, request: web.Request, decision: Decision, inp: RouteInput, attempt: int
-    ) -> web.StreamResponse:
+    async def _dispatch(self, request: web.Request, decision: Decision, inp: RouteInput,
+                        src: ReplaySource | None, attempt: int) -> web.StreamResponse:
         ctx = self.ctx
         if isinstance(decision, Refuse):
             ctx.metrics.requests.labels(action="refuse", reason=decision.reason).inc()
             return json_error(503, "no instance can serve this request", code=decision.reason,
                               headers={"Retry-After": "5"})
         assert isinstance(decision, Route)
-        self._count(decision)
-        instance = ctx.membership.current().get(decision.instance)
+        if not self._fly:
+            self._count(decision, "forward")
+            return await self._forward(request, decision, inp, src, attempt)
+        step = fly.fly_plan(ctx, request, decision, src, is_websocket_upgrade(request))
+        if isinstance(step, Replay):
+            self._count(decision, "replay")
+            ctx.metrics.replays.labels(reason=decision.reason.value).inc()
+            return fly.replay_response(ctx, step.instance, step.header)
+        if isinstance(step, LocalForward) and step.loop_guard:
+            ctx.metrics.replay_loops_prevented.inc()
+            decision = await self._repin_here(decision, inp, step.instance)
+        extra: Headers = []
+        if isinstance(step, PrivateForward):
+            assert self._local is not None
+            extra = fly.private_forward_headers(self._local)
+        self._count(decision, "forward")
+        return await self._forward(request, decision, inp, src, attempt, upstream_extra=extra)
+
+    async def _repin_here(self, route: Route, inp: RouteInput, local: InstanceId) -> Route:
+        """Loop guard: the request was already replayed, so it is served here and the user is
+        re-pinned here (compare-and-set against what this node believed)."""
+        log.warning("replay loop prevented; serving locally", extra={"fields": {
+            "decided": route.instance, "local": local, "reason": route.reason.value}})
+        if inp.user_key is not None:
+            try:
+                await self.ctx.store.repin(inp.user_key, route.instance, local)
+            except PinStoreUnavailable:
+                self.ctx.metrics.store_errors.labels(op="repin").inc()
+        return Route(local, DecisionReason.LOOP_GUARD, set_cookie=True)
+
+    def _response_headers(self, instance: Instance, route: Route, inp: RouteInput) -> Headers:
+        extra: Headers = [(INSTANCE_HEADER, instance.id)]
+        if route.set_cookie or (inp.cookie is not None and self.ctx.codec.needs_reissue(inp.cookie)):
+            value = self.ctx.codec.encode(instance.id, int(inp.now), inp.user_digest)
+            extra.append((hdrs.SET_COOKIE, set_cookie_value(self.ctx.config.cookie.name, value,
+                                                            **self._cookie_attrs)))
+        return extra
+
+    async def _forward(self, request: web.Request, route: Route, inp: RouteInput, src: ReplaySource | None,
+                       attempt: int, upstream_extra: Headers = ()) -> web.StreamResponse:  # type: ignore[assignment]
+        ctx = self.ctx
+        instance = ctx.membership.current().get(route.instance)
         if instance is None or not instance.url:
             return json_error(502, "chosen instance has no address", code="no_upstream")
-        extra = [(INSTANCE_HEADER, instance.id)]
-        if decision.set_cookie or (inp.cookie is not None and ctx.codec.needs_reissue(inp.cookie)):
-            value = ctx.codec.encode(instance.id, int(inp.now), inp.user_digest)
-            extra.append((hdrs.SET_COOKIE, set_cookie_value(ctx.config.cookie.name, value, **self._cookie_attrs)))
+        extra = self._response_headers(instance, route, inp)
         headers = upstream_request_headers(
-            request.headers,
-            client_ip=request.remote,
-            scheme=request.scheme,
-            host=request.host,
-            request_id=request.headers.get("Fly-Request-Id"),
-            drop=(FORCE_HEADER,),
+            request.headers, client_ip=request.remote, scheme=request.scheme, host=request.host,
+            request_id=request.headers.get("Fly-Request-Id"), drop=(FORCE_HEADER,),
         )
+        for name, value in upstream_extra:
+            headers[name] = value
         limits = ctx.config.limits
         assert ctx.client is not None
         started = time.perf_counter()
@@ -109,28 +160,34 @@ class ProxyHandler:
         except BodyTooLarge:
             return json_error(413, f"request body exceeds {limits.max_body_bytes} bytes", code="body_too_large")
         except UpstreamError as exc:
-            ctx.metrics.upstream_errors.labels(instance=instance.id, kind=exc.kind).inc()
-            if exc.response_started:  # already logged by forwarding; the client connection is closed
-                return web.Response(status=exc.status)
-            log.warning("upstream failed", extra={"fields": {
-                "instance": instance.id, "kind": exc.kind, "attempt": attempt, "path": request.path}})
-            if exc.retryable and ctx.health is not None:
-                ctx.health.report_failure(instance.id, exc.kind)
-            if exc.retryable and attempt == 0 and self._may_retry(request):
-                retry_inp = replace(inp, avoid={**inp.avoid, instance.id: RepinReason.DEAD})
-                decision, retry_inp = await resolve(self.ctx, retry_inp)
-                return await self._act(request, decision, retry_inp, attempt=1)
-            message = "upstream timed out" if exc.kind == "timeout" else "upstream unreachable"
-            return json_error(exc.status, message, code=f"upstream_{exc.kind}")
+            return await self._upstream_failed(request, route, inp, src, attempt, instance, exc)
+
+    async def _upstream_failed(self, request: web.Request, route: Route, inp: RouteInput,
+                               src: ReplaySource | None, attempt: int, instance: Instance,
+                               exc: UpstreamError) -> web.StreamResponse:
+        ctx = self.ctx
+        ctx.metrics.upstream_errors.labels(instance=instance.id, kind=exc.kind).inc()
+        if exc.response_started:  # already logged by forwarding; the client connection is closed
+            return web.Response(status=exc.status)
+        log.warning("upstream failed", extra={"fields": {
+            "instance": instance.id, "kind": exc.kind, "attempt": attempt, "path": request.path}})
+        if exc.retryable and ctx.health is not None and instance.local:
+            ctx.health.report_failure(instance.id, exc.kind)
+        if exc.retryable and attempt == 0 and self._may_retry(request):
+            retry_inp = replace(inp, avoid={**inp.avoid, instance.id: RepinReason.DEAD})
+            decision, retry_inp = await resolve(ctx, retry_inp)
+            return await self._dispatch(request, decision, retry_inp, src, attempt=1)
+        message = "upstream timed out" if exc.kind == "timeout" else "upstream unreachable"
+        return json_error(exc.status, message, code=f"upstream_{exc.kind}")
 
     @staticmethod
     def _may_retry(request: web.Request) -> bool:
         """Retry only requests that are idempotent and whose body (if any) was not consumed."""
         return request.method in IDEMPOTENT_METHODS and not request.body_exists
 
-    def _count(self, route: Route) -> None:
+    def _count(self, route: Route, action: str) -> None:
         m = self.ctx.metrics
-        m.requests.labels(action="forward", reason=route.reason.value).inc()
+        m.requests.labels(action=action, reason=route.reason.value).inc()
         if route.reason is DecisionReason.REPIN and route.repin_reason is not None:
             m.repins.labels(repin_reason=route.repin_reason.value).inc()
         if route.conflict:

@@ -1,0 +1,109 @@
+"""Fly mode on the request path: re-pin signals from Fly's headers, the replay plan, replay answers.
+
+The pure parts (header formats, the plan) live in ``routing.replay``; this module reads them off an
+aiohttp request and builds the responses. Fly's headers only ever steer a user *away* from an
+instance or keep a request here; they are never a security signal (a client can send them too).
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import hdrs, web
+
+from affinity_proxy.routing.decide import DecisionReason, RepinReason, Route, RouteInput
+from affinity_proxy.routing.model import InstanceId
+from affinity_proxy.routing.replay import (
+    PREFER_TIMEOUT,
+    PREFERRED_UNAVAILABLE_HEADER,
+    REPLAY_FAILED_HEADER,
+    REPLAY_HEADER,
+    REPLAY_SRC_HEADER,
+    BodyInfo,
+    Plan,
+    ReplaySource,
+    parse_replay_failed,
+    parse_replay_src,
+    parse_unavailable,
+    plan,
+)
+from affinity_proxy.web.context import ProxyContext
+
+#: Sent on private-network forwards so the target node serves the request and never replays it.
+PRIVATE_FORWARD_SRC = "instance={id};state=affinity:private"
+
+
+def repin_signals(request: web.Request) -> dict[InstanceId, RepinReason]:
+    """Instances Fly told us to avoid for this request (``fly-preferred-instance-unavailable``,
+    ``fly-replay-failed``)."""
+    avoid: dict[InstanceId, RepinReason] = {}
+    unavailable = parse_unavailable(request.headers.get(PREFERRED_UNAVAILABLE_HEADER))
+    if unavailable is not None:
+        avoid[unavailable] = RepinReason.UNAVAILABLE
+    failed = parse_replay_failed(request.headers.get(REPLAY_FAILED_HEADER))
+    if failed is not None and failed.instance is not None:
+        avoid[failed.instance] = RepinReason.REPLAY_FAILED
+    return avoid
+
+
+def replay_source(request: web.Request) -> ReplaySource | None:
+    """The parsed ``fly-replay-src``; a present but unparsable header still counts as replayed."""
+    raw = request.headers.get(REPLAY_SRC_HEADER)
+    if raw is None:
+        return None
+    return parse_replay_src(raw) or ReplaySource(instance=None, region=None, t=None, state=None)
+
+
+def replayed_new_session(inp: RouteInput, src: ReplaySource | None, local: InstanceId) -> Route | None:
+    """An anonymous request replayed here by one of our nodes: that node chose this instance for a
+    new session (by hashing a random id), so adopt it instead of hashing again."""
+    if src is not None and src.ours and inp.user_key is None and inp.cookie is None:
+        return Route(local, DecisionReason.NEW, set_cookie=True)
+    return None
+
+
+def body_info(request: web.Request) -> BodyInfo:
+    chunked = "chunked" in request.headers.get(hdrs.TRANSFER_ENCODING, "").lower()
+    return BodyInfo(method=request.method, content_length=request.content_length, chunked=chunked)
+
+
+def fly_plan(ctx: ProxyContext, request: web.Request, route: Route, src: ReplaySource | None,
+             is_websocket: bool) -> Plan:
+    fly = ctx.config.fly
+    assert fly.machine_id is not None
+    return plan(
+        route.instance,
+        local_instance=InstanceId(fly.machine_id),
+        replay_src=src,
+        body=body_info(request),
+        is_websocket=is_websocket,
+        prefer_instance=fly.prefer_instance,
+        timeout=fly.replay_timeout or PREFER_TIMEOUT,
+    )
+
+
+def replay_response(ctx: ProxyContext, instance: InstanceId, header: str) -> web.Response:
+    """The answer Fly's edge turns into a replay; the client never sees it."""
+    body = {"message": f"replaying to instance {instance}", "instance": instance}
+    return web.Response(
+        status=ctx.config.fly.replay_status,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        headers={REPLAY_HEADER: header},
+    )
+
+
+def private_forward_headers(local: str) -> list[tuple[str, str]]:
+    return [(REPLAY_SRC_HEADER, PRIVATE_FORWARD_SRC.format(id=local))]
+
+
+__all__ = [
+    "REPLAY_SRC_HEADER",
+    "body_info",
+    "fly_plan",
+    "private_forward_headers",
+    "repin_signals",
+    "replay_response",
+    "replay_source",
+    "replayed_new_session",
+]
