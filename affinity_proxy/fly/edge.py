@@ -1,0 +1,283 @@
+"""FlyEdge: a local stand-in for Fly.io's edge proxy in front of several machines (FLY.md §1-2).
+
+It spreads requests round robin over the started machines, honours ``fly-force-instance-id`` and
+``fly-prefer-instance-id``, and acts on ``fly-replay`` answers the way Fly documents: the answer is
+discarded and the ORIGINAL request (method, raw path and query, headers, body) is replayed to the
+target with ``fly-replay-src``, at most ``max_replays`` times (then ``PA02 Excess fly-replay
+headers``), only for bodies of at most ``max_replay_body`` bytes (request bodies are buffered up to
+that size; larger ones are streamed through and cannot be replayed), with ``prefer_instance``,
+``timeout`` and ``fallback`` semantics (target choice in ``fly.edge_route``, the HTTP path in
+``fly.edge_http``). WebSocket upgrades are relayed and replayed the same way (``fly.edge_ws``).
+Machines can be marked stopped (woken through ``on_wake`` when targeted) or destroyed (unknown).
+Counters are attributes and ``GET /_edge/stats``.
+
+Stand-in choices where Fly's behaviour is UNCONFIRMED: any status may carry ``fly-replay``; client
+``fly-replay-src``/``fly-replay-failed``/``fly-preferred-instance-unavailable`` headers are stripped
+(``strip_client_fly_headers``); ``fly-force-instance-id`` wakes a stopped machine; a fallback gets
+``fly-replay-src`` too. Test/demo tool: one event loop, no TLS, no JSON-body replays, one app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from affinity_proxy.fly.edge_http import serve_http
+from affinity_proxy.fly.edge_route import (
+    MACHINE_STATES,
+    PA01,
+    PA02,
+    PA03_FALLBACK,
+    PM01,
+    EdgeError,
+    EdgeRouter,
+    Hop,
+    Machine,
+    MachineState,
+    new_request_id,
+)
+from affinity_proxy.fly.edge_ws import is_upgrade, relay_websocket
+from affinity_proxy.forwarding.headers import upstream_request_headers
+from affinity_proxy.routing.replay import (
+    MAX_REPLAY_BODY,
+    MAX_REPLAYS,
+    PREFERRED_UNAVAILABLE_HEADER,
+    REPLAY_FAILED_HEADER,
+    REPLAY_SRC_HEADER,
+)
+
+__all__ = ["FlyEdge"]
+
+log = logging.getLogger("affinity_proxy.fly.edge")
+
+# Headers only Fly's edge sets: a client's copies are dropped (see strip_client_fly_headers for the rest).
+_EDGE_SET = ("fly-client-ip", "fly-region", "fly-request-id", "fly-forwarded-port", "x-forwarded-ssl", "via", "expect")
+_SPOOFABLE = (REPLAY_SRC_HEADER, REPLAY_FAILED_HEADER, PREFERRED_UNAVAILABLE_HEADER)
+
+WakeCallback = Callable[[str], Awaitable[None]]
+
+
+class FlyEdge:
+    """A local Fly edge for ``machines`` (machine id -> base URL of that machine's node).
+
+    ``start()`` binds and returns the port; ``stop()`` closes open WebSockets and the listener.
+    Counters: ``requests`` (client requests), ``replays`` (fly-replay answers acted on),
+    ``errors`` (edge-made error answers; ``error_codes`` by code), ``hits`` (requests delivered per
+    machine, replaying ones included), ``served`` (final answers per machine), ``wakes``,
+    ``replay_counts`` (how many requests needed N replays). Not thread-safe: one event loop.
+    """
+
+    def __init__(
+        self,
+        machines: Mapping[str, str],
+        *,
+        app: str = "demo",
+        region: str = "lcl",
+        max_replays: int = MAX_REPLAYS,
+        max_replay_body: int = MAX_REPLAY_BODY,
+        client: aiohttp.ClientSession | None = None,
+        on_wake: WakeCallback | None = None,
+        strip_client_fly_headers: bool = True,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.router = EdgeRouter(machines, app=app, region=region)
+        self.app = app
+        self.region = region
+        self.max_replays = max_replays
+        self.max_replay_body = max_replay_body
+        self.on_wake = on_wake
+        self.strip_client_fly_headers = strip_client_fly_headers
+        self.connect_timeout = connect_timeout
+        self._client = client
+        self._own_client = client is None
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+        self.sockets: set[web.WebSocketResponse] = set()
+        self._wake_locks: dict[str, asyncio.Lock] = {}
+        self.requests = 0
+        self.replays = 0
+        self.errors = 0
+        self.wakes = 0
+        self.hits: Counter[str] = Counter()
+        self.served: Counter[str] = Counter()
+        self.error_codes: Counter[str] = Counter()
+        self.replay_counts: Counter[int] = Counter()
+
+    # ------------------------------------------------------------------ lifecycle and machines
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("FlyEdge is not started")
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def client(self) -> aiohttp.ClientSession:
+        if self._client is None:
+            raise RuntimeError("FlyEdge is not started")
+        return self._client
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Listen on ``host:port`` (0 = any free port) and return the bound port."""
+        if self._client is None:
+            self._client = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=5.0),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout),
+            )
+        app = web.Application(client_max_size=0)
+        app.router.add_get("/_edge/stats", self._stats_handler)
+        app.router.add_get("/_edge/machines", self._machines_handler)
+        app.router.add_post("/_edge/machines/{id}/state", self._machine_state_handler)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        app.on_shutdown.append(self._close_sockets)
+        self._runner = web.AppRunner(app, shutdown_timeout=2.0, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        """Close client WebSockets (1001), the listener and the session the edge created. Idempotent."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._own_client and self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def __aenter__(self) -> FlyEdge:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _close_sockets(self, _app: web.Application) -> None:
+        for ws in list(self.sockets):
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"edge shutting down")
+
+    def add_machine(self, machine_id: str, url: str, state: MachineState = "started") -> None:
+        """Add (or replace) a machine, e.g. the new machines of a bluegreen deploy."""
+        self.router.machines[machine_id] = Machine(machine_id, url, state)
+
+    def set_machine_state(self, machine_id: str, state: MachineState) -> None:
+        """``started``, ``stopped`` (woken via ``on_wake`` when a replay or a force header targets
+        it) or ``destroyed`` (unknown from now on). KeyError for an unknown id."""
+        if state not in MACHINE_STATES:
+            raise ValueError(f"machine state must be one of {sorted(MACHINE_STATES)}, got {state!r}")
+        self.router.machines[machine_id].state = state
+
+    def machine_state(self, machine_id: str) -> MachineState | None:
+        machine = self.router.machines.get(machine_id)
+        return machine.state if machine is not None else None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "app": self.app,
+            "region": self.region,
+            "requests": self.requests,
+            "replays": self.replays,
+            "errors": self.errors,
+            "wakes": self.wakes,
+            "hits": dict(self.hits),
+            "served": dict(self.served),
+            "error_codes": dict(self.error_codes),
+            "replay_counts": {str(k): v for k, v in sorted(self.replay_counts.items())},
+            "machines": {m.id: {"url": m.url, "state": m.state} for m in self.router.machines.values()},
+            "websockets": len(self.sockets),
+        }
+
+    async def _stats_handler(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+    async def _machines_handler(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.stats()["machines"])
+
+    async def _machine_state_handler(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            self.set_machine_state(request.match_info["id"], body["state"])
+        except KeyError:
+            return web.json_response({"error": "unknown machine or missing state"}, status=404)
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(self.stats()["machines"][request.match_info["id"]])
+
+    # ------------------------------------------------------------------ shared by HTTP and WebSocket
+
+    def edge_headers(self, request: web.Request, request_id: str) -> CIMultiDict[str]:
+        """What the machine receives: the client's end-to-end headers plus Fly's own (FLY.md §2)."""
+        drop = _EDGE_SET + (_SPOOFABLE if self.strip_client_fly_headers else ())
+        headers = upstream_request_headers(
+            request.headers, client_ip=request.remote, scheme=request.scheme, host=None, drop=drop
+        )
+        if request.remote:
+            headers["Fly-Client-IP"] = request.remote
+        headers["Fly-Region"] = self.region
+        headers["Fly-Request-Id"] = request_id
+        headers["X-Forwarded-SSL"] = "on" if request.scheme == "https" else "off"
+        if self.port is not None:
+            headers["Fly-Forwarded-Port"] = str(self.port)
+        headers["Via"] = "1.1 fly.io"
+        return headers
+
+    async def prepare_hop(self, hop: Hop) -> EdgeError | None:
+        """Wake the hop's machine when it is stopped (``on_wake``), as Fly's proxy starts machines."""
+        machine = hop.machine
+        if machine.state != "stopped":
+            return None
+        async with self._wake_locks.setdefault(machine.id, asyncio.Lock()):  # one wake for concurrent requests
+            if machine.state != "stopped":
+                return None
+            try:
+                if self.on_wake is not None:
+                    await self.on_wake(machine.id)
+            except Exception:
+                log.exception("waking machine %s failed", machine.id)
+                return PM01
+            machine.state = "started"
+            self.wakes += 1
+        return None
+
+    def next_after_replay(self, hop: Hop, value: str, replays: int, replayable: bool) -> Hop | EdgeError:
+        """Act on a ``fly-replay`` answer from ``hop.machine`` (the ``replays``-th for this request)."""
+        if hop.is_fallback:
+            return PA03_FALLBACK
+        if not replayable:
+            return PA01
+        if replays > self.max_replays:
+            return PA02
+        return self.router.replay(hop.machine, value, time.monotonic())
+
+    def error_response(self, error: EdgeError, request_id: str) -> web.Response:
+        self.errors += 1
+        self.error_codes[error.code] += 1
+        log.info("edge error %s for %s", error.text, request_id)
+        return web.Response(
+            status=error.status,
+            text=error.text + "\n",
+            headers={"Fly-Request-Id": request_id, "Fly-Error": error.code},
+        )
+
+    def machine_url(self, machine: Machine, request: web.Request) -> URL:
+        target = request.raw_path if request.raw_path.startswith("/") else request.rel_url.raw_path_qs
+        return URL(machine.url.rstrip("/") + target, encoded=True)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        request_id = new_request_id(self.region)
+        if is_upgrade(request):
+            return await relay_websocket(self, request, request_id)
+        return await serve_http(self, request, request_id)

@@ -1,0 +1,211 @@
+"""Where the local Fly edge sends a request next: the machine table and its routing rules.
+
+No network I/O: ``EdgeRouter`` keeps the machines (id, URL, state) and turns the client's routing
+headers (``fly-force-instance-id``, ``fly-prefer-instance-id``) and each ``fly-replay`` answer into
+the next ``Hop`` or an ``EdgeError`` (FLY.md §1-2). The async side lives in ``fly.edge``.
+Imports the stdlib and ``routing`` only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from affinity_proxy.routing.model import is_valid_instance_id
+from affinity_proxy.routing.replay import (
+    FORCE_INSTANCE_HEADER,
+    PREFER_INSTANCE_HEADER,
+    PREFERRED_UNAVAILABLE_HEADER,
+    REPLAY_FAILED_HEADER,
+    REPLAY_SRC_HEADER,
+    ReplayInstruction,
+    parse_replay_instruction,
+)
+
+MachineState = Literal["started", "stopped", "destroyed"]
+MACHINE_STATES: frozenset[str] = frozenset({"started", "stopped", "destroyed"})
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_request_id(region: str) -> str:
+    """``<ULID>-<region>``, the observed ``Fly-Request-Id`` shape (FLY.md §2)."""
+    value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
+    chars = [_CROCKFORD[(value >> shift) & 31] for shift in range(125, -5, -5)]
+    return "".join(chars) + "-" + region
+
+
+@dataclass
+class Machine:
+    id: str
+    url: str
+    state: MachineState = "started"
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeError:
+    """An error the edge answers itself (Fly's PAxx/PRxx/PMxx proxy errors)."""
+
+    status: int
+    code: str
+    message: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.code} {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """Deliver the request to ``machine`` with ``headers`` added. ``replayer``/``instruction`` are set
+    when the hop comes from a fly-replay; ``is_fallback`` when it is a fallback (which may not replay)."""
+
+    machine: Machine
+    headers: Mapping[str, str] = field(default_factory=dict)
+    replayer: Machine | None = None
+    instruction: ReplayInstruction | None = None
+    is_fallback: bool = False
+    balanced: bool = False  # load balanced: another machine may take it if this one is unreachable
+    started: float = 0.0  # time.monotonic() when the replay was asked for
+
+    @property
+    def timeout(self) -> float | None:
+        return self.instruction.timeout if self.instruction is not None and not self.is_fallback else None
+
+
+PA01 = EdgeError(502, "PA01", "Request body too large to replay")
+PA02 = EdgeError(502, "PA02", "Excess fly-replay headers")
+PA03 = EdgeError(502, "PA03", "Invalid fly-replay header")
+PA03_FALLBACK = EdgeError(502, "PA03", "Invalid fly-replay: a fallback request cannot issue another fly-replay")
+PA04 = EdgeError(502, "PA04", "Target app not found")
+PR02 = EdgeError(502, "PR02", "Machine not found")
+PR02_FORCED = EdgeError(503, "PR02", "Machine not found")
+PR03 = EdgeError(502, "PR03", "Could not connect to a machine after retries")
+PR04 = EdgeError(503, "PR04", "No candidate machines available")
+PM01 = EdgeError(502, "PM01", "Machine failed to start")
+
+
+class EdgeRouter:
+    """The edge's view of the app's machines and its target choices. Single event loop; no locks."""
+
+    def __init__(
+        self,
+        machines: Mapping[str, str],
+        *,
+        app: str,
+        region: str,
+        now_us: Callable[[], int] = lambda: time.time_ns() // 1000,
+    ) -> None:
+        self.machines: dict[str, Machine] = {mid: Machine(mid, url) for mid, url in machines.items()}
+        self.app = app
+        self.region = region
+        self._now_us = now_us
+        self._turn = itertools.count()
+
+    def known(self, machine_id: str | None) -> Machine | None:
+        """The machine unless it is unknown or destroyed."""
+        machine = self.machines.get(machine_id or "")
+        return machine if machine is not None and machine.state != "destroyed" else None
+
+    def pick(self, exclude: Collection[str] = ()) -> Machine | None:
+        """Round robin over started machines; a stopped one (autostart) only when none is started."""
+        for wanted in ("started", "stopped"):
+            pool = [m for m in self.machines.values() if m.state == wanted and m.id not in exclude]
+            if pool:
+                return pool[next(self._turn) % len(pool)]
+        return None
+
+    def initial(self, headers: Mapping[str, str]) -> Hop | EdgeError:
+        """The first machine for a client request: forced, preferred, or load balanced."""
+        forced = headers.get(FORCE_INSTANCE_HEADER)
+        if forced is not None:
+            machine = self.known(forced.strip())
+            return Hop(machine) if machine is not None else PR02_FORCED
+        preferred = headers.get(PREFER_INSTANCE_HEADER)
+        if preferred is not None:
+            preferred = preferred.strip()
+            machine = self.known(preferred)
+            if machine is not None:
+                return Hop(machine)
+            other = self.pick(exclude={preferred})
+            if other is None:
+                return PR04
+            extra = {PREFERRED_UNAVAILABLE_HEADER: preferred} if is_valid_instance_id(preferred) else {}
+            return Hop(other, extra, balanced=True)
+        machine = self.pick()
+        return Hop(machine, balanced=True) if machine is not None else PR04
+
+    def retry_elsewhere(self, hop: Hop, failed: Collection[str]) -> Hop | EdgeError:
+        """After a connection failure: a load-balanced first hop moves on; a targeted one fails
+        (or falls back when its replay asked for a fallback)."""
+        if hop.balanced and not hop.is_fallback:
+            machine = self.pick(exclude=failed)
+            if machine is not None:
+                return replace(hop, machine=machine)
+        instr = hop.instruction
+        if instr is not None and instr.fallback is not None and hop.replayer is not None and not hop.is_fallback:
+            return self._fallback(hop.replayer, instr, "retries_exhausted", hop.started)
+        return PR03
+
+    def timed_out(self, hop: Hop) -> Hop | EdgeError:
+        """The replay's ``timeout`` passed before a connection was made."""
+        if hop.instruction is not None and hop.instruction.fallback is not None and hop.replayer is not None:
+            return self._fallback(hop.replayer, hop.instruction, "timeout", hop.started)
+        return PR03
+
+    def replay(self, replayer: Machine, value: str, started: float) -> Hop | EdgeError:
+        """The hop for a ``fly-replay: <value>`` answered by ``replayer``."""
+        try:
+            instr = parse_replay_instruction(value)
+        except ValueError:
+            return PA03
+        if instr.app is not None and instr.app != self.app:
+            return self._no_candidate(replayer, instr, PA04, started)
+        if instr.region and not ({"any", self.region} & set(instr.region)):
+            return self._no_candidate(replayer, instr, PR04, started)
+        exclude = {replayer.id} if instr.elsewhere else set()
+        headers = {REPLAY_SRC_HEADER: self._replay_src(replayer, instr)}
+        if instr.instance is not None:
+            machine = self.known(instr.instance)
+            if machine is None:
+                return self._no_candidate(replayer, instr, PR02, started)
+        elif instr.prefer_instance is not None:
+            machine = self.known(instr.prefer_instance)
+            if machine is None:
+                machine = self.pick(exclude=exclude | {instr.prefer_instance})
+                headers[PREFERRED_UNAVAILABLE_HEADER] = instr.prefer_instance
+        else:
+            machine = self.pick(exclude=exclude)
+        if machine is None:
+            return self._no_candidate(replayer, instr, PR04, started)
+        balanced = instr.instance is None and machine.id != instr.prefer_instance
+        return Hop(machine, headers, replayer=replayer, instruction=instr, balanced=balanced, started=started)
+
+    def _replay_src(self, replayer: Machine, instr: ReplayInstruction) -> str:
+        return f"instance={replayer.id};region={self.region};t={self._now_us()};state={instr.state or ''}"
+
+    def _no_candidate(
+        self, replayer: Machine, instr: ReplayInstruction, error: EdgeError, started: float
+    ) -> Hop | EdgeError:
+        if instr.fallback is None:
+            return error
+        return self._fallback(replayer, instr, "no_candidate", started)
+
+    def _fallback(self, replayer: Machine, instr: ReplayInstruction, reason: str, started: float) -> Hop | EdgeError:
+        """Send the request back to the replayer (``force_self``) or to it or any machine
+        (``prefer_self``) with ``fly-replay-failed``; the fallback may not replay again."""
+        machine = self.known(replayer.id)
+        if machine is None and instr.fallback == "prefer_self":
+            machine = self.pick()
+        if machine is None:
+            return PR02
+        target = instr.instance or instr.prefer_instance
+        fields = [f"instance={target}"] if target else []
+        fields += [f"app={instr.app or self.app}", f"region={self.region}", f"replay_source={replayer.id}"]
+        elapsed = max(0, round((time.monotonic() - started) * 1000)) if started else 0
+        fields += [f"reason={reason}", f"elapsed_ms={elapsed}"]
+        headers = {REPLAY_FAILED_HEADER: ";".join(fields), REPLAY_SRC_HEADER: self._replay_src(replayer, instr)}
+        return Hop(machine, headers, replayer=replayer, instruction=instr, is_fallback=True, started=started)
