@@ -17,10 +17,14 @@ from affinity_proxy._tasks import TaskSet
 from affinity_proxy.config import Config
 from affinity_proxy.forwarding.client import UpstreamClient
 from affinity_proxy.membership.health import HealthChecker, HealthSettings
+from affinity_proxy.membership.heartbeat import MembershipRefresher, refresh_interval
+from affinity_proxy.membership.redis_shared import RedisSharedState
 from affinity_proxy.membership.registry import Membership
+from affinity_proxy.membership.shared import MemorySharedState, SharedState
 from affinity_proxy.observability.metrics import ProxyMetrics
 from affinity_proxy.pins.factory import open_pin_store
 from affinity_proxy.pins.reaper import Reaper
+from affinity_proxy.pins.redis import RedisPinStore
 from affinity_proxy.pins.store import PinStore, PinStoreUnavailable
 from affinity_proxy.routing.cookie import CookieCodec
 from affinity_proxy.routing.decide import DecidePolicy
@@ -42,8 +46,20 @@ def instances_from_config(config: Config) -> list[Instance]:
     return [Instance(InstanceId(i.id), i.url.rstrip("/"), i.weight) for i in config.instances]
 
 
-def build_context(config: Config, *, store: PinStore | None = None) -> ProxyContext:
-    """Create the per-process parts. Secrets must be present (``serve`` checks; ``demo`` generates)."""
+def open_shared_state(store: PinStore) -> SharedState:
+    """Drain marks, heartbeats and locks live where the pins live: on the Redis store's pool and
+    breaker, or in this process for the memory store (one process, nothing to share)."""
+    if isinstance(store, RedisPinStore):
+        return RedisSharedState(store)
+    return MemorySharedState()
+
+
+def build_context(config: Config, *, store: PinStore | None = None, node: str | None = None) -> ProxyContext:
+    """Create the per-process parts. Secrets must be present (``serve`` checks; ``demo`` generates).
+
+    ``node`` names this node in heartbeats and session-check: default ``fly.machine_id`` (filled
+    from FLY_MACHINE_ID), else the host name.
+    """
     tasks = TaskSet()
     metrics = ProxyMetrics()
     membership = Membership(instances_from_config(config))
@@ -67,7 +83,10 @@ def build_context(config: Config, *, store: PinStore | None = None) -> ProxyCont
         config=config, membership=membership, store=store, codec=codec, metrics=metrics, tasks=tasks,
         policy=DecidePolicy(revalidate_after=c.revalidate_after),
         user_key_sources=tuple(UserKeySource(s.kind, s.name) for s in config.user_key),
+        shared=open_shared_state(store),
     )
+    if node or config.fly.machine_id:
+        ctx.node = node or config.fly.machine_id or ctx.node
     ctx_holder.append(ctx)
     metrics.watch_snapshots(membership.current, lambda: ctx.pin_counts)
     return ctx
@@ -106,6 +125,10 @@ def _lifecycle(ctx: ProxyContext, reaper: Reaper):  # type: ignore[no-untyped-de
             HealthSettings(h.path, h.interval, h.timeout, h.unhealthy_after, h.healthy_after),
         )
         ctx.tasks.spawn(ctx.health.run(), name="health-checker")
+        refresher = MembershipRefresher(ctx.membership, ctx.shared, node=ctx.node,
+                                        interval=refresh_interval(h.interval))
+        await refresher.refresh_once()  # start with the shared drain set; never raises on an outage
+        ctx.tasks.spawn(refresher.run(), name="membership-refresh")
         ctx.tasks.spawn(reaper.run(), name="reaper")
         ctx.tasks.spawn(_refresh_pin_counts(ctx), name="pin-counts")
         yield
@@ -130,7 +153,7 @@ def build_apps(ctx: ProxyContext) -> tuple[web.Application, web.Application]:
     limits = ctx.config.limits
     reaper = Reaper(
         ctx.store, ctx.membership.current, grace=ctx.config.reaper.grace, interval=ctx.config.reaper.interval,
-        on_reaped=lambda n: ctx.metrics.orphaned_pins_reaped.inc(n),
+        on_reaped=lambda n: ctx.metrics.orphaned_pins_reaped.inc(n), lock=ctx.shared,
     )
     main = web.Application(middlewares=[header_size_guard(limits.max_header_bytes)],
                            client_max_size=min(limits.max_body_bytes, 1024 * 1024),
@@ -152,9 +175,11 @@ def build_apps(ctx: ProxyContext) -> tuple[web.Application, web.Application]:
 class ProxyServer:
     """Runs the main and admin listeners of one process. ``start()`` binds; ports are then known."""
 
-    def __init__(self, config: Config, *, store: PinStore | None = None, reuse_port: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, store: PinStore | None = None, reuse_port: bool = False, node: str | None = None,
+    ) -> None:
         self.config = config
-        self.ctx = build_context(config, store=store)
+        self.ctx = build_context(config, store=store, node=node)
         self.main_app, self.admin_app = build_apps(self.ctx)
         self._reuse_port = reuse_port
         self._runners: list[web.AppRunner] = []

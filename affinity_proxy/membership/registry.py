@@ -23,6 +23,7 @@ class Membership:
     def __init__(self, instances: Iterable[Instance] = ()) -> None:
         self._base: dict[InstanceId, Instance] = {i.id: i for i in instances}
         self._draining: set[InstanceId] = set()
+        self._drain_epoch = 0  # bumped by every local drain()/undrain(); see set_drained(epoch=)
         self._unhealthy: set[InstanceId] = set()
         self._listeners: list[Listener] = []
         self._epoch = 0
@@ -47,6 +48,7 @@ class Membership:
         """Mark draining (keeps pinned users, no new ones). False when the id is unknown."""
         if instance_id not in self._base:
             return False
+        self._drain_epoch += 1
         if instance_id not in self._draining:
             self._draining.add(instance_id)
             log.info("instance draining", extra={"fields": {"instance": instance_id}})
@@ -56,18 +58,35 @@ class Membership:
     def undrain(self, instance_id: InstanceId) -> bool:
         if instance_id not in self._base:
             return False
+        self._drain_epoch += 1
         if instance_id in self._draining:
             self._draining.discard(instance_id)
             log.info("instance undrained", extra={"fields": {"instance": instance_id}})
             self._swap()
         return True
 
-    def set_drained(self, ids: Iterable[InstanceId]) -> None:
-        """Replace the whole drain set (shared drain marks read from the store)."""
+    @property
+    def drain_epoch(self) -> int:
+        """Counter of local ``drain``/``undrain`` calls. A reader of the shared drain set notes it
+        before its store round trip and passes it to ``set_drained`` (see there)."""
+        return self._drain_epoch
+
+    def set_drained(self, ids: Iterable[InstanceId], *, epoch: int | None = None) -> bool:
+        """Replace the whole drain set (shared drain marks read from the store); unknown ids are
+        ignored. With ``epoch``: applied only if no local ``drain``/``undrain`` happened since
+        ``drain_epoch`` was ``epoch``, so a read that started before an admin drain cannot undo it.
+        Returns False when skipped for that reason. No I/O."""
+        if epoch is not None and epoch != self._drain_epoch:
+            return False
         new = set(ids) & set(self._base)
         if new != self._draining:
+            for added in sorted(new - self._draining):
+                log.info("instance draining (shared mark)", extra={"fields": {"instance": added}})
+            for removed in sorted(self._draining - new):
+                log.info("instance undrained (shared mark)", extra={"fields": {"instance": removed}})
             self._draining = new
             self._swap()
+        return True
 
     def set_health(self, instance_id: InstanceId, healthy: bool) -> None:
         """Health checker verdict; swaps only when the verdict changes."""

@@ -6,6 +6,9 @@ Key schema (``P`` = ``key_prefix``, default ``affinity:``):
 - ``P idx:<instance>``   sorted set, member = user key, score = the pin's expiry (server unix ms).
 - ``P instances``        set of instance ids that may have a non-empty index.
 
+Shared membership state lives under the same prefix (schema in ``membership.redis_shared``):
+``P drain``, ``P hb:<instance>``, ``P hb-instances`` and ``P lock:<name>``.
+
 The index lets ``list(instance)``, ``counts()`` and ``drop_instance()`` work without SCAN. Every
 mutation that touches a pin and an index is one Lua script (``pins.redis_scripts``), so the index
 never disagrees with the pins except for expiry, which scores encode; stale entries are trimmed by
@@ -152,6 +155,18 @@ class RedisPinStore:
     @property
     def pending_touches(self) -> int:
         return len(self._touches)
+
+    @property
+    def client(self) -> Redis:
+        """The store's client (and so its pool), for other shared state on the same Redis
+        (``membership.redis_shared``). Call it only through ``call`` so outages hit the breaker."""
+        return self._client
+
+    async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn`` (one Redis round trip) behind this store's circuit breaker: a Redis outage
+        raises ``PinStoreUnavailable``, counts under ``op`` in ``on_error`` and opens the circuit for
+        every user of this Redis. Other Redis errors (a bad script) propagate unchanged."""
+        return await self._call(op, fn)
 
     # -- plumbing --
 

@@ -153,22 +153,43 @@ async def pin_drop(request: web.Request) -> web.Response:
 
 
 async def instances_list(request: web.Request) -> web.Response:
+    """Membership as this node sees it, plus every node's heartbeat report per instance
+    (``reports``: [{node, state, age_seconds}]) so operators can spot disagreement. When the
+    store is down: last known pin counts, no reports and ``reports_available`` false."""
     ctx = request.app[CONTEXT]
     view = ctx.membership.current()
     try:
         counts: dict[str, int] = dict(await ctx.store.counts())
     except PinStoreUnavailable:
         counts = dict(ctx.pin_counts)
-    return web.json_response({"instances": [
+    try:
+        reports = await ctx.shared.heartbeats()
+        reports_available = True
+    except PinStoreUnavailable:
+        reports, reports_available = {}, False
+    now = time.time()
+    return web.json_response({"reports_available": reports_available, "instances": [
         {"id": i.id, "url": i.url, "state": i.state.value, "weight": i.weight, "pins": counts.get(i.id, 0),
-         "local": i.local, "region": i.region or None}
+         "local": i.local, "region": i.region or None,
+         "reports": [{"node": r.node, "state": r.state, "age_seconds": round(max(0.0, now - r.seen_at), 3)}
+                     for r in reports.get(i.id, [])]}
         for i in view.instances]})
 
 
 def _drain_handler(drain: bool) -> Handler:
+    """Write the mark to the shared state first (every node applies it on its next membership
+    refresh), then to this node's membership at once. Shared state down: 503, nothing changes."""
+
     async def handler(request: web.Request) -> web.Response:
         ctx = request.app[CONTEXT]
         instance = InstanceId(request.match_info["id"])
+        if ctx.membership.current().get(instance) is None:
+            return json_error(404, "unknown instance", code="unknown_instance")
+        try:
+            await (ctx.shared.drain(instance) if drain else ctx.shared.undrain(instance))
+        except PinStoreUnavailable as exc:
+            return json_error(503, f"shared state unavailable, drain marks unchanged: {exc}",
+                              code="store_unavailable")
         ok = ctx.membership.drain(instance) if drain else ctx.membership.undrain(instance)
         if not ok:
             return json_error(404, "unknown instance", code="unknown_instance")
@@ -178,14 +199,19 @@ def _drain_handler(drain: bool) -> Handler:
 
 
 async def reap(request: web.Request) -> web.Response:
+    """One reaper pass now. ``"skipped": true`` (only then present): pins were due but another node
+    holds the reaper lock and is reaping them."""
     reaper = request.app[REAPER]
     dry_run = request.query.get("dry_run", "0").lower() in ("1", "true", "yes")
     try:
-        result = await reaper.reap(dry_run=dry_run)
+        outcome = await reaper.reap_pass(dry_run=dry_run)
     except PinStoreUnavailable as exc:
         return _store_down(exc)
-    return web.json_response({"dry_run": dry_run, "reaped": result,
-                              "total": sum(len(v) for v in result.values())})
+    doc: dict[str, Any] = {"dry_run": dry_run, "reaped": outcome.reaped,
+                           "total": sum(len(v) for v in outcome.reaped.values())}
+    if outcome.skipped:
+        doc["skipped"] = True
+    return web.json_response(doc)
 
 
 def add_admin_routes(app: web.Application) -> None:

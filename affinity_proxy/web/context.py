@@ -17,6 +17,7 @@ from affinity_proxy.config import Config
 from affinity_proxy.forwarding.client import UpstreamClient
 from affinity_proxy.membership.health import HealthChecker
 from affinity_proxy.membership.registry import Membership
+from affinity_proxy.membership.shared import SharedState
 from affinity_proxy.observability.metrics import ProxyMetrics
 from affinity_proxy.pins.store import PinStore
 from affinity_proxy.routing.cookie import CookieCodec
@@ -34,6 +35,7 @@ class ProxyContext:
     tasks: TaskSet
     policy: DecidePolicy
     user_key_sources: tuple[UserKeySource, ...]
+    shared: SharedState  # drain marks, heartbeats, locks: Redis with a Redis store, else in memory
     client: UpstreamClient | None = None
     health: HealthChecker | None = None
     node: str = field(default_factory=lambda: os.environ.get("FLY_MACHINE_ID") or socket.gethostname())
