@@ -16,11 +16,13 @@ from aiohttp import web
 from affinity_proxy._tasks import TaskSet
 from affinity_proxy.config import Config
 from affinity_proxy.forwarding.client import UpstreamClient
+from affinity_proxy.membership.discovery import fly_static_instances, local_instance, private_url, run_discovery
 from affinity_proxy.membership.health import HealthChecker, HealthSettings
-from affinity_proxy.membership.heartbeat import MembershipRefresher, refresh_interval
+from affinity_proxy.membership.heartbeat import HeartbeatSource, MembershipRefresher, refresh_interval
 from affinity_proxy.membership.redis_shared import RedisSharedState
 from affinity_proxy.membership.registry import Membership
 from affinity_proxy.membership.shared import MemorySharedState, SharedState
+from affinity_proxy.membership.sources import MembershipSource
 from affinity_proxy.observability.metrics import ProxyMetrics
 from affinity_proxy.pins.factory import open_pin_store
 from affinity_proxy.pins.reaper import Reaper
@@ -40,9 +42,14 @@ from affinity_proxy.web.server import ProxyAppRunner, handler_args
 log = logging.getLogger("affinity_proxy.app")
 
 PIN_COUNT_REFRESH_SECONDS = 5.0
+DISCOVERY_INTERVAL_SECONDS = 5.0  # Fly's internal DNS answers with a 5 s TTL
 
 
 def instances_from_config(config: Config) -> list[Instance]:
+    """The starting membership: every configured instance (proxy mode), or in fly mode this node's
+    Machine (local, forwarding to ``fly.upstream``) plus the configured ones as remote Machines."""
+    if config.mode == "fly":
+        return fly_static_instances(config)
     return [Instance(InstanceId(i.id), i.url.rstrip("/"), i.weight) for i in config.instances]
 
 
@@ -54,7 +61,9 @@ def open_shared_state(store: PinStore) -> SharedState:
     return MemorySharedState()
 
 
-def build_context(config: Config, *, store: PinStore | None = None, node: str | None = None) -> ProxyContext:
+def build_context(
+    config: Config, *, store: PinStore | None = None, node: str | None = None, shared: SharedState | None = None,
+) -> ProxyContext:
     """Create the per-process parts. Secrets must be present (``serve`` checks; ``demo`` generates).
 
     ``node`` names this node in heartbeats and session-check: default ``fly.machine_id`` (filled
@@ -83,7 +92,7 @@ def build_context(config: Config, *, store: PinStore | None = None, node: str | 
         config=config, membership=membership, store=store, codec=codec, metrics=metrics, tasks=tasks,
         policy=DecidePolicy(revalidate_after=c.revalidate_after),
         user_key_sources=tuple(UserKeySource(s.kind, s.name) for s in config.user_key),
-        shared=open_shared_state(store),
+        shared=shared if shared is not None else open_shared_state(store),
     )
     if node or config.fly.machine_id:
         ctx.node = node or config.fly.machine_id or ctx.node
@@ -130,6 +139,11 @@ def _lifecycle(ctx: ProxyContext, reaper: Reaper):  # type: ignore[no-untyped-de
         await refresher.refresh_once()  # start with the shared drain set; never raises on an outage
         ctx.tasks.spawn(refresher.run(), name="membership-refresh")
         ctx.tasks.spawn(reaper.run(), name="reaper")
+        source = discovery_source(ctx)
+        if source is not None:
+            ctx.tasks.spawn(run_discovery(
+                source, ctx.membership, local=local_instance(ctx.config), interval=DISCOVERY_INTERVAL_SECONDS,
+            ), name="discovery")
         ctx.tasks.spawn(_refresh_pin_counts(ctx), name="pin-counts")
         yield
         ctx.shutting_down = True
@@ -142,6 +156,24 @@ def _lifecycle(ctx: ProxyContext, reaper: Reaper):  # type: ignore[no-untyped-de
         await ctx.client.close()
 
     return lifecycle
+
+
+def discovery_source(ctx: ProxyContext) -> MembershipSource | None:
+    """Where a fly-mode node learns the other Machines: Fly's internal DNS, or peers' heartbeats in
+    the shared store; None for static membership (proxy mode, ``fly.discovery: static``)."""
+    config = ctx.config
+    if config.mode != "fly" or config.fly.discovery == "static":
+        return None
+    if config.fly.discovery == "redis":
+        return HeartbeatSource(ctx.shared, lambda inst_id: private_url(config, inst_id))
+    from affinity_proxy.membership.fly_dns import FlyDnsSource
+
+    fly = config.fly
+    assert fly.app is not None and fly.machine_id is not None
+    return FlyDnsSource(
+        fly.app, local_machine_id=fly.machine_id, dns_server=fly.dns_server, private_url=fly.private_url,
+        private_port=fly.private_port, local_upstream=fly.upstream,
+    )
 
 
 async def _reserved_not_found(request: web.Request) -> web.Response:
@@ -177,9 +209,10 @@ class ProxyServer:
 
     def __init__(
         self, config: Config, *, store: PinStore | None = None, reuse_port: bool = False, node: str | None = None,
+        shared: SharedState | None = None,
     ) -> None:
         self.config = config
-        self.ctx = build_context(config, store=store, node=node)
+        self.ctx = build_context(config, store=store, node=node, shared=shared)
         self.main_app, self.admin_app = build_apps(self.ctx)
         self._reuse_port = reuse_port
         self._runners: list[web.AppRunner] = []

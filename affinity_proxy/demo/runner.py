@@ -52,7 +52,29 @@ Press Ctrl-C to stop.
 """
 
 
+async def _run_fly(instances: int, port: int) -> None:
+    from affinity_proxy.demo.fly_cluster import banner, start_fly_cluster
+
+    cluster = await start_fly_cluster(edge_port=port, machines=instances)
+    print(banner(cluster), flush=True)
+    try:
+        await _wait_for_signal()
+    finally:
+        await cluster.stop()
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 async def _run(instances: int, port: int, fly: bool) -> None:
+    if fly:
+        await _run_fly(instances, port)
+        return
     from affinity_proxy.app import ProxyServer
     from affinity_proxy.demo.backend import start_backend
 
@@ -67,12 +89,8 @@ async def _run(instances: int, port: int, fly: bool) -> None:
     server = ProxyServer(config)
     await server.start()
     print(_banner(server.main_port, server.admin_port, [i.id for i in config.instances]), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await _wait_for_signal()
     finally:
         await server.stop()
         for runner in runners:
@@ -81,8 +99,8 @@ async def _run(instances: int, port: int, fly: bool) -> None:
 
 def run_demo(instances: int, port: int, fly: bool) -> int:
     """Entry point of ``affinity-proxy demo``."""
-    if fly:
-        print("error: demo --fly needs fly mode, which this build does not have yet", file=sys.stderr)
+    if fly and not 1 <= instances <= 5:
+        print("error: --instances must be between 1 and 5 with --fly", file=sys.stderr)
         return 2
     if not 1 <= instances <= 9:
         print("error: --instances must be between 1 and 9", file=sys.stderr)

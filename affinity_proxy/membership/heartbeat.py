@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import cast
 
 from affinity_proxy.membership.registry import Membership
@@ -146,3 +147,28 @@ class MembershipRefresher:
             log.info("shared membership state reachable again")
         self.failing = False
         self.rounds += 1
+
+
+class HeartbeatSource:
+    """``fly.discovery: redis``: the Machines are whatever nodes report in the shared store.
+
+    Remote URLs are replaced by ``private_url(id)`` (a report carries the publishing node's own,
+    loopback, upstream URL, which is useless to others). Store errors become ``DiscoveryError`` so the
+    discovery loop keeps the last good membership.
+    """
+
+    def __init__(self, shared: SharedState, private_url: Callable[[str], str],
+                 clock: Callable[[], float] = time.time) -> None:
+        self._shared = shared
+        self._private_url = private_url
+        self._clock = clock
+
+    async def fetch(self) -> list[Instance]:
+        from affinity_proxy.membership.sources import DiscoveryError
+
+        try:
+            reports = await self._shared.heartbeats()
+        except PinStoreUnavailable as exc:
+            raise DiscoveryError(f"shared store unavailable: {exc}") from exc
+        found = instances_from_heartbeats(reports, self._clock())
+        return [replace(i, url=self._private_url(i.id), local=False) for i in found]
