@@ -18,6 +18,7 @@ from affinity_proxy.forwarding.client import UpstreamClient
 from affinity_proxy.membership.health import HealthChecker
 from affinity_proxy.membership.registry import Membership
 from affinity_proxy.membership.shared import SharedState
+from affinity_proxy.observability.events import RecentEvents
 from affinity_proxy.observability.metrics import ProxyMetrics
 from affinity_proxy.pins.store import PinStore
 from affinity_proxy.routing.cookie import CookieCodec
@@ -43,6 +44,7 @@ class ProxyContext:
     pin_counts: dict[str, int] = field(default_factory=dict)  # refreshed in the background for metrics
     store_ok: bool = True
     shutting_down: bool = False
+    events: RecentEvents = field(default_factory=RecentEvents)  # recent counts and re-pins for the dashboard
 
 
 CONTEXT: web.AppKey[ProxyContext] = web.AppKey("affinity_context", ProxyContext)

@@ -75,6 +75,7 @@ class ProxyHandler:
             decision, inp = await resolve(ctx, inp)
         response = await self._dispatch(request, decision, inp, src, attempt=0)
         ctx.metrics.response(response.status)
+        ctx.events.response(response.status == ctx.config.fly.replay_status)
         return response
 
     async def _dispatch(self, request: web.Request, decision: Decision, inp: RouteInput,
@@ -192,3 +193,4 @@ class ProxyHandler:
             m.repins.labels(repin_reason=route.repin_reason.value).inc()
         if route.conflict:
             m.pin_conflicts.inc()
+        self.ctx.events.route(action, route)
