@@ -1,6 +1,7 @@
 """How the CLI reaches the pin store and membership: the ``PinBackend`` seam, its admin-API
 implementation (HTTP to a running node's admin listener), and the rules that find the admin URL
-and token from flags, the environment and the config file.
+and token from flags, the environment and the config file. The Redis-direct implementation is
+``cli_redis.RedisBackend``; ``cli_base.make_backend`` chooses between them.
 
 Imports aiohttp and ``config`` only. Every network call has a short timeout; every failure becomes
 a ``BackendError`` with a one-line message that never contains the token.
@@ -169,11 +170,18 @@ class AdminApiBackend:
 
 @dataclass(frozen=True, slots=True)
 class AdminTarget:
+    """Where a store command goes: ``url``/``token`` of the admin API, plus the config that was read
+    (None when none was found) and whether ``--admin`` was given (then the admin API is used even
+    for a Redis store; see ``cli_base.make_backend``)."""
+
     url: str
     token: str | None
+    config: Config | None = None
+    admin_explicit: bool = False
 
-    def __repr__(self) -> str:  # never show the token
-        return f"AdminTarget(url={self.url!r}, token={'***' if self.token else None})"
+    def __repr__(self) -> str:  # never show the token (nor the config's secrets)
+        return (f"AdminTarget(url={self.url!r}, token={'***' if self.token else None}, "
+                f"config={'yes' if self.config is not None else None}, admin_explicit={self.admin_explicit})")
 
 
 def resolve_config_path(explicit: str | None) -> Path | None:
@@ -217,6 +225,7 @@ def resolve_admin_target(config_path: str | None, admin: str | None, token: str 
     The config is read only when it is named explicitly or something is still missing.
     Raises ``ConfigError`` (exit 2) for an unreadable or invalid config."""
     token = token or os.environ.get(TOKEN_ENV) or None
+    admin_explicit = admin is not None
     explicit = bool(config_path or os.environ.get(CONFIG_ENV))
     config: Config | None = None
     if explicit or admin is None or token is None:
@@ -227,4 +236,4 @@ def resolve_admin_target(config_path: str | None, admin: str | None, token: str 
         admin = admin_url_for(config) if config is not None else DEFAULT_ADMIN_URL
     if token is None and config is not None:
         token = config.admin.token or None
-    return AdminTarget(admin.rstrip("/"), token)
+    return AdminTarget(admin.rstrip("/"), token, config, admin_explicit)

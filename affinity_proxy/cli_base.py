@@ -1,6 +1,7 @@
 """Pieces every CLI command shares: the one-line ``error:`` exception with its exit code, the
-``--json`` option, and the admin-target options (``--config``, ``--admin``, ``--token``) with the
-runner that opens a ``PinBackend``, awaits one coroutine on it and maps failures to exit codes.
+``--json`` option, and the store-target options (``--config``, ``--admin``, ``--token``) with the
+runner that opens a ``PinBackend`` (Redis directly or a node's admin API, see ``make_backend``),
+awaits one coroutine on it and maps failures to exit codes.
 
 Imported only by ``cli`` and ``cli_*`` modules.
 """
@@ -72,15 +73,24 @@ def admin_options(f: F) -> F:
     f = click.option("--token", default=None, metavar="TOKEN",
                      help=f"Admin bearer token (default: ${TOKEN_ENV}, else admin.token from the config).")(f)
     f = click.option("--admin", default=None, metavar="URL", callback=_admin_url,
-                     help="Admin API base URL (default: http://{admin_listen} from the config, "
+                     help="Go through this admin API even when the config names a Redis store "
+                          "(default for memory://: http://{admin_listen} from the config, "
                           "wildcard hosts mapped to 127.0.0.1; else http://127.0.0.1:9091).")(f)
     f = click.option("--config", "config_path", default=None, metavar="FILE",
-                     help=f"Proxy config (default: ${CONFIG_ENV}, else ./config/proxy.yaml if it exists).")(f)
+                     help=f"Proxy config (default: ${CONFIG_ENV}, else ./config/proxy.yaml if it exists). "
+                          "A redis:// store is reached directly, memory:// through the admin API.")(f)
     return f
 
 
 def make_backend(target: AdminTarget) -> PinBackend:
-    """The backend for a target. Today always the admin API; Redis-direct plugs in here."""
+    """The backend for a target: Redis directly (``cli_redis.RedisBackend``) when the config's
+    ``store.url`` is redis://, rediss:// or unix:// and ``--admin`` was not given; otherwise the
+    admin API of a running node (always for ``memory://``, whose pins live in that node)."""
+    config = target.config
+    if config is not None and not target.admin_explicit and config.store.kind == "redis":
+        from affinity_proxy.cli_redis import RedisBackend  # imports redis: keep --help fast
+
+        return RedisBackend(config)
     return AdminApiBackend(target.url, target.token)
 
 

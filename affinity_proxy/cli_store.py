@@ -1,5 +1,6 @@
-"""The ``pins``, ``instances`` and ``reap`` commands: operator access to pins and membership of a
-running node, through a ``PinBackend`` (today the node's admin API).
+"""The ``pins``, ``instances`` and ``reap`` commands: operator access to pins and membership through
+a ``PinBackend``: the Redis named by the config's ``store.url`` directly (``cli_redis``, no node
+needed), or a running node's admin API (``memory://``, or ``--admin URL``).
 
 Thin: each command makes one or two backend calls and hands the documents to ``cli_output``.
 """
@@ -23,7 +24,7 @@ from affinity_proxy.cli_output import (
 
 @click.group()
 def pins() -> None:
-    """Inspect and change pins (user key -> instance) in the running proxy's store."""
+    """Inspect and change pins (user key -> instance) in the pin store."""
 
 
 @pins.command("list")
@@ -67,7 +68,9 @@ def pins_show(user: str, as_json: bool, config_path: str | None, admin: str | No
 @admin_options
 def pins_set(user: str, instance: str, as_json: bool, config_path: str | None, admin: str | None,
              token: str | None) -> None:
-    """Pin USER to INSTANCE (overwrites an existing pin; counted as an operator re-pin)."""
+    """Pin USER to INSTANCE (overwrites an existing pin). An operator re-pin: counted in
+    affinity_repins_total{repin_reason="operator"} when made through a node's admin API; the
+    Redis-direct CLI has no metrics. INSTANCE must be configured, reported by a node or pinned."""
     doc = run_backend(config_path, admin, token, lambda b: b.set_pin(user, instance),
                       {400: f"cannot pin {user} to {instance}: {{message}}"})
     emit(doc, as_json, lambda: f"pinned {doc['user']} to {doc['instance']} "
@@ -97,7 +100,7 @@ def pins_stats(as_json: bool, config_path: str | None, admin: str | None, token:
 
 @click.group()
 def instances() -> None:
-    """Inspect membership and drain or undrain instances on the running proxy."""
+    """Inspect membership and drain or undrain instances (shared drain marks on Redis)."""
 
 
 @instances.command("list")
@@ -134,7 +137,11 @@ instances.add_command(_drain_command("undrain", False, "Let instance ID take new
 @json_option
 @admin_options
 def reap(dry_run: bool, as_json: bool, config_path: str | None, admin: str | None, token: str | None) -> None:
-    """Drop pins to instances that have been down or gone longer than reaper.grace."""
+    """Drop pins to instances that have been down or gone longer than reaper.grace.
+
+    Directly on Redis: pins of instances nobody knows (not configured, no heartbeat, no drain
+    mark), and of instances reported down when reaper.grace is 0 (longer graces are timed by the
+    nodes' reapers); holds the nodes' reaper lock, exit 1 when another reaper holds it."""
     doc = run_backend(config_path, admin, token, lambda b: b.reap(dry_run=dry_run))
     emit(doc, as_json, lambda: reap_text(doc))
 
