@@ -34,6 +34,7 @@ from affinity_proxy.routing.model import Instance, InstanceId
 from affinity_proxy.routing.userkey import UserKeySource
 from affinity_proxy.web.admin import REAPER, add_admin_routes, health, session_check, token_middleware
 from affinity_proxy.web.context import CONTEXT, ProxyContext
+from affinity_proxy.web.dashboard import add_dashboard_routes
 from affinity_proxy.web.errors import json_error
 from affinity_proxy.web.middlewares import header_size_guard
 from affinity_proxy.web.proxy_handler import ProxyHandler
@@ -201,6 +202,7 @@ def build_apps(ctx: ProxyContext) -> tuple[web.Application, web.Application]:
     admin[CONTEXT] = ctx
     admin[REAPER] = reaper
     add_admin_routes(admin)
+    add_dashboard_routes(admin)
     return main, admin
 
 

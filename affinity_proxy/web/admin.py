@@ -57,12 +57,13 @@ async def session_check(request: web.Request) -> web.Response:
 
 
 def token_middleware(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Require ``Authorization: Bearer <token>`` (constant-time compare) when a token is set."""
+    """Require ``Authorization: Bearer <token>`` (constant-time compare) when a token is set, except
+    on handlers marked ``admin_public`` (the dashboard's static files, which hold no data)."""
     expected = f"Bearer {token}".encode() if token else None
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if expected is not None:
+        if expected is not None and not getattr(request.match_info.handler, "admin_public", False):
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
                 return json_error(401, "admin token required", code="unauthorized",
