@@ -10,6 +10,7 @@ once on the instance the re-decision picks. Everything the proxy refuses gets a 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import replace
 
@@ -30,6 +31,31 @@ from affinity_proxy.web.errors import json_error
 from affinity_proxy.web.resolve import FORCE_HEADER, resolve, route_input
 
 log = logging.getLogger("affinity_proxy.proxy")
+access_log = logging.getLogger("affinity_proxy.access")
+
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("affinity_request_id", str)
+ROUTED: web.RequestKey[tuple[str, str, str]] = web.RequestKey("affinity_routed", tuple)  # action, instance, reason
+
+
+def request_id_of(request: web.Request) -> str:
+    """Fly's request id when present (so logs correlate with Fly's), else the client's
+    X-Request-Id when sane, else a fresh one. Passed upstream as X-Request-Id."""
+    for name in ("Fly-Request-Id", "X-Request-Id"):
+        value = request.headers.get(name)
+        if value and len(value) <= 128 and value.isascii() and value.isprintable() and " " not in value:
+            return value
+    return secrets.token_hex(12)
+
+
+def log_access(request: web.Request, response: web.StreamResponse, duration: float) -> None:
+    """One structured line per request. Never the cookie, the user key or any header value."""
+    action, instance, reason = request.get(ROUTED, ("refuse", "", ""))
+    access_log.info("request", extra={"fields": {
+        "method": request.method, "path": request.path, "status": response.status,
+        "duration_ms": round(duration * 1000, 2), "action": action, "instance": instance or None,
+        "reason": reason or None, "replay_target": instance if action == "replay" else None,
+        "request_id": request.get(REQUEST_ID), "remote": request.remote,
+    }})
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 INSTANCE_HEADER = "X-Fly-Instance"
@@ -59,6 +85,9 @@ class ProxyHandler:
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         ctx = self.ctx
+        started = time.perf_counter()
+        request_id = request_id_of(request)
+        request[REQUEST_ID] = request_id
         src: ReplaySource | None = None
         if self._fly:
             src = fly.replay_source(request)
@@ -76,6 +105,8 @@ class ProxyHandler:
         response = await self._dispatch(request, decision, inp, src, attempt=0)
         ctx.metrics.response(response.status)
         ctx.events.response(response.status == ctx.config.fly.replay_status)
+        if access_log.isEnabledFor(logging.INFO):
+            log_access(request, response, time.perf_counter() - started)
         return response
 
     async def _dispatch(self, request: web.Request, decision: Decision, inp: RouteInput,
@@ -87,11 +118,11 @@ class ProxyHandler:
                               headers={"Retry-After": "5"})
         assert isinstance(decision, Route)
         if not self._fly:
-            self._count(decision, "forward")
+            self._count(decision, "forward", request)
             return await self._forward(request, decision, inp, src, attempt)
         step = fly.fly_plan(ctx, request, decision, src, is_websocket_upgrade(request))
         if isinstance(step, Replay):
-            self._count(decision, "replay")
+            self._count(decision, "replay", request)
             ctx.metrics.replays.labels(reason=decision.reason.value).inc()
             return fly.replay_response(ctx, step.instance, step.header)
         if isinstance(step, LocalForward) and step.loop_guard:
@@ -101,7 +132,7 @@ class ProxyHandler:
         if isinstance(step, PrivateForward):
             assert self._local is not None
             extra = fly.private_forward_headers(self._local)
-        self._count(decision, "forward")
+        self._count(decision, "forward", request)
         return await self._forward(request, decision, inp, src, attempt, upstream_extra=extra)
 
     async def _repin_here(self, route: Route, inp: RouteInput, local: InstanceId) -> Route:
@@ -133,7 +164,7 @@ class ProxyHandler:
         extra = self._response_headers(instance, route, inp)
         headers = upstream_request_headers(
             request.headers, client_ip=request.remote, scheme=request.scheme, host=request.host,
-            request_id=request.headers.get("Fly-Request-Id"), drop=(FORCE_HEADER,),
+            request_id=request.get(REQUEST_ID), drop=(FORCE_HEADER,),
         )
         for name, value in upstream_extra:
             headers[name] = value
@@ -186,7 +217,9 @@ class ProxyHandler:
         """Retry only requests that are idempotent and whose body (if any) was not consumed."""
         return request.method in IDEMPOTENT_METHODS and not request.body_exists
 
-    def _count(self, route: Route, action: str) -> None:
+    def _count(self, route: Route, action: str, request: web.Request | None = None) -> None:
+        if request is not None:
+            request[ROUTED] = (action, route.instance, route.reason.value)
         m = self.ctx.metrics
         m.requests.labels(action=action, reason=route.reason.value).inc()
         if route.reason is DecisionReason.REPIN and route.repin_reason is not None:
