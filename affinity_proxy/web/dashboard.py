@@ -8,11 +8,14 @@ tab's sessionStorage and removed from the address bar) and sends it as a bearer 
 route. The page loads nothing from other hosts (a Content-Security-Policy says so).
 
 ``/dashboard/data`` reads the membership snapshot, the pin counts (one ``counts()`` store call)
-and ``ctx.events``; it changes nothing. Must not import ``app`` (``app`` imports this module).
+and ``ctx.events``; it changes nothing. With ``serve --workers N`` the traffic series and re-pins are
+those of the worker that answered (``pid``; a browser keeps its connection, so usually the same
+one), while pins, instances and store status are shared. Must not import ``app``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from typing import Any
@@ -75,6 +78,7 @@ async def dashboard_document(ctx: ProxyContext, seconds: int = DEFAULT_SERIES_SE
     mean = sum(holding) / len(holding) if holding else 0.0
     return {
         "node": ctx.node,
+        "pid": os.getpid(),
         "mode": ctx.config.mode,
         "region": ctx.config.fly.region,
         "status": health["status"],

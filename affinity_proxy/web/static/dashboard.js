@@ -139,6 +139,7 @@
 
   function renderHeader(doc) {
     setText("node", doc.node);
+    setText("pid", String(doc.pid));
     setText("mode", doc.mode);
     setText("region", doc.region || "–");
     setText("uptime", formatDuration(doc.uptime_seconds));
