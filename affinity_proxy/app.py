@@ -211,10 +211,11 @@ class ProxyServer:
 
     def __init__(
         self, config: Config, *, store: PinStore | None = None, reuse_port: bool = False, node: str | None = None,
-        shared: SharedState | None = None,
+        shared: SharedState | None = None, config_path: str | None = None,
     ) -> None:
         self.config = config
         self.ctx = build_context(config, store=store, node=node, shared=shared)
+        self.ctx.config_path = config_path
         self.main_app, self.admin_app = build_apps(self.ctx)
         self._reuse_port = reuse_port
         self._runners: list[web.AppRunner] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 
@@ -39,6 +39,10 @@ class HealthChecker:
         self._ok_streak: dict[InstanceId, int] = {}
         self._fail_streak: dict[InstanceId, int] = {}
         self.probes = 0
+
+    def reconfigure(self, **settings: float | int | str) -> None:
+        """New probe settings (hot reload); the next round uses them."""
+        self.settings = replace(self.settings, **settings)  # type: ignore[arg-type]
 
     async def run(self) -> None:
         while True:

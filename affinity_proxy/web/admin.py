@@ -215,6 +215,14 @@ async def reap(request: web.Request) -> web.Response:
     return web.json_response(doc)
 
 
+async def reload_config(request: web.Request) -> web.Response:
+    """``POST /reload``: re-read the config file (like SIGHUP). 400 keeps the old config."""
+    from affinity_proxy.reload import reload_from_file
+
+    result = reload_from_file(request.app[CONTEXT])
+    return web.json_response(result.as_json(), status=200 if result.ok else 400)
+
+
 def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/health", health)
@@ -227,3 +235,4 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_post("/instances/{id}/drain", _drain_handler(True))
     app.router.add_post("/instances/{id}/undrain", _drain_handler(False))
     app.router.add_post("/reap", reap)
+    app.router.add_post("/reload", reload_config)

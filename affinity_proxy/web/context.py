@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -44,7 +45,16 @@ class ProxyContext:
     pin_counts: dict[str, int] = field(default_factory=dict)  # refreshed in the background for metrics
     store_ok: bool = True
     shutting_down: bool = False
+    config_path: str | None = None  # the file ``serve`` loaded; reload re-reads it (None: built in code)
+    reloads: int = 0
     events: RecentEvents = field(default_factory=RecentEvents)  # recent counts and re-pins for the dashboard
+
+
+def cookie_attributes(config: Config) -> dict[str, Any]:
+    """Set-Cookie attributes from ``cookie.*`` (computed once per config, not per request)."""
+    c = config.cookie
+    return {"max_age": c.max_age, "path": c.path, "domain": c.domain, "secure": c.secure,
+            "http_only": c.http_only, "same_site": c.same_site}
 
 
 CONTEXT: web.AppKey[ProxyContext] = web.AppKey("affinity_context", ProxyContext)

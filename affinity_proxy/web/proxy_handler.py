@@ -26,7 +26,7 @@ from affinity_proxy.routing.decide import Decision, DecisionReason, Refuse, Repi
 from affinity_proxy.routing.model import Instance, InstanceId
 from affinity_proxy.routing.replay import LocalForward, PrivateForward, Replay, ReplaySource
 from affinity_proxy.web import fly
-from affinity_proxy.web.context import ProxyContext
+from affinity_proxy.web.context import ProxyContext, cookie_attributes
 from affinity_proxy.web.errors import json_error
 from affinity_proxy.web.resolve import FORCE_HEADER, resolve, route_input
 
@@ -75,11 +75,6 @@ class ProxyHandler:
 
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
-        c = ctx.config.cookie
-        self._cookie_attrs = {
-            "max_age": c.max_age, "path": c.path, "domain": c.domain, "secure": c.secure,
-            "http_only": c.http_only, "same_site": c.same_site,
-        }
         self._fly = ctx.config.mode == "fly"
         self._local = InstanceId(ctx.config.fly.machine_id or "") if self._fly else None
 
@@ -151,8 +146,8 @@ class ProxyHandler:
         extra: Headers = [(INSTANCE_HEADER, instance.id)]
         if route.set_cookie or (inp.cookie is not None and self.ctx.codec.needs_reissue(inp.cookie)):
             value = self.ctx.codec.encode(instance.id, int(inp.now), inp.user_digest)
-            extra.append((hdrs.SET_COOKIE, set_cookie_value(self.ctx.config.cookie.name, value,
-                                                            **self._cookie_attrs)))
+            config = self.ctx.config  # read per request: a reload may replace it
+            extra.append((hdrs.SET_COOKIE, set_cookie_value(config.cookie.name, value, **cookie_attributes(config))))
         return extra
 
     async def _forward(self, request: web.Request, route: Route, inp: RouteInput, src: ReplaySource | None,
