@@ -43,7 +43,6 @@ from affinity_proxy.web.server import ProxyAppRunner, handler_args
 log = logging.getLogger("affinity_proxy.app")
 
 PIN_COUNT_REFRESH_SECONDS = 5.0
-DISCOVERY_INTERVAL_SECONDS = 5.0  # Fly's internal DNS answers with a 5 s TTL
 
 
 def instances_from_config(config: Config) -> list[Instance]:
@@ -143,7 +142,7 @@ def _lifecycle(ctx: ProxyContext, reaper: Reaper):  # type: ignore[no-untyped-de
         source = discovery_source(ctx)
         if source is not None:
             ctx.tasks.spawn(run_discovery(
-                source, ctx.membership, local=local_instance(ctx.config), interval=DISCOVERY_INTERVAL_SECONDS,
+                source, ctx.membership, local=local_instance(ctx.config), interval=ctx.config.fly.discovery_interval,
             ), name="discovery")
         ctx.tasks.spawn(_refresh_pin_counts(ctx), name="pin-counts")
         yield
@@ -167,10 +166,19 @@ def discovery_source(ctx: ProxyContext) -> MembershipSource | None:
         return None
     if config.fly.discovery == "redis":
         return HeartbeatSource(ctx.shared, lambda inst_id: private_url(config, inst_id))
-    from affinity_proxy.membership.fly_dns import FlyDnsSource
-
     fly = config.fly
     assert fly.app is not None and fly.machine_id is not None
+    if fly.discovery == "api":
+        from affinity_proxy.membership.fly_api import DEFAULT_API_URL, FlyMachinesApiSource
+
+        assert ctx.client is not None and fly.api_token is not None
+        return FlyMachinesApiSource(
+            fly.app, api_url=fly.api_url or DEFAULT_API_URL, token=fly.api_token, local_machine_id=fly.machine_id,
+            private_url=fly.private_url, private_port=fly.private_port, local_upstream=fly.upstream,
+            session=ctx.client.session,
+        )
+    from affinity_proxy.membership.fly_dns import FlyDnsSource
+
     return FlyDnsSource(
         fly.app, local_machine_id=fly.machine_id, dns_server=fly.dns_server, private_url=fly.private_url,
         private_port=fly.private_port, local_upstream=fly.upstream,

@@ -199,13 +199,14 @@ class FlyConfig:
     """Fly.io mode: this node's machine, how peers are discovered and how replays look."""
 
     PATH: ClassVar[str] = "fly"
-    DISCOVERY: ClassVar[tuple[str, ...]] = ("dns", "redis", "static")
+    DISCOVERY: ClassVar[tuple[str, ...]] = ("api", "dns", "redis", "static")
     PLACEHOLDERS: ClassVar[Mapping[str, str]] = MappingProxyType({"id": "m1", "app": "a", "port": "1", "region": "ams"})
     app: str | None = None
     machine_id: str | None = None
     region: str | None = None
     upstream: str = "http://127.0.0.1:3000"
     discovery: str = "static"
+    discovery_interval: float = 5.0
     replay_status: int = 409
     private_url: str = "http://{id}.vm.{app}.internal:{port}"
     private_port: int = 8080
@@ -223,6 +224,7 @@ class FlyConfig:
         check.text("region", optional=True, pattern=re.compile(label), what="a region code like ams")
         check.http_url("upstream")
         check.choice("discovery", self.DISCOVERY)
+        check.seconds("discovery_interval")
         check.integer("replay_status", 200, 599)
         self._check_private_url(check)
         check.integer("private_port", 1, 65535)

@@ -128,7 +128,7 @@ DIRECT_ERRORS = [
     (lambda: StoreConfig(url="mongodb://x"), "store.url: scheme must be one of memory, redis, rediss, unix"),
     (lambda: StoreConfig(timeout=0), "store.timeout: must be greater than 0"),
     (lambda: ReaperConfig(interval="30s"), "reaper.interval: expected a number of seconds"),
-    (lambda: FlyConfig(discovery="consul"), "fly.discovery: must be one of dns, redis, static"),
+    (lambda: FlyConfig(discovery="consul"), "fly.discovery: must be one of api, dns, redis, static"),
     (lambda: FlyConfig(replay_status=700), "fly.replay_status: must be between 200 and 599"),
     (lambda: LimitsConfig(max_header_bytes=10), "limits.max_header_bytes: must be at least 1024"),
     (lambda: LogConfig(level="verbose"), "log.level: must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
@@ -396,7 +396,7 @@ ERRORS: list[tuple[dict[Any, Any], str]] = [  # data is merged over {"instances"
     ({"reaper": {"interval": 0}}, "reaper.interval: must be greater than 0"),
     ({"reaper": {"grace": "soon"}}, "reaper.grace: expected a duration like"),
     # fly
-    ({"fly": {"discovery": "consul"}}, "fly.discovery: must be one of dns, redis, static, got 'consul'"),
+    ({"fly": {"discovery": "consul"}}, "fly.discovery: must be one of api, dns, redis, static, got 'consul'"),
     ({"fly": {"replay_status": 199}}, "fly.replay_status: must be between 200 and 599, got 199"),
     ({"fly": {"replay_status": 600}}, "fly.replay_status: must be between 200 and 599"),
     ({"fly": {"machine_id": "not valid!"}}, "fly.machine_id: must be 1 to 64 letters"),
