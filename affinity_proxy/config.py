@@ -154,7 +154,8 @@ class Config:
         if not self.fly.machine_id:
             raise ConfigError("fly.machine_id", "required in fly mode (set it or FLY_MACHINE_ID)")
         if self.fly.discovery in ("dns", "api") and not self.fly.app:
-            raise ConfigError("fly.app", f"required when fly.discovery is {self.fly.discovery} (set it or FLY_APP_NAME)")
+            need = f"required when fly.discovery is {self.fly.discovery} (set it or FLY_APP_NAME)"
+            raise ConfigError("fly.app", need)
         if self.fly.discovery == "api" and not self.fly.api_token:
             raise ConfigError("fly.api_token", "required when fly.discovery is api (set it or FLY_API_TOKEN)")
         if self.fly.discovery == "redis" and self.store.kind != "redis":
