@@ -158,6 +158,8 @@ async def test_dashboard_data_needs_the_token_and_the_page_does_not(proxy: Proxy
             assert resp.content_type == kind
             assert "default-src 'none'" in resp.headers["Content-Security-Policy"]
             assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    async with http.get(admin_url(proxy, "/dashboard/"), allow_redirects=False) as resp:
+        assert resp.status == 302 and resp.headers["Location"] == "../dashboard"
     for path in ("/metrics", "/instances", "/session-check", "/dashboard/nope", "/dashboardx"):
         async with http.get(admin_url(proxy, path)) as resp:  # the exemption is only for the static files
             assert resp.status == 401, path

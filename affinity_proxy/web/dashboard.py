@@ -63,6 +63,12 @@ def _static(name: str) -> Handler:
     return _public(serve)
 
 
+async def _to_dashboard(request: web.Request) -> web.Response:
+    """``/dashboard/`` -> ``../dashboard`` (the page's relative URLs expect no trailing slash; the
+    browser keeps the ``#token=`` fragment across the redirect)."""
+    raise web.HTTPFound("../dashboard")
+
+
 async def dashboard_document(ctx: ProxyContext, seconds: int = DEFAULT_SERIES_SECONDS) -> dict[str, Any]:
     """Everything the page shows. One store call (pin counts); when the store is down the last
     counts known to the background refresher are used and ``pins.live`` is false."""
@@ -108,6 +114,7 @@ async def dashboard_data(request: web.Request) -> web.Response:
 def add_dashboard_routes(app: web.Application) -> None:
     """Register the dashboard on the admin application (which carries ``CONTEXT``)."""
     app.router.add_get("/dashboard", _static("dashboard.html"))
+    app.router.add_get("/dashboard/", _public(_to_dashboard))
     app.router.add_get("/dashboard/dashboard.js", _static("dashboard.js"))
     app.router.add_get("/dashboard/dashboard.css", _static("dashboard.css"))
     app.router.add_get("/dashboard/data", dashboard_data)
