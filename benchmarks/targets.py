@@ -1,0 +1,371 @@
+"""The processes of a benchmark run: backends, the five targets, and their clean stop by PID.
+
+``Processes`` starts every process (pinned with ``taskset``, output to a log in the run's temp
+directory), remembers its PID and its children's, and stops them all by PID (SIGTERM, then SIGKILL
+after a grace period); ``leftovers()`` is the final check that nothing it started survives.
+``start_targets`` brings up the backends and the targets and returns how to load each one.
+Everything listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import nginx
+
+COOKIE = "fly-instance-id"
+USER_HEADER = "X-User-Id"
+USER = "bench-user"
+BACKEND_IDS = ("app-1", "app-2", "app-3")
+FLY_IDS = ("m1", "m2", "m3")
+START_TIMEOUT = 20.0
+STOP_GRACE = 10.0
+
+Headers = list[tuple[str, str]]
+
+
+class HarnessError(RuntimeError):
+    """A process did not start or answer as expected."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(
+    port: int, path: str = "/", headers: Sequence[tuple[str, str]] = (), timeout: float = 2.0,
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """One GET to 127.0.0.1:port: ``(status, [(name, value)], body)``."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=dict(headers))
+        resp = conn.getresponse()
+        return resp.status, resp.getheaders(), resp.read()
+    finally:
+        conn.close()
+
+
+def _ppid(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat fields after the command name (state is [0], ppid [1], starttime [19])."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _alive(pid: int, starttime: str | None = None) -> bool:
+    """True while ``pid`` exists and is not a zombie (and, given ``starttime``, is still the same
+    process, not a reused PID)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z" and (starttime is None or fields[19] == starttime)
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (scans /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            ppid = _ppid(int(entry))
+            if ppid is not None:
+                parents.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    todo = [root]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if _alive(child):
+                out.append(child)
+                todo.append(child)
+    return out
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of ``pids`` so far (processes that are gone count 0)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+@dataclass
+class Started:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    children: dict[int, str] = field(default_factory=dict)  # pid -> starttime, every child ever seen
+
+    def pids(self) -> list[int]:
+        """The process and its live children (nginx's worker), for CPU accounting; remembers the
+        children so that they can be checked after the parent is gone."""
+        for pid in descendants(self.proc.pid):
+            fields = _stat(pid)
+            if fields is not None:
+                self.children.setdefault(pid, fields[19])
+        return [self.proc.pid, *(p for p, t in self.children.items() if _alive(p, t))]
+
+    def orphans(self) -> list[int]:
+        """Children still alive (normally none once the parent has stopped)."""
+        return [p for p, t in self.children.items() if _alive(p, t)]
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+class Processes:
+    """Every process the harness starts, stopped by PID at the end."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[Started] = []
+
+    def start(self, name: str, argv: Sequence[str], *, cpu: int | None, env: dict[str, str] | None = None) -> Started:
+        log = self.workdir / f"{name}.log"
+        full = (["taskset", "-c", str(cpu)] if cpu is not None else []) + list(argv)
+        with log.open("wb") as out:
+            proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    env=env, cwd=self.workdir, start_new_session=True)
+        started = Started(name, proc, log)
+        self.started.append(started)
+        return started
+
+    def stop_all(self) -> list[str]:
+        """SIGTERM every process (newest first), SIGKILL what outlives the grace period, and the
+        same for children left behind. Returns what needed SIGKILL."""
+        notes: list[str] = []
+        for s in self.started:
+            if s.proc.poll() is None:
+                s.pids()  # remember the children before the parent goes
+        for s in reversed(self.started):
+            if s.proc.poll() is None:
+                s.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for s in reversed(self.started):
+            try:
+                s.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                notes.append(f"{s.name} (pid {s.proc.pid}) ignored SIGTERM: killed")
+                s.proc.kill()
+                s.proc.wait(timeout=5)
+        deadline = time.monotonic() + 2.0  # a worker may take a moment to exit after its master
+        while any(s.orphans() for s in self.started) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for s in self.started:
+            for pid in s.orphans():
+                notes.append(f"{s.name} child pid {pid} outlived its parent: killed")
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        return notes
+
+    def leftovers(self) -> list[str]:
+        """The final check: processes started here (or below this process) still alive."""
+        left = [f"{s.name} pid {s.proc.pid}" for s in self.started if s.proc.poll() is None]
+        left += [f"{s.name} child pid {p}" for s in self.started for p in s.orphans()]
+        left += [f"descendant pid {p}" for p in descendants(os.getpid())]
+        return left
+
+
+def wait_ready(started: Started, port: int, path: str = "/", timeout: float = START_TIMEOUT) -> None:
+    """Until ``GET path`` on ``port`` answers (any status), or the process exits, or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if started.proc.poll() is not None:
+            raise HarnessError(f"{started.name} exited with {started.proc.returncode}:\n{started.log_tail()}")
+        try:
+            http_get(port, path, timeout=1.0)
+            return
+        except OSError as exc:
+            last = exc
+            time.sleep(0.1)
+    raise HarnessError(f"{started.name} did not answer on 127.0.0.1:{port} within {timeout:.0f}s ({last}):\n"
+                       f"{started.log_tail()}")
+
+
+@dataclass
+class Target:
+    """One thing wrk loads. ``headers()`` is called before every run (fresh affinity cookies: a
+    cookie older than ``cookie.revalidate_after`` would send the proxy to the pin store)."""
+
+    name: str
+    what: str
+    port: int
+    processes: list[Started]
+    headers: Callable[[], Headers]
+    expected_status: int | None = None  # None: any 2xx/3xx
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def pids(self) -> list[int]:
+        return [pid for s in self.processes for pid in s.pids()]
+
+
+def _proxy_yaml(
+    listen: int, admin: int, secret: str, instances: Sequence[tuple[str, int]], fly_upstream: int | None,
+) -> str:
+    """The affinity-proxy config: proxy mode over ``instances``, or (``fly_upstream`` given) a fly
+    node whose Machine is the first instance, forwarding to ``fly_upstream``."""
+    lines = [
+        f"mode: {'fly' if fly_upstream is not None else 'proxy'}",
+        f'listen: "127.0.0.1:{listen}"',
+        f'admin_listen: "127.0.0.1:{admin}"',
+        "instances:",
+        *(f"  - {{id: {i}, url: 'http://127.0.0.1:{p}'}}" for i, p in instances),
+        "cookie:",
+        f"  name: {COOKIE}",
+        f"  secret: {secret}",
+        "user_key:",
+        f"  - header: {USER_HEADER}",
+        "store:",
+        "  url: memory://",
+        "log:",
+        "  level: WARNING",
+    ]
+    if fly_upstream is not None:
+        lines += [
+            "fly:",
+            "  app: bench",
+            f"  machine_id: {instances[0][0]}",
+            f"  upstream: http://127.0.0.1:{fly_upstream}",
+            "  discovery: static",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _cookie_from(headers: Sequence[tuple[str, str]]) -> str | None:
+    for name, value in headers:
+        if name.lower() == "set-cookie" and value.startswith(COOKIE + "="):
+            return value.split(";", 1)[0].split("=", 1)[1]
+    return None
+
+
+def proxy_mode_headers(port: int) -> Headers:
+    """A pinned user's headers, with the affinity cookie the proxy itself issued for them; checked
+    to be trusted as is (200, no Set-Cookie on the next request)."""
+    user = [(USER_HEADER, USER)]
+    status, headers, body = http_get(port, "/", user)
+    value = _cookie_from(headers)
+    if status != 200 or value is None:
+        raise HarnessError(f"affinity-proxy gave {status} without a {COOKIE} cookie: {headers} {body[:200]!r}")
+    out = [("Cookie", f"{COOKIE}={value}"), *user]
+    status, headers, body = http_get(port, "/", out)
+    if status != 200 or _cookie_from(headers) is not None:
+        raise HarnessError(f"affinity-proxy did not accept its own cookie: {status} {headers} {body[:200]!r}")
+    return out
+
+
+def fly_mode_headers(port: int, secret: str, instance: str) -> Headers:
+    """A user pinned to another Machine (``instance``): a cookie signed with the node's secret,
+    checked to be answered with a replay to that Machine."""
+    from affinity_proxy.routing.cookie import CookieCodec
+    from affinity_proxy.routing.model import InstanceId
+
+    codec = CookieCodec(secret)
+    value = codec.encode(InstanceId(instance), int(time.time()), codec.user_digest(USER))
+    out = [("Cookie", f"{COOKIE}={value}"), (USER_HEADER, USER)]
+    status, headers, body = http_get(port, "/", out)
+    replay = dict((k.lower(), v) for k, v in headers).get("fly-replay", "")
+    if status != 409 or f"instance={instance}" not in replay or _cookie_from(headers) is not None:
+        raise HarnessError(f"fly node did not replay to {instance}: {status} {headers} {body[:200]!r}")
+    return out
+
+
+def static_headers(value: str) -> Callable[[], Headers]:
+    return lambda: [("Cookie", f"{COOKIE}={value}"), (USER_HEADER, USER)]
+
+
+def start_targets(
+    procs: Processes, *, nginx_bin: str, target_cpu: int | None, backend_cpu: int | None,
+    python: str = sys.executable, only: Sequence[str] = (),
+) -> list[Target]:
+    """Start the backends and the targets (all of them, or those named in ``only``), wait until
+    each answers, and return them in table order."""
+    work = procs.workdir
+    want = set(only) or {"nginx-proxy", "direct", "affinity-proxy", "affinity-fly", "naive-aiohttp"}
+    for name in ("backends", "direct", "nginx-proxy"):
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (work / f"{name}-temp" / sub).mkdir(parents=True, exist_ok=True)
+    ports = [free_port() for _ in BACKEND_IDS]
+    backends = list(zip(BACKEND_IDS, ports, strict=True))
+
+    def start_nginx(name: str, text: str, cpu: int | None, port: int) -> Started:
+        conf = work / f"{name}.conf"
+        conf.write_text(text)
+        started = procs.start(name, nginx.nginx_argv(nginx_bin, work, conf, name), cpu=cpu)
+        wait_ready(started, port)
+        return started
+
+    start_nginx("backends", nginx.backend_conf(work, backends), backend_cpu, ports[0])
+    targets: list[Target] = []
+    if "nginx-proxy" in want:
+        port = free_port()
+        s = start_nginx("nginx-proxy", nginx.proxy_conf(work, port, ports, cookie_name=COOKIE), target_cpu, port)
+        targets.append(Target("nginx-proxy", "nginx 1 worker, hash $cookie consistent, keepalive 64", port, [s],
+                              static_headers("bench-cookie")))
+    if "direct" in want:
+        port = free_port()
+        s = start_nginx("direct", nginx.backend_conf(work, [(BACKEND_IDS[0], port)], name="direct"), target_cpu, port)
+        targets.append(Target("direct", "one nginx backend, no proxy", port, [s], static_headers("bench-cookie")))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), LOG_LEVEL="WARNING")
+    secret = secrets.token_hex(32)
+    if "affinity-proxy" in want:
+        port, admin = free_port(), free_port()
+        conf = work / "affinity-proxy.yaml"
+        conf.write_text(_proxy_yaml(port, admin, secret, backends, None))
+        s = procs.start("affinity-proxy", [python, "-m", "affinity_proxy", "serve", "--config", str(conf)],
+                        cpu=target_cpu, env=env)
+        wait_ready(s, port, "/_affinity/health")
+        proxy_port = port
+        targets.append(Target("affinity-proxy", "proxy mode, memory store, signed cookie, 3 backends", port, [s],
+                              lambda: proxy_mode_headers(proxy_port)))
+    if "affinity-fly" in want:
+        port, admin = free_port(), free_port()
+        conf = work / "affinity-fly.yaml"
+        conf.write_text(_proxy_yaml(port, admin, secret, list(zip(FLY_IDS, ports, strict=True)), ports[0]))
+        s = procs.start("affinity-fly", [python, "-m", "affinity_proxy", "serve", "--config", str(conf)],
+                        cpu=target_cpu, env=env)
+        wait_ready(s, port, "/_affinity/health")
+        fly_port = port
+        targets.append(Target("affinity-fly", f"fly mode node {FLY_IDS[0]}, cookie pinned to {FLY_IDS[1]}: 409 replays",
+                              port, [s], lambda: fly_mode_headers(fly_port, secret, FLY_IDS[1]), expected_status=409))
+    if "naive-aiohttp" in want:
+        port = free_port()
+        s = procs.start("naive-aiohttp", [python, "-m", "benchmarks.naive_proxy", "--listen", f"127.0.0.1:{port}",
+                                          "--upstream", f"http://127.0.0.1:{ports[0]}"], cpu=target_cpu, env=env)
+        wait_ready(s, port)
+        targets.append(Target("naive-aiohttp", "aiohttp server + one ClientSession, one backend", port, [s],
+                              static_headers("bench-cookie")))
+    for t in targets:  # every target answers as expected before any load
+        status, _, body = http_get(t.port, "/", t.headers())
+        if status != (t.expected_status or 200):
+            raise HarnessError(f"{t.name} answered {status}: {body[:200]!r}")
+    return targets
