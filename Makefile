@@ -30,6 +30,10 @@ test: install redis-server
 test-all: install redis-server
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# Benchmark against nginx (installs nginx and wrk with apt-get when missing); writes benchmarks/RESULTS.md.
+bench: install
+	$(BIN)/python -m benchmarks.run --duration 10 --rounds 3
+
 lint: install
 	$(BIN)/ruff check affinity_proxy tests benchmarks
 
