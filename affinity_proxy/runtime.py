@@ -1,25 +1,36 @@
-"""Process runtime for ``serve``: event loop choice, signal handling, clean shutdown.
+"""Process runtime for ``serve``: event loop choice, signal handling, clean shutdown, worker bodies.
 
 SIGTERM/SIGINT stop accepting, let in-flight requests finish (up to ``limits.client_timeout``),
 flush pin refreshes and exit 0. uvloop is used when installed (it is faster; the proxy works
-without it).
+without it). With ``--workers 1`` the proxy runs in this process; with more, ``workers.Supervisor``
+starts ``worker_main`` in N spawned processes, each serving both listeners with SO_REUSEPORT.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
+from collections.abc import Callable
+from dataclasses import replace
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from affinity_proxy.config import Config
 from affinity_proxy.observability.logs import configure_logging
 
+if TYPE_CHECKING:
+    from affinity_proxy.app import ProxyServer
+
 log = logging.getLogger("affinity_proxy.runtime")
 
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
-def _new_event_loop() -> asyncio.AbstractEventLoop:
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
     except ImportError:
@@ -27,22 +38,57 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def serve_until_signal(config: Config) -> None:
-    """Start the listeners and block until SIGTERM/SIGINT; then shut down gracefully."""
+class ProcessTag(logging.Filter):
+    """Adds fixed fields (worker index, pid) to every record, so interleaved worker logs stay apart."""
+
+    def __init__(self, **fields: object) -> None:
+        super().__init__()
+        self._fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = getattr(record, "fields", None)
+        record.fields = {**self._fields, **fields} if isinstance(fields, dict) else dict(self._fields)
+        return True
+
+
+def tag_process_logs(worker: str) -> None:
+    """Tag this process's log lines with ``worker=<worker> pid=<pid>`` (after ``configure_logging``)."""
+    tag = ProcessTag(worker=worker, pid=os.getpid())
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(tag)
+
+
+async def serve_until_signal(
+    config: Config, *, reuse_port: bool = False, stop: asyncio.Event | None = None,
+    on_ready: Callable[[ProxyServer], None] | None = None, on_stopping: Callable[[], None] | None = None,
+    signals: frozenset[signal.Signals] = STOP_SIGNALS,
+) -> None:
+    """Start the listeners and block until SIGTERM/SIGINT (or ``stop`` is set); then shut down gracefully.
+
+    ``on_ready`` is called once both listeners are bound, ``on_stopping`` when the stop begins (before
+    the signal handlers are removed). Raises OSError when a listener cannot bind.
+    """
     from affinity_proxy.app import ProxyServer
 
-    server = ProxyServer(config)
-    await server.start()
-    stop = asyncio.Event()
+    server = ProxyServer(config, reuse_port=reuse_port)
+    stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    # A supervised worker starts with these blocked (so a signal during its start-up waits for the
+    # handlers above instead of killing it); a pending one is delivered now. No-op otherwise.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
     try:
+        await server.start()
+        if on_ready is not None:
+            on_ready(server)
         await stop.wait()
+        if on_stopping is not None:
+            on_stopping()
         log.info("shutting down")
         server.ctx.shutting_down = True
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             loop.remove_signal_handler(sig)
         await server.stop()
     log.info("stopped")
@@ -59,9 +105,10 @@ def run_serve(config: Config, workers: int) -> int:
                 file=sys.stderr,
             )
             return 2
-        print("error: --workers > 1 is not available yet in this build; run one process per core", file=sys.stderr)
-        return 2
-    loop = _new_event_loop()
+        from affinity_proxy.workers import Supervisor
+
+        return Supervisor(config, workers).run()
+    loop = new_event_loop()
     try:
         loop.run_until_complete(serve_until_signal(config))
     except OSError as exc:
@@ -69,7 +116,111 @@ def run_serve(config: Config, workers: int) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        with contextlib.suppress(Exception):
-            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
     return 0
+
+
+def worker_main(config: Config, index: int, conn: Connection) -> None:
+    """Body of worker ``index`` (the target of a spawned process; see ``workers.Supervisor``).
+
+    Reports ``("ready", main_port, admin_port)`` or ``("failed", message)`` on ``conn`` and stops
+    gracefully on SIGTERM or when ``conn`` reaches EOF (the supervisor is gone). SIGINT is ignored:
+    a terminal's Ctrl-C reaches every process of the group, and the supervisor turns it into one
+    SIGTERM per worker. Exits 0 after a clean shutdown, 1 when it could not start.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(config.log.level, config.log.format)
+    tag_process_logs(str(index))
+    loop = new_event_loop()
+    try:
+        code = loop.run_until_complete(_serve_worker(config, conn))
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # nothing left to stop; exit quietly
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        conn.close()
+    raise SystemExit(code)
+
+
+async def _serve_worker(config: Config, conn: Connection) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    ready = False
+
+    def supervisor_readable() -> None:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            log.warning("supervisor gone; shutting down")
+            loop.remove_reader(conn.fileno())
+            stop.set()
+            return
+        log.warning("unexpected message from the supervisor: %r", message)
+
+    def on_ready(server: ProxyServer) -> None:
+        nonlocal ready
+        ready = True
+        conn.send(("ready", server.main_port, server.admin_port))
+
+    def on_stopping() -> None:
+        # One stop is enough: a later SIGTERM stays pending instead of cutting the graceful shutdown.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    loop.add_reader(conn.fileno(), supervisor_readable)
+    try:
+        await serve_until_signal(config, reuse_port=True, stop=stop, on_ready=on_ready, on_stopping=on_stopping,
+                                 signals=frozenset({signal.SIGTERM}))
+    except OSError as exc:
+        if ready:
+            raise
+        log.error("cannot start: %s", exc)
+        conn.send(("failed", str(exc)))
+        return 1
+    finally:
+        loop.remove_reader(conn.fileno())
+    return 0
+
+
+def prepare_listeners(config: Config) -> tuple[Config, list[socket.socket]]:
+    """Check that both listen addresses are free and replace port 0 by a held free port.
+
+    Returns the config the workers get and the sockets to keep open while they run (bound with
+    SO_REUSEPORT, never listening, so they take no connections). Raises OSError (address in use).
+    """
+    held: list[socket.socket] = []
+    try:
+        listen = _prepare(config.listen_host, config.listen_port, held)
+        admin = _prepare(config.admin_host, config.admin_port, held)
+    except OSError:
+        for sock in held:
+            sock.close()
+        raise
+    return replace(config, listen=listen, admin_listen=admin), held
+
+
+def _prepare(host: str, port: int, held: list[socket.socket]) -> str:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    if port == 0:
+        infos = infos[:1]
+    for family, kind, proto, _name, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise OSError(f"cannot bind {host}:{port}: {exc.strerror}") from exc
+        except OSError:
+            sock.close()
+            raise
+        if port != 0:
+            sock.close()
+            continue
+        held.append(sock)
+        port = int(sock.getsockname()[1])
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -4,19 +4,53 @@ Label values come from the routing enums (``DecisionReason``, ``RepinReason``, `
 typo cannot create a new series. Gauges that describe shared state (pins per instance, instances
 per state) are refreshed by a collector callback from the latest membership snapshot and pin counts,
 so a scrape never does store I/O on the request path.
+
+Multi-worker (``serve --workers N``): when the process was started with ``PROMETHEUS_MULTIPROC_DIR``
+set (the supervisor does it before a worker imports prometheus-client, which picks its value class
+at import), every counter, histogram and gauge value is written to per-process files in that
+directory and ``render()`` merges the files of all workers with prometheus-client's
+``MultiProcessCollector``: counters and the histogram are summed (a dead worker's totals stay in),
+``affinity_websocket_connections`` is ``livesum`` (open sockets of live workers) and
+``affinity_store_up`` is ``livemin`` (0 as soon as one live worker cannot reach the store; a dead
+worker's last value is dropped by ``mark_process_dead``). ``affinity_pins`` and
+``affinity_instances`` describe the shared store and membership, so the answering worker's snapshot
+is reported once, never summed. Without the variable everything stays in this process.
+Imports nothing of ours but ``routing.model``.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from affinity_proxy.routing.model import InstanceState, MembershipView
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+log = logging.getLogger("affinity_proxy.metrics")
+
+
+def multiprocess_dir() -> str | None:
+    """The directory this process writes its metric values to, or None in single-process mode.
+
+    Multiprocess mode is on only when prometheus-client was first imported with
+    ``PROMETHEUS_MULTIPROC_DIR`` set (it chooses its value class then); a variable set later has no
+    effect on the values, so it is ignored here too (with a warning). No I/O.
+    """
+    path = os.environ.get(MULTIPROC_ENV)
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        if path:
+            log.warning("%s is set but prometheus_client was imported before it; metrics cover this process only",
+                        MULTIPROC_ENV)
+        return None
+    return path or None
 
 
 class _SnapshotCollector(Collector):
@@ -45,10 +79,20 @@ class _SnapshotCollector(Collector):
 
 
 class ProxyMetrics:
-    """Holds the metric objects; cheap to call from the hot path (label children are cached)."""
+    """Holds the metric objects; cheap to call from the hot path (label children are cached).
+
+    In multiprocess mode (see the module docstring) ``registry`` still holds the metric objects but
+    ``render()`` reports the merged values of every worker; a process should then build one
+    ``ProxyMetrics`` only (two would write the same file keys).
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = multiprocess_dir()
+        self._exposition = self.registry
+        if self.multiprocess_dir is not None:
+            self._exposition = CollectorRegistry()
+            MultiProcessCollector(self._exposition, path=self.multiprocess_dir)
         r = self.registry
         self.requests = Counter(
             "affinity_requests", "Requests by routing action and reason", ["action", "reason"], registry=r
@@ -71,9 +115,13 @@ class ProxyMetrics:
             "affinity_upstream_errors", "Failed upstream requests", ["instance", "kind"], registry=r
         )
         self.store_errors = Counter("affinity_store_errors", "Failed pin store operations", ["op"], registry=r)
-        self.store_up = Gauge("affinity_store_up", "1 when the pin store answers", registry=r)
+        self.store_up = Gauge(
+            "affinity_store_up", "1 when the pin store answers (every live worker)", registry=r,
+            multiprocess_mode="livemin",
+        )
         self.websocket_connections = Gauge(
-            "affinity_websocket_connections", "Open relayed WebSockets", ["instance"], registry=r
+            "affinity_websocket_connections", "Open relayed WebSockets", ["instance"], registry=r,
+            multiprocess_mode="livesum",
         )
         self.pin_conflicts = Counter(
             "affinity_pin_conflicts", "Cookie and stored pin disagreed (stored pin won)", registry=r
@@ -85,7 +133,10 @@ class ProxyMetrics:
         self, view: Callable[[], MembershipView], pins: Callable[[], Mapping[str, int]]
     ) -> None:
         """Register the gauges computed at scrape time from the current snapshots."""
-        self.registry.register(_SnapshotCollector(view, pins))
+        collector = _SnapshotCollector(view, pins)
+        self.registry.register(collector)
+        if self._exposition is not self.registry:
+            self._exposition.register(collector)
 
     def response(self, code: int) -> None:
         child = self._response_children.get(code)
@@ -94,4 +145,7 @@ class ProxyMetrics:
         child.inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The Prometheus text exposition: this process's registry, or every worker's merged files.
+
+        Multiprocess mode reads one small mmap file per worker and metric type on each call."""
+        return generate_latest(self._exposition)
