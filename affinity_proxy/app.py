@@ -185,6 +185,22 @@ def discovery_source(ctx: ProxyContext) -> MembershipSource | None:
     )
 
 
+async def _close_websockets(app: web.Application) -> None:
+    """Graceful shutdown: listeners are closed already; tell every open WebSocket we are going away
+    (1001) so clients reconnect (to another node) instead of seeing an abrupt 1006."""
+    ctx = app[CONTEXT]
+    ctx.shutting_down = True
+    sockets = list(ctx.websockets)
+    if sockets:
+        log.info("closing websockets for shutdown", extra={"fields": {"count": len(sockets)}})
+        results = await asyncio.gather(
+            *(ws.close(code=1001, message=b"server shutting down") for ws in sockets), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                log.debug("websocket close failed during shutdown: %r", result)
+
+
 async def _reserved_not_found(request: web.Request) -> web.Response:
     return json_error(404, "unknown affinity-proxy endpoint", code="not_found")
 
@@ -205,6 +221,7 @@ def build_apps(ctx: ProxyContext) -> tuple[web.Application, web.Application]:
     main.router.add_route("*", "/_affinity/{tail:.*}", _reserved_not_found)
     main.router.add_route("*", "/{tail:.*}", ProxyHandler(ctx).__call__)
     main.cleanup_ctx.append(_lifecycle(ctx, reaper))
+    main.on_shutdown.append(_close_websockets)
 
     admin = web.Application(middlewares=[token_middleware(ctx.config.admin.token)])
     admin[CONTEXT] = ctx

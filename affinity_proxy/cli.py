@@ -41,8 +41,10 @@ for _command in COMMANDS:
               help="Proxy config (default: $AFFINITY_CONFIG, else ./config/proxy.yaml if it exists).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes sharing the listeners.")
-def serve(config_path: str | None, workers: int) -> None:
-    """Run the proxy (main and admin listeners) until SIGTERM or SIGINT."""
+@click.option("--exec", "app_command", default=None, metavar="COMMAND",
+              help="Start and supervise the app beside the proxy (run by /bin/sh; stops with the proxy).")
+def serve(config_path: str | None, workers: int, app_command: str | None) -> None:
+    """Run the proxy (main and admin listeners) until SIGTERM or SIGINT; SIGHUP reloads the config."""
     path = resolve_config_path(config_path)
     if path is None:
         raise CliError("--config FILE is required (or set AFFINITY_CONFIG, or create ./config/proxy.yaml)",
@@ -54,7 +56,7 @@ def serve(config_path: str | None, workers: int) -> None:
         raise config_error(exc) from None
     from affinity_proxy.runtime import run_serve
 
-    raise SystemExit(run_serve(config, workers))
+    raise SystemExit(run_serve(config, workers, config_path=str(path), app_command=app_command))
 
 
 @main.command()

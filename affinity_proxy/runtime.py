@@ -19,8 +19,10 @@ from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+from affinity_proxy._tasks import TaskSet
 from affinity_proxy.config import Config
 from affinity_proxy.observability.logs import configure_logging
+from affinity_proxy.supervise import AppProcess
 
 if TYPE_CHECKING:
     from affinity_proxy.app import ProxyServer
@@ -61,42 +63,78 @@ def tag_process_logs(worker: str) -> None:
 async def serve_until_signal(
     config: Config, *, reuse_port: bool = False, stop: asyncio.Event | None = None,
     on_ready: Callable[[ProxyServer], None] | None = None, on_stopping: Callable[[], None] | None = None,
-    signals: frozenset[signal.Signals] = STOP_SIGNALS,
-) -> None:
+    signals: frozenset[signal.Signals] = STOP_SIGNALS, config_path: str | None = None,
+    app_command: str | None = None,
+) -> int:
     """Start the listeners and block until SIGTERM/SIGINT (or ``stop`` is set); then shut down gracefully.
 
-    ``on_ready`` is called once both listeners are bound, ``on_stopping`` when the stop begins (before
-    the signal handlers are removed). Raises OSError when a listener cannot bind.
+    SIGHUP re-reads ``config_path`` (hot reload). With ``app_command`` the app is started first and
+    supervised (``supervise.AppProcess``): when it exits on its own the proxy stops too, and on a
+    stop signal the proxy drains before the app gets SIGTERM. Returns the exit code: 0, or 1 when
+    the app died. ``on_ready`` is called once both listeners are bound, ``on_stopping`` when the stop
+    begins. Raises OSError when a listener cannot bind.
     """
     from affinity_proxy.app import ProxyServer
+    from affinity_proxy.reload import reload_from_file
 
-    server = ProxyServer(config, reuse_port=reuse_port)
+    server = ProxyServer(config, reuse_port=reuse_port, config_path=config_path)
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload_from_file(server.ctx))
     # A supervised worker starts with these blocked (so a signal during its start-up waits for the
     # handlers above instead of killing it); a pending one is delivered now. No-op otherwise.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+    app = AppProcess(app_command, grace=config.limits.client_timeout) if app_command else None
+    code = 0
     try:
+        if app is not None:
+            await app.start()
         await server.start()
         if on_ready is not None:
             on_ready(server)
-        await stop.wait()
+        code = await _wait_for_stop(stop, app)
         if on_stopping is not None:
             on_stopping()
         log.info("shutting down")
         server.ctx.shutting_down = True
     finally:
-        for sig in signals:
+        for sig in (*signals, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await server.stop()
+        if app is not None:
+            await app.stop()
     log.info("stopped")
+    return code
 
 
-def run_serve(config: Config, workers: int) -> int:
+async def _wait_for_stop(stop: asyncio.Event, app: AppProcess | None) -> int:
+    """Until a stop signal (0), or the supervised app exits (1 unless it exited 0)."""
+    if app is None:
+        await stop.wait()
+        return 0
+    tasks = TaskSet()
+    waiter = tasks.spawn(stop.wait(), name="stop-signal")
+    app_exit = tasks.spawn(app.wait(), name="app-exit")
+    try:
+        await asyncio.wait({waiter, app_exit}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await tasks.close()
+    if app_exit.done() and not app_exit.cancelled():
+        status = app_exit.result()
+        log.error("the app exited (status %s); stopping the proxy", status)
+        return 0 if status == 0 else 1
+    return 0
+
+
+def run_serve(config: Config, workers: int, *, config_path: str | None = None,
+              app_command: str | None = None) -> int:
     """Entry point of ``affinity-proxy serve``. Returns the process exit code."""
     configure_logging(config.log.level, config.log.format)
+    if workers != 1 and app_command:
+        print("error: --exec runs one app beside one proxy process; use it with --workers 1", file=sys.stderr)
+        return 2
     if workers != 1:
         if config.store.url.startswith("memory:"):
             print(
@@ -107,10 +145,10 @@ def run_serve(config: Config, workers: int) -> int:
             return 2
         from affinity_proxy.workers import Supervisor
 
-        return Supervisor(config, workers).run()
+        return Supervisor(config, workers, config_path=config_path).run()
     loop = new_event_loop()
     try:
-        loop.run_until_complete(serve_until_signal(config))
+        return loop.run_until_complete(serve_until_signal(config, config_path=config_path, app_command=app_command))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         print(f"error: {exc}", file=sys.stderr)
@@ -118,10 +156,9 @@ def run_serve(config: Config, workers: int) -> int:
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
-    return 0
 
 
-def worker_main(config: Config, index: int, conn: Connection) -> None:
+def worker_main(config: Config, index: int, conn: Connection, config_path: str | None = None) -> None:
     """Body of worker ``index`` (the target of a spawned process; see ``workers.Supervisor``).
 
     Reports ``("ready", main_port, admin_port)`` or ``("failed", message)`` on ``conn`` and stops
@@ -134,7 +171,7 @@ def worker_main(config: Config, index: int, conn: Connection) -> None:
     tag_process_logs(str(index))
     loop = new_event_loop()
     try:
-        code = loop.run_until_complete(_serve_worker(config, conn))
+        code = loop.run_until_complete(_serve_worker(config, conn, config_path))
     finally:
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # nothing left to stop; exit quietly
         loop.run_until_complete(loop.shutdown_asyncgens())
@@ -143,7 +180,7 @@ def worker_main(config: Config, index: int, conn: Connection) -> None:
     raise SystemExit(code)
 
 
-async def _serve_worker(config: Config, conn: Connection) -> int:
+async def _serve_worker(config: Config, conn: Connection, config_path: str | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     ready = False
@@ -170,7 +207,7 @@ async def _serve_worker(config: Config, conn: Connection) -> int:
     loop.add_reader(conn.fileno(), supervisor_readable)
     try:
         await serve_until_signal(config, reuse_port=True, stop=stop, on_ready=on_ready, on_stopping=on_stopping,
-                                 signals=frozenset({signal.SIGTERM}))
+                                 signals=frozenset({signal.SIGTERM}), config_path=config_path)
     except OSError as exc:
         if ready:
             raise

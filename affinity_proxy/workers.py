@@ -73,8 +73,9 @@ class _Worker:
 class Supervisor:
     """Runs N workers until SIGTERM/SIGINT. Call ``run()`` once, from the main thread."""
 
-    def __init__(self, config: Config, workers: int) -> None:
+    def __init__(self, config: Config, workers: int, *, config_path: str | None = None) -> None:
         self._config = config
+        self._config_path = config_path
         self._count = workers
         self._mp = multiprocessing.get_context("spawn")
         self._live: dict[int, _Worker] = {}
@@ -85,6 +86,7 @@ class Supervisor:
         self._unclean = False
         self._start_error: str | None = None
         self._wake_r, self._wake_w = socket.socketpair()
+        self._reload_requested = False
         self._metrics_dir = ""
 
     def run(self) -> int:
@@ -133,14 +135,29 @@ class Supervisor:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        return {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_reload_signal)
+        return handlers
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals.append(signum)
 
+    def _on_reload_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._reload_requested = True
+
+    def _forward_reload(self) -> None:
+        """SIGHUP: every worker re-reads the config file (each applies it to its own process)."""
+        self._reload_requested = False
+        log.info("reload requested; forwarding SIGHUP to workers", extra={"fields": {"workers": len(self._live)}})
+        for w in self._live.values():
+            try:
+                os.kill(w.pid, signal.SIGHUP)
+            except ProcessLookupError:
+                log.debug("worker %s exited before the reload signal", w.pid)
+
     def _spawn(self, index: int) -> None:
         parent_end, child_end = self._mp.Pipe(duplex=True)
-        process = self._mp.Process(target=worker_main, args=(self._config, index, child_end),
+        process = self._mp.Process(target=worker_main, args=(self._config, index, child_end, self._config_path),
                                    name=f"affinity-worker-{index}")
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
@@ -204,6 +221,8 @@ class Supervisor:
         ready = wait(handles, timeout)  # type: ignore[arg-type]
         if self._wake_r in ready:
             self._drain_wakeup()
+        if self._reload_requested:
+            self._forward_reload()
         for w in list(self._live.values()):
             if w.conn in ready:
                 self._read_message(w)

@@ -74,8 +74,12 @@ async def relay_websocket(
     extra_response_headers: ExtraHeaders = (),
     max_message_bytes: int,
     heartbeat: float | None,
+    registry: set[web.WebSocketResponse] | None = None,
 ) -> web.WebSocketResponse:
     """Relay a WebSocket session between the client and the instance at ``base_url``.
+
+    ``registry``, when given, holds the client-side socket while the relay runs, so a graceful
+    shutdown can close every open session with 1001 (going away).
 
     The instance handshake gets ``upstream_headers`` minus the WebSocket handshake headers (the
     client's ``Host``, ``Origin``, cookies and ``X-Forwarded-*`` pass through) and the client's
@@ -126,9 +130,13 @@ async def relay_websocket(
         if rejected:
             log.warning("dropped unsafe extra handshake headers: %s", ", ".join(rejected))
         await ws.prepare(request)
+        if registry is not None:
+            registry.add(ws)
         await _pump_both(ws, upstream)
         return ws
     finally:
+        if registry is not None and ws is not None:
+            registry.discard(ws)
         await upstream.close()
         if ws is not None and ws.prepared and not ws.closed:
             await ws.close(code=WSCloseCode.INTERNAL_ERROR)

@@ -45,6 +45,7 @@ class ProxyContext:
     pin_counts: dict[str, int] = field(default_factory=dict)  # refreshed in the background for metrics
     store_ok: bool = True
     shutting_down: bool = False
+    websockets: set[web.WebSocketResponse] = field(default_factory=set)  # open client sessions (shutdown)
     config_path: str | None = None  # the file ``serve`` loaded; reload re-reads it (None: built in code)
     reloads: int = 0
     events: RecentEvents = field(default_factory=RecentEvents)  # recent counts and re-pins for the dashboard

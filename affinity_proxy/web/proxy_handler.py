@@ -174,7 +174,7 @@ class ProxyHandler:
                     return await relay_websocket(
                         request, instance.url, ctx.client, upstream_headers=headers,
                         extra_response_headers=extra, max_message_bytes=limits.max_ws_message_bytes,
-                        heartbeat=limits.ws_heartbeat or None,
+                        heartbeat=limits.ws_heartbeat or None, registry=ctx.websockets,
                     )
                 finally:
                     gauge.dec()

@@ -1,0 +1,160 @@
+"""`affinity-proxy serve` as a real process: SIGTERM under load loses no in-flight request and
+closes WebSockets with 1001; SIGHUP reloads the config; --exec supervises the app."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.functional.conftest import Backends
+from tests.functional.test_streaming import _free_port
+from tests.support.waiting import wait_until
+
+
+def _write(path: Path, backends: Backends, ids: list[str], port: int, admin_port: int) -> None:
+    lines = [
+        f"listen: 127.0.0.1:{port}",
+        f"admin_listen: 127.0.0.1:{admin_port}",
+        "cookie: {secret: lifecycle-secret-0123456789}",
+        "user_key: [{header: X-User-Id}]",
+        "limits: {client_timeout: 10s}",
+        "instances:",
+        *(f"  - {{id: {i}, url: 'http://127.0.0.1:{backends.ports[i]}'}}" for i in ids),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class Served:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, admin_port: int, config: Path) -> None:
+        self.proc, self.port, self.admin_port, self.config = proc, port, admin_port, config
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _start(tmp_path: Path, backends: Backends, *extra: str) -> Served:
+    port, admin_port = _free_port(), _free_port()
+    cfg = tmp_path / "proxy.yaml"
+    _write(cfg, backends, ["a", "b", "c"], port, admin_port)
+    proc = subprocess.Popen([sys.executable, "-m", "affinity_proxy", "serve", "--config", str(cfg), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "LOG_LEVEL": "WARNING"})
+    return Served(proc, port, admin_port, cfg)
+
+
+@pytest.fixture
+def served(tmp_path: Path, backends: Backends) -> Iterator[Served]:
+    s = _start(tmp_path, backends)
+    yield s
+    if s.proc.poll() is None:
+        s.proc.kill()
+    s.proc.wait()
+    assert s.proc.stderr is not None
+    s.proc.stderr.close()
+
+
+async def _ready(http: aiohttp.ClientSession, served: Served) -> None:
+    async def ok() -> bool:
+        try:
+            async with http.get(served.base + "/_affinity/health") as resp:
+                return resp.status == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
+    await wait_until(ok, timeout=20, interval=0.1)
+
+
+async def test_sigterm_under_load_loses_no_inflight_request(served, http) -> None:
+    await _ready(http, served)
+    outcomes: list[tuple[float, bool]] = []
+    stop_load = asyncio.Event()
+
+    async def client(i: int) -> None:
+        async with aiohttp.ClientSession() as own:
+            while not stop_load.is_set():
+                started = time.monotonic()
+                try:
+                    async with own.get(served.base + "/slow", params={"delay": "0.5"},
+                                       headers={"X-User-Id": f"u{i}"}) as resp:
+                        await resp.read()
+                        outcomes.append((started, resp.status == 200))
+                except aiohttp.ClientError:
+                    outcomes.append((started, False))
+                    await asyncio.sleep(0.05)
+
+    ws = await http.ws_connect(served.base + "/ws")
+    loops = [asyncio.ensure_future(client(i)) for i in range(20)]
+    await asyncio.sleep(1.2)
+    signalled = time.monotonic()
+    served.proc.send_signal(signal.SIGTERM)
+    msg = await ws.receive(timeout=10)
+    await asyncio.sleep(1.5)
+    stop_load.set()
+    await asyncio.gather(*loops)
+    code = await asyncio.to_thread(served.proc.wait, 20)
+    before = [ok for started, ok in outcomes if started < signalled - 0.1]
+    print(f"SIGTERM under load: {len(before)} requests started before the signal, "
+          f"{before.count(False)} failed; {len(outcomes) - len(before)} around/after it")
+    assert code == 0
+    assert before and all(before), "every request that started before SIGTERM completes"
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+    assert ws.close_code == 1001
+    await ws.close()
+
+
+async def test_sighup_reloads_the_config(served, http, backends) -> None:
+    await _ready(http, served)
+    await backends.start("d")
+    _write(served.config, backends, ["a", "b", "c", "d"], served.port, served.admin_port)
+    served.proc.send_signal(signal.SIGHUP)
+
+    async def has_d() -> bool:
+        async with http.get(f"http://127.0.0.1:{served.admin_port}/instances") as resp:
+            return "d" in {i["id"] for i in (await resp.json())["instances"]}
+
+    await wait_until(has_d, timeout=10, interval=0.1)
+    assert served.proc.poll() is None, "SIGHUP must not stop the proxy"
+
+
+async def test_exec_supervises_the_app(tmp_path, backends, http) -> None:
+    app_port = _free_port()
+    cmd = f"{sys.executable} -m affinity_proxy.demo.backend --id execd --port {app_port}"
+    s = _start(tmp_path, backends, "--exec", cmd)
+    try:
+        await _ready(http, s)
+
+        async def app_up() -> bool:
+            try:
+                async with http.get(f"http://127.0.0.1:{app_port}/healthz") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await wait_until(app_up, timeout=20, interval=0.1)
+        s.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(s.proc.wait, 30) == 0
+        assert not await app_up(), "the app is stopped with the proxy"
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+        assert s.proc.stderr is not None
+        s.proc.stderr.close()
+
+
+async def test_exec_app_exit_stops_the_proxy(tmp_path, backends, http) -> None:
+    s = _start(tmp_path, backends, "--exec", "sleep 1; exit 3")
+    try:
+        assert await asyncio.to_thread(s.proc.wait, 30) == 1
+    finally:
+        assert s.proc.stderr is not None
+        s.proc.stderr.close()
