@@ -83,9 +83,13 @@ class Config:
 
     ``pin_ttl`` is the sliding expiry of a pin in seconds. ``listen``/``admin_listen`` are
     ``host:port``; read them split with ``listen_host``/``listen_port``/``admin_host``/``admin_port``.
+    ``engine`` picks the main listener's HTTP server: ``aiohttp`` (the aiohttp application) or
+    ``fast`` (``affinity_proxy.fastpath``, which hands WebSockets and ``/_affinity/`` to the same
+    aiohttp application); read once at start.
     """
 
     MODES: ClassVar[tuple[str, ...]] = ("proxy", "fly")
+    ENGINES: ClassVar[tuple[str, ...]] = ("aiohttp", "fast")
     mode: str = "proxy"
     listen: str = "0.0.0.0:8080"
     admin_listen: str = "127.0.0.1:9091"
@@ -100,10 +104,12 @@ class Config:
     fly: FlyConfig = field(default_factory=FlyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    engine: str = "aiohttp"
 
     def __post_init__(self) -> None:
         check = Check(self, "")
         check.choice("mode", self.MODES)
+        check.choice("engine", self.ENGINES)
         for name in ("listen", "admin_listen"):
             host, port = parse_hostport(check.text(name), name)
             object.__setattr__(self, name, f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
