@@ -269,7 +269,10 @@ class ProxyServer:
             "instances": len(self.config.instances)}})
 
     async def stop(self) -> None:
-        for runner in reversed(self._runners):
+        """Graceful: the main listener stops accepting and drains first, while the admin listener
+        still answers (``/health`` says 503, ``/metrics`` keeps being scrapable); then the admin."""
+        self.ctx.shutting_down = True
+        for runner in self._runners:
             await runner.cleanup()
         self._runners = []
 

@@ -46,8 +46,9 @@ def _start(tmp_path: Path, backends: Backends, *extra: str) -> Served:
     port, admin_port = _free_port(), _free_port()
     cfg = tmp_path / "proxy.yaml"
     _write(cfg, backends, ["a", "b", "c"], port, admin_port)
-    proc = subprocess.Popen([sys.executable, "-m", "affinity_proxy", "serve", "--config", str(cfg), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "LOG_LEVEL": "WARNING"})
+    command = [sys.executable, "-m", "affinity_proxy", "serve", "--config", str(cfg), *extra]
+    env = {**os.environ, "LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     return Served(proc, port, admin_port, cfg)
 
 
@@ -97,6 +98,8 @@ async def test_sigterm_under_load_loses_no_inflight_request(served, http) -> Non
     signalled = time.monotonic()
     served.proc.send_signal(signal.SIGTERM)
     msg = await ws.receive(timeout=10)
+    async with http.get(f"http://127.0.0.1:{served.admin_port}/health") as resp:
+        draining_health = resp.status  # in-flight /slow requests are still draining on the main listener
     await asyncio.sleep(1.5)
     stop_load.set()
     await asyncio.gather(*loops)
@@ -108,11 +111,22 @@ async def test_sigterm_under_load_loses_no_inflight_request(served, http) -> Non
     assert before and all(before), "every request that started before SIGTERM completes"
     assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
     assert ws.close_code == 1001
+    assert draining_health == 503, "health reports 503 while the node drains"
     await ws.close()
 
 
 async def test_sighup_reloads_the_config(served, http, backends) -> None:
+    """SIGHUP with a new instance list keeps every open WebSocket and every cookie-pinned user."""
+    from tests.functional.helpers import COOKIE, affinity_cookie
+
     await _ready(http, served)
+    pinned = []
+    for _ in range(40):
+        async with http.get(served.base + "/") as resp:
+            pinned.append((affinity_cookie(resp), (await resp.json())["instance"]))
+    ws = await http.ws_connect(served.base + "/ws")
+    await ws.send_str("whoami")
+    ws_instance = (await ws.receive(timeout=5)).data
     await backends.start("d")
     _write(served.config, backends, ["a", "b", "c", "d"], served.port, served.admin_port)
     served.proc.send_signal(signal.SIGHUP)
@@ -123,6 +137,12 @@ async def test_sighup_reloads_the_config(served, http, backends) -> None:
 
     await wait_until(has_d, timeout=10, interval=0.1)
     assert served.proc.poll() is None, "SIGHUP must not stop the proxy"
+    await ws.send_str("whoami")
+    assert (await ws.receive(timeout=5)).data == ws_instance, "the open WebSocket survived"
+    await ws.close()
+    for cookie, instance in pinned:
+        async with http.get(served.base + "/", headers={"Cookie": f"{COOKIE}={cookie}"}) as resp:
+            assert (await resp.json())["instance"] == instance, "cookie-pinned users stay in place"
 
 
 async def test_exec_supervises_the_app(tmp_path, backends, http) -> None:
