@@ -149,7 +149,9 @@ async def forward_http(
 
 def _client_body_failed(request: web.Request, exc: BaseException) -> web.Response:
     log.debug("client request body broke for %s %s: %r", request.method, request.path, exc)
-    response = web.Response(status=400, text="request body incomplete\n")
+    response = web.json_response(
+        {"error": "bad_request_body", "message": "request body incomplete or malformed", "status": 400}, status=400,
+    )
     response.force_close()
     return response
 
