@@ -91,3 +91,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 def random_secret() -> str:
     return secrets.token_urlsafe(24)
+
+
+# `serve --workers N` subprocess fixtures, shared by the worker and multi-node process tests.
+from tests.functional.test_workers import fresh_connections, start_serve  # noqa: E402, F401

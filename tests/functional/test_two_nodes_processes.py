@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from click.testing import CliRunner
 
 from affinity_proxy.cli import main as cli_main
-from tests.functional.test_workers import fresh_connections, get_instance, start_serve  # noqa: F401
+from tests.functional.test_workers import get_instance
 from tests.support.waiting import wait_until
 
 
