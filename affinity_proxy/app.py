@@ -249,8 +249,8 @@ class ProxyServer:
 
     async def start(self) -> None:
         limits = self.config.limits
-        main_runner = ProxyAppRunner(self.main_app, access_log=None,
-                                     shutdown_timeout=limits.client_timeout)
+        main_runner = ProxyAppRunner(self.main_app, limits=limits, on_response=self.ctx.metrics.response,
+                                     access_log=None, shutdown_timeout=limits.client_timeout)
         admin_runner = web.AppRunner(self.admin_app, access_log=None)
         await main_runner.setup()
         await admin_runner.setup()
