@@ -356,6 +356,7 @@ class FaultReport:
     latency: dict[str, float] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
+    note: str = ""
 
     ROW_HEADER = ("| fault | profile | clients | sent | failed | in flight | detecting | live failed | re-pinned "
                   "| live moved | detect s | recover s | back s | p50 ms | p99 ms | max ms |")
@@ -373,7 +374,9 @@ class FaultReport:
 
     def details(self) -> str:
         parts = [f"{k}: " + ", ".join(f"{n}={v}" for n, v in sorted(c.items())) for k, c in self.by_class.items()]
-        text = f"{self.fault}: affected clients {self.affected}; " + "; ".join(parts)
+        text = f"{self.fault} (target {self.target}): affected clients {self.affected}; " + "; ".join(parts)
+        if self.note:
+            text += f"\n  {self.note}"
         if self.samples:
             text += "\n  failures (first few): " + " | ".join(self.samples)
         if self.violations:
@@ -411,7 +414,10 @@ def analyse(fault: str, profile: Profile, records: list[Record], *, target: str 
             continue
         rep.failed += 1
         c["failed"] += 1
-        on_target = target is not None and (r.pinned == target or (r.kind == "anon" and r.pinned is None))
+        # an anonymous request has no instance before it is placed; its 502/504 (the proxy tried an
+        # instance and it failed) can only come from the faulted one, anything else counts as live
+        anon_upstream = r.kind == "anon" and (r.error or "")[:4] in ("502 ", "504 ")
+        on_target = target is not None and (r.pinned == target or anon_upstream)
         if len(rep.samples) < 6:
             rep.samples.append(f"{r.client} pinned={r.pinned} sent={r.sent - t_fault:+.2f}s "
                                f"done={r.done - t_fault:+.2f}s {r.error}")
@@ -515,6 +521,7 @@ class FaultPlan:
     #: client classes whose clients on the target must end up elsewhere (flap: open WebSockets
     #: to a live instance rightly stay where they are)
     movers: tuple[str, ...] = ("cookie", "user", "ws")
+    note: Callable[[], str] = lambda: ""  # extra facts for the report (flap count, hung connections)
 
 
 def kill_plan(cluster: ChaosCluster, target: str = "b") -> FaultPlan:
@@ -552,7 +559,8 @@ def hang_plan(cluster: ChaosCluster, target: str = "b") -> FaultPlan:
         await cluster.backends.start(target, port=port)
 
     plan = kill_plan(cluster, target)
-    return FaultPlan(target, inject, restore, plan.detected, plan.back, failures_allowed=True)
+    return FaultPlan(target, inject, restore, plan.detected, plan.back, failures_allowed=True,
+                     note=lambda: f"hung connections accepted (requests and health probes): {hang.accepted}")
 
 
 def redis_plan(cluster: ChaosCluster) -> FaultPlan:
@@ -602,7 +610,8 @@ def flap_plan(cluster: ChaosCluster, profile: Profile, target: str = "b") -> Fau
 
     plan = kill_plan(cluster, target)
     return FaultPlan(target, inject, restore, plan.detected, plan.back, failures_allowed=False, during=during,
-                     movers=("cookie", "user"))
+                     movers=("cookie", "user"),
+                     note=lambda: f"health switched: {flaps['ok=0']}x failing, {flaps['ok=1']}x passing")
 
 
 async def _watch(predicate: Callable[[], bool], now: Callable[[], float], until: float) -> float | None:
@@ -665,6 +674,7 @@ async def run_fault(fault: str, profile: Profile, *, redis: RedisServer | None =
     report = analyse(fault, profile, traffic.records, target=plan.target, t_fault=t_fault, t_detect=t_detect,
                      t_restore=t_restore, t_back=t_back, t_end=t_end, pins_at_fault=pins_at_fault,
                      failures_allowed=plan.failures_allowed, movers=plan.movers)
+    report.note = plan.note()
     log(table([report]))
     log(report.details())
     return report
