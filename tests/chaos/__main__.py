@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{p.interval * 1000:.0f} ms each, alternating nodes) and {p.ws} WebSocket clients (`whoami` every "
                 f"{p.ws_interval * 1000:.0f} ms); per fault {p.warmup:.0f} s warm-up, {p.fault:.0f} s fault, "
                 f"{p.after:.0f} s after the restore; health checks every 0.3 s (timeout 0.3 s, rise/fall 1), "
-                "`limits.upstream_timeout` 1 s. Faults target the instance with the most pinned clients.")
+                "`limits.upstream_timeout` 1 s, "
+                "`cookie.revalidate_after` 2 s (cookie clients also hit the store). "
+                "Faults target the instance with the most pinned clients.")
         command = "python -m tests.chaos" + (" --long" if args.long else "")
         Path(target).write_text(render(reports, desc, command))
         print(f"wrote {target}")

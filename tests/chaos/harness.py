@@ -41,7 +41,7 @@ from http.cookies import SimpleCookie
 import aiohttp
 
 from affinity_proxy.app import ProxyServer
-from affinity_proxy.config import HealthConfig, LimitsConfig, StoreConfig
+from affinity_proxy.config import CookieConfig, HealthConfig, LimitsConfig, StoreConfig
 from tests.functional.conftest import Backends, make_config
 from tests.support.redis_server import RedisServer
 
@@ -52,6 +52,9 @@ CLASSES = ("cookie", "user", "anon", "ws")
 REQUEST_TIMEOUT = 10.0
 WS_RECEIVE_TIMEOUT = 5.0
 UPSTREAM_TIMEOUT = 1.0
+#: Cookies older than this are checked against the stored pin: short, so that cookie clients take
+#: that path (a store call) during every fault, the Redis outage included.
+COOKIE_REVALIDATE_AFTER = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,7 @@ class ChaosCluster:
             config = make_config(
                 self.backends,
                 store=StoreConfig(url=self.redis.url, timeout=0.25),
+                cookie=CookieConfig(secret="chaos-secret-" + "x" * 20, revalidate_after=COOKIE_REVALIDATE_AFTER),
                 health=HealthConfig(interval=self.health_interval, timeout=0.3, unhealthy_after=1, healthy_after=1),
                 limits=LimitsConfig(upstream_timeout=UPSTREAM_TIMEOUT, upstream_connect_timeout=1.0),
             )
