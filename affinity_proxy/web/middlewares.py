@@ -41,13 +41,14 @@ def header_block_size(request: BaseRequest) -> int:
 def preflight(request: BaseRequest, *, max_header_bytes: int, max_body_bytes: int) -> web.Response | None:
     """The refusal for a request the proxy must not route, or None. No I/O; never reads the body.
 
-    505 for an HTTP version other than 1.0/1.1, 405 for ``CONNECT``, 431 for a header block over
-    ``max_header_bytes``, 417 for an ``Expect`` other than ``100-continue``, 413 (connection
-    closed afterwards) for a declared ``Content-Length`` over ``max_body_bytes``. A chunked body
+    400 for an HTTP version other than 1.0/1.1 (HTTP/0.9 passes aiohttp's parser), 405 for
+    ``CONNECT``, 431 for a header block over ``max_header_bytes``, 417 for an ``Expect`` other
+    than ``100-continue``, 413 (connection closed afterwards) for a declared ``Content-Length``
+    over ``max_body_bytes``. A chunked body
     over the limit is stopped while it streams (``forwarding.http``).
     """
     if request.version not in SUPPORTED_VERSIONS:
-        return json_error(505, "only HTTP/1.0 and HTTP/1.1 are supported", code="http_version_not_supported")
+        return json_error(400, "only HTTP/1.0 and HTTP/1.1 are supported", code="unsupported_http_version")
     if request.method in REFUSED_METHODS:
         return json_error(405, "CONNECT is not supported by this reverse proxy", code="method_not_allowed",
                           headers={"Allow": ALLOWED_METHODS})

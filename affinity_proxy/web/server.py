@@ -14,7 +14,7 @@
   reading (the socket stays unwritable) for that long is aborted, so a slow reader never pins
   a large response, a WebSocket relay or an upstream connection for ever.
 - **Preflight** (``web.middlewares.preflight``), before routing and before any
-  ``100 Continue``: unsupported HTTP version (505), ``CONNECT`` (405), header block over
+  ``100 Continue``: unsupported HTTP version (400), ``CONNECT`` (405), header block over
   ``limits.max_header_bytes`` (431), an ``Expect`` other than ``100-continue`` (417), a declared
   body over ``limits.max_body_bytes`` (413).
 - **JSON errors**: parse errors (400, 431 for header overflow), the router's 404/405, any
