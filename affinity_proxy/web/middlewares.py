@@ -44,8 +44,8 @@ def preflight(request: BaseRequest, *, max_header_bytes: int, max_body_bytes: in
     400 for an HTTP version other than 1.0/1.1 (HTTP/0.9 passes aiohttp's parser), 405 for
     ``CONNECT``, 431 for a header block over ``max_header_bytes``, 417 for an ``Expect`` other
     than ``100-continue``, 413 (connection closed afterwards) for a declared ``Content-Length``
-    over ``max_body_bytes``. A chunked body
-    over the limit is stopped while it streams (``forwarding.http``).
+    over ``max_body_bytes``. A chunked body over the limit is stopped while it streams
+    (``forwarding.http``).
     """
     if request.version not in SUPPORTED_VERSIONS:
         return json_error(400, "only HTTP/1.0 and HTTP/1.1 are supported", code="unsupported_http_version")

@@ -12,7 +12,8 @@
   fires while the protocol still waits for a complete request head); a request body that stops
   arriving for that long while the proxy is ready to read it is aborted; a client that stops
   reading (the socket stays unwritable) for that long is aborted, so a slow reader never pins
-  a large response, a WebSocket relay or an upstream connection for ever.
+  a large response, a WebSocket relay or an upstream connection for ever; and a connection
+  aiohttp has closed is aborted if it is still flushing to a non-reader that long after.
 - **Preflight** (``web.middlewares.preflight``), before routing and before any
   ``100 Continue``: unsupported HTTP version (400), ``CONNECT`` (405), header block over
   ``limits.max_header_bytes`` (431), an ``Expect`` other than ``100-continue`` (417), a declared
@@ -112,8 +113,8 @@ class GuardedRequestHandler(RequestHandler):  # type: ignore[misc]
     one while the socket is unwritable. Never raises out of the asyncio callbacks.
     """
 
-    __slots__ = ("_body", "_guards", "_last_rx", "_linger", "_peer", "_read_watch", "_refused", "_write_watch",
-                 "handling")
+    __slots__ = ("_body", "_close_watch", "_guards", "_last_rx", "_linger", "_lost", "_peer", "_read_watch",
+                 "_refused", "_tr", "_write_watch", "handling")
 
     def __init__(self, manager: Server, *, loop: asyncio.AbstractEventLoop, guards: ServerGuards,
                  **kwargs: Any) -> None:
@@ -126,6 +127,9 @@ class GuardedRequestHandler(RequestHandler):  # type: ignore[misc]
         self._read_watch: asyncio.TimerHandle | None = None
         self._write_watch: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
+        self._close_watch: asyncio.TimerHandle | None = None
+        self._tr: asyncio.Transport | None = None  # kept after aiohttp drops ``transport`` on close
+        self._lost = False
         #: True while the application handler of the current request runs (it may read the body).
         self.handling = False
 
@@ -140,6 +144,7 @@ class GuardedRequestHandler(RequestHandler):  # type: ignore[misc]
                 return
             self._peer = ip
         self._last_rx = self._loop.time()
+        self._tr = transport  # type: ignore[assignment]
         super().connection_made(transport)
 
     def _refuse(self, transport: asyncio.BaseTransport, *, per_ip: bool) -> None:
@@ -156,10 +161,12 @@ class GuardedRequestHandler(RequestHandler):  # type: ignore[misc]
         self._linger = self._loop.call_later(REFUSAL_LINGER, tr.abort)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        for handle in (self._read_watch, self._write_watch, self._linger):
+        self._lost = True
+        self._tr = None
+        for handle in (self._read_watch, self._write_watch, self._linger, self._close_watch):
             if handle is not None:
                 handle.cancel()
-        self._read_watch = self._write_watch = self._linger = None
+        self._read_watch = self._write_watch = self._linger = self._close_watch = None
         self._body = None
         if self._peer is not None and self._guards.limiter is not None:
             self._guards.limiter.release(self._peer)
@@ -249,6 +256,27 @@ class GuardedRequestHandler(RequestHandler):  # type: ignore[misc]
         if self.writing_paused and self.transport is not None:
             log.info("closing connection: client stopped reading for %.1fs", self._guards.client_timeout)
             self._abort()
+
+    # ------------------------------------------------------------------ closing deadline
+
+    async def start(self) -> None:
+        try:
+            await super().start()
+        finally:
+            self._close_soon()
+
+    def force_close(self) -> None:
+        super().force_close()
+        self._close_soon()
+
+    def _close_soon(self) -> None:
+        """aiohttp closes with ``transport.close()``, which waits until every queued byte is sent:
+        for a client that stopped reading with less than the pause threshold queued (so no write
+        stall was ever seen) that is for ever, and the connection would keep its slot. Abort it if
+        it is still there after client_timeout."""
+        if self._lost or self._close_watch is not None or self._tr is None:
+            return
+        self._close_watch = self._loop.call_later(self._guards.client_timeout, self._tr.abort)
 
     def _abort(self) -> None:
         """Drop the connection now, unsent data included (``close()`` would wait to flush it)."""

@@ -237,6 +237,29 @@ async def test_slow_reader_of_a_large_response(backends: Backends, serve_process
     await assert_served(http, proxy.port, "after a stalled download")
 
 
+async def test_unread_response_below_the_pause_threshold_does_not_keep_the_connection(
+    backends: Backends, start_proxy, http,  # type: ignore[no-untyped-def]
+) -> None:
+    """A response small enough to sit in the proxy's write buffer without ever pausing the
+    writer (so no write stall is seen) to a client that never reads: aiohttp's close() would
+    wait for ever to flush it, keeping the connection and its slot. The closing deadline aborts it.
+
+    The pause threshold is raised on the accepted socket so the case does not depend on this
+    machine's kernel buffer sizes."""
+    server = await start_proxy(make_config(backends, limits=LimitsConfig(client_timeout=1.0, max_connections=10)))
+    limiter = server._runners[0].limiter
+    _reader, writer = await open_small_buffer(server.main_port)
+    handlers = await wait_until(lambda: server._runners[0].server.connections, timeout=10)
+    handlers[0].transport.set_write_buffer_limits(high=64 * MiB)
+    writer.write(request("GET", f"/stream?bytes={8 * MiB}&length=1", [("fly-force-instance-id", "a")]))
+    await writer.drain()
+    state = backends.runners["a"].app[BACKEND_STATE]
+    await wait_until(lambda: state.stream_results == ["complete"], timeout=30)  # all of it is in our buffer
+    await wait_until(lambda: limiter.total == 0, timeout=30, message="the stuck connection released")
+    await close(writer)
+    await assert_served(http, server.main_port, "after an unread small response")
+
+
 @dataclass
 class Flood:
     sent: int = 0
