@@ -251,7 +251,7 @@ class ProxyServer:
         limits = self.config.limits
         main_runner = ProxyAppRunner(self.main_app, limits=limits, on_response=self.ctx.metrics.response,
                                      access_log=None, shutdown_timeout=limits.client_timeout)
-        admin_runner = web.AppRunner(self.admin_app, access_log=None)
+        admin_runner = ProxyAppRunner(self.admin_app, limits=limits, access_log=None)  # same deadlines and caps
         await main_runner.setup()
         await admin_runner.setup()
         self._runners = [main_runner, admin_runner]
