@@ -259,6 +259,24 @@ async def test_absolute_form_is_served_as_origin_form_never_proxied_to_that_host
     await assert_served(http, setup.port, "absolute-form")
 
 
+@pytest.mark.parametrize("target", [
+    "@{trap}/x", "{trap}", "{trap}/x", "//{trap}/x", "http:/{trap}/x", "http:{trap}/x", "\\\\{trap}/x",
+    "/\\{trap}/x", "/..//{trap}/x", "/%2F%2F{trap}/x", "HTTP://{trap}/x", "ws://{trap}/x", "file:///etc/passwd",
+    "/x?@{trap}", "/x#@{trap}",
+])
+async def test_odd_request_targets_never_reach_another_host(setup: Setup, target: str) -> None:
+    """Authority-form, scheme-relative and backslash tricks: refused (400) or passed to the
+    configured instance as a path; the proxy never connects where a target points."""
+    line = target.format(trap=f"127.0.0.1:{setup.trap.port}")
+    resp = await exchange(setup.port, f"GET {line} HTTP/1.1\r\nHost: proxy.test\r\n\r\n".encode())
+    if resp.status == 200:
+        assert setup.backend.paths() == [resp.json()["path"]]
+        assert resp.json()["path"].startswith("/")
+    else:
+        assert_json_error(resp, {400})
+    assert setup.trap.connections == 0
+
+
 async def test_connect_is_refused_and_opens_no_tunnel(setup: Setup, http: aiohttp.ClientSession) -> None:
     trap = f"127.0.0.1:{setup.trap.port}"
     reader, writer = await asyncio.open_connection("127.0.0.1", setup.port)

@@ -130,6 +130,15 @@ async def test_every_admin_route_needs_the_token(guarded: ProxyServer, backends:
                 assert resp.content_type in ("text/html", "text/javascript", "text/css", "application/javascript")
 
 
+def test_admin_token_is_compared_in_constant_time() -> None:
+    import inspect
+
+    from affinity_proxy.web.admin import token_middleware
+
+    source = inspect.getsource(token_middleware)
+    assert "hmac.compare_digest" in source and "==" not in source.split("compare_digest", 1)[1].split("\n", 2)[0]
+
+
 async def test_admin_routes_without_a_token_configured_are_open_only_on_loopback() -> None:
     """Without a token the admin listener must stay on loopback: that is the only protection."""
     config = config_from_mapping({"instances": [{"id": "a", "url": "http://127.0.0.1:1"}],
