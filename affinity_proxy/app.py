@@ -32,7 +32,7 @@ from affinity_proxy.routing.cookie import CookieCodec
 from affinity_proxy.routing.decide import DecidePolicy
 from affinity_proxy.routing.model import Instance, InstanceId
 from affinity_proxy.routing.userkey import UserKeySource
-from affinity_proxy.web.admin import REAPER, add_admin_routes, health, session_check, token_middleware
+from affinity_proxy.web.admin import PUBLIC, REAPER, add_admin_routes, health, session_check, token_middleware
 from affinity_proxy.web.context import CONTEXT, ProxyContext
 from affinity_proxy.web.dashboard import add_dashboard_routes
 from affinity_proxy.web.errors import json_error
@@ -216,6 +216,7 @@ def build_apps(ctx: ProxyContext) -> tuple[web.Application, web.Application]:
                            client_max_size=min(limits.max_body_bytes, 1024 * 1024),
                            handler_args=handler_args(limits.max_header_bytes))
     main[CONTEXT] = ctx
+    main[PUBLIC] = True
     main.router.add_get("/_affinity/health", health)
     main.router.add_route("*", "/_affinity/session-check", session_check)
     main.router.add_route("*", "/_affinity/{tail:.*}", _reserved_not_found)

@@ -49,10 +49,13 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(doc, status=code)
 
 
+PUBLIC: web.AppKey[bool] = web.AppKey("affinity_public_listener", bool)
+
+
 async def session_check(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     if request.method == "POST":
-        return await session_check_post(ctx, request)
+        return await session_check_post(ctx, request, public=request.app.get(PUBLIC, False))
     return await session_check_get(ctx, request)
 
 

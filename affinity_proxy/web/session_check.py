@@ -16,7 +16,7 @@ from aiohttp import hdrs, web
 from affinity_proxy.pins.store import PinStoreUnavailable
 from affinity_proxy.routing.cookie import AffinityCookie, set_cookie_value
 from affinity_proxy.routing.decide import Decision, NeedPin, Refuse, Route, RouteInput, decide, hash_choice
-from affinity_proxy.routing.userkey import MAX_USER_KEY_LENGTH
+from affinity_proxy.routing.userkey import MAX_USER_KEY_LENGTH, extract_user_key
 from affinity_proxy.web.context import ProxyContext
 from affinity_proxy.web.errors import json_error
 from affinity_proxy.web.resolve import apply_store_op, lookup_pin, route_input
@@ -110,7 +110,10 @@ async def session_check_get(ctx: ProxyContext, request: web.Request) -> web.Resp
     return web.json_response(doc, dumps=lambda o: json.dumps(o, indent=2))
 
 
-async def session_check_post(ctx: ProxyContext, request: web.Request) -> web.Response:
+async def session_check_post(ctx: ProxyContext, request: web.Request, *, public: bool = False) -> web.Response:
+    """``public`` (the main listener): ``"pin": true`` may only pin the caller's own user key (the
+    one its request carries), so nobody can pin someone else from the internet; the admin listener
+    may pin any user."""
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -122,6 +125,11 @@ async def session_check_post(ctx: ProxyContext, request: web.Request) -> web.Res
         not isinstance(user_id, str) or len(user_id) > MAX_USER_KEY_LENGTH or not user_id.isprintable()
     ):
         return json_error(400, "userId: a string of at most 256 printable characters", code="bad_user_id")
+    if public and body.get("pin") is True and user_id is not None:
+        own = extract_user_key(ctx.user_key_sources, request.headers, request.query, request.cookies)
+        if own != user_id:
+            return json_error(403, "pin: on the public listener only your own user key can be pinned",
+                              code="pin_forbidden")
     doc, decision, inp = await explain(ctx, request, user_id)
     headers: dict[str, str] = {}
     if body.get("testAffinity"):

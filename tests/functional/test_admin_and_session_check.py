@@ -47,7 +47,7 @@ async def test_session_check_explains_and_changes_nothing(backends, start_proxy,
 async def test_session_check_post_tests_affinity_and_pins(backends, start_proxy, http) -> None:
     server = await start_proxy(make_config(backends))
     body = {"userId": "dave", "testAffinity": True, "pin": True}
-    async with http.post(base(server) + "/_affinity/session-check", json=body) as resp:
+    async with http.post(base(server) + "/_affinity/session-check", json=body, headers={"X-User-Id": "dave"}) as resp:
         doc = await resp.json()
         assert resp.status == 200
         assert affinity_cookie(resp)
@@ -139,3 +139,18 @@ async def test_admin_token_is_required_when_set(backends, start_proxy, http) -> 
         assert resp.status == 401
     async with http.get(admin(server) + "/instances", headers={"Authorization": "Bearer s3cret-token"}) as resp:
         assert resp.status == 200
+
+
+async def test_public_session_check_cannot_pin_someone_else(backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends))
+    body = {"userId": "victim", "pin": True}
+    async with http.post(base(server) + "/_affinity/session-check", json=body) as resp:
+        assert resp.status == 403
+        assert (await resp.json())["error"] == "pin_forbidden"
+    assert await server.ctx.store.get("victim") is None
+    async with http.post(base(server) + "/_affinity/session-check", json=body,
+                         headers={"X-User-Id": "victim"}) as resp:
+        assert resp.status == 200, "a user may pin itself"
+    async with http.post(admin(server) + "/session-check", json={"userId": "other", "pin": True}) as resp:
+        assert resp.status == 200, "the admin listener may pin anyone"
+    assert await server.ctx.store.get("other") is not None
