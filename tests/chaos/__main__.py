@@ -50,6 +50,27 @@ def render(reports: list[FaultReport], profile_desc: str, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+async def _with_watchdog(coro, profile):  # type: ignore[no-untyped-def]
+    """Run ``coro``; if it outlives its phases by a minute, print every task's stack (then again
+    each minute) so a stuck run says where it is stuck. Never cancels anything."""
+
+    async def watch() -> None:
+        await asyncio.sleep(profile.warmup + profile.fault + profile.after + 60)
+        for _ in range(10):
+            print("watchdog: fault run overdue; tasks:", flush=True)
+            for task in asyncio.all_tasks():
+                print(" ", task.get_coro(), flush=True)
+                for frame in task.get_stack(limit=6):
+                    print("    ", frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, flush=True)
+            await asyncio.sleep(60)
+
+    dog = asyncio.ensure_future(watch())
+    try:
+        return await coro
+    finally:
+        dog.cancel()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--long", action="store_true", help="the long version (60 s of traffic per fault)")
@@ -61,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = LONG if args.long else SHORT
     reports: list[FaultReport] = []
     for fault in args.fault or FAULTS:
-        reports.append(asyncio.run(run_fault(fault, profile)))
+        reports.append(asyncio.run(_with_watchdog(run_fault(fault, profile), profile)))
     print()
     print(table(reports))
     target = args.write or (str(RESULTS) if args.long else "-")
