@@ -139,6 +139,7 @@ async def pin_set(request: web.Request) -> web.Response:
         pin = await ctx.store.set(user, InstanceId(instance))
     except PinStoreUnavailable as exc:
         return _store_down(exc)
+    ctx.pin_cache.remember(user, pin.instance)
     ctx.metrics.repins.labels(repin_reason="operator").inc()
     return web.json_response({"user": pin.user_key, "instance": pin.instance, "expires_in": pin.expires_in})
 
@@ -146,7 +147,9 @@ async def pin_set(request: web.Request) -> web.Response:
 async def pin_drop(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     try:
-        dropped = await ctx.store.drop(_user(request))
+        user = _user(request)
+        ctx.pin_cache.forget(user)
+        dropped = await ctx.store.drop(user)
     except web.HTTPBadRequest as exc:
         return json_error(400, exc.text or "bad user", code="bad_user")
     except PinStoreUnavailable as exc:

@@ -21,6 +21,7 @@ from affinity_proxy.membership.registry import Membership
 from affinity_proxy.membership.shared import SharedState
 from affinity_proxy.observability.events import RecentEvents
 from affinity_proxy.observability.metrics import ProxyMetrics
+from affinity_proxy.pins.near_cache import PinNearCache
 from affinity_proxy.pins.store import PinStore
 from affinity_proxy.routing.cookie import CookieCodec
 from affinity_proxy.routing.decide import DecidePolicy
@@ -45,6 +46,7 @@ class ProxyContext:
     pin_counts: dict[str, int] = field(default_factory=dict)  # refreshed in the background for metrics
     store_ok: bool = True
     shutting_down: bool = False
+    pin_cache: PinNearCache = field(default_factory=PinNearCache)  # last pins seen; used only when the store is down
     websockets: set[web.WebSocketResponse] = field(default_factory=set)  # open client sessions (shutdown)
     config_path: str | None = None  # the file ``serve`` loaded; reload re-reads it (None: built in code)
     reloads: int = 0

@@ -77,7 +77,14 @@ async def lookup_pin(ctx: ProxyContext, inp: RouteInput) -> RouteInput:
         pin = await ctx.store.get(inp.user_key)
     except PinStoreUnavailable:
         ctx.metrics.store_errors.labels(op="get").inc()
+        remembered = ctx.pin_cache.recall(inp.user_key)
+        if remembered is not None:  # the store is down: keep the user where it was last pinned
+            return replace(inp, pin_looked_up=True, stored_pin=remembered, store_ok=True)
         return replace(inp, pin_looked_up=True, stored_pin=None, store_ok=False)
+    if pin is None:
+        ctx.pin_cache.forget(inp.user_key)
+    else:
+        ctx.pin_cache.remember(inp.user_key, pin.instance)
     return replace(inp, pin_looked_up=True, stored_pin=pin.instance if pin else None, store_ok=True)
 
 
@@ -118,6 +125,7 @@ async def apply_store_op(ctx: ProxyContext, route: Route, view: MembershipView, 
         ctx.metrics.store_errors.labels(op=op_name).inc()
         return route
     winner = result.pin.instance
+    ctx.pin_cache.remember(op.user_key, winner)
     if result.won or winner == route.instance:
         return route
     if view.is_routable(winner) and winner not in inp.avoid:

@@ -46,10 +46,6 @@ async def _instance_of(session, url: str, user: str) -> str:  # type: ignore[no-
         return resp.headers["X-Fly-Instance"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a user-key client without a cookie that was re-pinned (its instance died, then came back) moves to "
-    "its ring instance while Redis is down: the store lookup fails and the proxy falls back to the ring, "
-    "so a user pinned to a live instance changes instance (and loses its in-memory session)"))
 async def test_repinned_user_key_client_stays_during_redis_outage() -> None:
     """Chaos sequence kill -> restore -> Redis outage, for user-key clients that send no cookie."""
     import aiohttp
