@@ -224,7 +224,8 @@ def build_apps(ctx: ProxyContext) -> tuple[web.Application, web.Application]:
     main.cleanup_ctx.append(_lifecycle(ctx, reaper))
     main.on_shutdown.append(_close_websockets)
 
-    admin = web.Application(middlewares=[token_middleware(ctx.config.admin.token)])
+    admin = web.Application(middlewares=[token_middleware(ctx.config.admin.token,
+                                                          public_metrics=ctx.config.admin.public_metrics)])
     admin[CONTEXT] = ctx
     admin[REAPER] = reaper
     add_admin_routes(admin)

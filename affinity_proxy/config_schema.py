@@ -51,9 +51,12 @@ class AdminConfig:
 
     PATH: ClassVar[str] = "admin"
     token: str | None = field(default=None, repr=False, metadata=SECRET)
+    public_metrics: bool = False  # /metrics and /health answer without the token (for a scraper)
 
     def __post_init__(self) -> None:
-        Check(self, self.PATH).text("token", optional=True)
+        check = Check(self, self.PATH)
+        check.text("token", optional=True)
+        check.flag("public_metrics")
 
 
 @dataclass(frozen=True, slots=True)

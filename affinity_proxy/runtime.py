@@ -128,10 +128,25 @@ async def _wait_for_stop(stop: asyncio.Event, app: AppProcess | None) -> int:
     return 0
 
 
+def raise_open_file_limit() -> None:
+    """Lift the soft RLIMIT_NOFILE to the hard limit: ``limits.max_connections`` (10,000 by default)
+    needs more descriptors than the usual soft limit of 1024 (nginx's ``worker_rlimit_nofile``)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %s: %s", soft, exc)
+
+
 def run_serve(config: Config, workers: int, *, config_path: str | None = None,
               app_command: str | None = None) -> int:
     """Entry point of ``affinity-proxy serve``. Returns the process exit code."""
     configure_logging(config.log.level, config.log.format)
+    raise_open_file_limit()  # inherited by workers
     if workers != 1 and app_command:
         print("error: --exec runs one app beside one proxy process; use it with --workers 1", file=sys.stderr)
         return 2

@@ -59,14 +59,22 @@ async def session_check(request: web.Request) -> web.Response:
     return await session_check_get(ctx, request)
 
 
-def token_middleware(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
+Middleware = Callable[..., Awaitable[web.StreamResponse]]
+
+
+def token_middleware(token: str | None, *, public_metrics: bool = False) -> Middleware:
     """Require ``Authorization: Bearer <token>`` (constant-time compare) when a token is set, except
-    on handlers marked ``admin_public`` (the dashboard's static files, which hold no data)."""
+    on handlers marked ``admin_public`` (the dashboard's static files, which hold no data) and, with
+    ``public_metrics``, on ``GET /metrics`` and ``GET /health`` (read-only, for scrapers)."""
     expected = f"Bearer {token}".encode() if token else None
+    open_paths = frozenset({"/metrics", "/health"}) if public_metrics else frozenset()
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if expected is not None and not getattr(request.match_info.handler, "admin_public", False):
+        exempt = getattr(request.match_info.handler, "admin_public", False) or (
+            request.method in ("GET", "HEAD") and request.path in open_paths
+        )
+        if expected is not None and not exempt:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
                 return json_error(401, "admin token required", code="unauthorized",

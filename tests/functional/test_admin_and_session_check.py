@@ -154,3 +154,16 @@ async def test_public_session_check_cannot_pin_someone_else(backends, start_prox
     async with http.post(admin(server) + "/session-check", json={"userId": "other", "pin": True}) as resp:
         assert resp.status == 200, "the admin listener may pin anyone"
     assert await server.ctx.store.get("other") is not None
+
+
+async def test_public_metrics_opens_only_metrics_and_health(backends, start_proxy, http) -> None:
+    from affinity_proxy.config import AdminConfig
+
+    server = await start_proxy(make_config(backends, admin=AdminConfig(token="tok-123", public_metrics=True)))
+    for path in ("/metrics", "/health"):
+        async with http.get(admin(server) + path) as resp:
+            assert resp.status == 200, path
+    for method, path in (("GET", "/instances"), ("GET", "/pins"), ("POST", "/reap"), ("POST", "/reload"),
+                         ("POST", "/metrics")):
+        async with http.request(method, admin(server) + path) as resp:
+            assert resp.status == 401, (method, path)
