@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -39,6 +40,9 @@ from affinity_proxy.web.errors import json_error
 from affinity_proxy.web.middlewares import header_size_guard
 from affinity_proxy.web.proxy_handler import ProxyHandler
 from affinity_proxy.web.server import ProxyAppRunner, handler_args
+
+if TYPE_CHECKING:
+    from affinity_proxy.fastpath import FastServer
 
 log = logging.getLogger("affinity_proxy.app")
 
@@ -246,6 +250,7 @@ class ProxyServer:
         self.main_app, self.admin_app = build_apps(self.ctx)
         self._reuse_port = reuse_port
         self._runners: list[web.AppRunner] = []
+        self._fast: FastServer | None = None
         self.main_port = 0
         self.admin_port = 0
 
@@ -257,10 +262,17 @@ class ProxyServer:
         await main_runner.setup()
         await admin_runner.setup()
         self._runners = [main_runner, admin_runner]
-        main_site = web.TCPSite(main_runner, self.config.listen_host, self.config.listen_port,
-                                reuse_port=self._reuse_port or None, backlog=1024)
-        await main_site.start()
-        self.main_port = _bound_port(main_site)
+        if self.config.engine == "fast":  # the aiohttp app still serves what the fast engine hands off
+            from affinity_proxy.fastpath import FastServer
+
+            self._fast = FastServer(self.ctx, main_runner)
+            await self._fast.start(self.config.listen_host, self.config.listen_port, reuse_port=self._reuse_port)
+            self.main_port = self._fast.port
+        else:
+            main_site = web.TCPSite(main_runner, self.config.listen_host, self.config.listen_port,
+                                    reuse_port=self._reuse_port or None, backlog=1024)
+            await main_site.start()
+            self.main_port = _bound_port(main_site)
         admin_site = web.TCPSite(admin_runner, self.config.admin_host, self.config.admin_port,
                                  reuse_port=self._reuse_port or None)
         await admin_site.start()
@@ -274,6 +286,9 @@ class ProxyServer:
         """Graceful: the main listener stops accepting and drains first, while the admin listener
         still answers (``/health`` says 503, ``/metrics`` keeps being scrapable); then the admin."""
         self.ctx.shutting_down = True
+        if self._fast is not None:
+            await self._fast.close(self.config.limits.client_timeout)
+            self._fast = None
         for runner in self._runners:
             await runner.cleanup()
         self._runners = []
