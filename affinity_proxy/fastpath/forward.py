@@ -1,0 +1,271 @@
+"""The forwarding half of an exchange: instance connection, request body out, response back.
+
+``Forwarding`` is ``forward_http`` for one request, driven by callbacks: it builds the upstream
+head (``rewrite``), takes a pooled connection or opens one, streams the request body as the client
+sends it (Content-Length as is, chunked re-framed, at most ``PENDING_LIMIT`` buffered while
+connecting, the client's socket paused beyond that or while the instance's is full), relays the
+response in one write per upstream read (the client's socket pausing the instance's), and maps
+failures as ``ProxyHandler`` does: a failure before the response is the exchange's to answer
+(``_failed``), one after it cuts the client's response short. The routing half is
+``exchange.Exchange``, which subclasses this.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from affinity_proxy.routing.decide import Route, RouteInput
+from affinity_proxy.routing.model import Instance
+
+from . import rewrite, wire
+from .head import RequestHead
+from .hot import HotRoute
+from .response import ResponseHead
+from .upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from .protocol import ClientConnection
+    from .server import FastServer
+
+forward_log = logging.getLogger("affinity_proxy.forwarding.http")
+
+#: Request body bytes buffered while the upstream connection is being set up, before the client
+#: socket stops being read.
+PENDING_LIMIT = 256 * 1024
+
+
+class Forwarding:
+    """Per-request forwarding state. Subclasses supply routing, answers and the end of the
+    exchange (``_respond_error``, ``_finish``, ``_failed``, ``rid_bytes``). Never raises out of
+    a callback."""
+
+    __slots__ = ("_resp_extra", "body_done", "chunked_out", "close_after", "conn", "finished", "head", "hot",
+                 "inp", "instance", "out", "pending", "pending_size", "responded", "route", "server", "status",
+                 "up_head", "up_started", "upstream")
+
+    def __init__(self, conn: ClientConnection, head: RequestHead, server: FastServer, body_done: bool) -> None:
+        self.conn = conn
+        self.head = head
+        self.server = server
+        self.body_done = body_done
+        self.hot: HotRoute | None = None
+        self.route: Route | None = None
+        self.inp: RouteInput | None = None
+        self.instance: Instance | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.up_head = b""
+        self.up_started = 0.0
+        self._resp_extra: list[bytes] = []
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.out: list[bytes] = []  # response bytes of the current upstream read, written by flush()
+        self.responded = False
+        self.chunked_out = False
+        self.close_after = False
+        self.finished = False
+        self.status = 0
+
+    # ------------------------------------------------------------------ provided by the exchange
+
+    def _respond_error(self, status: int, message: str, code: str, *, close: bool = False,
+                       headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        raise NotImplementedError
+
+    def _finish(self, status: int, *, close: bool = False) -> None:
+        raise NotImplementedError
+
+    def _failed(self, kind: str, status: int) -> None:
+        raise NotImplementedError
+
+    def _keep_alive(self) -> bool:
+        raise NotImplementedError
+
+    def rid_bytes(self) -> bytes:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ to the instance
+
+    def _forward(self, route: Route, inp: RouteInput, extra: tuple[bytes, bytes] | None = None) -> None:
+        """``ProxyHandler._forward`` for plain HTTP (upgrades never reach the fast engine)."""
+        server = self.server
+        hot = self.hot
+        if hot is not None and hot.forward is not None and hot.decision is route:
+            instance, origin, self._resp_extra = hot.forward
+        else:
+            instance = server.ctx.membership.current().get(route.instance)
+            if instance is None or not instance.url:
+                self._respond_error(502, "chosen instance has no address", "no_upstream")
+                return
+            resp = [b"X-Fly-Instance: %s\r\n" % instance.id.encode()]
+            cookie = server.router.set_cookie(instance.id, route, inp)
+            if cookie is not None:
+                resp.append(b"Set-Cookie: %s\r\n" % cookie)
+            self._resp_extra = resp
+            origin = server.pool.origin(instance.url)
+            if hot is not None and hot.decision is route and cookie is None:
+                hot.forward = (instance, origin, resp)
+        self.route, self.inp, self.instance = route, inp, instance
+        self.up_head = rewrite.upstream_head(self.head, origin, self.conn.peer, self.rid_bytes, server.fqdn, extra)
+        self.up_started = time.perf_counter()
+        conn = server.pool.acquire(origin)
+        if conn is not None:
+            self._attach(conn)
+        else:
+            server.pool.connect(origin, self, server.ctx.config.limits.upstream_connect_timeout, self._attach)
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        if self.finished:
+            self.server.pool.release(conn)
+            return
+        self.upstream = conn
+        chunked = self.head.chunked
+        data = [self.up_head]
+        for piece in self.pending:
+            data.append(wire.chunk(piece) if chunked else piece)
+        if self.body_done and chunked:
+            data.append(wire.LAST_CHUNK)
+        self.pending = []
+        self.pending_size = 0
+        conn.send(self, b"".join(data), head_only=self.head.method == "HEAD", complete=self.body_done)
+        self.conn.resume_reading(self.conn.PENDING)
+        if self.conn.write_paused:
+            conn.pause()
+
+    # ------------------------------------------------------------------ request body (from the client)
+
+    def body_data(self, data: bytes) -> None:
+        if self.finished:
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.write(wire.chunk(data) if self.head.chunked else data)
+        else:
+            self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size > PENDING_LIMIT:
+                self.conn.pause_reading(self.conn.PENDING)
+
+    def body_end(self) -> None:
+        self.body_done = True
+        upstream = self.upstream
+        if upstream is not None and not self.finished:
+            upstream.write(wire.LAST_CHUNK if self.head.chunked else b"", complete=True)
+
+    def body_too_large(self) -> None:
+        """The body passed ``limits.max_body_bytes`` while streaming: 413 if nothing was answered
+        yet, else the response is cut. The connection is closed either way."""
+        self._drop_upstream()
+        limit = self.server.ctx.config.limits.max_body_bytes
+        self._respond_error(413, f"request body exceeds {limit} bytes", "body_too_large", close=True)
+
+    def malformed_body(self) -> None:
+        """llhttp rejected the request body (a bad chunk): 400 if nothing was answered yet, else
+        the response is cut. The connection is closed either way."""
+        self._drop_upstream()
+        self._respond_error(*wire.MALFORMED, close=True)
+
+    def client_lost(self) -> None:
+        """The client connection went away: drop the instance's connection (not reusable). A
+        response already under way is counted and logged as the aiohttp engine does."""
+        self._drop_upstream()
+        if self.responded:
+            self._finish(self.status, close=True)
+        self.finished = True
+
+    def client_writable(self, writable: bool) -> None:
+        upstream = self.upstream
+        if upstream is not None:
+            if writable:
+                upstream.resume()
+            else:
+                upstream.pause()
+
+    def _drop_upstream(self) -> None:
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.close()
+            self.server.pool.discard(upstream)
+
+    # ------------------------------------------------------------------ response (from the instance)
+
+    def upstream_head(self, rh: ResponseHead) -> None:
+        """Queue the client's response head (``rewrite.client_head``) for the next flush."""
+        if self.finished:
+            return
+        head = self.head
+        status = rh.status
+        if rewrite.needs_framing(head, rh):
+            if head.version == b"1.1":
+                self.chunked_out = True
+            else:
+                self.close_after = True  # an HTTP/1.0 client reads this body until we close
+        self.status = status
+        self.responded = True
+        self.out.append(rewrite.client_head(head, rh, self._resp_extra, self.chunked_out, self._keep_alive()))
+
+    def upstream_body(self, data: bytes) -> None:
+        if not self.finished and data:
+            self.out.append(wire.chunk(data) if self.chunked_out else data)
+
+    def flush(self) -> None:
+        """Write what the instance's last read produced in one go (one send per read)."""
+        out = self.out
+        if out:
+            self.conn.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def upstream_end(self, reusable: bool) -> None:
+        self.upstream = None
+        if self.finished:
+            return
+        if self.chunked_out:
+            self.out.append(wire.LAST_CHUNK)
+        self.flush()
+        assert self.instance is not None
+        counts = self.server.counts
+        counts.observe(counts.child(self.server.ctx.metrics.upstream_duration, self.instance.id),
+                       time.perf_counter() - self.up_started)
+        self._finish(self.status)
+
+    def upstream_writable(self, writable: bool) -> None:
+        if writable:
+            self.conn.resume_reading(self.conn.UPSTREAM)
+        else:
+            self.conn.pause_reading(self.conn.UPSTREAM)
+
+    def upstream_failed(self, kind: str, message: str, *, sent: bool) -> None:
+        """``ProxyHandler._upstream_failed`` (and ``forward_http``'s mid-body handling)."""
+        self.upstream = None
+        if self.finished:
+            return
+        self.conn.resume_reading(self.conn.UPSTREAM)
+        head = self.head
+        if not sent and kind == "protocol" and self._retryable_request():
+            # A pooled socket the instance had closed: resend on another, as if never tried.
+            assert self.instance is not None
+            pool = self.server.pool
+            origin = pool.origin(self.instance.url)
+            conn = pool.acquire(origin)
+            if conn is not None:
+                self._attach(conn)
+            else:
+                pool.connect(origin, self, self.server.ctx.config.limits.upstream_connect_timeout, self._attach)
+            return
+        server = self.server
+        assert self.instance is not None and self.route is not None and self.inp is not None
+        instance = self.instance
+        ctx = server.ctx
+        server.counts.inc(server.counts.child(ctx.metrics.upstream_errors, instance.id, kind))
+        status = 504 if kind == "timeout" else 502
+        self.flush()
+        if self.responded:
+            forward_log.warning("instance failed mid-response for %s %s (%s); client connection closed",
+                                head.method, head.path, f"{kind}: {message}")
+            self._finish(status, close=True)
+            return
+        self._failed(kind, status)
+
+    def _retryable_request(self) -> bool:
+        return self.head.method in wire.IDEMPOTENT_METHODS and not self.head.has_body

@@ -1,0 +1,253 @@
+"""One keep-alive connection to an instance: an asyncio Protocol carrying one exchange at a time.
+
+``UpstreamConnection`` writes a request and parses the response with httptools (llhttp), handing
+every event to the exchange that owns it (the ``Relay`` protocol below), which streams it to the
+client; a response whose exact head bytes were parsed before (``response.ResponseCache``) and
+that arrives whole in one read skips llhttp. Nothing here knows about routing or HTTP semantics
+beyond framing. HEAD responses are cut after the head (llhttp cannot know they have no body),
+and a response without framing ends when the instance closes. Pooling lives in ``pool``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Protocol
+
+import httptools
+
+from .response import ResponseHead
+
+if TYPE_CHECKING:
+    from .pool import Origin, UpstreamPool
+
+log = logging.getLogger("affinity_proxy.fastpath.upstream")
+
+class Relay(Protocol):
+    """What an upstream connection reports to the request it carries (``exchange.Exchange``)."""
+
+    def upstream_head(self, head: ResponseHead) -> None: ...
+    def upstream_body(self, data: bytes) -> None: ...
+    def upstream_end(self, reusable: bool) -> None: ...
+    def upstream_failed(self, kind: str, message: str, *, sent: bool) -> None: ...
+    def upstream_writable(self, writable: bool) -> None: ...
+    def flush(self) -> None: ...
+
+
+class _HeadDone(Exception):
+    """Raised inside llhttp's callback to stop after the head of a HEAD response."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One socket to an instance; carries one exchange at a time."""
+
+    __slots__ = ("_cut_head", "_first_read", "_got_bytes", "_parser", "_pool", "_reads", "head", "idle_since",
+                 "last_rx", "origin", "paused", "relay", "reused", "sent_all", "started", "transport")
+
+    def __init__(self, pool: UpstreamPool, origin: Origin) -> None:
+        self._pool = pool
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.relay: Relay | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.head = ResponseHead()
+        self._reads = 0  # reads of the current response fed to llhttp
+        self._first_read = b""
+        self._cut_head = False
+        self.started = False  # the current response's head arrived
+        self.sent_all = False  # the whole request was written (read timeout applies from then)
+        self.reused = False
+        self.paused = False
+        self._got_bytes = False
+        self.last_rx = 0.0
+        self.idle_since = 0.0
+
+    # ------------------------------------------------------------------ exchange side
+
+    def send(self, relay: Relay, data: bytes, *, head_only: bool, complete: bool) -> None:
+        """Start an exchange: write the request head (and any body bytes already there)."""
+        self.relay = relay
+        self.head = ResponseHead()
+        self._reads = 0
+        self.started = False
+        self._got_bytes = False
+        self._cut_head = head_only
+        self.sent_all = complete
+        self.last_rx = time.monotonic()
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def write(self, data: bytes, *, complete: bool = False) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+        if complete:
+            self.sent_all = True
+            self.last_rx = time.monotonic()
+
+    def pause(self) -> None:
+        self.paused = True
+        if self.transport is not None:
+            try:
+                self.transport.pause_reading()
+            except RuntimeError:
+                pass
+
+    def resume(self) -> None:
+        self.paused = False
+        if self.transport is not None:
+            try:
+                self.transport.resume_reading()
+            except RuntimeError:
+                pass
+        self.last_rx = time.monotonic()  # our pause, not the instance's silence
+
+    def timed_out(self) -> None:
+        """The instance sent nothing for ``limits.upstream_timeout``: fail the exchange (504 or a
+        truncated response) and drop the socket."""
+        self._fail("timeout", "no response bytes within the read timeout")
+
+    def close(self) -> None:
+        self.relay = None
+        if self.transport is not None:
+            self.transport.abort()
+            self.transport = None
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = time.monotonic()
+        self._got_bytes = True
+        relay = self.relay
+        if relay is None:  # bytes from an idle instance: not HTTP we asked for
+            self._pool.discard(self)
+            self.close()
+            return
+        if not self._reads:
+            hit = self._pool.responses.match(data, self._cut_head)
+            if hit is not None:  # the bytes of a head llhttp parsed before, and its whole body
+                head, body = hit
+                self.head = head
+                self.started = True
+                relay.upstream_head(head)
+                if body:
+                    relay.upstream_body(body)
+                self._finish(reusable=head.keep_alive)
+                return
+            self._first_read = data
+        self._reads += 1
+        try:
+            self._parser.feed_data(data)
+            relay.flush()
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadDone):
+                self._parser = httptools.HttpResponseParser(self)
+                self.head.keep_alive = self._reusable_after_head()
+                self._complete()
+                return
+            cause = exc.__context__
+            if not isinstance(cause, ConnectionError):  # not the instance's fault: a bug of ours
+                log.error("fast engine: error relaying a response", exc_info=cause)
+            self._fail("protocol", f"callback error: {cause!r}")
+        except httptools.HttpParserUpgrade:
+            self._fail("protocol", "unexpected protocol switch")
+        except httptools.HttpParserError as exc:
+            self._fail("protocol", f"malformed response: {exc}")
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.transport = None
+        self._pool.discard(self)
+        relay = self.relay
+        if relay is None:
+            return
+        if self.started and self.head.until_close():
+            self._finish(reusable=False)
+            return
+        # A reused socket the instance closed before answering anything: the request never
+        # reached it (a keep-alive race), so the exchange may resend it on a fresh connection.
+        stale = self.reused and not self._got_bytes
+        self.relay = None
+        relay.upstream_failed("protocol", "instance closed the connection" + (f": {exc}" if exc else ""),
+                              sent=not stale)
+
+    def pause_writing(self) -> None:
+        if self.relay is not None:
+            self.relay.upstream_writable(False)
+
+    def resume_writing(self) -> None:
+        if self.relay is not None:
+            self.relay.upstream_writable(True)
+
+    # ------------------------------------------------------------------ llhttp callbacks
+
+    def on_status(self, reason: bytes) -> None:
+        self.head.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head.add(name, value)
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # informational: not relayed (aiohttp's client drops them too)
+            if status == 101:
+                raise ConnectionError("101 without an upgrade request")
+            self.head = ResponseHead()
+            self._reads = 2  # the final head does not start this read: never cache it
+            return
+        self.head.status = status
+        self.started = True
+        relay = self.relay
+        if relay is not None:
+            relay.upstream_head(self.head)
+        if self._cut_head:
+            raise _HeadDone
+
+    def on_body(self, data: bytes) -> None:
+        relay = self.relay
+        if relay is not None:
+            relay.upstream_body(data)
+
+    def on_message_complete(self) -> None:
+        if not self.started:
+            return  # the end of a 1xx
+        self.head.keep_alive = self._parser.should_keep_alive()
+        self._complete()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _complete(self) -> None:
+        if self._reads == 1:
+            self._pool.responses.remember(self._first_read, self.head, self._cut_head)
+        self._first_read = b""
+        self._finish(reusable=self.head.keep_alive)
+
+    def _reusable_after_head(self) -> bool:
+        for name, value in self.head.headers:
+            if name.lower() == b"connection" and b"close" in value.lower():
+                return False
+        return self._parser.get_http_version() == "1.1"
+
+    def _finish(self, reusable: bool) -> None:
+        relay, self.relay = self.relay, None
+        self.started = False
+        if not (reusable and self.sent_all) or self.transport is None:
+            self.close()
+            reusable = False
+        if reusable:
+            self._pool.release(self)  # before telling the relay: its next request may reuse it
+        else:
+            self._pool.discard(self)
+        if relay is not None:
+            relay.upstream_end(reusable)
+
+    def _fail(self, kind: str, message: str) -> None:
+        relay, self.relay = self.relay, None
+        self.close()
+        if relay is not None:
+            relay.upstream_failed(kind, message, sent=True)
