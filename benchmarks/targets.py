@@ -1,4 +1,4 @@
-"""The processes of a benchmark run: backends, the five targets, and their clean stop by PID.
+"""The processes of a benchmark run: backends, the targets, and their clean stop by PID.
 
 ``Processes`` starts every process (pinned with ``taskset``, output to a log in the run's temp
 directory), remembers its PID and its children's, and stops them all by PID (SIGTERM, then SIGKILL
@@ -9,6 +9,7 @@ Everything listens on 127.0.0.1.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import os
 import secrets
@@ -231,11 +232,14 @@ class Target:
 
 def _proxy_yaml(
     listen: int, admin: int, secret: str, instances: Sequence[tuple[str, int]], fly_upstream: int | None,
+    engine: str = "aiohttp",
 ) -> str:
     """The affinity-proxy config: proxy mode over ``instances``, or (``fly_upstream`` given) a fly
-    node whose Machine is the first instance, forwarding to ``fly_upstream``."""
+    node whose Machine is the first instance, forwarding to ``fly_upstream``; ``engine`` is the
+    main listener's HTTP server (aiohttp or fast)."""
     lines = [
         f"mode: {'fly' if fly_upstream is not None else 'proxy'}",
+        f"engine: {engine}",
         f'listen: "127.0.0.1:{listen}"',
         f'admin_listen: "127.0.0.1:{admin}"',
         "instances:",
@@ -310,7 +314,8 @@ def start_targets(
     """Start the backends and the targets (all of them, or those named in ``only``), wait until
     each answers, and return them in table order."""
     work = procs.workdir
-    want = set(only) or {"nginx-proxy", "direct", "affinity-proxy", "affinity-fly", "naive-aiohttp"}
+    want = set(only) or {"nginx-proxy", "direct", "affinity-proxy", "affinity-fast", "affinity-fly",
+                         "affinity-fly-fast", "naive-aiohttp"}
     for name in ("backends", "direct", "nginx-proxy"):
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (work / f"{name}-temp" / sub).mkdir(parents=True, exist_ok=True)
@@ -337,26 +342,27 @@ def start_targets(
         targets.append(Target("direct", "one nginx backend, no proxy", port, [s], static_headers("bench-cookie")))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), LOG_LEVEL="WARNING")
     secret = secrets.token_hex(32)
-    if "affinity-proxy" in want:
+    for name, engine in (("affinity-proxy", "aiohttp"), ("affinity-fast", "fast")):
+        if name not in want:
+            continue
         port, admin = free_port(), free_port()
-        conf = work / "affinity-proxy.yaml"
-        conf.write_text(_proxy_yaml(port, admin, secret, backends, None))
-        s = procs.start("affinity-proxy", [python, "-m", "affinity_proxy", "serve", "--config", str(conf)],
-                        cpu=target_cpu, env=env)
+        conf = work / f"{name}.yaml"
+        conf.write_text(_proxy_yaml(port, admin, secret, backends, None, engine))
+        s = procs.start(name, [python, "-m", "affinity_proxy", "serve", "--config", str(conf)], cpu=target_cpu, env=env)
         wait_ready(s, port, "/_affinity/health")
-        proxy_port = port
-        targets.append(Target("affinity-proxy", "proxy mode, memory store, signed cookie, 3 backends", port, [s],
-                              lambda: proxy_mode_headers(proxy_port)))
-    if "affinity-fly" in want:
+        targets.append(Target(name, f"proxy mode, engine {engine}, memory store, signed cookie, 3 backends", port, [s],
+                              functools.partial(proxy_mode_headers, port)))
+    for name, engine in (("affinity-fly", "aiohttp"), ("affinity-fly-fast", "fast")):
+        if name not in want:
+            continue
         port, admin = free_port(), free_port()
-        conf = work / "affinity-fly.yaml"
-        conf.write_text(_proxy_yaml(port, admin, secret, list(zip(FLY_IDS, ports, strict=True)), ports[0]))
-        s = procs.start("affinity-fly", [python, "-m", "affinity_proxy", "serve", "--config", str(conf)],
-                        cpu=target_cpu, env=env)
+        conf = work / f"{name}.yaml"
+        conf.write_text(_proxy_yaml(port, admin, secret, list(zip(FLY_IDS, ports, strict=True)), ports[0], engine))
+        s = procs.start(name, [python, "-m", "affinity_proxy", "serve", "--config", str(conf)], cpu=target_cpu, env=env)
         wait_ready(s, port, "/_affinity/health")
-        fly_port = port
-        targets.append(Target("affinity-fly", f"fly mode node {FLY_IDS[0]}, cookie pinned to {FLY_IDS[1]}: 409 replays",
-                              port, [s], lambda: fly_mode_headers(fly_port, secret, FLY_IDS[1]), expected_status=409))
+        targets.append(Target(name, f"fly mode node {FLY_IDS[0]}, engine {engine}, cookie pinned to {FLY_IDS[1]}: "
+                                    "409 replays", port, [s],
+                              functools.partial(fly_mode_headers, port, secret, FLY_IDS[1]), expected_status=409))
     if "naive-aiohttp" in want:
         port = free_port()
         s = procs.start("naive-aiohttp", [python, "-m", "benchmarks.naive_proxy", "--listen", f"127.0.0.1:{port}",
