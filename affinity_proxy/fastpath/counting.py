@@ -47,6 +47,7 @@ class Counts:
         self._pending: dict[Any, int] = {}
         self._observed: dict[Any, list[float]] = {}
         self._responses: dict[int, Any] = {}
+        self._durations: dict[str, Any] = {}
         self._flush_scheduled = False
         self.loop = asyncio.get_running_loop()
 
@@ -100,6 +101,13 @@ class Counts:
 
     def count_refuse(self, refuse: Refuse) -> None:
         self.inc(self.child(self.ctx.metrics.requests, "refuse", refuse.reason))
+
+    def observe_duration(self, instance: str, seconds: float) -> None:
+        """``affinity_upstream_request_duration_seconds{instance}``."""
+        child = self._durations.get(instance)
+        if child is None:
+            child = self._durations[instance] = self.child(self.ctx.metrics.upstream_duration, instance)
+        self.observe(child, seconds)
 
     def count_response(self, status: int) -> None:
         """``ProxyMetrics.response`` (same child as ``responses.labels(code=str(status))``)."""

@@ -24,7 +24,7 @@ from affinity_proxy.web.resolve import resolve
 
 from . import wire
 from .forward import Forwarding
-from .head import RequestHead, text
+from .head import RequestHead
 
 if TYPE_CHECKING:
     from .protocol import ClientConnection
@@ -34,6 +34,7 @@ log = logging.getLogger("affinity_proxy.proxy")
 access_log = logging.getLogger("affinity_proxy.access")
 
 _REPLAY_SRC = REPLAY_SRC_HEADER.encode()
+_FORWARD = "forward"
 
 
 class Exchange(Forwarding):
@@ -44,7 +45,7 @@ class Exchange(Forwarding):
     def __init__(self, conn: ClientConnection, head: RequestHead, server: FastServer, body_done: bool) -> None:
         super().__init__(conn, head, server, body_done)
         self.started = time.perf_counter()
-        self.request_id: str | None = None
+        self.request_id: bytes | None = None
         self.routed: tuple[str, str, str] = ("refuse", "", "")
         self.src: ReplaySource | None = None
         self.attempt = 0
@@ -56,11 +57,19 @@ class Exchange(Forwarding):
         router = server.router
         head = self.head
         hot = server.hot
-        key = hot.key(head)
+        key = head.hot_key if head.hot_sources is server.ctx.user_key_sources else hot.key(head)
         if key is not None:
             entry = hot.get(key, time.time())
             if entry is not None:
                 self.hot = entry
+                counted = entry.counted
+                if counted is not None and counted[0] == _FORWARD and entry.forward is not None:
+                    # seen before: dispatch() would count it and forward it, as below
+                    route = entry.decision
+                    self.routed = (_FORWARD, route.instance, route.reason)
+                    server.counts.inc(counted[1])
+                    self._forward(route, entry.inp)
+                    return
                 self.dispatch(entry.decision, entry.inp, entry.plan)
                 return
         if router.fly:
@@ -183,21 +192,14 @@ class Exchange(Forwarding):
         return self.head.keep_alive and not self.close_after and not self.server.closing
 
     def rid_bytes(self) -> bytes:
-        return self.rid().encode()
+        """``request_id_of``: Fly's or the client's sane id, else a cheap process-unique one."""
+        rid = self.request_id
+        if rid is None:
+            rid = self.request_id = self.head.client_request_id() or self.server.ids()
+        return rid
 
     def rid(self) -> str:
-        """``request_id_of``: Fly's or the client's sane id, else a cheap process-unique one."""
-        if self.request_id is None:
-            rid: str | None = None
-            for name in (b"fly-request-id", b"x-request-id"):
-                raw = self.head.first.get(name)
-                if raw:
-                    value = text(raw)
-                    if len(value) <= 128 and value.isascii() and value.isprintable() and " " not in value:
-                        rid = value
-                        break
-            self.request_id = rid or self.server.ids()
-        return self.request_id
+        return self.rid_bytes().decode("ascii", "replace")
 
     def _failed(self, kind: str, status: int) -> None:
         """The instance failed before the response started: report, retry once or answer."""

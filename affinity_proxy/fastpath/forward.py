@@ -57,7 +57,7 @@ class Forwarding:
         self.upstream: UpstreamConnection | None = None
         self.up_head = b""
         self.up_started = 0.0
-        self._resp_extra: list[bytes] = []
+        self._resp_extra: tuple[bytes, ...] = ()
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.out: list[bytes] = []  # response bytes of the current upstream read, written by flush()
@@ -98,10 +98,9 @@ class Forwarding:
             if instance is None or not instance.url:
                 self._respond_error(502, "chosen instance has no address", "no_upstream")
                 return
-            resp = [b"X-Fly-Instance: %s\r\n" % instance.id.encode()]
+            fly_instance = b"X-Fly-Instance: %s\r\n" % instance.id.encode()
             cookie = server.router.set_cookie(instance.id, route, inp)
-            if cookie is not None:
-                resp.append(b"Set-Cookie: %s\r\n" % cookie)
+            resp = (fly_instance,) if cookie is None else (fly_instance, b"Set-Cookie: %s\r\n" % cookie)
             self._resp_extra = resp
             origin = server.pool.origin(instance.url)
             if hot is not None and hot.decision is route and cookie is None:
@@ -129,8 +128,10 @@ class Forwarding:
         self.pending = []
         self.pending_size = 0
         conn.send(self, b"".join(data), head_only=self.head.method == "HEAD", complete=self.body_done)
-        self.conn.resume_reading(self.conn.PENDING)
-        if self.conn.write_paused:
+        client = self.conn
+        if client.read_pause:
+            client.resume_reading(client.PENDING)
+        if client.write_paused:
             conn.pause()
 
     # ------------------------------------------------------------------ request body (from the client)
@@ -224,10 +225,23 @@ class Forwarding:
             self.out.append(wire.LAST_CHUNK)
         self.flush()
         assert self.instance is not None
-        counts = self.server.counts
-        counts.observe(counts.child(self.server.ctx.metrics.upstream_duration, self.instance.id),
-                       time.perf_counter() - self.up_started)
+        self.server.counts.observe_duration(self.instance.id, time.perf_counter() - self.up_started)
         self._finish(self.status)
+
+    def upstream_whole(self, rh: ResponseHead, body: bytes) -> None:
+        """A whole response in one read, its head known (``response.ResponseCache``): what
+        ``upstream_head`` + ``upstream_body`` + ``upstream_end`` do, in one write. Such a head
+        always carries its Content-Length, so the body needs no framing of ours."""
+        self.upstream = None
+        if self.finished:
+            return
+        self.status = rh.status
+        self.responded = True
+        data = rewrite.known_client_head(self.head, rh, self._resp_extra, self._keep_alive())
+        self.conn.write(data + body if body else data)
+        assert self.instance is not None
+        self.server.counts.observe_duration(self.instance.id, time.perf_counter() - self.up_started)
+        self._finish(rh.status)
 
     def upstream_writable(self, writable: bool) -> None:
         if writable:

@@ -29,8 +29,8 @@ class RequestHead:
     as sent; ``lines`` are the header lines that go upstream unchanged (``odd``: a ``Connection``
     header names other headers, so the upstream head needs the full filter)."""
 
-    __slots__ = ("chunked", "content_length", "first", "has_rid", "headers", "hot_key", "hot_sources", "keep_alive",
-                 "lines", "malformed", "method", "odd", "target", "up_memo", "version")
+    __slots__ = ("_rid", "chunked", "content_length", "first", "has_rid", "headers", "hot_key", "hot_sources",
+                 "keep_alive", "lines", "malformed", "method", "odd", "target", "up_memo", "version")
 
     def __init__(self) -> None:
         self.method = ""
@@ -40,7 +40,8 @@ class RequestHead:
         self.headers: list[tuple[bytes, bytes]] = []
         self.first: dict[bytes, bytes] = {}
         self.lines: list[bytes] = []
-        self.up_memo: tuple[Any, ...] | None = None  # ``Exchange._upstream_head``'s per-head memo
+        self.up_memo: tuple[Any, ...] | None = None  # ``rewrite.upstream_head``'s per-head memo
+        self._rid: bytes | bool | None = False  # ``client_request_id`` memo (False: not computed)
         self.has_rid = False  # a forwardable X-Request-Id is among ``lines``
         self.odd = False
         self.content_length: int | None = None
@@ -53,6 +54,22 @@ class RequestHead:
         """Case-insensitive first value, decoded (the ``Mapping.get`` ``extract_user_key`` uses)."""
         value = self.first.get(name.lower().encode("latin-1", "replace"))
         return text(value) if value is not None else default
+
+    def client_request_id(self) -> bytes | None:
+        """Fly's request id when present, else the client's X-Request-Id, when sane (at most 128
+        printable ASCII characters, no space): ``web.proxy_handler.request_id_of``. Memoized."""
+        rid = self._rid
+        if rid is False:
+            rid = None
+            for name in (b"fly-request-id", b"x-request-id"):
+                raw = self.first.get(name)
+                if raw:
+                    value = text(raw)
+                    if len(value) <= 128 and value.isascii() and value.isprintable() and " " not in value:
+                        rid = raw
+                        break
+            self._rid = rid
+        return rid  # type: ignore[return-value]
 
     def all(self, lname: bytes) -> list[bytes]:
         return [v for n, v in self.headers if n.lower() == lname]

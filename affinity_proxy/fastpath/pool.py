@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from collections import deque
 from urllib.parse import urlsplit
 
@@ -102,7 +101,7 @@ class UpstreamPool:
             return
         if conn.paused:
             conn.resume()
-        conn.idle_since = time.monotonic()
+        conn.idle_since = conn.last_rx  # when its request was sent or its last bytes came: close enough
         idle.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:

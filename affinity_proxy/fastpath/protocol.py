@@ -136,8 +136,8 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.closing or (self.ex is None and not self.in_body and not self.buf):
-            return False
+        if self.closing or (self.ex is None and not self.in_body):
+            return False  # nothing in flight (a partial head can never complete now)
         return True  # finish the request in flight, then close
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -231,7 +231,7 @@ class ClientConnection(asyncio.Protocol):
                     break
             if self.ex is not None and len(self.buf) > PIPELINE_LIMIT:
                 self.pause_reading(self.BUFFER)
-            else:
+            elif self.read_pause:
                 self.resume_reading(self.BUFFER)
             if self.eof and self.ex is None and not self.in_body and not self.closing:
                 self.close_soon()
@@ -248,8 +248,9 @@ class ClientConnection(asyncio.Protocol):
         if end < 0:
             if len(buf) > limits.max_header_bytes + HEAD_SLACK:
                 self._protocol_error(wire.HEADERS_OVERFLOW)
-            elif b"\n\n" in buf:  # bare LF line ends: llhttp rejects them
-                self._feed_head(buf)
+            elif b"\n\n" in buf:  # bare LF line ends: a head that cannot end in CRLF CRLF
+                log.debug("rejected a malformed request: bare LF line ends")
+                self._protocol_error(wire.MALFORMED)
             return False
         end += 4
         data = buf[:end] if end < len(buf) else buf
@@ -369,16 +370,17 @@ class ClientConnection(asyncio.Protocol):
         self.idle_since = time.monotonic()
         if self.server.closing:
             self.server.exchange_finished()
-        self.resume_reading(self.PENDING | self.UPSTREAM)
+        if self.read_pause:
+            self.resume_reading(self.PENDING | self.UPSTREAM)
         if self.transport is None:
             return
         if not keep_alive:
-            if self.in_body or self.buf:
+            if self.in_body or self.buf or not self.msg_done:
                 self.linger()
             else:
                 self.close_soon()
             return
-        if not self.in_body and not self._processing:
+        if (self.buf or self.eof) and not self.in_body and not self._processing:
             self._process()
 
     def pause_reading(self, why: int) -> None:

@@ -21,8 +21,8 @@ _NO_BODY = (204, 304)
 class ResponseHead:
     """One response head from an instance; shared and unchanged once complete."""
 
-    __slots__ = ("_block", "chunked", "cl_index", "has_date", "headers", "keep_alive", "length", "lines", "odd",
-                 "reason", "status")
+    __slots__ = ("_block", "chunked", "cl_index", "client_memo", "has_date", "headers", "keep_alive", "length",
+                 "lines", "odd", "reason", "status")
 
     def __init__(self) -> None:
         self.status = 0
@@ -36,6 +36,7 @@ class ResponseHead:
         self.odd = False  # Connection names other headers: the exchange filters ``headers`` itself
         self.keep_alive = True
         self._block: bytes | None = None
+        self.client_memo: tuple[object, ...] | None = None  # ``rewrite.known_client_head``'s memo
 
     def add(self, name: bytes, value: bytes) -> None:
         if value and value[-1] in (32, 9):

@@ -117,7 +117,20 @@ def needs_framing(head: RequestHead, rh: ResponseHead) -> bool:
     return not (head.method == "HEAD" or rh.status in _NO_BODY_STATUS or (rh.cl_index >= 0 and not rh.chunked))
 
 
-def client_head(head: RequestHead, rh: ResponseHead, extra: list[bytes], chunked: bool, keep_alive: bool) -> bytes:
+def known_client_head(head: RequestHead, rh: ResponseHead, extra: tuple[bytes, ...], keep_alive: bool) -> bytes:
+    """``client_head`` for a cached response head (Content-Length framed, never re-chunked),
+    memoized on the head for the last (extra, version, keep-alive) it was sent with."""
+    memo = rh.client_memo
+    version = head.version
+    if memo is not None and memo[0] == extra and memo[1] == version and memo[2] is keep_alive:
+        return memo[3]  # type: ignore[no-any-return]
+    data = client_head(head, rh, extra, False, keep_alive)
+    rh.client_memo = (extra, version, keep_alive, data)
+    return data
+
+
+def client_head(head: RequestHead, rh: ResponseHead, extra: tuple[bytes, ...], chunked: bool,
+                keep_alive: bool) -> bytes:
     """The response head for the client: the instance's end-to-end lines, the proxy's own
     (``extra``: ``X-Fly-Instance``, the affinity cookie), Date when missing, the framing."""
     version = head.version

@@ -30,6 +30,7 @@ class Relay(Protocol):
     def upstream_head(self, head: ResponseHead) -> None: ...
     def upstream_body(self, data: bytes) -> None: ...
     def upstream_end(self, reusable: bool) -> None: ...
+    def upstream_whole(self, head: ResponseHead, body: bytes) -> None: ...
     def upstream_failed(self, kind: str, message: str, *, sent: bool) -> None: ...
     def upstream_writable(self, writable: bool) -> None: ...
     def flush(self) -> None: ...
@@ -68,7 +69,6 @@ class UpstreamConnection(asyncio.Protocol):
     def send(self, relay: Relay, data: bytes, *, head_only: bool, complete: bool) -> None:
         """Start an exchange: write the request head (and any body bytes already there)."""
         self.relay = relay
-        self.head = ResponseHead()
         self._reads = 0
         self.started = False
         self._got_bytes = False
@@ -119,7 +119,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.last_rx = time.monotonic()
         self._got_bytes = True
         relay = self.relay
         if relay is None:  # bytes from an idle instance: not HTTP we asked for
@@ -131,13 +130,16 @@ class UpstreamConnection(asyncio.Protocol):
             if hit is not None:  # the bytes of a head llhttp parsed before, and its whole body
                 head, body = hit
                 self.head = head
-                self.started = True
-                relay.upstream_head(head)
-                if body:
-                    relay.upstream_body(body)
-                self._finish(reusable=head.keep_alive)
+                self.relay = None
+                if head.keep_alive and self.sent_all and self.transport is not None:
+                    self._pool.release(self)
+                else:
+                    self.close()
+                    self._pool.discard(self)
+                relay.upstream_whole(head, body)
                 return
             self._first_read = data
+        self.last_rx = time.monotonic()
         self._reads += 1
         try:
             self._parser.feed_data(data)
@@ -186,6 +188,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ llhttp callbacks
 
+    def on_message_begin(self) -> None:
+        self.head = ResponseHead()
+
     def on_status(self, reason: bytes) -> None:
         self.head.reason += reason
 
@@ -197,7 +202,6 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200:  # informational: not relayed (aiohttp's client drops them too)
             if status == 101:
                 raise ConnectionError("101 without an upgrade request")
-            self.head = ResponseHead()
             self._reads = 2  # the final head does not start this read: never cache it
             return
         self.head.status = status

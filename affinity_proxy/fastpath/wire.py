@@ -82,16 +82,16 @@ http_date = HttpDate()
 
 class RequestIds:
     """Cheap process-unique request ids: a random per-process prefix plus a counter (no per-request
-    randomness). 21 characters, ``[0-9a-f-]``."""
+    randomness). 21 bytes, ``[0-9a-f-]``."""
 
     __slots__ = ("_counter", "_prefix")
 
     def __init__(self) -> None:
-        self._prefix = secrets.token_hex(6)
+        self._prefix = secrets.token_hex(6).encode() + b"-"
         self._counter = itertools.count(1)
 
-    def __call__(self) -> str:
-        return f"{self._prefix}-{next(self._counter) & 0xFFFFFFFF:08x}"
+    def __call__(self) -> bytes:
+        return b"%s%08x" % (self._prefix, next(self._counter) & 0xFFFFFFFF)
 
 
 def reason_phrase(status: int) -> bytes:
