@@ -1,16 +1,23 @@
-"""Every functional test module also runs on the fast engine (a twin module here re-exports it)."""
+"""Every functional and robustness test module also runs on the fast engine (a twin module here
+re-exports its tests)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 TESTS = Path(__file__).resolve().parents[1]
+TWINS = [
+    ("functional", TESTS / "fastpath", "test_functional_"),
+    ("robustness", TESTS / "fastpath" / "robustness", "test_robustness_"),
+]
 
 
-def test_every_functional_module_has_a_fast_engine_twin() -> None:
-    functional = {p.stem.removeprefix("test_") for p in (TESTS / "functional").glob("test_*.py")}
-    twins = {p.stem.removeprefix("test_functional_") for p in (TESTS / "fastpath").glob("test_functional_*.py")}
-    assert functional <= twins, f"add tests/fastpath/test_functional_<name>.py for: {sorted(functional - twins)}"
-    for name in functional:
-        text = (TESTS / "fastpath" / f"test_functional_{name}.py").read_text()
-        assert f"from tests.functional.test_{name} import *" in text
+@pytest.mark.parametrize(("suite", "where", "prefix"), TWINS, ids=[t[0] for t in TWINS])
+def test_every_module_has_a_fast_engine_twin(suite: str, where: Path, prefix: str) -> None:
+    originals = {p.stem.removeprefix("test_") for p in (TESTS / suite).glob("test_*.py")}
+    twins = {p.stem.removeprefix(prefix) for p in where.glob(f"{prefix}*.py")}
+    assert originals <= twins, f"add {where.relative_to(TESTS)}/{prefix}<name>.py for: {sorted(originals - twins)}"
+    for name in originals:
+        assert f"from tests.{suite}.test_{name} import *" in (where / f"{prefix}{name}.py").read_text()
