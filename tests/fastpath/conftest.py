@@ -27,7 +27,7 @@ import pytest
 try:
     import httptools  # noqa: F401
 except ImportError:  # engine: fast needs httptools (a dependency); without it there is nothing to run here
-    collect_ignore_glob = ["test_*.py"]
+    collect_ignore_glob = ["test_*.py", "*/test_*.py"]
 
 from affinity_proxy import reload as reload_module
 from affinity_proxy.app import ProxyServer
