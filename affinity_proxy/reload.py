@@ -22,7 +22,7 @@ from affinity_proxy.web.context import ProxyContext
 
 log = logging.getLogger("affinity_proxy.reload")
 
-RESTART_KEYS = ("listen", "admin_listen", "mode", "store", "admin")
+RESTART_KEYS = ("listen", "admin_listen", "mode", "store", "admin", "engine")
 RESTART_FLY_KEYS = ("machine_id", "app", "discovery", "upstream", "dns_server", "private_url", "private_port")
 
 
