@@ -10,10 +10,10 @@ rules, forwarding headers, fly replays and loop guard, JSON errors and retry-onc
 Modules: ``server`` (listener, lifecycle, deadlines), ``protocol`` (client connections, strict
 framing, pipelining, hand-off to aiohttp), ``exchange`` (one request: route, forward, answer),
 ``upstream`` (pool and instance connections), ``route`` (head -> ``RouteInput`` -> decision),
-``wire`` (bytes). WebSocket upgrades, ``/_affinity/`` and anything unusual are handed to the main
-aiohttp application on the same connection (see ``protocol``). Imports aiohttp only for that
-hand-off, its cookie parser and the shared ``web`` helpers; nothing imports this package but
-``app``.
+``lane`` (repeats of a fly replay answered from pre-encoded bytes), ``wire`` (bytes). WebSocket
+upgrades, ``/_affinity/`` and anything unusual are handed to the main aiohttp application on the
+same connection (see ``protocol``). Imports aiohttp only for that hand-off, its cookie parser and
+the shared ``web`` helpers; nothing imports this package but ``app``.
 """
 
 from __future__ import annotations

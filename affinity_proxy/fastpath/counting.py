@@ -45,6 +45,7 @@ class Counts:
         self.ctx = ctx
         self._children: dict[tuple[Any, ...], Any] = {}
         self._pending: dict[Any, int] = {}
+        self._pending_all: dict[tuple[Any, ...], int] = {}
         self._observed: dict[Any, list[float]] = {}
         self._responses: dict[int, Any] = {}
         self._durations: dict[str, Any] = {}
@@ -69,6 +70,14 @@ class Counts:
             self._flush_scheduled = True
             self.loop.call_soon(self.flush)
 
+    def inc_all(self, counters: tuple[Any, ...]) -> None:
+        """``inc`` on each of ``counters`` (a tuple kept by the caller: one dict update per call)."""
+        pending = self._pending_all
+        pending[counters] = pending.get(counters, 0) + 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
     def observe(self, histogram: Any, value: float) -> None:
         """``histogram.observe(value)``, applied with the counters (one lock per bucket per burst)."""
         values = self._observed.get(histogram)
@@ -82,6 +91,11 @@ class Counts:
     def flush(self) -> None:
         self._flush_scheduled = False
         pending, self._pending = self._pending, {}
+        if self._pending_all:
+            pending_all, self._pending_all = self._pending_all, {}
+            for counters, n in pending_all.items():
+                for counter in counters:
+                    pending[counter] = pending.get(counter, 0) + n
         for counter, n in pending.items():
             counter.inc(n)
         observed, self._observed = self._observed, {}
@@ -108,6 +122,13 @@ class Counts:
         if child is None:
             child = self._durations[instance] = self.child(self.ctx.metrics.upstream_duration, instance)
         self.observe(child, seconds)
+
+    def response_child(self, status: int) -> Any:
+        """``responses.labels(code=str(status))``, looked up once."""
+        child = self._responses.get(status)
+        if child is None:
+            child = self._responses[status] = self.child(self.ctx.metrics.responses, str(status))
+        return child
 
     def count_response(self, status: int) -> None:
         """``ProxyMetrics.response`` (same child as ``responses.labels(code=str(status))``)."""

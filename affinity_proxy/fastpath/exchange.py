@@ -22,7 +22,7 @@ from affinity_proxy.routing.replay import REPLAY_SRC_HEADER, LocalForward, Plan,
 from affinity_proxy.web.fly import PRIVATE_FORWARD_SRC
 from affinity_proxy.web.resolve import resolve
 
-from . import wire
+from . import lane, wire
 from .forward import Forwarding
 from .head import RequestHead
 
@@ -118,8 +118,13 @@ class Exchange(Forwarding):
         if isinstance(step, Replay):
             self._count(decision, "replay")
             counts = self.server.counts
-            counts.inc(counts.child(self.server.ctx.metrics.replays, decision.reason))
-            self._replay(step.instance, step.header)
+            replays = counts.child(self.server.ctx.metrics.replays, decision.reason)
+            counts.inc(replays)
+            status = self._replay(step.instance, step.header)
+            hot = self.hot
+            if hot is not None and hot.plan is step and hot.counted is not None:  # repeats take the lane
+                lane.remember(self.server, self.head, hot, decision, step.instance, step.header, status,
+                              (hot.counted[1], replays, counts.response_child(status)))
             return
         extra: tuple[bytes, bytes] | None = None
         if isinstance(step, PrivateForward):
@@ -165,10 +170,12 @@ class Exchange(Forwarding):
 
     # ------------------------------------------------------------------ local answers
 
-    def _replay(self, instance: InstanceId, header: str) -> None:
+    def _replay(self, instance: InstanceId, header: str) -> int:
         status = self.server.ctx.config.fly.replay_status
-        self._write_answer(self.server.replay_bytes(instance, header, status, self.head.version, self._keep_alive()),
-                           status)
+        head = self.head
+        self._write_answer(self.server.replay_bytes(instance, header, status, head.version, self._keep_alive(),
+                                                    head.method == "HEAD"), status)
+        return status
 
     def _respond_error(self, status: int, message: str, code: str, *, close: bool = False,
                        headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
@@ -180,7 +187,8 @@ class Exchange(Forwarding):
         if close:
             self.close_after = True
         body = wire.error_response(status, message, code, version=self.head.version,
-                                   keep_alive=self._keep_alive(), headers=headers)
+                                   keep_alive=self._keep_alive(), headers=headers,
+                                   head_only=self.head.method == "HEAD")
         self._write_answer(body, status)
 
     def _write_answer(self, data: bytes, status: int) -> None:

@@ -30,7 +30,7 @@ class RequestHead:
     header names other headers, so the upstream head needs the full filter)."""
 
     __slots__ = ("_rid", "chunked", "content_length", "first", "has_rid", "headers", "hot_key", "hot_sources",
-                 "keep_alive", "lines", "malformed", "method", "odd", "target", "up_memo", "version")
+                 "keep_alive", "lane", "lines", "malformed", "method", "odd", "target", "up_memo", "version")
 
     def __init__(self) -> None:
         self.method = ""
@@ -49,6 +49,7 @@ class RequestHead:
         self.malformed = False  # rejected by aiohttp's parser rules on top of llhttp's
         self.hot_key: object = None  # ``hot.HotRoutes.key`` memo, valid for ``hot_sources``
         self.hot_sources: object = None
+        self.lane: Any = None  # ``lane.ReplayLane``: this head's replay answer, while it holds
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """Case-insensitive first value, decoded (the ``Mapping.get`` ``extract_user_key`` uses)."""

@@ -7,7 +7,9 @@ always knows where the next request starts. llhttp rejects ambiguous framing (Co
 Transfer-Encoding, repeated Content-Length, a Transfer-Encoding that does not end in chunked,
 invalid chunk sizes), bad header names and values, and bare LF line ends: the client gets the
 aiohttp engine's JSON 400 and the connection is closed. A head over the raw limit gets 431.
-A body-less head whose exact bytes were parsed before is taken from ``head.HeadCache`` instead.
+A body-less head whose exact bytes were parsed before is taken from ``head.HeadCache`` instead,
+and in fly mode, when that head was last answered with a replay that still holds, the answer is
+written by its ``lane.ReplayLane`` without an exchange.
 
 Pipelined requests are served one at a time, in order: the bytes of request N+1 wait unparsed
 until response N is complete (reading pauses when they pile up). A request body is streamed to the
@@ -70,6 +72,7 @@ class ClientConnection(asyncio.Protocol):
         "head",
         "idle_since",
         "in_body",
+        "lanes",
         "last_rx",
         "linger_until",
         "msg_done",
@@ -107,6 +110,7 @@ class ClientConnection(asyncio.Protocol):
         self.admitted = False
         self._handed_off = False
         self._processing = False
+        self.lanes = server.router.fly  # repeats of fly replays may take ``lane.ReplayLane``
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -127,6 +131,10 @@ class ClientConnection(asyncio.Protocol):
             if self.in_body:
                 data = self._feed_body(data)
                 if not data or self.closing:
+                    return
+            elif self.lanes and not self.buf and self.ex is None and not self.read_pause:
+                head = self.server.heads.get(data)  # exactly one known head: maybe a replay's repeat
+                if head is not None and head.lane is not None and head.lane.answer(self, head):
                     return
             self.buf = self.buf + data if self.buf else data
             self._process()
@@ -257,6 +265,10 @@ class ClientConnection(asyncio.Protocol):
         heads = self.server.heads
         head = heads.get(data)
         if head is not None:  # these very bytes were parsed, checked and found body-less before
+            lane = head.lane
+            if lane is not None and lane.answer(self, head):  # a repeat of a replay: answered
+                self.buf = buf[end:] if end < len(buf) else b""
+                return True
             self.head = head
             self.msg_done = True
         else:

@@ -145,16 +145,18 @@ class FastServer:
             self._fqdn = socket.getfqdn()
         return self._fqdn
 
-    def replay_bytes(self, instance: str, header: str, status: int, version: bytes, keep_alive: bool) -> bytes:
-        """``web.fly.replay_response`` on the wire, encoded once per target (Date refreshed per second)."""
-        key = (instance, header, status, version, keep_alive, wire.http_date())
+    def replay_bytes(self, instance: str, header: str, status: int, version: bytes, keep_alive: bool,
+                     head_only: bool = False) -> bytes:
+        """``web.fly.replay_response`` on the wire, encoded once per target (Date refreshed per
+        second); ``head_only``: the answer to a HEAD request (its Content-Length, no body)."""
+        key = (instance, header, status, version, keep_alive, head_only, wire.http_date())
         found = self._replays.get(key)
         if found is None:
             if len(self._replays) > 1024:
                 self._replays.clear()
             found = self._replays[key] = wire.canned_response(
                 status, wire.replay_body(instance), version=version, keep_alive=keep_alive,
-                headers=((REPLAY_HEADER.encode(), header.encode()),),
+                headers=((REPLAY_HEADER.encode(), header.encode()),), head_only=head_only,
             )
         return found
 

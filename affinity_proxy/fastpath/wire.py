@@ -119,22 +119,25 @@ def json_body(status: int, message: str, code: str) -> bytes:
 def canned_response(
     status: int, body: bytes, *, version: bytes = b"1.1", keep_alive: bool = True,
     headers: list[Header] | tuple[Header, ...] = (), content_type: bytes = b"application/json",
+    head_only: bool = False,
 ) -> bytes:
-    """A complete answer produced by the proxy itself (error, replay), framed by Content-Length."""
+    """A complete answer produced by the proxy itself (error, replay), framed by Content-Length
+    (``head_only``: the answer to a HEAD request, whose Content-Length announces a body not sent)."""
     parts = [status_line(version, status, None)]
     parts.extend(b"%s: %s\r\n" % h for h in headers)
     parts.append(b"Content-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n" % (content_type, len(body), http_date()))
     parts.append(connection_header(keep_alive, version))
     parts.append(b"\r\n")
-    parts.append(body)
+    if not head_only:
+        parts.append(body)
     return b"".join(parts)
 
 
 def error_response(status: int, message: str, code: str, *, version: bytes = b"1.1", keep_alive: bool = True,
-                   headers: tuple[Header, ...] = ()) -> bytes:
+                   headers: tuple[Header, ...] = (), head_only: bool = False) -> bytes:
     """``web.errors.json_error`` on the wire."""
     return canned_response(status, json_body(status, message, code), version=version, keep_alive=keep_alive,
-                           headers=headers)
+                           headers=headers, head_only=head_only)
 
 
 #: What the aiohttp protocol answers to a request it cannot parse (``web.server``), connection closed.

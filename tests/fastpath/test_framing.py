@@ -179,3 +179,18 @@ async def test_unsupported_versions_and_targets_are_left_to_aiohttp(backends, st
     result = await exchange(server.main_port, b"GET http://elsewhere.test/x HTTP/1.1\r\n" + HOST + b"\r\n", expect=1)
     assert result.responses[0].status < 500
     assert served(backends) <= 1
+
+
+async def test_answers_of_the_proxy_to_head_requests_carry_no_body(backends, start_proxy) -> None:
+    """An error answered by the proxy itself (here 503 then 502) to a HEAD request announces its
+    body's length but sends none: a pipelined request after it is still framed right."""
+    server = await start_proxy(make_config(backends, instances=backends.instance_configs(["a"])))
+    await backends.stop("a")
+    head = b"HEAD / HTTP/1.1\r\n" + HOST + b"\r\n"
+    get = b"GET / HTTP/1.1\r\n" + HOST + b"\r\n"
+    result = await exchange(server.main_port, head + get, expect=2, head_requests={0})
+    assert len(result.responses) == 2 and not result.rest
+    first, second = result.responses
+    assert first.status == second.status and first.status in (502, 503)
+    assert first.body == b"" and first.get("Content-Length") == str(len(second.body))
+    assert second.json()["status"] == second.status
