@@ -83,9 +83,10 @@ class Config:
 
     ``pin_ttl`` is the sliding expiry of a pin in seconds. ``listen``/``admin_listen`` are
     ``host:port``; read them split with ``listen_host``/``listen_port``/``admin_host``/``admin_port``.
-    ``engine`` picks the main listener's HTTP server: ``aiohttp`` (the aiohttp application) or
-    ``fast`` (``affinity_proxy.fastpath``, which hands WebSockets and ``/_affinity/`` to the same
-    aiohttp application); read once at start.
+    ``engine`` picks the main listener's HTTP server: ``fast`` (the default:
+    ``affinity_proxy.fastpath``, asyncio + httptools, which hands WebSockets and ``/_affinity/`` to
+    the aiohttp application) or ``aiohttp`` (the aiohttp application alone, ~15x slower); read once
+    at start.
     """
 
     MODES: ClassVar[tuple[str, ...]] = ("proxy", "fly")
@@ -104,7 +105,7 @@ class Config:
     fly: FlyConfig = field(default_factory=FlyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    engine: str = "aiohttp"
+    engine: str = "fast"
 
     def __post_init__(self) -> None:
         check = Check(self, "")

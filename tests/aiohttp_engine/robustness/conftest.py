@@ -1,6 +1,6 @@
-"""``tests/robustness`` on the fast engine: every fixture and helper of its conftest (its
+"""``tests/robustness`` on the aiohttp engine: every fixture and helper of its conftest (its
 ``__all__`` lists only helpers, so the module's namespace is copied whole), under
-``tests/fastpath``'s autouse ``fast_engine``."""
+``tests/aiohttp_engine``'s autouse ``forced_engine``."""
 
 import tests.robustness.conftest as _robustness
 

@@ -1,4 +1,4 @@
-"""Every functional and robustness test module also runs on the fast engine (a twin module here
+"""Every functional and robustness test module also runs on the aiohttp engine (a twin module here
 re-exports its tests)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
 TWINS = [
-    ("functional", TESTS / "fastpath", "test_functional_"),
-    ("robustness", TESTS / "fastpath" / "robustness", "test_robustness_"),
+    ("functional", TESTS / "aiohttp_engine", "test_functional_"),
+    ("robustness", TESTS / "aiohttp_engine" / "robustness", "test_robustness_"),
 ]
 
 
