@@ -6,28 +6,7 @@ the aiohttp engine (see ``tests/support/engine.py``). ``test_suite_coverage.py``
 functional and robustness module has its twin here.
 """
 
-from __future__ import annotations
-
-from collections.abc import AsyncIterator, Iterator
-
-import pytest
-
-from affinity_proxy.app import ProxyServer
 from tests.functional.conftest import *  # noqa: F403  (its fixtures; start_proxy is replaced below)
-from tests.functional.conftest import ProxyFactory
-from tests.support.engine import force_engine, proxy_factory
+from tests.support.engine import engine_fixtures
 
-ENGINE = "aiohttp"
-
-
-@pytest.fixture(autouse=True)
-def forced_engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ProxyServer]]:
-    started = force_engine(ENGINE, monkeypatch)
-    yield started
-    assert all(server.config.engine == ENGINE for server in started)
-
-
-@pytest.fixture
-async def start_proxy() -> AsyncIterator[ProxyFactory]:
-    async with proxy_factory(ENGINE) as factory:
-        yield factory
+forced_engine, start_proxy = engine_fixtures("aiohttp")

@@ -9,12 +9,13 @@ own tests to the fast engine explicitly; both conftests build their fixtures fro
   ``affinity-proxy serve`` subprocess (its config file gets ``engine: <name>`` appended before it
   starts) use the engine; the caller asserts afterwards that none ended up on the other one.
 - ``proxy_factory`` is the functional suite's ``start_proxy`` with the engine forced.
+- ``engine_fixtures`` builds a conftest's two fixtures from both.
 """
 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -83,3 +84,25 @@ async def proxy_factory(engine: str) -> AsyncIterator[ProxyFactory]:
     finally:
         for server in servers:
             await server.stop()
+
+
+def engine_fixtures(engine: str) -> tuple[Any, Any]:
+    """``(forced_engine, start_proxy)`` for a conftest: an autouse fixture forcing ``engine`` (a
+    module setting ``BOTH_ENGINES = True`` chooses each server's engine itself) that fails the test
+    if a proxy ended up on another engine, and ``start_proxy`` on ``engine``."""
+
+    @pytest.fixture(autouse=True)
+    def forced_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ProxyServer]]:
+        if getattr(request.module, "BOTH_ENGINES", False):
+            yield []
+            return
+        started = force_engine(engine, monkeypatch)
+        yield started
+        assert all(server.config.engine == engine for server in started)
+
+    @pytest.fixture
+    async def start_proxy() -> AsyncIterator[ProxyFactory]:
+        async with proxy_factory(engine) as factory:
+            yield factory
+
+    return forced_engine, start_proxy
