@@ -2,10 +2,11 @@
 
 ``UpstreamPool`` keeps idle connections per instance URL (LIFO, so the warmest socket is reused
 and the others can expire after ``KEEPALIVE_SECONDS``, aiohttp's connector default) and opens new
-ones with ``loop.create_connection`` under ``limits.upstream_connect_timeout`` in a background
-task of its ``TaskSet``. ``Origin`` is where a URL points. It also holds the response-head cache
-shared by every connection. Read timeouts are found by ``sweep`` (called by the server's
-periodic sweep), not by a timer per request. One per process (event loop).
+ones with ``loop.create_connection`` under ``limits.upstream_connect_timeout`` (TLS included, for
+``https://`` instances: ``tls_context``) in a background task of its ``TaskSet``. ``Origin`` is
+where a URL points. It also holds the response-head cache shared by every connection. Read
+timeouts are found by ``sweep`` (called by the server's periodic sweep), not by a timer per
+request. One per process (event loop).
 """
 
 from __future__ import annotations
@@ -24,16 +25,27 @@ KEEPALIVE_SECONDS = 15.0
 MAX_IDLE_PER_ORIGIN = 256
 
 
+def tls_context() -> ssl.SSLContext:
+    """The client TLS context for ``https://`` instances: what aiohttp's client (the aiohttp engine)
+    uses by default, so both engines accept the same certificates: the system's trust store (which
+    honours ``SSL_CERT_FILE``/``SSL_CERT_DIR``), hostname checked, ALPN ``http/1.1``."""
+    context = ssl.create_default_context()
+    context.set_alpn_protocols(("http/1.1",))
+    return context
+
+
 class Origin:
-    """Where one instance URL points: host, port, TLS, and the path prefix to put before targets."""
+    """Where one instance URL points: host, port, TLS (with SNI and the certificate checked for
+    ``server_hostname``), and the path prefix to put before targets."""
 
-    __slots__ = ("host", "host_header", "key", "port", "prefix", "ssl")
+    __slots__ = ("host", "host_header", "key", "port", "prefix", "server_hostname", "ssl")
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tls: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
         self.key = url
-        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
+        self.ssl: ssl.SSLContext | None = (tls or tls_context()) if parts.scheme == "https" else None
         self.host = parts.hostname or "127.0.0.1"
+        self.server_hostname = self.host.rstrip(".") if self.ssl else None  # as aiohttp's client sends it
         self.port = parts.port or (443 if self.ssl else 80)
         self.prefix = parts.path.rstrip("/").encode()
         default_port = 443 if self.ssl else 80
@@ -51,13 +63,16 @@ class UpstreamPool:
         self.active: set[UpstreamConnection] = set()
         self.responses = ResponseCache()
         self.closed = False
+        self._tls: ssl.SSLContext | None = None
 
     def origin(self, url: str) -> Origin:
         found = self._origins.get(url)
         if found is None:
             if len(self._origins) > 1024:
                 self._origins.clear()
-            found = self._origins[url] = Origin(url)
+            if url.startswith("https:") and self._tls is None:
+                self._tls = tls_context()  # loads the trust store: once per pool, on first use
+            found = self._origins[url] = Origin(url, self._tls)
         return found
 
     def acquire(self, origin: Origin) -> UpstreamConnection | None:
@@ -81,7 +96,7 @@ class UpstreamPool:
             async with asyncio.timeout(connect_timeout):
                 _, conn = await loop.create_connection(
                     lambda: UpstreamConnection(self, origin), origin.host, origin.port, ssl=origin.ssl,
-                    server_hostname=origin.host if origin.ssl else None,
+                    server_hostname=origin.server_hostname,
                 )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             relay.upstream_failed("connect", f"{type(exc).__name__}: {exc}", sent=False)

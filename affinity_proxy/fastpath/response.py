@@ -14,15 +14,15 @@ from __future__ import annotations
 from . import wire
 
 #: Response header names that need more than copying (dropped, replaced or framing).
-_SPECIAL: frozenset[bytes] = wire.RESPONSE_REPLACED | {b"content-length", b"date"}
+_SPECIAL: frozenset[bytes] = wire.RESPONSE_REPLACED | {b"content-length", b"date", b"server"}
 _NO_BODY = (204, 304)
 
 
 class ResponseHead:
     """One response head from an instance; shared and unchanged once complete."""
 
-    __slots__ = ("_block", "chunked", "cl_index", "client_memo", "has_date", "headers", "keep_alive", "length",
-                 "lines", "odd", "reason", "status")
+    __slots__ = ("_block", "chunked", "cl_index", "client_memo", "has_date", "has_server", "headers", "keep_alive",
+                 "length", "lines", "odd", "reason", "status")
 
     def __init__(self) -> None:
         self.status = 0
@@ -33,6 +33,7 @@ class ResponseHead:
         self.length: int | None = None
         self.chunked = False
         self.has_date = False
+        self.has_server = False
         self.odd = False  # Connection names other headers: the exchange filters ``headers`` itself
         self.keep_alive = True
         self._block: bytes | None = None
@@ -49,6 +50,8 @@ class ResponseHead:
                 self.length = int(value) if value.isdigit() else None
             elif lname == b"date":
                 self.has_date = True
+            elif lname == b"server":
+                self.has_server = value.isascii() or wire.utf8_ok(value)  # else dropped below
             elif lname == b"transfer-encoding":
                 self.chunked = True
                 return

@@ -132,7 +132,7 @@ def known_client_head(head: RequestHead, rh: ResponseHead, extra: tuple[bytes, .
 def client_head(head: RequestHead, rh: ResponseHead, extra: tuple[bytes, ...], chunked: bool,
                 keep_alive: bool) -> bytes:
     """The response head for the client: the instance's end-to-end lines, the proxy's own
-    (``extra``: ``X-Fly-Instance``, the affinity cookie), Date when missing, the framing."""
+    (``extra``: ``X-Fly-Instance``, the affinity cookie), Date and Server when missing, the framing."""
     version = head.version
     status = rh.status
     key = (version, status, rh.reason)
@@ -145,6 +145,8 @@ def client_head(head: RequestHead, rh: ResponseHead, extra: tuple[bytes, ...], c
     parts += extra
     if not rh.has_date:
         parts += (b"Date: ", wire.http_date(), b"\r\n")
+    if not rh.has_server:
+        parts.append(wire.SERVER_LINE)
     if chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     parts.append(wire.connection_header(keep_alive, version))

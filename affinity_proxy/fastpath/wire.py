@@ -1,7 +1,7 @@
 """Bytes on the wire for the fast engine: header blocks, canned answers and framing helpers.
 
-Pure and synchronous (stdlib only plus ``forwarding.headers`` for the hop-by-hop list); no asyncio
-and no aiohttp. Every function mirrors a rule of the aiohttp engine (``forwarding.headers``,
+Pure and synchronous (stdlib only plus ``forwarding.headers`` for the hop-by-hop list and aiohttp's
+``Server`` banner); no asyncio. Every function mirrors a rule of the aiohttp engine (``forwarding.headers``,
 ``web.errors``, ``web.fly``) on raw ``bytes`` so the hot path never builds multidicts or decodes
 headers it only relays. Header names and values reaching here were validated by llhttp (tokens; no
 CR, LF or NUL), so the only safety check left is UTF-8 for values with non-ASCII bytes, as in
@@ -16,6 +16,8 @@ import secrets
 import time
 from email.utils import formatdate
 from http import HTTPStatus
+
+from aiohttp.http import SERVER_SOFTWARE
 
 from affinity_proxy.forwarding.headers import HOP_BY_HOP
 
@@ -40,6 +42,9 @@ SINGLETON_HEADERS: frozenset[bytes] = frozenset({
 })
 _STANDARD_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade", b""})
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: What the aiohttp engine's responses say (aiohttp's default): on the proxy's own answers and on
+#: relayed responses whose instance sent no ``Server`` (an instance's own is relayed unchanged).
+SERVER_LINE = b"Server: %s\r\n" % SERVER_SOFTWARE.encode()
 LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -126,6 +131,7 @@ def canned_response(
     parts = [status_line(version, status, None)]
     parts.extend(b"%s: %s\r\n" % h for h in headers)
     parts.append(b"Content-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n" % (content_type, len(body), http_date()))
+    parts.append(SERVER_LINE)
     parts.append(connection_header(keep_alive, version))
     parts.append(b"\r\n")
     if not head_only:

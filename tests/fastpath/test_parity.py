@@ -39,7 +39,7 @@ async def script(server: ProxyServer, http: aiohttp.ClientSession) -> list[Any]:
             body = await resp.read()
             doc = await resp.json() if resp.content_type == "application/json" and body else {}
             out.append((path, resp.status, "X-Fly-Instance" in resp.headers, affinity_cookie(resp) is not None,
-                        resp.headers.get("Retry-After")))
+                        resp.headers.get("Retry-After"), resp.headers.getall("Server", [])))
             return resp.status, doc, affinity_cookie(resp), resp
 
     _, doc, anon_cookie, _ = await get("/")
@@ -64,7 +64,7 @@ async def script(server: ProxyServer, http: aiohttp.ClientSession) -> list[Any]:
                  b"GET / HTTP/1.1\r\nHost: p\r\nHost: q\r\n\r\n"):
         result = await exchange(server.main_port, data)
         resp = result.responses[0]
-        out.append(("raw", resp.status, resp.json(), result.closed))
+        out.append(("raw", resp.status, resp.json(), result.closed, resp.getall("Server")))
     async with http.get(f"http://127.0.0.1:{server.admin_port}/metrics") as resp:
         text = await resp.text()
     metrics = {}
