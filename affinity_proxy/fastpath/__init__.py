@@ -7,12 +7,14 @@ or multidict on the hot path: a request with a fresh affinity cookie is parsed, 
 Behaviour is the aiohttp engine's (``web.proxy_handler``): same decisions, metrics, Set-Cookie
 rules, forwarding headers, fly replays and loop guard, JSON errors and retry-once.
 
-Modules: ``server`` (listener, lifecycle, deadlines), ``protocol`` (client connections, strict
-framing, pipelining, hand-off to aiohttp), ``exchange`` (one request: route, forward, answer),
-``upstream`` (pool and instance connections), ``route`` (head -> ``RouteInput`` -> decision),
-``lane`` (repeats of a fly replay answered from pre-encoded bytes), ``wire`` (bytes). WebSocket
-upgrades, ``/_affinity/`` and anything unusual are handed to the main aiohttp application on the
-same connection (see ``protocol``). Imports aiohttp only for that hand-off, its cookie parser and
+Modules: ``server`` (listener, lifecycle, deadlines), ``protocol`` (client connections) with
+``framing`` (strict framing, pipelining), ``handoff`` (to aiohttp) and ``closing`` (error answers,
+lingering, client deadlines), ``exchange`` (one request: route, forward, answer) over ``forward``,
+``upstream`` and ``pool`` (instance connections), ``route`` (head -> ``RouteInput`` -> decision),
+``hot`` and ``lane`` (cached decisions; repeats of a fly replay answered from pre-encoded bytes),
+``head``/``response``/``rewrite``/``wire`` (bytes). WebSocket upgrades, ``/_affinity/`` and
+anything unusual are handed to the main aiohttp application on the same connection (see
+``handoff``). Imports aiohttp only for that hand-off, its cookie parser, its ``Server`` banner and
 the shared ``web`` helpers; nothing imports this package but ``app``.
 """
 
