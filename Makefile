@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-all lint install bench chaos clean redis-server
+.PHONY: demo test test-all lint install bench bench-scaling chaos clean redis-server
 
 # Tests start their own redis-server on a free port; install Debian's package when it is missing.
 redis-server:
@@ -33,6 +33,10 @@ test-all: install redis-server
 # Benchmark against nginx (installs nginx and wrk with apt-get when missing); writes benchmarks/RESULTS.md.
 bench: install
 	$(BIN)/python -m benchmarks.run --duration 10 --rounds 3
+
+# 1M pins in Redis, proxy memory with 100k users, --workers 2 vs 1 (about 3 min): writes benchmarks/SCALING.md.
+bench-scaling: install redis-server
+	$(BIN)/python -m benchmarks.scaling
 
 # Long chaos run (about 6 min): writes tests/chaos/RESULTS.md.
 chaos: install redis-server
