@@ -4,8 +4,8 @@
 
 Starts 3 fast nginx backends, then the targets — nginx as a cookie-hash reference proxy, the
 direct backend, affinity-proxy in proxy mode and a fly-mode node answering replays (each on the
-aiohttp engine and on the fast engine, ``engine: fast``), and a naive
-aiohttp proxy — each pinned to CPU 1 with taskset (wrk and the backends on CPU 0). wrk loads each
+default fast engine — ``affinity-proxy``, ``affinity-fly`` — and on the aiohttp engine —
+``affinity-aiohttp``, ``affinity-fly-aiohttp``), and a naive aiohttp proxy — each pinned to CPU 1 with taskset (wrk and the backends on CPU 0). wrk loads each
 target for a fixed time, in interleaved rounds (every target once per round), and every figure is
 also given as a ratio against nginx-proxy measured in the same round, so that a busy machine skews
 numerator and denominator alike. Prints a table per round and the median over rounds, and writes
@@ -38,7 +38,7 @@ from benchmarks.targets import HarnessError, Processes, Target, cpu_seconds, sta
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 REFERENCE = "nginx-proxy"
-ALL_TARGETS = ("nginx-proxy", "direct", "affinity-proxy", "affinity-fast", "affinity-fly", "affinity-fly-fast",
+ALL_TARGETS = ("nginx-proxy", "direct", "affinity-proxy", "affinity-aiohttp", "affinity-fly", "affinity-fly-aiohttp",
                "naive-aiohttp")
 
 
@@ -192,13 +192,13 @@ def verdicts(rows: Sequence[Row]) -> list[str]:
     """Issue #6's "done when" checks on the median table."""
     by = {r.target: r for r in rows}
     out = []
-    for name, engine in (("affinity-proxy", "aiohttp"), ("affinity-fast", "fast")):
+    for name, engine in (("affinity-proxy", "fast"), ("affinity-aiohttp", "aiohttp")):
         if (p := by.get(name)) and p.rps_ratio is not None and p.p99_ratio is not None:
             ok = p.rps_ratio >= 0.5 and p.p99_ratio <= 2.0 and p.errors == 0
             out.append(f"- proxy mode ({engine} engine): {p.rps_ratio:.2f} x nginx req/s (target ≥ 0.5), p99 "
                        f"{p.p99_ratio:.2f} x nginx (target ≤ 2), {p.errors} errors (target 0): "
                        f"**{'met' if ok else 'not met'}**")
-    for name, engine in (("affinity-fly", "aiohttp"), ("affinity-fly-fast", "fast")):
+    for name, engine in (("affinity-fly", "fast"), ("affinity-fly-aiohttp", "aiohttp")):
         if (f := by.get(name)) and f.rps_ratio is not None:
             ok = f.rps_ratio >= 1.0 and f.errors == 0
             out.append(f"- fly-mode replay answers ({engine} engine): {f.rps_ratio:.2f} x nginx req/s (target ≥ 1.0), "

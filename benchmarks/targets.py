@@ -232,7 +232,7 @@ class Target:
 
 def _proxy_yaml(
     listen: int, admin: int, secret: str, instances: Sequence[tuple[str, int]], fly_upstream: int | None,
-    engine: str = "aiohttp",
+    engine: str = "fast",
 ) -> str:
     """The affinity-proxy config: proxy mode over ``instances``, or (``fly_upstream`` given) a fly
     node whose Machine is the first instance, forwarding to ``fly_upstream``; ``engine`` is the
@@ -314,8 +314,8 @@ def start_targets(
     """Start the backends and the targets (all of them, or those named in ``only``), wait until
     each answers, and return them in table order."""
     work = procs.workdir
-    want = set(only) or {"nginx-proxy", "direct", "affinity-proxy", "affinity-fast", "affinity-fly",
-                         "affinity-fly-fast", "naive-aiohttp"}
+    want = set(only) or {"nginx-proxy", "direct", "affinity-proxy", "affinity-aiohttp", "affinity-fly",
+                         "affinity-fly-aiohttp", "naive-aiohttp"}
     for name in ("backends", "direct", "nginx-proxy"):
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (work / f"{name}-temp" / sub).mkdir(parents=True, exist_ok=True)
@@ -342,7 +342,7 @@ def start_targets(
         targets.append(Target("direct", "one nginx backend, no proxy", port, [s], static_headers("bench-cookie")))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), LOG_LEVEL="WARNING")
     secret = secrets.token_hex(32)
-    for name, engine in (("affinity-proxy", "aiohttp"), ("affinity-fast", "fast")):
+    for name, engine in (("affinity-proxy", "fast"), ("affinity-aiohttp", "aiohttp")):
         if name not in want:
             continue
         port, admin = free_port(), free_port()
@@ -352,7 +352,7 @@ def start_targets(
         wait_ready(s, port, "/_affinity/health")
         targets.append(Target(name, f"proxy mode, engine {engine}, memory store, signed cookie, 3 backends", port, [s],
                               functools.partial(proxy_mode_headers, port)))
-    for name, engine in (("affinity-fly", "aiohttp"), ("affinity-fly-fast", "fast")):
+    for name, engine in (("affinity-fly", "fast"), ("affinity-fly-aiohttp", "aiohttp")):
         if name not in want:
             continue
         port, admin = free_port(), free_port()
