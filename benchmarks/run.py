@@ -5,10 +5,11 @@
 Starts 3 fast nginx backends, then the targets — nginx as a cookie-hash reference proxy, the
 direct backend, affinity-proxy in proxy mode and a fly-mode node answering replays (each on the
 default fast engine — ``affinity-proxy``, ``affinity-fly`` — and on the aiohttp engine —
-``affinity-aiohttp``, ``affinity-fly-aiohttp``), and a naive aiohttp proxy — each pinned to CPU 1 with taskset (wrk and the backends on CPU 0). wrk loads each
-target for a fixed time, in interleaved rounds (every target once per round), and every figure is
-also given as a ratio against nginx-proxy measured in the same round, so that a busy machine skews
-numerator and denominator alike. Prints a table per round and the median over rounds, and writes
+``affinity-aiohttp``, ``affinity-fly-aiohttp``), and a naive aiohttp proxy — each pinned to CPU 1
+with taskset (wrk and the backends on CPU 0). wrk loads each target for a fixed time, in
+interleaved rounds (every target once per round), and every figure is also given as a ratio
+against nginx-proxy measured in the same round, so that a busy machine skews numerator and
+denominator alike. Prints a table per round and the median over rounds, and writes
 benchmarks/RESULTS.md (not with --quick unless --output is given). Installs Debian's nginx and wrk
 with apt-get when they are missing. Loads 127.0.0.1 only; every process it starts is stopped by PID
 at the end, also on error or Ctrl-C.
