@@ -144,6 +144,8 @@ class Processes:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.started: list[Started] = []
+        # Not ours to stop: what already ran below this process (a test's own redis-server, say).
+        self._before = set(descendants(os.getpid()))
 
     def start(self, name: str, argv: Sequence[str], *, cpu: int | None, env: dict[str, str] | None = None) -> Started:
         log = self.workdir / f"{name}.log"
@@ -189,7 +191,7 @@ class Processes:
         """The final check: processes started here (or below this process) still alive."""
         left = [f"{s.name} pid {s.proc.pid}" for s in self.started if s.proc.poll() is None]
         left += [f"{s.name} child pid {p}" for s in self.started for p in s.orphans()]
-        left += [f"descendant pid {p}" for p in descendants(os.getpid())]
+        left += [f"descendant pid {p}" for p in descendants(os.getpid()) if p not in self._before]
         return left
 
 

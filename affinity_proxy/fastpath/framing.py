@@ -63,6 +63,7 @@ class RequestFraming:
     _chunks: wire.ChunkedEnd | None
     body_seen: int
     read_pause: int
+    write_paused: bool
     closing: bool
     eof: bool
     _processing: bool
@@ -134,10 +135,13 @@ class RequestFraming:
             return
         self._processing = True
         try:
-            while self.ex is None and not self.in_body and self.buf and not self.closing:
+            # While the client does not read (its write side paused) no new request starts: an
+            # answer written without an exchange (replays, errors) would otherwise pile up in our
+            # write buffer as fast as the client can send requests.
+            while self.ex is None and not self.in_body and self.buf and not self.closing and not self.write_paused:
                 if not self._next_request():
                     break
-            if self.ex is not None and len(self.buf) > PIPELINE_LIMIT:
+            if (self.ex is not None or self.write_paused) and len(self.buf) > PIPELINE_LIMIT:
                 self.pause_reading(self.BUFFER)
             elif self.read_pause:
                 self.resume_reading(self.BUFFER)

@@ -114,7 +114,7 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
                 data = self._feed_body(data)
                 if not data or self.closing:
                     return
-            elif self.lanes and not self.buf and self.ex is None and not self.read_pause:
+            elif self.lanes and not self.buf and self.ex is None and not self.read_pause and not self.write_paused:
                 head = self.server.heads.get(data)  # exactly one known head: maybe a replay's repeat
                 if head is not None and head.lane is not None and head.lane.answer(self, head):
                     return
@@ -148,6 +148,8 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
         self.write_paused = False
         if self.ex is not None:
             self.ex.client_writable(True)
+        elif self.buf and not self.in_body and not self.closing:
+            self._process()  # pipelined requests held back while the client was not reading
 
     # ------------------------------------------------------------------ used by the exchange
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -243,3 +244,42 @@ async def test_head_replays_carry_no_body(node: ProxyServer) -> None:
         assert replayed_to(resp) == "m2" and resp.body == b""
     assert (await client.send(get)).json()["instance"] == "m2"  # nothing stray before this answer
     await client.close()
+
+
+@pytest.mark.parametrize("path", ["/page", "/%zz-bad-escape"], ids=["replay-lane", "error-answer"])
+async def test_a_client_that_never_reads_cannot_pile_up_answers(apps: dict[str, int], path: str) -> None:
+    """Pipelined requests whose answers need no exchange (replays from the lane, the proxy's own
+    errors) from a client that never reads: the proxy stops taking requests once its write buffer
+    is full, so its memory stays bounded (it once buffered 235 MB in 2 s), and the deadline closes
+    the connection. What the client did receive is whole answers, in order."""
+    config = node_config(apps)
+    server = ProxyServer(replace(config, limits=replace(config.limits, client_timeout=1.0)))
+    await server.start()
+    try:
+        data = request(server, "m2").replace(b"GET /page ", f"GET {path} ".encode(), 1)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", server.main_port))
+        fast = server._fast
+        assert fast is not None
+        blob, sent, peak, closed = data * 500, 0, 0, False
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not closed:
+            try:
+                sent += sock.send(blob)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+            except OSError:  # reset by the deadline
+                closed = True
+            await asyncio.sleep(0)
+            for conn in fast.connections:
+                if conn.transport is not None:
+                    peak = max(peak, conn.transport.get_write_buffer_size())
+        sock.close()
+        assert closed, "the client timeout closes a connection that never reads"
+        assert sent > 10 * len(blob), "the proxy read requests before it stopped"
+        assert peak < 1024 * 1024, f"{peak} bytes of answers were buffered for a client that never reads"
+    finally:
+        await server.stop()
