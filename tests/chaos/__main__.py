@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import datetime
 import logging
+import os
 import platform
 import sys
 from pathlib import Path
@@ -55,13 +56,22 @@ async def _with_watchdog(coro, profile):  # type: ignore[no-untyped-def]
     each minute) so a stuck run says where it is stuck. Never cancels anything."""
 
     async def watch() -> None:
-        await asyncio.sleep(profile.warmup + profile.fault + profile.after + 60)
+        grace = float(os.environ.get("CHAOS_WATCHDOG_GRACE", "60"))
+        await asyncio.sleep(profile.warmup + profile.fault + profile.after + grace)
         for _ in range(10):
             print("watchdog: fault run overdue; tasks:", flush=True)
             for task in asyncio.all_tasks():
                 print(" ", task.get_coro(), flush=True)
                 for frame in task.get_stack(limit=6):
                     print("    ", frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, flush=True)
+                awaited = getattr(task.get_coro(), "cr_await", None)  # the awaits below the task's frame
+                while awaited is not None:
+                    frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+                    if frame is not None:
+                        print("     awaits", frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, flush=True)
+                    else:
+                        print("     awaits", repr(awaited)[:200], flush=True)
+                    awaited = getattr(awaited, "cr_await", None)
             await asyncio.sleep(60)
 
     dog = asyncio.ensure_future(watch())
