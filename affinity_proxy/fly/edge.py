@@ -251,6 +251,15 @@ class FlyEdge:
             self.wakes += 1
         return None
 
+    def after_connect_failure(self, hop: Hop, exc: aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError,
+                              failed: set[str]) -> Hop | EdgeError:
+        """Where to go when ``hop.machine`` could not be reached: a replay's own ``timeout`` ran out
+        (its fallback rules apply), or another Machine (Fly retries connect failures elsewhere)."""
+        failed.add(hop.machine.id)
+        if isinstance(exc, aiohttp.ConnectionTimeoutError) and hop.timeout:
+            return self.router.timed_out(hop)
+        return self.router.retry_elsewhere(hop, failed)
+
     def next_after_replay(self, hop: Hop, value: str, replays: int, replayable: bool) -> Hop | EdgeError:
         """Act on a ``fly-replay`` answer from ``hop.machine`` (the ``replays``-th for this request)."""
         if hop.is_fallback:

@@ -63,13 +63,8 @@ async def serve_http(edge: FlyEdge, request: web.Request, request_id: str) -> we
         headers.update(hop.headers)
         try:
             upstream = await _send(edge, request, hop, headers, body)
-        except aiohttp.ConnectionTimeoutError:
-            failed.add(hop.machine.id)
-            hop = edge.router.timed_out(hop) if hop.timeout else edge.router.retry_elsewhere(hop, failed)
-            continue
-        except aiohttp.ClientConnectorError:
-            failed.add(hop.machine.id)
-            hop = edge.router.retry_elsewhere(hop, failed)
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+            hop = edge.after_connect_failure(hop, exc, failed)
             continue
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.info("machine %s failed mid-request: %r", hop.machine.id, exc)

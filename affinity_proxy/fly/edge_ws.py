@@ -95,13 +95,8 @@ async def relay_websocket(edge: FlyEdge, request: web.Request, request_id: str) 
             edge.replays += 1
             hop = edge.next_after_replay(hop, value, replays, True)
             continue
-        except aiohttp.ConnectionTimeoutError:
-            failed.add(hop.machine.id)
-            hop = edge.router.timed_out(hop) if hop.timeout else edge.router.retry_elsewhere(hop, failed)
-            continue
-        except aiohttp.ClientConnectorError:
-            failed.add(hop.machine.id)
-            hop = edge.router.retry_elsewhere(hop, failed)
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+            hop = edge.after_connect_failure(hop, exc, failed)
             continue
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.info("websocket handshake with %s failed: %r", hop.machine.id, exc)
