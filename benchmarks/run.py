@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import wrk
-from benchmarks.targets import HarnessError, Processes, Target, cpu_seconds, start_targets
+from benchmarks.targets import HarnessError, Processes, Target, cpu_seconds, run_main, start_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -327,13 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rounds.append(rows)
                 print(f"\nround {i + 1} of {args.rounds}\n{table(rows)}\n", flush=True)
         finally:
-            for note in procs.stop_all():
-                print(f"warning: {note}", file=sys.stderr)
-            left = procs.leftovers()
-            if left:
-                print(f"error: processes left running: {', '.join(left)}", file=sys.stderr)
-            else:
-                print(f"stopped all {len(procs.started)} processes by PID; none left", flush=True)
+            left = procs.finish()
     medians = median_rows(rounds)
     print(f"median over {len(rounds)} round(s)\n{table(medians)}\n" + "\n".join(verdicts(medians)))
     if args.output is not None:
@@ -344,11 +338,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print("interrupted; every process was stopped", file=sys.stderr)
-        raise SystemExit(130) from None
+    run_main(main)

@@ -44,7 +44,7 @@ from benchmarks.scaling_common import start_redis
 from benchmarks.scaling_pins import run_pin_store
 from benchmarks.scaling_proxy import run_users, run_workers, start_backends, workers_targets
 from benchmarks.scaling_report import Results, report_markdown
-from benchmarks.targets import HarnessError, Processes
+from benchmarks.targets import HarnessError, Processes, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "benchmarks" / "SCALING.md"
@@ -173,13 +173,7 @@ def measure_all(args: argparse.Namespace, command: str) -> tuple[Results, list[s
         try:
             run(args, procs, nginx_bin, wrk_bin, results)
         finally:
-            for note in procs.stop_all():
-                print(f"warning: {note}", file=sys.stderr)
-            left = procs.leftovers()
-            if left:
-                print(f"error: processes left running: {', '.join(left)}", file=sys.stderr)
-            else:
-                print(f"stopped all {len(procs.started)} processes by PID; none left", flush=True)
+            left = procs.finish()
     results.seconds, results.load_after = time.monotonic() - t0, loadavg()
     return results, left
 
@@ -198,11 +192,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print("interrupted; every process was stopped", file=sys.stderr)
-        raise SystemExit(130) from None
+    run_main(main)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from benchmarks import nginx
 
@@ -186,6 +187,17 @@ class Processes:
                 except ProcessLookupError:
                     pass
         return notes
+
+    def finish(self) -> list[str]:
+        """Stop everything (``stop_all``), say so, and return what is still running (``leftovers``)."""
+        for note in self.stop_all():
+            print(f"warning: {note}", file=sys.stderr)
+        left = self.leftovers()
+        if left:
+            print(f"error: processes left running: {', '.join(left)}", file=sys.stderr)
+        else:
+            print(f"stopped all {len(self.started)} processes by PID; none left", flush=True)
+        return left
 
     def leftovers(self) -> list[str]:
         """The final check: processes started here (or below this process) still alive."""
@@ -377,3 +389,16 @@ def start_targets(
         if status != (t.expected_status or 200):
             raise HarnessError(f"{t.name} answered {status}: {body[:200]!r}")
     return targets
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """A harness's ``__main__``: exit with ``main()``'s code; a ``HarnessError`` or Ctrl-C exits
+    with a one-line message (every process was stopped by then: ``Processes.finish``)."""
+    try:
+        raise SystemExit(main())
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("interrupted; every process was stopped", file=sys.stderr)
+        raise SystemExit(130) from None
