@@ -75,6 +75,8 @@ class RequestFraming:
         self.head.target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_body:  # a trailer of a chunked body: never forwarded, so not kept either
+            return
         head = self.head
         assert head is not None
         if value and value[-1] in (32, 9):
@@ -228,6 +230,8 @@ class RequestFraming:
         if chunks is not None:
             n = chunks.feed(data)
             finished = chunks.done
+            if chunks.too_long:  # what llhttp would buffer without limit: a malformed body
+                return self._bad_body("chunk line or trailers too long")
         else:
             n = min(self._body_left, len(data))
             self._body_left -= n
@@ -236,15 +240,7 @@ class RequestFraming:
         try:
             self.parser.feed_data(part)
         except httptools.HttpParserError as exc:
-            log.debug("rejected a malformed request body: %s", exc)
-            self.in_body = False
-            ex = self.ex
-            if ex is not None and not ex.finished:
-                ex.malformed_body()
-            else:
-                self.server.counts.count_response(400)
-                self.close_now()
-            return b""
+            return self._bad_body(exc)
         if finished:
             self.in_body = False
             if not self.msg_done:  # our framing and llhttp's disagree: trust neither
@@ -253,3 +249,14 @@ class RequestFraming:
             if self.ex is None:
                 self._process()
         return data[n:] if n < len(data) else b""
+
+    def _bad_body(self, why: object) -> bytes:
+        log.debug("rejected a malformed request body: %s", why)
+        self.in_body = False
+        ex = self.ex
+        if ex is not None and not ex.finished:
+            ex.malformed_body()
+        else:
+            self.server.counts.count_response(400)
+            self.close_now()
+        return b""

@@ -171,10 +171,13 @@ class ChunkedEnd:
     knows which bytes belong to the current request and which to the next pipelined one. ``feed``
     returns the number of bytes of ``data`` that belong to the body: ``len(data)`` while it goes
     on, less once it has ended (``done`` is then True). On syntax llhttp rejects too (a size that
-    is not hex), it claims everything and leaves the error to llhttp. O(chunks) per call.
+    is not hex), it claims everything and leaves the error to llhttp. A chunk-size line (with its
+    extensions) over ``MAX_LINE`` or trailers over ``MAX_LINE`` in all set ``too_long``: llhttp has
+    no limit of its own, so an endless extension or endless trailers would be buffered without end.
+    O(chunks) per call.
     """
 
-    __slots__ = ("_line", "_remaining", "_state", "done")
+    __slots__ = ("_line", "_remaining", "_state", "_trailers", "done", "too_long")
 
     _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
     MAX_LINE = 8192
@@ -183,7 +186,9 @@ class ChunkedEnd:
         self._state = self._SIZE
         self._remaining = 0
         self._line = b""
+        self._trailers = 0
         self.done = False
+        self.too_long = False
 
     def feed(self, data: bytes) -> int:
         i, n = 0, len(data)
@@ -206,15 +211,23 @@ class ChunkedEnd:
                 end = data.find(b"\n", i)
                 if end < 0:
                     self._line += data[i:]
-                    if len(self._line) > self.MAX_LINE:
-                        return n
+                    if len(self._line) > self.MAX_LINE:  # an endless line: stop buffering it
+                        self.too_long = True
                     return n
                 line = (self._line + data[i:end]).rstrip(b"\r")
                 self._line = b""
                 i = end + 1
+                if len(line) > self.MAX_LINE:
+                    self.too_long = True
+                    return n
                 if state == self._TRAILER:
                     if not line:
                         self.done = True
+                    else:
+                        self._trailers += len(line) + 2
+                        if self._trailers > self.MAX_LINE:  # endless trailers: llhttp would keep them all
+                            self.too_long = True
+                            return n
                     continue
                 size_text = line.split(b";", 1)[0]
                 try:
