@@ -130,12 +130,15 @@ class UpstreamPool:
 
     def sweep(self, now: float, read_timeout: float) -> list[UpstreamConnection]:
         """Close idle connections past the keep-alive time; return active ones silent for longer
-        than ``read_timeout`` since their request was fully sent (the caller fails them)."""
+        than ``read_timeout`` since their request was fully sent, or that have not read any of the
+        request for that long (the caller fails them)."""
         for idle in self._idle.values():
             while idle and now - idle[0].idle_since > KEEPALIVE_SECONDS:
                 idle.popleft().close()
-        return [c for c in self.active
-                if c.relay is not None and c.sent_all and not c.paused and now - c.last_rx > read_timeout]
+        return [c for c in self.active if c.relay is not None and (
+            (c.sent_all and not c.paused and now - c.last_rx > read_timeout)
+            # an instance that stops reading the request body would hold both connections for ever
+            or (c.stalled_since and now - c.stalled_since > read_timeout))]
 
     def close(self) -> None:
         self.closed = True

@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("affinity_proxy.fastpath.upstream")
 
+#: The aiohttp engine's limits on a response head (``forwarding.client``: 128 fields of at most
+#: 32 KiB). llhttp has none of its own: without them an endless head is buffered without end.
+MAX_FIELDS = 128
+MAX_HEAD_BYTES = MAX_FIELDS * (32 * 1024 + 4) + 8192
+
 class Relay(Protocol):
     """What an upstream connection reports to the request it carries (``exchange.Exchange``)."""
 
@@ -43,8 +48,9 @@ class _HeadDone(Exception):
 class UpstreamConnection(asyncio.Protocol):
     """One socket to an instance; carries one exchange at a time."""
 
-    __slots__ = ("_cut_head", "_first_read", "_got_bytes", "_parser", "_pool", "_reads", "head", "idle_since",
-                 "last_rx", "origin", "paused", "relay", "reused", "sent_all", "started", "transport")
+    __slots__ = ("_cut_head", "_first_read", "_got_bytes", "_meta", "_parser", "_pool", "_reads", "head",
+                 "idle_since", "last_rx", "origin", "paused", "relay", "reused", "sent_all", "stalled_since", "started",
+                 "transport")
 
     def __init__(self, pool: UpstreamPool, origin: Origin) -> None:
         self._pool = pool
@@ -61,6 +67,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.paused = False
         self._got_bytes = False
+        self._meta = 0  # bytes read since the last body bytes (heads, 1xx, trailers): ``MAX_HEAD_BYTES``
+        self.stalled_since = 0.0  # when the instance stopped reading our writes (0: it reads)
         self.last_rx = 0.0
         self.idle_since = 0.0
 
@@ -72,6 +80,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._reads = 0
         self.started = False
         self._got_bytes = False
+        self._meta = 0
         self._cut_head = head_only
         self.sent_all = complete
         self.last_rx = time.monotonic()
@@ -103,9 +112,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_rx = time.monotonic()  # our pause, not the instance's silence
 
     def timed_out(self) -> None:
-        """The instance sent nothing for ``limits.upstream_timeout``: fail the exchange (504 or a
-        truncated response) and drop the socket."""
-        self._fail("timeout", "no response bytes within the read timeout")
+        """The instance sent nothing, or read nothing of the request, for ``limits.upstream_timeout``:
+        fail the exchange (504 or a truncated response) and drop the socket."""
+        if self.stalled_since:
+            self._fail("timeout", "the instance stopped reading the request for the read timeout")
+        else:
+            self._fail("timeout", "no response bytes within the read timeout")
 
     def close(self) -> None:
         self.relay = None
@@ -141,9 +153,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._first_read = data
         self.last_rx = time.monotonic()
         self._reads += 1
+        self._meta += len(data)
         try:
             self._parser.feed_data(data)
             relay.flush()
+            if self._meta > MAX_HEAD_BYTES and self.relay is not None:  # an endless head, 1xx or trailers
+                self._fail("protocol", f"response head or trailers over {MAX_HEAD_BYTES} bytes")
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _HeadDone):
                 self._parser = httptools.HttpResponseParser(self)
@@ -179,22 +194,31 @@ class UpstreamConnection(asyncio.Protocol):
                               sent=not stale)
 
     def pause_writing(self) -> None:
+        self.stalled_since = time.monotonic()  # the pool's sweep fails an instance that never reads again
         if self.relay is not None:
             self.relay.upstream_writable(False)
 
     def resume_writing(self) -> None:
+        self.stalled_since = 0.0
         if self.relay is not None:
             self.relay.upstream_writable(True)
 
     # ------------------------------------------------------------------ llhttp callbacks
 
     def on_message_begin(self) -> None:
+        if self.relay is None:  # a second response in the read that ended ours: nobody asked for it
+            self._pool.discard(self)  # (already back in the pool: never hand this socket out again)
+            raise ConnectionError("a response nobody asked for")
         self.head = ResponseHead()
 
     def on_status(self, reason: bytes) -> None:
         self.head.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.started:  # a trailer: never relayed, so not kept either
+            return
+        if len(self.head.headers) >= MAX_FIELDS:
+            raise ConnectionError(f"more than {MAX_FIELDS} response header fields")
         self.head.add(name, value)
 
     def on_headers_complete(self) -> None:
@@ -213,6 +237,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise _HeadDone
 
     def on_body(self, data: bytes) -> None:
+        self._meta = 0
         relay = self.relay
         if relay is not None:
             relay.upstream_body(data)

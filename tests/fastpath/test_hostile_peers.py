@@ -18,7 +18,7 @@ import pytest
 from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import Config, CookieConfig, InstanceConfig, LimitsConfig
 from affinity_proxy.fastpath import FastServer
-from tests.fastpath.raw import parse_responses
+from tests.fastpath.raw import RawResponse, exchange, parse_responses
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 MB = 1024 * 1024
@@ -87,16 +87,17 @@ def fast(server: ProxyServer) -> FastServer:
     return server._fast
 
 
-async def flood(port: int, head: bytes, piece: bytes, budget: int) -> tuple[int, bytes, bool]:
+async def flood(port: int, head: bytes, piece: bytes, budget: int) -> tuple[int, bytes]:
     """Send ``head``, then ``piece`` again and again until ``budget`` bytes went out or the proxy
-    answered or closed. Returns (bytes sent, bytes received, closed by the proxy)."""
+    answered, and read until one whole response came or the proxy closed. Returns (bytes sent,
+    bytes received)."""
     loop = asyncio.get_running_loop()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
     sock.setblocking(False)
     await loop.sock_connect(sock, ("127.0.0.1", port))
     await loop.sock_sendall(sock, head)
-    sent, received, closed = 0, b"", False
+    sent, received = 0, b""
     try:
         async with asyncio.timeout(10):
             while sent < budget and not received:
@@ -104,27 +105,27 @@ async def flood(port: int, head: bytes, piece: bytes, budget: int) -> tuple[int,
                     sent += sock.send(piece)
                 except BlockingIOError:
                     await asyncio.sleep(0.005)
-                except OSError:
-                    closed = True
-                    break
                 try:
-                    data = sock.recv(65536)
-                    received += data
-                    closed = not data
+                    received += sock.recv(65536)
                 except BlockingIOError:
                     pass
-                except OSError:
-                    closed = True
                 await asyncio.sleep(0)
-            while not closed:  # what the proxy still says
+            while not parse_responses(received, closed=False)[0]:
                 data = await loop.sock_recv(sock, 65536)
+                if not data:
+                    break
                 received += data
-                closed = not data
     except (TimeoutError, OSError):
         pass
     finally:
         sock.close()
-    return sent, received, closed
+    return sent, received
+
+
+async def get(port: int, data: bytes = b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n") -> RawResponse:
+    result = await exchange(port, data, expect=1, limit=5)
+    assert result.responses, "no answer"
+    return result.responses[0]
 
 
 # --------------------------------------------------------------------------- request bodies
@@ -141,8 +142,87 @@ async def test_a_chunked_body_cannot_buffer_endless_metadata(instance, proxy, st
     """llhttp keeps chunk extensions and trailers without limit; the proxy once buffered 32 MB of
     one extension and 2.3 million trailer fields (565 MB) in 3 s. Now: 400 after a few KiB."""
     server = await proxy(await instance(read_and_drop))
-    sent, received, closed = await flood(server.main_port, CHUNKED_POST + start, piece * (65536 // len(piece)), 64 * MB)
-    responses, _ = parse_responses(received, closed=closed)
+    sent, received = await flood(server.main_port, CHUNKED_POST + start, piece * (65536 // len(piece)), 64 * MB)
+    responses, _ = parse_responses(received, closed=False)
     assert [r.status for r in responses] == [400], received[:200]
-    assert closed
     assert sent < 16 * MB, f"{sent} bytes of chunk metadata were read before the proxy refused"
+
+
+async def test_an_instance_that_stops_reading_the_body_is_timed_out(instance, proxy) -> None:
+    """An instance that accepts a request and never reads its body: the request could not finish
+    and no read timeout applied (it starts once the request is sent), so the client and instance
+    connections were held for ever. Now ``upstream_timeout`` also bounds a write that makes no
+    progress: 504, and the instance's connection is dropped."""
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(3600)
+
+    server = await proxy(await instance(deaf), upstream_timeout=0.5)
+    head = b"POST /upload HTTP/1.1\r\nHost: app.example\r\nContent-Length: %d\r\n\r\n" % (64 * MB)
+    sent, received = await flood(server.main_port, head, b"b" * 65536, 64 * MB)
+    responses, _ = parse_responses(received, closed=False)
+    assert [r.status for r in responses] == [504], received[:200]
+    assert sent < 64 * MB
+    assert not fast(server).pool.active
+
+
+# --------------------------------------------------------------------------- responses
+
+
+@pytest.mark.parametrize("endless", [
+    b"X-Field: " + b"f" * 40 + b"\r\n",  # header fields that never end
+    b"X-Value: ",  # then one value that never ends
+    b"\r\nHTTP/1.1 100 Continue",  # interim responses that never end
+], ids=["fields", "value", "interim"])
+async def test_an_endless_response_head_is_cut(instance, proxy, endless: bytes) -> None:
+    """llhttp keeps a response head without limit; the proxy once held 2.9 million fields (890 MB)
+    of one endless head after 3 s. Now: the aiohttp engine's limits (128 fields, about 4 MiB),
+    then 502."""
+    written = 0
+
+    async def endless_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal written
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 100 Continue" if endless.startswith(b"\r\n") else b"HTTP/1.1 200 OK\r\n")
+        if endless == b"X-Value: ":
+            writer.write(endless)
+            piece = b"v" * 65536
+        elif endless.startswith(b"\r\n"):
+            piece = (b"\r\n" + endless) * 1000
+        else:
+            piece = endless * 1000
+        while written < 48 * MB:
+            writer.write(piece)
+            written += len(piece)
+            await writer.drain()
+
+    server = await proxy(await instance(endless_head))
+    response = await get(server.main_port)
+    assert response.status == 502 and response.json()["error"] == "upstream_protocol"
+    assert written < 24 * MB, f"the proxy read {written} bytes of one response head"
+    assert not fast(server).pool.active
+
+
+async def test_a_response_nobody_asked_for_is_never_reused(instance, proxy) -> None:
+    """An instance that sends a second response right after the one asked for, in the same read:
+    the connection went back to the pool once per response, so two requests shared one socket and
+    one of them waited for ever. Now the socket is dropped and every request gets its own."""
+    served: dict[int, list[bytes]] = {}  # requests per connection
+
+    async def talkative(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        mine = served.setdefault(len(served), [])
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            mine.append(head.split(b" ", 2)[1])
+            answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            if mine[0] == b"/talkative":
+                answer += b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil"
+            writer.write(answer)
+
+    server = await proxy(await instance(talkative))
+    assert (await get(server.main_port, b"GET /talkative HTTP/1.1\r\nHost: app.example\r\n\r\n")).body == b"ok"
+    answers = await asyncio.gather(*(get(server.main_port) for _ in range(3)))
+    assert [a.body for a in answers] == [b"ok"] * 3
+    talkative_connections = [paths for paths in served.values() if paths[0] == b"/talkative"]
+    assert talkative_connections == [[b"/talkative"]], "the connection that sent an unasked response was reused"
+
