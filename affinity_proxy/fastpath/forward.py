@@ -41,8 +41,8 @@ class Forwarding:
     exchange (``_respond_error``, ``_finish``, ``_failed``, ``rid_bytes``). Never raises out of
     a callback."""
 
-    __slots__ = ("_resp_extra", "body_done", "chunked_out", "close_after", "conn", "finished", "head", "hot",
-                 "inp", "instance", "out", "pending", "pending_size", "responded", "route", "server", "status",
+    __slots__ = ("_resp_extra", "body_done", "body_out", "chunked_out", "close_after", "conn", "finished", "head",
+                 "hot", "inp", "instance", "out", "pending", "pending_size", "responded", "route", "server", "status",
                  "up_head", "up_started", "upstream")
 
     def __init__(self, conn: ClientConnection, head: RequestHead, server: FastServer, body_done: bool) -> None:
@@ -60,6 +60,7 @@ class Forwarding:
         self._resp_extra: tuple[bytes, ...] = ()
         self.pending: list[bytes] = []
         self.pending_size = 0
+        self.body_out: list[bytes] = []  # request body bytes of the current client read, for body_flush()
         self.out: list[bytes] = []  # response bytes of the current upstream read, written by flush()
         self.responded = False
         self.chunked_out = False
@@ -121,8 +122,9 @@ class Forwarding:
         self.upstream = conn
         chunked = self.head.chunked
         data = [self.up_head]
-        for piece in self.pending:
-            data.append(wire.chunk(piece) if chunked else piece)
+        if self.pending:
+            body = b"".join(self.pending)
+            data.append(wire.chunk(body) if chunked else body)
         if self.body_done and chunked:
             data.append(wire.LAST_CHUNK)
         self.pending = []
@@ -139,17 +141,27 @@ class Forwarding:
     def body_data(self, data: bytes) -> None:
         if self.finished:
             return
-        upstream = self.upstream
-        if upstream is not None:
-            upstream.write(wire.chunk(data) if self.head.chunked else data)
+        if self.upstream is not None:
+            self.body_out.append(data)  # one write per client read, not per chunk (a write is a send())
         else:
             self.pending.append(data)
             self.pending_size += len(data)
             if self.pending_size > PENDING_LIMIT:
                 self.conn.pause_reading(self.conn.PENDING)
 
+    def body_flush(self) -> None:
+        """Write the body bytes of the client's last read to the instance, in one go."""
+        out = self.body_out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            upstream = self.upstream
+            if upstream is not None and not self.finished:
+                upstream.write(wire.chunk(data) if self.head.chunked else data)
+
     def body_end(self) -> None:
         self.body_done = True
+        self.body_flush()
         upstream = self.upstream
         if upstream is not None and not self.finished:
             upstream.write(wire.LAST_CHUNK if self.head.chunked else b"", complete=True)

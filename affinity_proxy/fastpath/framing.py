@@ -241,6 +241,8 @@ class RequestFraming:
             self.parser.feed_data(part)
         except httptools.HttpParserError as exc:
             return self._bad_body(exc)
+        if self.ex is not None:
+            self.ex.body_flush()
         if finished:
             self.in_body = False
             if not self.msg_done:  # our framing and llhttp's disagree: trust neither
