@@ -111,24 +111,30 @@ class HeadCache:
     byte per client). A hit skips llhttp and the checks: the same bytes parse and check the same
     way, and a body-less message leaves llhttp ready for the next one as if it had seen it. A head
     is kept from its second sighting on (one-off heads cost a hash, not a copy); heads over
-    ``MAX_BYTES`` are not kept; the cache is emptied when full or when the config object is
-    replaced (a reload may change the limits the checks used)."""
+    ``MAX_BYTES`` are not kept; the cache is emptied when full (``MAX_ENTRIES``, or ``MAX_COST``:
+    a parsed field costs far more than its bytes, so a client's distinct heads of many small fields
+    could otherwise hold about 48 MB) or when the config object is replaced (a reload may change
+    the limits the checks used)."""
 
     MAX_BYTES = 4096
     MAX_ENTRIES = 1024
+    MAX_COST = 8 * 1024 * 1024
+    FIELD_COST = 320  # about what one parsed field costs (its pair, its line, its ``first`` entry)
 
-    __slots__ = ("_config", "_ctx", "_heads", "_seen")
+    __slots__ = ("_config", "_cost", "_ctx", "_heads", "_seen")
 
     def __init__(self, ctx: ProxyContext) -> None:
         self._ctx = ctx
         self._config: object = ctx.config
         self._heads: dict[bytes, RequestHead] = {}
         self._seen: set[int] = set()
+        self._cost = 0
 
     def get(self, data: bytes) -> RequestHead | None:
         if self._config is not self._ctx.config:
             self._config = self._ctx.config
             self._heads.clear()
+            self._cost = 0
             return None
         return self._heads.get(data)
 
@@ -141,9 +147,12 @@ class HeadCache:
                 self._seen.clear()
             self._seen.add(digest)
             return
-        if len(self._heads) >= self.MAX_ENTRIES:
+        cost = 2 * len(data) + self.FIELD_COST * len(head.headers)  # the key, the head and its upstream copy
+        if len(self._heads) >= self.MAX_ENTRIES or self._cost + cost > self.MAX_COST:
             self._heads.clear()
+            self._cost = 0
         self._heads[data] = head
+        self._cost += cost
 
 
 def for_aiohttp(head: RequestHead, raw_size: int, max_header_bytes: int, max_body_bytes: int) -> bool:

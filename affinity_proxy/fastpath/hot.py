@@ -23,6 +23,8 @@ from affinity_proxy.web.context import ProxyContext
 from .head import RequestHead
 
 MAX_ENTRIES = 4096
+#: Bytes of keys kept (the Cookie header is part of a key: 4096 distinct 16 KiB ones held 64 MB).
+MAX_KEY_BYTES = 8 * 1024 * 1024
 _FLY_SIGNALS = (REPLAY_SRC_HEADER.encode(), PREFERRED_UNAVAILABLE_HEADER.encode(), REPLAY_FAILED_HEADER.encode())
 _CACHEABLE = (DecisionReason.COOKIE, DecisionReason.FORCE)
 
@@ -57,6 +59,7 @@ class HotRoutes:
         self.ctx = ctx
         self.fly = fly
         self._entries: dict[tuple[Any, ...], HotRoute] = {}
+        self._key_bytes = 0
         self._sources: object = None
         self._plan: tuple[tuple[str, bytes], ...] = ()
         self.hits = 0
@@ -117,6 +120,9 @@ class HotRoutes:
             until = min(cookie.issued_at + self.ctx.policy.revalidate_after, cookie.issued_at + self.ctx.codec.max_age)
         else:
             until = math.inf
-        if len(self._entries) >= MAX_ENTRIES:
+        size = sum(len(part) for part in key if isinstance(part, bytes))
+        if len(self._entries) >= MAX_ENTRIES or self._key_bytes + size > MAX_KEY_BYTES:
             self._entries.clear()
+            self._key_bytes = 0
         self._entries[key] = HotRoute(decision, inp, plan, until, self.ctx)
+        self._key_bytes += size

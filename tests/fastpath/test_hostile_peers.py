@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
@@ -18,6 +19,7 @@ import pytest
 from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import Config, CookieConfig, InstanceConfig, LimitsConfig
 from affinity_proxy.fastpath import FastServer
+from affinity_proxy.fastpath.head import RequestHead
 from tests.fastpath.raw import RawResponse, exchange, parse_responses
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -251,3 +253,76 @@ async def test_tiny_request_chunks_are_forwarded_in_one_write_per_read(instance,
     assert forwarded == body
     assert chunks < len(body) // 100, f"{len(body)} one-byte chunks were forwarded as {chunks} chunks"
 
+
+# --------------------------------------------------------------------------- caches
+
+
+async def answer_every_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+
+async def send_all(port: int, requests: list[bytes], after_each: Callable[[], None]) -> None:
+    """Send ``requests`` one at a time on one keep-alive connection, reading each answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for data in requests:
+            writer.write(data)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            after_each()
+    finally:
+        writer.close()
+
+
+def parsed_size(key: bytes, head: RequestHead) -> int:
+    """What a cached head holds in memory (its key, fields, lines and index; ``sys.getsizeof``)."""
+    size = sys.getsizeof(key) + sys.getsizeof(head.headers) + sys.getsizeof(head.lines) + sys.getsizeof(head.first)
+    for name, value in head.headers:
+        size += sys.getsizeof((name, value)) + sys.getsizeof(name) + sys.getsizeof(value)
+    return size + sum(sys.getsizeof(line) for line in head.lines)
+
+
+async def test_distinct_heads_of_many_fields_cannot_fill_memory(instance, proxy) -> None:
+    """The head cache held up to 1024 heads of up to 4 KiB, but a parsed field costs far more than
+    its bytes: heads of 120 small fields cost about 47 KB each, 48 MB in all. Now the cache is
+    emptied at about 8 MiB of parsed heads, whatever the heads."""
+    server = await proxy(await instance(answer_every_request))
+    heads = fast(server).heads
+    requests = []
+    for i in range(400):
+        fields = b"".join(b"X-%d-%d: %s\r\n" % (i, j, b"v" * 16) for j in range(120))
+        requests += [b"GET /%d HTTP/1.1\r\nHost: app.example\r\n%s\r\n" % (i, fields)] * 2  # kept from the 2nd
+    assert all(len(r) <= heads.MAX_BYTES for r in requests)
+    peak = sent = 0
+
+    def measure() -> None:
+        nonlocal peak, sent
+        sent += 1
+        if sent % 10 == 0:
+            peak = max(peak, sum(parsed_size(key, head) for key, head in heads._heads.items()))
+
+    await send_all(server.main_port, requests, measure)
+    assert peak < 12 * MB, f"the head cache held {peak} bytes"
+
+
+async def test_distinct_cookie_headers_cannot_fill_the_hot_route_cache(instance, proxy) -> None:
+    """A hot route's key holds the whole Cookie header: a client with one valid affinity cookie and
+    4096 distinct 16 KiB Cookie headers made the cache hold 64 MB. Now keys are capped at 8 MiB."""
+    server = await proxy(await instance(answer_every_request))
+    first = await get(server.main_port)
+    cookie = (first.get("Set-Cookie") or "").split(";")[0].encode()
+    assert cookie
+    hot = fast(server).hot
+    requests = [b"GET / HTTP/1.1\r\nHost: app.example\r\nCookie: %s; junk%d=%s\r\n\r\n" % (cookie, i, b"j" * 15000)
+                for i in range(700)]
+    peak = 0
+
+    def measure() -> None:
+        nonlocal peak
+        peak = max(peak, sum(len(p) for key in hot._entries for p in key if isinstance(p, bytes)))
+
+    await send_all(server.main_port, requests, measure)
+    assert hot.hits == 0 and peak > 0  # every request was a miss that made an entry
+    assert peak <= 8 * MB + 16 * 1024, f"hot-route keys held {peak} bytes"
