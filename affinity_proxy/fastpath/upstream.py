@@ -161,8 +161,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail("protocol", f"response head or trailers over {MAX_HEAD_BYTES} bytes")
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _HeadDone):
+                self.head.keep_alive = self._reusable_after_head(data)
                 self._parser = httptools.HttpResponseParser(self)
-                self.head.keep_alive = self._reusable_after_head()
                 self._complete()
                 return
             cause = exc.__context__
@@ -256,10 +256,16 @@ class UpstreamConnection(asyncio.Protocol):
         self._first_read = b""
         self._finish(reusable=self.head.keep_alive)
 
-    def _reusable_after_head(self) -> bool:
+    def _reusable_after_head(self, data: bytes) -> bool:
+        """Whether the socket may serve another request after the head of a HEAD answer (llhttp's
+        parser, not yet replaced, knows the version). Only if that head came in this one read and
+        nothing followed it: bytes after it (a body a broken app sent anyway) would otherwise be
+        taken for the next request's response."""
         for name, value in self.head.headers:
             if name.lower() == b"connection" and b"close" in value.lower():
                 return False
+        if self._reads != 1 or data.find(b"\r\n\r\n") + 4 != len(data):
+            return False
         return self._parser.get_http_version() == "1.1"
 
     def _finish(self, reusable: bool) -> None:
