@@ -32,7 +32,8 @@ class UpstreamClient:
 
     ``connect_timeout`` bounds getting a connection (pool wait, DNS, TCP and TLS);
     ``read_timeout`` bounds every wait for bytes from the instance (headers or body; WebSockets
-    are exempt after the handshake). ``limit`` caps simultaneous upstream connections for the
+    are exempt after the handshake) and, in ``forward_http``, every wait for the instance to take
+    request-body bytes before it answers. ``limit`` caps simultaneous upstream connections for the
     process (requests beyond it wait, counted against ``connect_timeout``); ``limit_per_host``
     caps them per instance (0 = no per-instance cap). ``keepalive_timeout`` is how long an idle
     connection is kept; keep it below the instances' own idle timeout to avoid reusing a socket

@@ -4,15 +4,20 @@ Neither body is ever held whole: the request body is read from the client in the
 socket delivers and written to the instance as it arrives, and the response is relayed 64 KiB at
 a time, so memory per request is bounded by aiohttp's flow-control buffers (a few hundred KiB)
 whatever the body size. Back-pressure crosses the proxy: a slow reader on one side pauses reading
-on the other. Imports only aiohttp/yarl/multidict and ``forwarding.*``.
+on the other, and an instance that stops reading the request body before it answers is given up
+on after the read timeout (aiohttp's ``sock_read`` only covers reads). Imports only
+aiohttp/yarl/multidict and ``forwarding.*``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import AsyncIterablePayload
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -51,24 +56,39 @@ class _RequestBody:
     ``forward_http`` can tell those apart from instance failures, which aiohttp reports with the
     same exception type. Not started until aiohttp writes the body, so a request that fails to
     connect has consumed nothing and can be retried elsewhere.
+
+    Stall watch: from handing aiohttp a chunk (or the end of the body) until it asks for the next
+    one, aiohttp is writing it, waiting for the instance to take bytes. If that lasts
+    ``stall_timeout`` (the instance stopped reading) the upstream socket is aborted and
+    ``stalled`` set. A slow client never counts (no watch while waiting for it), nor a slow but
+    reading instance. ``stop_watching`` ends it for good once the response head came.
     """
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+    def __init__(self, content: aiohttp.StreamReader, limit: int, stall_timeout: float) -> None:
         self._content = content
         self._limit = limit
         self.sent = 0
         self.too_large = False
         self.client_error: BaseException | None = None
+        self.writer: AbstractStreamWriter | None = None  # set by ``_Upload`` when writing starts
+        self.stalled = False
+        self._stall_timeout: float | None = stall_timeout
+        self._watch: asyncio.TimerHandle | None = None
 
     def __aiter__(self) -> _RequestBody:
         return self
 
     async def __anext__(self) -> bytes:
+        if self._watch is not None:  # aiohttp is back for more: the last write went through
+            self._watch.cancel()
+            self._watch = None
         try:
             chunk = await self._content.readany()
         except Exception as exc:  # recorded, then re-raised into aiohttp's writer
             self.client_error = exc
             raise
+        if self._stall_timeout is not None:
+            self._watch = asyncio.get_running_loop().call_later(self._stall_timeout, self._stall)
         if not chunk:
             raise StopAsyncIteration
         self.sent += len(chunk)
@@ -76,6 +96,34 @@ class _RequestBody:
             self.too_large = True
             raise BodyTooLarge(self._limit)
         return chunk
+
+    def _stall(self) -> None:
+        self.stalled = True
+        transport = self.writer.transport if self.writer is not None else None
+        if transport is not None:
+            transport.abort()  # not close(): that would wait for the instance to read the buffer
+
+    def stop_watching(self) -> None:
+        self._stall_timeout = None
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+
+class _Upload(AsyncIterablePayload):
+    """``_RequestBody`` as aiohttp's payload, telling it which connection it is written to."""
+
+    def __init__(self, body: _RequestBody) -> None:
+        super().__init__(body)
+        self._body = body
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        self._body.writer = writer  # aiohttp >= 3.12 writes a body through this
+        await super().write_with_length(writer, content_length)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        self._body.writer = writer  # aiohttp < 3.12 through this
+        await super().write(writer)
 
 
 def _outgoing_headers(upstream_headers: CIMultiDict[str], declared: int | None) -> CIMultiDict[str]:
@@ -114,7 +162,8 @@ async def forward_http(
     - ``UpstreamError(kind="connect", retryable=True)``: no connection (refused, DNS, timeout);
       the body was not touched, so the caller may retry with the same request.
     - ``UpstreamError(kind="timeout", status=504)`` / ``(kind="protocol", status=502)``: the
-      instance went silent for ``read_timeout`` or broke the exchange before its headers came.
+      instance went silent for ``read_timeout``, stopped reading the request body for as long
+      (its connection is aborted), or broke the exchange before its headers came.
     - ``UpstreamError(response_started=True)``: the instance failed mid-body after the response
       had started. The client connection is already closed (the client sees a truncated body) and
       a warning is logged; the caller only counts it.
@@ -129,13 +178,13 @@ async def forward_http(
         raise BodyTooLarge(max_body_bytes, declared)
     body: _RequestBody | None = None
     if (declared is not None and declared > 0) or (declared is None and request.body_exists):
-        body = _RequestBody(request.content, max_body_bytes)
+        body = _RequestBody(request.content, max_body_bytes, client.read_timeout)
     try:
         upstream = await client.session.request(
             request.method,
             upstream_url(base_url, request),
             headers=_outgoing_headers(upstream_headers, declared),
-            data=body,
+            data=None if body is None else _Upload(body),
             allow_redirects=False,
         )
     except (TimeoutError, aiohttp.ClientError) as exc:
@@ -143,7 +192,12 @@ async def forward_http(
             raise BodyTooLarge(max_body_bytes) from exc
         if body is not None and body.client_error is not None:
             return _client_body_failed(request, body.client_error)
+        if body is not None and body.stalled:
+            raise UpstreamError("timeout", "the instance stopped reading the request body") from exc
         raise upstream_error_from(exc) from exc
+    finally:
+        if body is not None:  # the response's read timeout takes over (or it failed)
+            body.stop_watching()
     return await _relay_response(request, upstream, extra_response_headers, body)
 
 
