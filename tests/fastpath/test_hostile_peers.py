@@ -21,38 +21,16 @@ from affinity_proxy.config import Config, CookieConfig, InstanceConfig, LimitsCo
 from affinity_proxy.fastpath import FastServer
 from affinity_proxy.fastpath.head import RequestHead
 from tests.fastpath.raw import RawResponse, exchange, parse_responses
+from tests.support.raw_instance import Handler, raw_instances
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 MB = 1024 * 1024
 
 
 @pytest.fixture
 async def instance() -> AsyncIterator[Callable[[Handler], Awaitable[int]]]:
-    """``await instance(handler)``: a raw instance on 127.0.0.1 running ``handler`` for each
-    connection; returns its port. Every connection is closed at the end of the test."""
-    servers: list[asyncio.Server] = []
-    writers: set[asyncio.StreamWriter] = set()
-
-    async def start(handler: Handler) -> int:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writers.add(writer)
-            try:
-                await handler(reader, writer)
-            except (OSError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                writer.close()
-
-        server = await asyncio.start_server(run, "127.0.0.1", 0)
-        servers.append(server)
-        return int(server.sockets[0].getsockname()[1])
-
-    yield start
-    for server in servers:
-        server.close()
-    for writer in writers:
-        writer.close()
-    await asyncio.sleep(0)
+    """``await instance(handler)``: a raw instance on 127.0.0.1 running ``handler`` per connection."""
+    async with raw_instances() as start:
+        yield start
 
 
 async def read_and_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

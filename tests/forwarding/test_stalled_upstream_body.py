@@ -16,8 +16,8 @@ from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import Config, CookieConfig, InstanceConfig, LimitsConfig
 from tests.fastpath.raw import exchange, parse_responses
 from tests.fastpath.test_hostile_peers import flood
+from tests.support.raw_instance import Handler, raw_instances
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 MB = 1024 * 1024
 ENGINES = ("aiohttp", "fast")
 
@@ -25,29 +25,8 @@ ENGINES = ("aiohttp", "fast")
 @pytest.fixture
 async def instance() -> AsyncIterator[Callable[[Handler], Awaitable[int]]]:
     """``await instance(handler)``: a raw instance on 127.0.0.1 running ``handler`` per connection."""
-    servers: list[asyncio.Server] = []
-    writers: set[asyncio.StreamWriter] = set()
-
-    async def start(handler: Handler) -> int:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writers.add(writer)
-            try:
-                await handler(reader, writer)
-            except (OSError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                writer.close()
-
-        server = await asyncio.start_server(run, "127.0.0.1", 0)
-        servers.append(server)
-        return int(server.sockets[0].getsockname()[1])
-
-    yield start
-    for server in servers:
-        server.close()
-    for writer in writers:
-        writer.close()
-    await asyncio.sleep(0)
+    async with raw_instances() as start:
+        yield start
 
 
 @pytest.fixture
