@@ -58,7 +58,9 @@ def make_config(backends: Backends, **overrides: object) -> Config:
         instances=backends.instance_configs(),
         cookie=CookieConfig(secret="test-secret-" + "x" * 20),
         user_key=(UserKeySourceConfig("header", "X-User-Id"), UserKeySourceConfig("query", "userId")),
-        health=HealthConfig(interval=0.3, timeout=0.3, unhealthy_after=1, healthy_after=1),
+        # timeout 1 s: a loaded CI machine must not fail a probe of a healthy demo backend (a 0.3 s
+        # timeout once marked every instance down under a parallel test run)
+        health=HealthConfig(interval=0.3, timeout=1.0, unhealthy_after=1, healthy_after=1),
         limits=LimitsConfig(upstream_timeout=5.0, upstream_connect_timeout=1.0),
     )
     return replace(base, **overrides)  # type: ignore[arg-type]
