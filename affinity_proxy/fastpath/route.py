@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp._cookie_helpers import parse_cookie_header
 
-from affinity_proxy.routing.cookie import AffinityCookie, CookieProblem, set_cookie_value
+from affinity_proxy.routing.cookie import set_cookie_value
 from affinity_proxy.routing.decide import (
     Decision,
     NeedPin,
@@ -101,15 +101,7 @@ class Router:
         ctx = self.ctx
         now = time.time()
         jar = self.cookies(head)
-        raw_cookie = jar.get(ctx.config.cookie.name)
-        cookie: AffinityCookie | None = None
-        problem: CookieProblem | None = None
-        if raw_cookie is not None:
-            parsed = ctx.codec.decode(raw_cookie, now)
-            if isinstance(parsed, AffinityCookie):
-                cookie = parsed
-            else:
-                problem = parsed
+        cookie, problem = ctx.codec.read(jar.get(ctx.config.cookie.name), now)
         user_key = extract_user_key(ctx.user_key_sources, head, Query(head.target), jar)  # type: ignore[arg-type]
         force = head.first.get(_FORCE)
         anonymous = ""

@@ -161,6 +161,16 @@ class CookieCodec:
             return body
         return body + SEPARATOR + self._sign(self._keys[0], body)
 
+    def read(self, raw: str | None, now: float) -> tuple[AffinityCookie | None, CookieProblem | None]:
+        """``decode`` split for ``RouteInput``: (the cookie, None), (None, why it is unusable), or
+        (None, None) when the request carried none."""
+        if raw is None:
+            return None, None
+        parsed = self.decode(raw, now)
+        if isinstance(parsed, AffinityCookie):
+            return parsed, None
+        return None, parsed
+
     def decode(self, raw: str, now: float) -> AffinityCookie | CookieProblem:
         """The verified cookie, or why it is unusable. Never raises; no I/O."""
         if not isinstance(raw, str):

@@ -16,7 +16,6 @@ from dataclasses import replace
 from aiohttp import web
 
 from affinity_proxy.pins.store import PinStoreUnavailable
-from affinity_proxy.routing.cookie import AffinityCookie, CookieProblem
 from affinity_proxy.routing.decide import (
     ClaimPin,
     Decision,
@@ -45,15 +44,7 @@ def route_input(
 ) -> RouteInput:
     """Everything ``decide`` needs from the request. No I/O; the cookie HMAC is cached by the codec."""
     now = time.time()
-    raw_cookie = request.cookies.get(ctx.config.cookie.name)
-    cookie: AffinityCookie | None = None
-    problem: CookieProblem | None = None
-    if raw_cookie is not None:
-        parsed = ctx.codec.decode(raw_cookie, now)
-        if isinstance(parsed, AffinityCookie):
-            cookie = parsed
-        else:
-            problem = parsed
+    cookie, problem = ctx.codec.read(request.cookies.get(ctx.config.cookie.name), now)
     if user_key_override is not None:
         user_key: str | None = user_key_override or None
     else:
