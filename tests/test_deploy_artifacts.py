@@ -1,5 +1,6 @@
 """The deployment files say what the README promises: fly.toml runs the proxy in fly mode in front of
-an app, checks /_affinity/health, exposes metrics, and gives the proxy time to drain."""
+an app, checks /_affinity/health, exposes metrics, and gives the proxy time to drain; the compose
+example's proxy config loads and names the compose file's own services."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from affinity_proxy.config import load_config, parse_duration
 
@@ -41,3 +43,31 @@ def test_dockerfiles_run_as_non_root() -> None:
         lines = [line.strip() for line in (ROOT / path).read_text().splitlines()]
         users = [line.split()[1] for line in lines if line.startswith("USER ")]
         assert users and users[-1] not in ("root", "0"), path
+
+
+def test_docker_compose_example_runs_the_proxy_on_its_services() -> None:
+    """examples/docker-compose.yml: the proxy's mounted config exists, loads with the two secrets
+    the compose file requires, and names exactly the compose file's Redis and app services (port
+    and instance id as each app's command line gives them)."""
+    compose = yaml.safe_load((ROOT / "examples" / "docker-compose.yml").read_text())
+    services = compose["services"]
+    proxy = services["proxy"]
+    [volume] = proxy["volumes"]
+    source, target, mode = volume.split(":")
+    assert mode == "ro" and proxy["command"] == ["serve", "--config", target]
+    config_path = (ROOT / "examples" / source).resolve()
+    assert config_path.parent == ROOT / "examples" and config_path.name != "compose.yaml"  # compose's own name
+    secrets = {name: "x" * 32 for name in proxy["environment"]}
+    assert set(secrets) == {"COOKIE_SECRET", "ADMIN_TOKEN"}
+    config = load_config(config_path, environ=secrets)
+    assert config.store.url == "redis://redis:6379/0" and "redis" in services
+    assert config.admin.token and config.cookie.secret
+    apps = {}
+    for name, service in services.items():
+        argv = service.get("entrypoint") or []
+        if argv[1:3] == ["-m", "affinity_proxy.demo.backend"]:
+            apps[argv[argv.index("--id") + 1]] = f"http://{name}:{argv[argv.index('--port') + 1]}"
+    assert {i.id: i.url for i in config.instances} == apps
+    assert set(proxy["depends_on"]) == {"redis", *(name for name in services if name.startswith("app-"))}
+    ports = {p.split(":")[-1] for p in proxy["ports"]}
+    assert ports == {str(config.listen_port), str(config.admin_port)}
