@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from affinity_proxy.config import LimitsConfig
+from affinity_proxy.config import HealthConfig, LimitsConfig
 from tests.functional.conftest import make_config
 from tests.functional.helpers import COOKIE, admin, affinity_cookie, base, metric_value
 from tests.support.waiting import wait_until
@@ -59,7 +59,10 @@ async def test_instance_recovers_after_health_checks(backends, start_proxy, http
 
 
 async def test_post_to_dead_instance_is_502_not_retried(backends, start_proxy, http) -> None:
-    config = make_config(backends)
+    # No active probe after the first round: a probe between the stop and the POST would mark the
+    # owner down and the POST would (rightly) be re-pinned and answered 200. Here the POST itself
+    # must find the instance dead, and its connect failure (a passive health report) re-pins the GET.
+    config = make_config(backends, health=HealthConfig(interval=3600, timeout=1.0, unhealthy_after=1, healthy_after=1))
     server = await start_proxy(config)
     async with http.get(base(server) + "/", headers={"X-User-Id": "bob"}) as resp:
         owner = (await resp.json())["instance"]

@@ -104,9 +104,9 @@ async def test_drop(store: PinStore) -> None:
 async def test_pins_expire(harness: StoreHarness) -> None:
     store = harness.new(pin_ttl=1.0)
     await store.claim("u", A)
-    await store.claim("w", B)
+    await store.claim("w", B)  # expires later than u by however long this claim took
     await wait_until(lambda: _absent(store, "u"), timeout=5)
-    assert await store.get("w") is None
+    await wait_until(lambda: _absent(store, "w"), timeout=5)
     assert await store.list() == []
     assert await store.list(A) == []
     assert await store.counts() == {}
