@@ -103,3 +103,7 @@ class Closing:
             self.close_now()
         elif self.ex is None and not self.in_body and now - self.idle_since > client_timeout:
             self.close_soon()
+            # A graceful close waits for the write buffer to drain: a client that never reads a
+            # response too small to pause the writer would keep it (and its connection slot) for
+            # ever. Abort after one more client_timeout, as the aiohttp engine's closing deadline does.
+            self.linger_until = now + client_timeout
