@@ -1,4 +1,6 @@
 # affinity-proxy image: non-root, health-checked. Build: docker build -t affinity-proxy .
+# Run: docker run -e COOKIE_SECRET=$(openssl rand -hex 32) -e ADMIN_TOKEN=$(openssl rand -hex 32) ...
+# The shipped configs hold no secrets: without these variables `serve` exits 2 naming them.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./

@@ -33,7 +33,15 @@ from affinity_proxy.routing.cookie import CookieCodec
 from affinity_proxy.routing.decide import DecidePolicy
 from affinity_proxy.routing.model import Instance, InstanceId
 from affinity_proxy.routing.userkey import UserKeySource
-from affinity_proxy.web.admin import PUBLIC, REAPER, add_admin_routes, health, session_check, token_middleware
+from affinity_proxy.web.admin import (
+    PUBLIC,
+    REAPER,
+    add_admin_routes,
+    browser_guard,
+    health,
+    session_check,
+    token_middleware,
+)
 from affinity_proxy.web.context import CONTEXT, ProxyContext
 from affinity_proxy.web.dashboard import add_dashboard_routes
 from affinity_proxy.web.errors import json_error
@@ -228,8 +236,12 @@ def build_apps(ctx: ProxyContext) -> tuple[web.Application, web.Application]:
     main.cleanup_ctx.append(_lifecycle(ctx, reaper))
     main.on_shutdown.append(_close_websockets)
 
-    admin = web.Application(middlewares=[token_middleware(ctx.config.admin.token,
-                                                          public_metrics=ctx.config.admin.public_metrics)])
+    admin_config = ctx.config.admin
+    admin = web.Application(middlewares=[
+        browser_guard(admin_config.allowed_hosts, token_set=bool(admin_config.token),
+                      loopback=ctx.config.admin_on_loopback),
+        token_middleware(admin_config.token, public_metrics=admin_config.public_metrics),
+    ])
     admin[CONTEXT] = ctx
     admin[REAPER] = reaper
     add_admin_routes(admin)

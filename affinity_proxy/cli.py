@@ -9,6 +9,7 @@ the demo) are imported inside their commands so ``--help`` stays fast. Only ``__
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,7 +18,7 @@ import aiohttp
 import click
 
 from affinity_proxy import __version__
-from affinity_proxy.cli_admin import BackendError, get_json, read_config, resolve_config_path
+from affinity_proxy.cli_admin import TOKEN_ENV, BackendError, get_json, read_config, resolve_config_path
 from affinity_proxy.cli_base import EXIT_USAGE, CliError, config_error, emit, json_option
 from affinity_proxy.cli_output import dump_yaml, explain_session_check
 from affinity_proxy.cli_store import COMMANDS
@@ -52,6 +53,7 @@ def serve(config_path: str | None, workers: int, app_command: str | None) -> Non
     try:
         config = read_config(path)
         config.require_cookie_secret()
+        config.require_admin_token()
     except ConfigError as exc:
         raise config_error(exc) from None
     from affinity_proxy.runtime import run_serve
@@ -91,10 +93,11 @@ def config_check(file: str, as_json: bool) -> None:
         emit(doc, True, str)
     else:
         click.echo(f"# {file}: valid\n{dump_yaml(doc)}")
-    try:
-        config.require_cookie_secret()
-    except ConfigError as exc:
-        click.echo(f"warning: serve will refuse this config: {' '.join(str(exc).split())}", err=True)
+    for requirement in (config.require_cookie_secret, config.require_admin_token):
+        try:
+            requirement()
+        except ConfigError as exc:
+            click.echo(f"warning: serve will refuse this config: {' '.join(str(exc).split())}", err=True)
 
 
 def session_check_url(url: str) -> str:
@@ -107,9 +110,16 @@ def session_check_url(url: str) -> str:
     return base if base.endswith("/session-check") else base + "/_affinity/session-check"
 
 
-async def _fetch_session_check(url: str, user: str | None, cookie: str | None) -> dict[str, Any]:
+def is_admin_session_check(url: str) -> bool:
+    """The admin listener's ``/session-check`` (not the main listener's ``/_affinity/session-check``)."""
+    return not urlsplit(url).path.endswith("/_affinity/session-check")
+
+
+async def _fetch_session_check(url: str, user: str | None, cookie: str | None, token: str | None) -> dict[str, Any]:
     params = {"userId": user} if user is not None else {}
     headers = {"Cookie": cookie} if cookie else {}
+    if token and is_admin_session_check(url):  # never hand the admin token to a public listener
+        headers["Authorization"] = f"Bearer {token}"
     async with aiohttp.ClientSession(timeout=CHECK_TIMEOUT) as session:
         return await get_json(session, "GET", url, f"session-check at {url}", params=params, headers=headers)
 
@@ -119,12 +129,22 @@ async def _fetch_session_check(url: str, user: str | None, cookie: str | None) -
 @click.option("--user", default=None, metavar="ID", help="Explain the routing of this user key (userId).")
 @click.option("--cookie", default=None, metavar="COOKIES",
               help="Cookie header to send, e.g. 'fly-instance-id=...' to explain a browser's cookie.")
+@click.option("--token", default=None, metavar="TOKEN",
+              help=f"Admin bearer token, sent only to an admin listener's /session-check (default: ${TOKEN_ENV}).")
 @json_option
-def check(url: str, user: str | None, cookie: str | None, as_json: bool) -> None:
-    """Ask the proxy at URL how it would route a request (session-check) and explain it in words."""
+def check(url: str, user: str | None, cookie: str | None, token: str | None, as_json: bool) -> None:
+    """Ask the proxy at URL how it would route a request (session-check) and explain it in words.
+
+    URL is the main listener (explains your own request; --user works there only with
+    session_check.lookup: public) or the admin listener's /session-check (any --user)."""
     endpoint = session_check_url(url)
+    token = token or os.environ.get(TOKEN_ENV) or None
     try:
-        doc = asyncio.run(_fetch_session_check(endpoint, user, cookie))
+        doc = asyncio.run(_fetch_session_check(endpoint, user, cookie, token))
     except BackendError as exc:
+        if exc.status == 403 and exc.code == "lookup_forbidden":
+            raise CliError(f"{endpoint} explains only the caller's own request: look {user} up on the admin "
+                           f"listener, e.g. affinity-proxy check http://127.0.0.1:9091/session-check --user {user} "
+                           "(or set session_check.lookup: public)") from None
         raise CliError(str(exc)) from None
     emit(doc, as_json, lambda: explain_session_check(doc))

@@ -194,10 +194,10 @@ def resolve_config_path(explicit: str | None) -> Path | None:
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
 
 
-def read_config(path: Path) -> Config:
+def read_config(path: Path, *, secrets_optional: bool = False) -> Config:
     """``load_config`` with a missing or unreadable file reported as a ``ConfigError`` too."""
     try:
-        return load_config(path)
+        return load_config(path, secrets_optional=secrets_optional)
     except ConfigError:
         raise
     except OSError as exc:
@@ -231,7 +231,7 @@ def resolve_admin_target(config_path: str | None, admin: str | None, token: str 
     if explicit or admin is None or token is None:
         path = resolve_config_path(config_path)
         if path is not None:
-            config = read_config(path)
+            config = read_config(path, secrets_optional=True)  # the cookie secret is not needed here
     if admin is None:
         admin = admin_url_for(config) if config is not None else DEFAULT_ADMIN_URL
     if token is None and config is not None:

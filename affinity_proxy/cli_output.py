@@ -177,6 +177,8 @@ def explain_session_check(doc: Mapping[str, Any]) -> str:
     pin = doc.get("pin")
     if user is None:
         who = f"anonymous request (no user key; a new session would hash to {doc.get('hash_instance') or 'nothing'})"
+    elif pin and "expires_in" not in pin:  # a public answer leaves the expiry out
+        who = f"user {user}: pinned to {pin['instance']} (stored pin)"
     elif pin:
         who = f"user {user}: pinned to {pin['instance']} (stored pin, expires in {duration(pin.get('expires_in'))})"
     else:
@@ -193,5 +195,6 @@ def explain_session_check(doc: Mapping[str, Any]) -> str:
     insts = doc.get("instances") or []
     if insts:
         lines.append("instances: " + ", ".join(
-            f"{i['id']} {i['state']} ({i.get('pins', 0)} {'pin' if i.get('pins') == 1 else 'pins'})" for i in insts))
+            f"{i['id']} {i['state']} ({i['pins']} {'pin' if i['pins'] == 1 else 'pins'})" if "pins" in i
+            else f"{i['id']} {i['state']}" for i in insts))
     return "\n".join(lines)

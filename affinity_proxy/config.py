@@ -13,6 +13,7 @@ anything outside ``config_*`` and ``routing.model``.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from affinity_proxy.config_schema import (
     LimitsConfig,
     LogConfig,
     ReaperConfig,
+    SessionCheckConfig,
     StoreConfig,
     UserKeySourceConfig,
 )
@@ -61,6 +63,7 @@ __all__ = [
     "LimitsConfig",
     "LogConfig",
     "ReaperConfig",
+    "SessionCheckConfig",
     "StoreConfig",
     "UserKeySourceConfig",
     "config_from_mapping",
@@ -72,9 +75,29 @@ __all__ = [
 ]
 
 _SECTIONS: dict[str, type] = {
-    "admin": AdminConfig, "cookie": CookieConfig, "store": StoreConfig, "health": HealthConfig,
-    "reaper": ReaperConfig, "fly": FlyConfig, "limits": LimitsConfig, "log": LogConfig,
+    "admin": AdminConfig, "cookie": CookieConfig, "session_check": SessionCheckConfig, "store": StoreConfig,
+    "health": HealthConfig, "reaper": ReaperConfig, "fly": FlyConfig, "limits": LimitsConfig, "log": LogConfig,
 }  # fmt: skip
+#: Key paths whose values are secrets (``cookie.secret``, ...): ``${VAR}`` there must be set and non-empty.
+SECRET_PATHS = frozenset(
+    f"{name}.{f.name}" for name, cls in _SECTIONS.items() for f in dataclasses.fields(cls) if f.metadata.get("secret")
+)
+
+
+def is_loopback_host(host: str) -> bool:
+    """``127.0.0.1``, ``::1``, ``[::1]``, ``localhost``: a listener there is reachable from this host only."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_secret_path(path: str) -> bool:
+    """``cookie.secret``, ``cookie.previous_secrets[0]``, ``admin.token``, ``fly.api_token``."""
+    return path.partition("[")[0] in SECRET_PATHS
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +121,7 @@ class Config:
     instances: tuple[InstanceConfig, ...] = ()
     cookie: CookieConfig = field(default_factory=CookieConfig)
     user_key: tuple[UserKeySourceConfig, ...] = ()
+    session_check: SessionCheckConfig = field(default_factory=SessionCheckConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     pin_ttl: float = 86400.0
     health: HealthConfig = field(default_factory=HealthConfig)
@@ -173,6 +197,20 @@ class Config:
         if self.cookie.signed and not self.cookie.secret:
             raise ConfigError("cookie.secret", "required (set cookie.secret, or cookie.signed: false to run unsigned)")
 
+    @property
+    def admin_on_loopback(self) -> bool:
+        """True when ``admin_listen`` binds only a loopback address (127.0.0.0/8, ::1, localhost)."""
+        return is_loopback_host(self.admin_host)
+
+    def require_admin_token(self) -> None:
+        """Raise ``ConfigError`` when the admin listener is reachable from other hosts without a token
+        (``serve`` calls it): anyone on the network could then drain, reap, reload and read every
+        user key. Loopback-only listeners may run without one."""
+        if not self.admin.token and not self.admin_on_loopback:
+            raise ConfigError("admin.token", f"required when admin_listen is not a loopback address "
+                                             f"({self.admin_listen}): set it (e.g. token: ${{ADMIN_TOKEN}}), "
+                                             "or bind admin_listen to 127.0.0.1")
+
     def replace(self, **changes: Any) -> Config:
         """A copy with some top-level fields changed, validated again."""
         return dataclasses.replace(self, **changes)
@@ -206,21 +244,27 @@ def _mask(value: Any) -> str | None:
     return None if value is None else "***"
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] = os.environ) -> Config:
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] = os.environ, *,
+                secrets_optional: bool = False) -> Config:
     """Read, expand, validate. An empty file means all defaults (which proxy mode rejects: it
     needs instances). Missing or unreadable file, YAML syntax error, duplicate key or bad value ->
-    ``ConfigError`` (the path is the file name for file-level problems)."""
+    ``ConfigError`` (the path is the file name for file-level problems). ``secrets_optional``: see
+    ``config_from_mapping``."""
     data = read_yaml_file(path)
-    return config_from_mapping({} if data is None else data, environ)
+    return config_from_mapping({} if data is None else data, environ, secrets_optional=secrets_optional)
 
 
-def config_from_mapping(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+def config_from_mapping(data: Mapping[str, Any], environ: Mapping[str, str] | None = None, *,
+                        secrets_optional: bool = False) -> Config:
     """Build a Config from parsed YAML data; ``environ`` (default ``os.environ``) feeds ``${VAR}``,
-    FLY_* and LOG_*. Pure apart from reading ``environ``. Any problem -> ``ConfigError``."""
+    FLY_* and LOG_*. Pure apart from reading ``environ``. Any problem -> ``ConfigError``; a secret's
+    ``${VAR}`` unset or empty is one, unless ``secrets_optional`` (CLI store commands, which need
+    neither the cookie secret nor, with ``--token``, the config's admin token): it is then null."""
     environ = os.environ if environ is None else environ
     if not isinstance(data, Mapping):
         raise ConfigError("", f"the top level must be a mapping (mode: ..., listen: ...), got {type_name(data)}")
-    data, sources = fill_from_env(expand_env(data, environ), environ)
+    data, sources = fill_from_env(expand_env(data, environ, secret=is_secret_path,
+                                                secrets_optional=secrets_optional), environ)
     known = {f.name: f for f in dataclasses.fields(Config)}
     values: dict[str, Any] = {}
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
@@ -244,25 +244,51 @@ _REFERENCE = re.compile(r"\$(?:(\$)|\{([^}]*)(\}?))")
 _VARIABLE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
 
 
-def expand_env(value: Any, environ: Mapping[str, str], path: str = "") -> Any:
+def expand_env(value: Any, environ: Mapping[str, str], path: str = "",
+               secret: Callable[[str], bool] | None = None, *, secrets_optional: bool = False) -> Any:
     """Expand ``${VAR}`` and ``${VAR:-default}`` in every string of a parsed YAML value, recursively.
 
     ``$$`` is a literal ``$``, and a ``$`` not followed by ``{`` or ``$`` is kept. ``${VAR:-default}``
     uses the default when VAR is unset or empty (as in the shell). A string that had a substitution
-    comes back as ``EnvText``. Mapping keys are not expanded. ``${VAR}`` with VAR unset, or a
-    malformed reference -> ``ConfigError`` naming the key path and the variable. Returns new
-    containers; the input is not changed.
+    comes back as ``EnvText``. Mapping keys are not expanded. A malformed reference ->
+    ``ConfigError`` at once; ``${VAR}`` with VAR unset -> one ``ConfigError`` naming the key path and
+    the variable of the first, and the other unset variables after it (an operator sets them all in
+    one go). ``secret(path)`` says which key paths hold secrets: there ``${VAR}`` with VAR empty is
+    an error too (an empty secret is no secret) and the hint never suggests a default;
+    ``secrets_optional`` instead reads an unset secret as empty, i.e. not set (for CLI commands that
+    only need the store or the admin URL). Returns new containers; the input is not changed.
     """
+    missing: list[tuple[str, str, bool, bool]] = []  # (path, variable, is secret, set but empty)
+    result = _expand(value, environ, path, secret or (lambda _: False), missing)
+    if secrets_optional:
+        missing = [m for m in missing if not m[2]]
+    if missing:
+        first_path, name, is_secret, empty = missing[0]
+        problem = f"environment variable {name} is {'empty' if empty else 'not set'}"
+        if is_secret:
+            problem += f" (a secret has no default: set it, e.g. {name}=$(openssl rand -hex 32))"
+        else:
+            problem += f" (set it, or write ${{{name}:-default}})"
+        others = [f"{n} ({p})" for p, n, _, _ in missing[1:]]
+        if others:
+            problem += f"; also missing: {', '.join(others)}"
+        raise ConfigError(first_path, problem)
+    return result
+
+
+def _expand(value: Any, environ: Mapping[str, str], path: str, secret: Callable[[str], bool],
+            missing: list[tuple[str, str, bool, bool]]) -> Any:
     if isinstance(value, str):
-        return _expand_text(value, environ, path)
+        return _expand_text(value, environ, path, secret, missing)
     if isinstance(value, Mapping):
-        return {key: expand_env(item, environ, join_path(path, key)) for key, item in value.items()}
+        return {key: _expand(item, environ, join_path(path, key), secret, missing) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [expand_env(item, environ, f"{path}[{i}]") for i, item in enumerate(value)]
+        return [_expand(item, environ, f"{path}[{i}]", secret, missing) for i, item in enumerate(value)]
     return value
 
 
-def _expand_text(text: str, environ: Mapping[str, str], path: str) -> str:
+def _expand_text(text: str, environ: Mapping[str, str], path: str, secret: Callable[[str], bool],
+                 missing: list[tuple[str, str, bool, bool]]) -> str:
     if "$" not in text:
         return text
     substituted = False
@@ -282,8 +308,10 @@ def _expand_text(text: str, environ: Mapping[str, str], path: str) -> str:
         substituted = True
         if default is not None:
             return found if found else default
-        if found is None:
-            raise ConfigError(path, f"environment variable {name} is not set (use ${{{name}:-default}})")
+        is_secret = secret(path)
+        if found is None or (is_secret and not found):
+            missing.append((path, name, is_secret, found is not None))
+            return ""
         return found
 
     expanded = _REFERENCE.sub(replace, text)

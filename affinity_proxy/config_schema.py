@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from affinity_proxy.config_check import TOKEN, Check, http_url_problem
-from affinity_proxy.config_parse import ConfigError, parse_hostport, redact_url
+from affinity_proxy.config_parse import HOSTNAME, ConfigError, parse_hostport, redact_url
 from affinity_proxy.routing.model import INSTANCE_ID_PATTERN
 
 SECRET: dict[str, Any] = {"secret": True}
@@ -47,16 +47,27 @@ class InstanceConfig:
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
-    """The admin listener. ``token``: bearer token required on every admin request when set."""
+    """The admin listener. ``token``: bearer token required on every admin request when set.
+    ``allowed_hosts``: host names (besides IP literals and ``localhost``) the admin listener answers
+    to in the ``Host`` header; any other name gets 421, which defeats DNS rebinding. Stored lower-case
+    without a trailing dot."""
 
     PATH: ClassVar[str] = "admin"
     token: str | None = field(default=None, repr=False, metadata=SECRET)
     public_metrics: bool = False  # /metrics and /health answer without the token (for a scraper)
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check = Check(self, self.PATH)
         check.text("token", optional=True)
         check.flag("public_metrics")
+        names = []
+        for i, name in enumerate(check.texts("allowed_hosts")):
+            if not HOSTNAME.fullmatch(name):
+                raise ConfigError(f"admin.allowed_hosts[{i}]",
+                                  f"must be a DNS name like admin.example.com, got {name!r}")
+            names.append(name.lower().rstrip("."))
+        object.__setattr__(self, "allowed_hosts", tuple(names))
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +97,9 @@ class CookieConfig:
         check.flag("signed", "secure", "http_only")
         check.integer("max_age", 1)
         check.seconds("revalidate_after", positive=False)
-        check.choice("same_site", ("Strict", "Lax", "None"))
+        if check.choice("same_site", ("Strict", "Lax", "None")) == "None" and self.secure is not True:
+            raise check.fail("same_site", "None needs secure: true (browsers drop a SameSite=None cookie that "
+                                          "is not Secure, and then no request has affinity)")
         check.url_path("path")
         check.hostname("domain", optional=True)
 
@@ -107,6 +120,21 @@ class UserKeySourceConfig:
             check.text("name")
         else:
             check.text("name", pattern=TOKEN, what=f"a {kind} name, i.e. {_TOKEN_WHAT}")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCheckConfig:
+    """``/_affinity/session-check`` on the main listener. ``lookup``: who may explain another user's
+    routing (``?userId=`` or a body ``userId`` other than the key the request itself carries):
+    ``admin`` (only the admin listener's ``/session-check``; the public answer then also omits pin
+    expiry and pin counts, which tell when a user was last active) or ``public`` (anyone)."""
+
+    PATH: ClassVar[str] = "session_check"
+    LOOKUPS: ClassVar[tuple[str, ...]] = ("admin", "public")
+    lookup: str = "admin"
+
+    def __post_init__(self) -> None:
+        Check(self, self.PATH).choice("lookup", self.LOOKUPS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -471,30 +471,66 @@ def proxy(lt: LoopThread, tmp_path: Path) -> Iterator[Any]:
 
 def test_check_explains_a_pinned_user(proxy: Any) -> None:
     admin = f"http://127.0.0.1:{proxy.admin_port}"
-    main_url = f"http://127.0.0.1:{proxy.main_port}"
     ok("pins", "set", "alice", "b", "--admin", admin)
-    first = ok("check", main_url, "--user", "alice").stdout.splitlines()[0]
+    first = ok("check", admin + "/session-check", "--user", "alice").stdout.splitlines()[0]
     assert first.startswith("user alice: pinned to b (stored pin, expires in ")
     assert "; cookie absent; decision: forward to b because pin" in first
 
-    doc = json.loads(ok("check", main_url + "/", "--user", "alice", "--json").stdout)
+    doc = json.loads(ok("check", admin + "/session-check/", "--user", "alice", "--json").stdout)
     assert doc["user_key"] == "alice" and doc["pin"]["instance"] == "b"
     assert doc["decision"]["action"] == "forward" and doc["decision"]["reason"] == "pin"
 
 
+def test_check_of_another_user_on_the_main_listener_points_to_the_admin_listener(proxy: Any) -> None:
+    """session_check.lookup defaults to admin: the public endpoint explains the caller's own request."""
+    result = cli("check", f"http://127.0.0.1:{proxy.main_port}", "--user", "alice")
+    assert result.exit_code == 1
+    line = one_error_line(result)
+    assert "explains only the caller's own request" in line
+    assert "affinity-proxy check http://127.0.0.1:9091/session-check --user alice" in line
+
+
+def test_check_sends_the_token_to_the_admin_listener_only(lt: LoopThread, tmp_path: Path) -> None:
+    """A guarded admin listener needs --token (or $AFFINITY_ADMIN_TOKEN); a main-listener URL never gets it."""
+    from affinity_proxy.app import ProxyServer
+    from affinity_proxy.config import load_config
+
+    config = load_config(write(tmp_path / "t.yaml", config_yaml(DEAD, token=ADMIN_TOKEN)), environ={})
+
+    async def start() -> ProxyServer:
+        server = ProxyServer(config)
+        await server.start()
+        return server
+
+    server = lt.run(start())
+    try:
+        endpoint = f"http://127.0.0.1:{server.admin_port}/session-check"
+        refused = cli("check", endpoint, "--user", "alice")
+        assert refused.exit_code == 1 and ADMIN_TOKEN not in refused.output
+        assert ok("check", endpoint, "--user", "alice", "--token", ADMIN_TOKEN).stdout.startswith("user alice: not")
+        assert ok("check", endpoint, "--user", "bob", env={"AFFINITY_ADMIN_TOKEN": ADMIN_TOKEN}).exit_code == 0
+        from affinity_proxy.cli import is_admin_session_check
+
+        assert is_admin_session_check(endpoint)
+        assert not is_admin_session_check(f"http://127.0.0.1:{server.main_port}/_affinity/session-check")
+    finally:
+        lt.run(server.stop())
+
+
 def test_check_unpinned_and_anonymous(proxy: Any) -> None:
-    main_url = f"http://127.0.0.1:{proxy.main_port}"
-    doc = json.loads(ok("check", main_url, "--user", "zed", "--json").stdout)
-    text = ok("check", main_url, "--user", "zed").stdout
+    admin = f"http://127.0.0.1:{proxy.admin_port}/session-check"
+    doc = json.loads(ok("check", admin, "--user", "zed", "--json").stdout)
+    text = ok("check", admin, "--user", "zed").stdout
     assert text.startswith(f"user zed: not pinned (hash chooses {doc['hash_instance']})")
-    assert "instances: a up" in text
-    anon = ok("check", main_url).stdout
+    assert "instances: a up (0 pins)" in text
+    anon = ok("check", f"http://127.0.0.1:{proxy.main_port}").stdout
     assert anon.startswith("anonymous request")
+    assert "instances: a up, b up, c up" in anon  # the public answer carries no pin counts
 
 
 def test_check_with_an_invalid_cookie(proxy: Any) -> None:
     main_url = f"http://127.0.0.1:{proxy.main_port}"
-    text = ok("check", main_url, "--user", "zed", "--cookie", "fly-instance-id=forged").stdout
+    text = ok("check", main_url, "--cookie", "fly-instance-id=forged").stdout
     assert "cookie invalid (" in text.splitlines()[0]
 
 

@@ -26,6 +26,7 @@ from affinity_proxy.config import (
     LimitsConfig,
     LogConfig,
     ReaperConfig,
+    SessionCheckConfig,
     StoreConfig,
     UserKeySourceConfig,
     config_from_mapping,
@@ -45,8 +46,8 @@ EXAMPLES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 ONE = [{"id": "a", "url": "http://127.0.0.1:9001"}]  # the smallest valid instance list
 SECTIONS = {
-    "admin": AdminConfig, "cookie": CookieConfig, "store": StoreConfig, "health": HealthConfig,
-    "reaper": ReaperConfig, "fly": FlyConfig, "limits": LimitsConfig, "log": LogConfig,
+    "admin": AdminConfig, "cookie": CookieConfig, "session_check": SessionCheckConfig, "store": StoreConfig,
+    "health": HealthConfig, "reaper": ReaperConfig, "fly": FlyConfig, "limits": LimitsConfig, "log": LogConfig,
 }  # fmt: skip
 ALL_CLASSES = [Config, InstanceConfig, UserKeySourceConfig, *SECTIONS.values()]
 
@@ -107,7 +108,9 @@ def test_every_field_has_a_loader_kind() -> None:
 
 def test_direct_construction_normalises() -> None:
     assert LogConfig(level="debug", format="JSON") == LogConfig("DEBUG", "json")
-    assert CookieConfig(same_site="none", previous_secrets=["x"]).same_site == "None"  # type: ignore[arg-type]
+    assert CookieConfig(same_site="none", secure=True, previous_secrets=["x"]).same_site == "None"  # type: ignore[arg-type]
+    assert AdminConfig(allowed_hosts=["Admin.Example.", "b"]).allowed_hosts == ("admin.example", "b")  # type: ignore[arg-type]
+    assert SessionCheckConfig("PUBLIC").lookup == "public"
     assert CookieConfig(previous_secrets=["x"]).previous_secrets == ("x",)  # type: ignore[arg-type]
     assert Config(mode="FLY", pin_ttl=60).pin_ttl == 60.0 and Config(mode="FLY").mode == "fly"
     assert Config(instances=[InstanceConfig("a", "http://h")]).instances == (InstanceConfig("a", "http://h"),)  # type: ignore[arg-type]
@@ -287,6 +290,51 @@ def test_expand_env_errors_name_path_and_variable(data: dict[str, Any], message:
     assert error_of(data).startswith(message)
 
 
+def test_unset_variables_are_all_named_in_one_line() -> None:
+    data = {"admin": {"token": "${ADMIN_TOKEN}"}, "cookie": {"secret": "${COOKIE_SECRET}"},
+            "store": {"url": "${REDIS_URL}"}, "listen": "${LISTEN:-:8080}"}
+    assert error_of(data) == (
+        "admin.token: environment variable ADMIN_TOKEN is not set (a secret has no default: set it, e.g. "
+        "ADMIN_TOKEN=$(openssl rand -hex 32)); also missing: COOKIE_SECRET (cookie.secret), REDIS_URL (store.url)")
+    assert error_of({"store": {"url": "${REDIS_URL}"}}) == (
+        "store.url: environment variable REDIS_URL is not set (set it, or write ${REDIS_URL:-default})")
+
+
+@pytest.mark.parametrize("path", ["admin.token", "cookie.secret", "cookie.previous_secrets", "fly.api_token"])
+def test_a_secret_from_an_empty_variable_is_an_error(path: str) -> None:
+    section, key = path.split(".")
+    value: Any = ["${S}"] if key == "previous_secrets" else "${S}"
+    where = path + ("[0]" if key == "previous_secrets" else "")
+    assert error_of({section: {key: value}}, {"S": ""}).startswith(f"{where}: environment variable S is empty")
+    assert load({"admin": {"token": "${S:-}"}}, {"S": ""}).admin.token is None  # an explicit empty default
+    assert load({"cookie": {"domain": "${S}"}}, {"S": ""}).cookie.domain is None  # not a secret: empty is null
+
+
+def test_secrets_optional_reads_unset_secrets_as_null_but_not_other_keys() -> None:
+    data = {"instances": ONE, "admin": {"token": "${ADMIN_TOKEN}"}, "cookie": {"secret": "${COOKIE_SECRET}"}}
+    config = config_from_mapping(data, {}, secrets_optional=True)
+    assert config.admin.token is None and config.cookie.secret is None
+    with pytest.raises(ConfigError, match="store.url: environment variable REDIS_URL is not set"):
+        config_from_mapping({**data, "store": {"url": "${REDIS_URL}"}}, {}, secrets_optional=True)
+
+
+@pytest.mark.parametrize(("admin_listen", "needs_token"), [
+    ("127.0.0.1:9091", False), ("127.8.9.10:9091", False), ("[::1]:9091", False), ("localhost:9091", False),
+    (":9091", True), ("0.0.0.0:9091", True), ("[::]:9091", True), ("10.0.0.5:9091", True),
+    ("[fdaa::3]:9091", True), ("admin.internal:9091", True),
+])  # fmt: skip
+def test_admin_token_is_required_off_loopback(admin_listen: str, needs_token: bool) -> None:
+    config = load({"admin_listen": admin_listen})
+    assert config.admin_on_loopback is not needs_token
+    if needs_token:
+        with pytest.raises(ConfigError) as info:
+            config.require_admin_token()
+        assert str(info.value).startswith("admin.token: required when admin_listen is not a loopback address")
+    else:
+        config.require_admin_token()
+    load({"admin_listen": admin_listen, "admin": {"token": "t"}}).require_admin_token()
+
+
 def test_values_from_the_environment_take_the_keys_type() -> None:
     env = {"SECURE": "true", "WEIGHT": "3", "TTL": "2h", "BODY": "1MiB", "OFF": "off", "DOMAIN": ""}
     config = config_from_mapping(
@@ -351,6 +399,16 @@ ERRORS: list[tuple[dict[Any, Any], str]] = [  # data is merged over {"instances"
     # cookie
     ({"cookie": {"same_site": "x"}}, "cookie.same_site: must be one of Strict, Lax, None, got 'x'"),
     ({"cookie": {"same_site": None}}, "cookie.same_site: expected a string, got null"),
+    ({"cookie": {"same_site": "None"}}, "cookie.same_site: None needs secure: true (browsers drop"),
+    ({"cookie": {"same_site": "none", "secure": False}}, "cookie.same_site: None needs secure: true"),
+    # admin and session_check
+    ({"admin": {"allowed_hosts": "a.example"}}, "admin.allowed_hosts: expected a list"),
+    ({"admin": {"allowed_hosts": ["ok.example", "bad host"]}}, "admin.allowed_hosts[1]: must be a DNS name"),
+    ({"admin": {"allowed_hosts": ["ok", ""]}}, "admin.allowed_hosts[1]: expected a non-empty string"),
+    ({"admin": {"allowed_hosts": [7]}}, "admin.allowed_hosts[0]: expected a string, got 7"),
+    ({"session_check": {"lookup": "anyone"}}, "session_check.lookup: must be one of admin, public, got 'anyone'"),
+    ({"session_check": {"lookup": None}}, "session_check.lookup: expected a string, got null"),
+    ({"session_check": {"lokup": "admin"}}, "session_check.lokup: unknown key (known: lookup); did you mean lookup?"),
     ({"cookie": {"name": "my cookie"}}, "cookie.name: must be a token"),
     ({"cookie": {"name": "a;b"}}, "cookie.name: must be a token"),
     ({"cookie": {"secret": 12345}}, "cookie.secret: expected a string, got an integer"),
@@ -690,10 +748,34 @@ def test_there_are_examples() -> None:
     assert {"proxy", "minimal", "fly", "redis"} <= set(EXAMPLES)
 
 
+#: What each shipped config needs from the environment (no defaults: see tests/test_shipped_secrets.py).
+EXAMPLE_NEEDS = {
+    "fly": ["ADMIN_TOKEN", "COOKIE_SECRET", "REDIS_URL"],
+    "minimal": ["COOKIE_SECRET"],
+    "proxy": ["ADMIN_TOKEN", "COOKIE_SECRET"],
+    "redis": ["ADMIN_TOKEN", "COOKIE_SECRET", "REDIS_URL"],
+}
+
+
 @pytest.mark.parametrize("name", EXAMPLES)
-def test_example_loads_without_environment(name: str) -> None:
-    config = load_config(CONFIG_DIR / f"{name}.yaml", {})
+def test_example_refuses_to_load_without_its_secrets(name: str) -> None:
+    """Every missing variable is named in one message; nothing falls back to a usable value."""
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIG_DIR / f"{name}.yaml", {})
+    message = str(info.value)
+    assert [v for v in sorted(GOLDEN_ENV) if v in message] == EXAMPLE_NEEDS[name], message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_loads_with_its_secrets_and_can_serve(name: str) -> None:
+    env = {k: GOLDEN_ENV[k] for k in EXAMPLE_NEEDS[name]} | {"FLY_MACHINE_ID": "e784079b449483"}
+    config = load_config(CONFIG_DIR / f"{name}.yaml", env)
     config.require_cookie_secret()
+    config.require_admin_token()
+    for missing in EXAMPLE_NEEDS[name]:
+        with pytest.raises(ConfigError, match=f"environment variable {missing} is not set"):
+            load_config(CONFIG_DIR / f"{name}.yaml", {k: v for k, v in env.items() if k != missing})
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -727,8 +809,9 @@ def test_reference_config_lists_every_key() -> None:
 
 def test_reference_config_shows_the_defaults() -> None:
     """Every value in config/proxy.yaml is the default, except the few that cannot be."""
-    config, default = load_config(CONFIG_DIR / "proxy.yaml", {}), Config()
-    examples = {("cookie", "secret")}
+    env = {k: GOLDEN_ENV[k] for k in EXAMPLE_NEEDS["proxy"]}
+    config, default = load_config(CONFIG_DIR / "proxy.yaml", env), Config()
+    examples = {("cookie", "secret"), ("admin", "token")}
     for name in SECTIONS:
         for f in dataclasses.fields(getattr(default, name)):
             if (name, f.name) not in examples:

@@ -33,7 +33,9 @@ def test_top_level_fly_toml_runs_fly_mode_with_exec() -> None:
     assert argv[:3] == ["serve", "--config", "/app/config/fly.yaml"]
     assert "--exec" in argv
     config = load_config(ROOT / "config" / "fly.yaml", environ={"FLY_MACHINE_ID": "148e9e3c0e4d78",
-                                                               "FLY_APP_NAME": "my-affinity-app"})
+                                                               "FLY_APP_NAME": "my-affinity-app",
+                                                               "COOKIE_SECRET": "s", "ADMIN_TOKEN": "t",
+                                                               "REDIS_URL": "redis://redis.internal:6379/0"})
     assert config.mode == "fly" and config.listen_port == 8080 and config.admin_port == 9091
     assert parse_duration(doc["kill_timeout"], "kill_timeout") > config.limits.client_timeout
 

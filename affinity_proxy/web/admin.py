@@ -1,15 +1,19 @@
 """Admin listener routes (loopback by default; bearer token when ``admin.token`` is set) and the
 main listener's ``/_affinity/health`` and ``/_affinity/session-check``.
 
-Handlers here are thin: they read the context and call library code.
+Handlers here are thin: they read the context and call library code. ``browser_guard`` keeps web
+pages out of the admin listener (cross-site requests, DNS rebinding); ``token_middleware`` checks
+the bearer token.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -54,9 +58,10 @@ PUBLIC: web.AppKey[bool] = web.AppKey("affinity_public_listener", bool)
 
 async def session_check(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
+    public = request.app.get(PUBLIC, False)
     if request.method == "POST":
-        return await session_check_post(ctx, request, public=request.app.get(PUBLIC, False))
-    return await session_check_get(ctx, request)
+        return await session_check_post(ctx, request, public=public)
+    return await session_check_get(ctx, request, public=public)
 
 
 Middleware = Callable[..., Awaitable[web.StreamResponse]]
@@ -82,6 +87,90 @@ def token_middleware(token: str | None, *, public_metrics: bool = False) -> Midd
         return await handler(request)
 
     return check
+
+
+MUTATING_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """A ``Host`` header as (lower-case name without brackets or trailing dot, port or None); None
+    when it is not ``name[:port]`` or ``[ipv6][:port]``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return None
+        port_text = rest[1:] if rest else None
+    else:
+        name, sep, port_text = value.rpartition(":")
+        if not sep:
+            name, port_text = value, None
+    if port_text is not None and not (port_text.isdigit() and len(port_text) <= 5 and int(port_text) <= 65535):
+        return None
+    name = name.rstrip(".") if not value.startswith("[") else name
+    return (name, int(port_text) if port_text is not None else None) if name else None
+
+
+def host_allowed(name: str, allowed_hosts: frozenset[str]) -> bool:
+    """An IP literal, ``localhost`` or a configured name: names an attacker's DNS can point at this
+    listener (DNS rebinding) are none of these."""
+    if name == "localhost" or name in allowed_hosts:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _own_origin(origin: str, host: tuple[str, int | None] | None, allowed_hosts: frozenset[str]) -> bool:
+    """True when ``origin`` is this listener as the request reached it (same name and port as the
+    ``Host`` header, a name the listener answers to). ``null`` and everything else is foreign."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or host is None:
+        return False
+    name = parts.hostname.lower().rstrip(".")
+    if name != host[0] or not host_allowed(name, allowed_hosts):
+        return False
+    origin_port = port if port is not None else _DEFAULT_PORTS[parts.scheme]
+    return origin_port == host[1] if host[1] is not None else origin_port == _DEFAULT_PORTS[parts.scheme]
+
+
+def browser_guard(allowed_hosts: tuple[str, ...], *, token_set: bool, loopback: bool) -> Middleware:
+    """Refuse what a web page in an operator's browser could send to the admin listener.
+
+    403 ``cross_origin`` when ``Origin`` is present and is not this listener's own origin, or
+    ``Sec-Fetch-Site`` is ``cross-site``/``same-site`` (CSRF: a page cannot drain, reap or pin);
+    421 ``misdirected_host`` when ``Host`` is not an IP literal (any port), ``localhost`` or one of
+    ``admin.allowed_hosts`` (DNS rebinding needs a name of the attacker's; scrapers by IP keep
+    working). 401 ``token_required`` on PUT/POST/DELETE when no token is set and the listener is
+    not on loopback (``serve`` refuses that config; this covers servers built in code). Checks run
+    before the token, on every route; the messages echo nothing from the request."""
+    allowed = frozenset(allowed_hosts)
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        headers = request.headers
+        raw_host = headers.get("Host")
+        host = split_host(raw_host) if raw_host is not None else None
+        origin = headers.get("Origin")
+        fetch_site = headers.get("Sec-Fetch-Site", "").strip().lower()
+        if fetch_site in ("cross-site", "same-site") or (origin is not None and not _own_origin(origin, host, allowed)):
+            return json_error(403, "cross-origin requests to the admin listener are refused", code="cross_origin")
+        if raw_host is not None and (host is None or not host_allowed(host[0], allowed)):
+            return json_error(421, "this admin listener does not answer to that Host name (IP addresses, "
+                                   "localhost and admin.allowed_hosts only)", code="misdirected_host")
+        if not token_set and not loopback and request.method in MUTATING_METHODS:
+            return json_error(401, "admin.token is required for changes when admin_listen is not a loopback "
+                                   "address", code="token_required")
+        return await handler(request)
+
+    return guard
 
 
 def _user(request: web.Request) -> str:

@@ -2,6 +2,14 @@
 
 GET changes nothing (the store is only read). POST ``{"userId", "testAffinity", "pin"}`` repeats
 the decision to show it is stable and, with ``"pin": true``, creates the pin (and sets the cookie).
+
+On the main (public) listener, with ``session_check.lookup: admin`` (the default), a caller may only
+ask about its own request: a ``userId`` other than the user key the request itself carries (header,
+query or cookie per ``user_key``) is 403 ``lookup_forbidden``, and the answer leaves out
+``pin.expires_in`` and per-instance pin counts. A header key is not authenticated, so anyone can
+present any key as their own: what remains is what routing that request reveals anyway, while the
+expiry would tell when that user was last active. ``lookup: public`` restores the full answer for
+anyone; the admin listener always gives it.
 """
 
 from __future__ import annotations
@@ -101,19 +109,52 @@ def _user_id_from_query(request: web.Request) -> str | None:
     return value
 
 
-async def session_check_get(ctx: ProxyContext, request: web.Request) -> web.Response:
+def _lookup_public(ctx: ProxyContext, public: bool) -> bool:
+    """True when this answer may look up any user and show pin expiry and counts."""
+    return not public or ctx.config.session_check.lookup == "public"
+
+
+def _own_key(ctx: ProxyContext, request: web.Request) -> str | None:
+    return extract_user_key(ctx.user_key_sources, request.headers, request.query, request.cookies)
+
+
+def _lookup_refused(ctx: ProxyContext, request: web.Request, user_id: str | None, public: bool) -> web.Response | None:
+    """403 when a public caller asks about a user key its request does not carry."""
+    if user_id is None or _lookup_public(ctx, public) or _own_key(ctx, request) == user_id:
+        return None
+    return json_error(403, "userId: this listener explains only your own request (leave userId out, or send "
+                           "it as your user key); looking up another user needs the admin listener's "
+                           "/session-check or session_check.lookup: public", code="lookup_forbidden")
+
+
+def _redact(doc: dict[str, Any]) -> dict[str, Any]:
+    """Drop what would make the public answer an activity oracle: pin expiry and pin counts."""
+    if doc.get("pin"):
+        doc["pin"] = {k: v for k, v in doc["pin"].items() if k != "expires_in"}
+    doc["instances"] = [{k: v for k, v in i.items() if k != "pins"} for i in doc["instances"]]
+    return doc
+
+
+async def session_check_get(ctx: ProxyContext, request: web.Request, *, public: bool = False) -> web.Response:
+    """``public`` (the main listener): see the module docstring."""
     try:
         user_id = _user_id_from_query(request)
     except web.HTTPBadRequest as exc:
         return json_error(400, exc.text or "bad userId", code="bad_user_id")
+    refused = _lookup_refused(ctx, request, user_id, public)
+    if refused is not None:
+        return refused
     doc, _, _ = await explain(ctx, request, user_id)
+    if not _lookup_public(ctx, public):
+        doc = _redact(doc)
     return web.json_response(doc, dumps=lambda o: json.dumps(o, indent=2))
 
 
 async def session_check_post(ctx: ProxyContext, request: web.Request, *, public: bool = False) -> web.Response:
     """``public`` (the main listener): ``"pin": true`` may only pin the caller's own user key (the
-    one its request carries), so nobody can pin someone else from the internet; the admin listener
-    may pin any user."""
+    one its request carries), so nobody can pin someone else from the internet, even with
+    ``session_check.lookup: public``; the admin listener may pin any user. Lookups: see the module
+    docstring."""
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -125,12 +166,15 @@ async def session_check_post(ctx: ProxyContext, request: web.Request, *, public:
         not isinstance(user_id, str) or len(user_id) > MAX_USER_KEY_LENGTH or not user_id.isprintable()
     ):
         return json_error(400, "userId: a string of at most 256 printable characters", code="bad_user_id")
-    if public and body.get("pin") is True and user_id is not None:
-        own = extract_user_key(ctx.user_key_sources, request.headers, request.query, request.cookies)
-        if own != user_id:
-            return json_error(403, "pin: on the public listener only your own user key can be pinned",
-                              code="pin_forbidden")
+    refused = _lookup_refused(ctx, request, user_id, public)
+    if refused is not None:
+        return refused
+    if public and body.get("pin") is True and user_id is not None and _own_key(ctx, request) != user_id:
+        return json_error(403, "pin: on the public listener only your own user key can be pinned",
+                          code="pin_forbidden")
     doc, decision, inp = await explain(ctx, request, user_id)
+    if not _lookup_public(ctx, public):
+        doc = _redact(doc)
     headers: dict[str, str] = {}
     if body.get("testAffinity"):
         view = ctx.membership.current()
