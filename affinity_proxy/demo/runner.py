@@ -1,6 +1,8 @@
 """``affinity-proxy demo``: demo backends plus the proxy on the embedded memory store, in one process.
 
-Needs no Redis and no config file; generates a throwaway cookie secret. Prints what to try.
+Needs no Redis and no config file; generates a throwaway cookie secret. Prints what to try, as
+commands that run as printed (the CLI by the path it was started from when the venv is not on PATH)
+and the dashboard's URL.
 """
 
 from __future__ import annotations
@@ -8,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import shutil
 import signal
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
@@ -34,10 +38,24 @@ def demo_config(ports: list[int], port: int, admin_port: int) -> Config:
     )
 
 
+def cli_command() -> str:
+    """The shell command that runs this install's CLI: ``affinity-proxy`` when that name on PATH is
+    this install's script, else the script's absolute path (``make demo`` runs it from ``.venv/bin``,
+    which is not on PATH), else ``<this python> -m affinity_proxy``."""
+    script = Path(sys.executable).with_name("affinity-proxy")
+    on_path = shutil.which("affinity-proxy")
+    if on_path is not None and script.exists() and Path(on_path).resolve() == script.resolve():
+        return "affinity-proxy"
+    if script.exists():
+        return str(script.absolute())
+    return f"{Path(sys.executable).absolute()} -m affinity_proxy"
+
+
 def _banner(port: int, admin_port: int, ids: list[str]) -> str:
     base = f"http://127.0.0.1:{port}"
     return f"""
 affinity-proxy demo: {len(ids)} instances ({", ".join(ids)}) behind {base} (memory store, no Redis)
+Dashboard: http://127.0.0.1:{admin_port}/dashboard
 
 Try:
   curl -i {base}/                                  # anonymous: a new session, Set-Cookie fly-instance-id
@@ -47,7 +65,7 @@ Try:
   curl -s http://127.0.0.1:{admin_port}/instances           # instances, states, pin counts
   curl -s -X POST http://127.0.0.1:{admin_port}/instances/{ids[0]}/drain   # drain: pinned users stay
   curl -s http://127.0.0.1:{admin_port}/metrics | grep ^affinity_
-  affinity-proxy pins list --admin http://127.0.0.1:{admin_port}
+  {cli_command()} pins list --admin http://127.0.0.1:{admin_port}
 Press Ctrl-C to stop.
 """
 
