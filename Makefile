@@ -3,14 +3,16 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-all lint install bench bench-scaling chaos clean redis-server
+.PHONY: demo test test-all lint install bench bench-scaling chaos clean redis-server test-deps
 
-# Tests start their own redis-server on a free port; install Debian's package when it is missing.
+# Debian packages the suite needs (redis-server, chromium, prometheus's promtool, nginx, openssl),
+# installed with apt-get when missing; the list is in .ci/install-deps, which CI uses too.
+test-deps:
+	@.ci/install-deps
+
+# Tests start their own redis-server on a free port.
 redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  echo "installing redis-server (Debian package)"; \
-	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@.ci/install-deps redis-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +24,13 @@ install: $(BIN)/python
 demo: install
 	$(BIN)/affinity-proxy demo
 
-# Runs ruff and the whole suite (needs redis-server on PATH: tests start their own on a free port).
-test: install redis-server
+# Runs ruff and the whole suite; -rs prints the reason of any skipped test (CI allows none).
+test: install test-deps
 	$(BIN)/ruff check affinity_proxy tests benchmarks
-	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
+	$(BIN)/python -m pytest -q -rs -m "not slow" -p no:cacheprovider
 
-test-all: install redis-server
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+test-all: install test-deps
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider
 
 # Benchmark against nginx (installs nginx and wrk with apt-get when missing); writes benchmarks/RESULTS.md.
 bench: install
