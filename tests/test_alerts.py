@@ -32,7 +32,7 @@ ALERTS = PROMETHEUS / "alerts.yml"
 GRAFANA = ROOT / "examples" / "grafana" / "affinity-proxy.json"
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool is absent (apt-get install prometheus; .ci/run installs it)"
+    PROMTOOL is None, reason="promtool is absent (make test installs prometheus: .ci/install-deps)"
 )
 
 METRIC_RE = re.compile(r"\baffinity_[a-z0-9_]+\b")

@@ -194,7 +194,7 @@ def test_cookie_map_regex_extracts_the_value() -> None:
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
 
 
-@pytest.mark.skipif(NGINX is None, reason="nginx not installed (benchmarks/run.py installs it)")
+@pytest.mark.skipif(NGINX is None, reason="nginx not installed (make test installs it: .ci/install-deps)")
 def test_nginx_accepts_the_generated_configs(tmp_path: Path) -> None:
     binary = NGINX
     assert binary is not None

@@ -1,8 +1,9 @@
 """The live dashboard: RecentEvents, /dashboard/data over HTTP, and the page rendered in headless Chromium.
 
 Real servers on 127.0.0.1 port 0 (three demo backends, a proxy with an admin token). The browser
-tests run Debian's ``chromium`` (``/usr/bin/chromium``; ``.ci/run`` installs it) and are skipped
-with a reason when it is absent. The screenshot is saved as ``dashboard.png`` in the test's tmp dir.
+tests run Debian's ``chromium`` (``/usr/bin/chromium``; ``make test`` installs it with
+``.ci/install-deps``) and are skipped with a reason when it is absent. The screenshot is saved as
+``dashboard.png`` in the test's tmp dir.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 TOKEN = "dash-token-" + "t" * 20
 USERS = [f"user-{i}" for i in range(40)]
 needs_chromium = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (apt-get install chromium; .ci/run installs it)"
+    not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (make test installs it: .ci/install-deps)"
 )
 
 

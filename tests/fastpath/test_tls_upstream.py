@@ -36,7 +36,9 @@ BOTH_ENGINES = True
 ENGINES = ("aiohttp", "fast")
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line")
+pytestmark = pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs the openssl command line (make test installs it: .ci/install-deps)"
+)
 
 
 def free_port() -> int:
