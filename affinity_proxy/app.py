@@ -17,9 +17,11 @@ from aiohttp import web
 from affinity_proxy._tasks import TaskSet
 from affinity_proxy.config import Config
 from affinity_proxy.forwarding.client import UpstreamClient
+from affinity_proxy.listeners import dual_stack_socket, host_port, is_dual_stack
 from affinity_proxy.membership.discovery import fly_static_instances, local_instance, private_url, run_discovery
 from affinity_proxy.membership.health import HealthChecker, HealthSettings
 from affinity_proxy.membership.heartbeat import HeartbeatSource, MembershipRefresher, refresh_interval
+from affinity_proxy.membership.private_net import PrivateNet, PrivateNetResolver
 from affinity_proxy.membership.redis_shared import RedisSharedState
 from affinity_proxy.membership.registry import Membership
 from affinity_proxy.membership.shared import MemorySharedState, SharedState
@@ -136,8 +138,13 @@ def _lifecycle(ctx: ProxyContext, reaper: Reaper):  # type: ignore[no-untyped-de
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         limits = ctx.config.limits
         ctx.started_at = time.monotonic()
+        resolver = None
+        if ctx.config.mode == "fly":  # 6PN: .internal names AAAA only, stopped Machines woken (private_net)
+            ctx.private_net = PrivateNet(lambda: ctx.config.fly, session=lambda: ctx.client.session)  # type: ignore[union-attr]
+            resolver = PrivateNetResolver(ctx.private_net)
         ctx.client = UpstreamClient(
             connect_timeout=limits.upstream_connect_timeout, read_timeout=limits.upstream_timeout,
+            resolver=resolver,
         )
         await ctx.client.start()
         h = ctx.config.health
@@ -166,6 +173,8 @@ def _lifecycle(ctx: ProxyContext, reaper: Reaper):  # type: ignore[no-untyped-de
             log.warning("could not flush pin refreshes on shutdown: %s", exc)
         await ctx.store.close()
         await ctx.client.close()
+        if ctx.private_net is not None:
+            await ctx.private_net.close()
 
     return lifecycle
 
@@ -278,20 +287,19 @@ class ProxyServer:
             from affinity_proxy.fastpath import FastServer
 
             self._fast = FastServer(self.ctx, main_runner)
-            await self._fast.start(self.config.listen_host, self.config.listen_port, reuse_port=self._reuse_port)
+            host, port = self.config.listen_host, self.config.listen_port
+            sock = dual_stack_socket(port, reuse_port=self._reuse_port) if is_dual_stack(host) else None
+            await self._fast.start(host, port, reuse_port=self._reuse_port, sock=sock)
             self.main_port = self._fast.port
         else:
-            main_site = web.TCPSite(main_runner, self.config.listen_host, self.config.listen_port,
-                                    reuse_port=self._reuse_port or None, backlog=1024)
-            await main_site.start()
+            main_site = await _start_site(main_runner, self.config.listen_host, self.config.listen_port,
+                                          self._reuse_port, backlog=1024)
             self.main_port = _bound_port(main_site)
-        admin_site = web.TCPSite(admin_runner, self.config.admin_host, self.config.admin_port,
-                                 reuse_port=self._reuse_port or None)
-        await admin_site.start()
+        admin_site = await _start_site(admin_runner, self.config.admin_host, self.config.admin_port, self._reuse_port)
         self.admin_port = _bound_port(admin_site)
         log.info("listening", extra={"fields": {
-            "listen": f"{self.config.listen_host}:{self.main_port}",
-            "admin": f"{self.config.admin_host}:{self.admin_port}", "store": self.ctx.store.kind,
+            "listen": host_port(self.config.listen_host, self.main_port),
+            "admin": host_port(self.config.admin_host, self.admin_port), "store": self.ctx.store.kind,
             "instances": len(self.config.instances)}})
 
     async def stop(self) -> None:
@@ -306,7 +314,25 @@ class ProxyServer:
         self._runners = []
 
 
-def _bound_port(site: web.TCPSite) -> int:
+async def _start_site(runner: web.BaseRunner, host: str, port: int, reuse_port: bool,
+                      backlog: int = 128) -> web.BaseSite:
+    """A TCP site on ``host:port``; the dual-stack wildcard (``:port``, ``[::]:port``) as one socket
+    taking IPv4 and IPv6 (``listeners``), which ``TCPSite`` cannot do."""
+    if not is_dual_stack(host):
+        site: web.BaseSite = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=backlog)
+        await site.start()
+        return site
+    sock = dual_stack_socket(port, reuse_port=reuse_port)
+    try:
+        site = web.SockSite(runner, sock, backlog=backlog)
+        await site.start()
+    except BaseException:
+        sock.close()
+        raise
+    return site
+
+
+def _bound_port(site: web.BaseSite) -> int:
     server = site._server  # aiohttp exposes no public accessor for the bound port of port 0
     assert server is not None
     sockets = getattr(server, "sockets", None) or []

@@ -175,8 +175,9 @@ _HOSTPORT_HINT = "expected host:port like 0.0.0.0:8080, [::1]:9091 or :8080"
 
 
 def parse_hostport(value: Any, path: str) -> tuple[str, int]:
-    """``(host, port)`` from ``0.0.0.0:8080``, ``[::1]:9091``, ``:8080`` (host 0.0.0.0) or
-    ``localhost:0`` (port 0: any free port). IPv6 hosts come back without brackets."""
+    """``(host, port)`` from ``0.0.0.0:8080``, ``[::1]:9091``, ``:8080`` (host ``::``, like
+    ``[::]:8080``: a listener there takes IPv4 and IPv6, see ``listeners``) or ``localhost:0``
+    (port 0: any free port). IPv6 hosts come back without brackets."""
     if not isinstance(value, str):
         raise ConfigError(path, f"{_HOSTPORT_HINT}, got {describe(value)}")
     text = value.strip()
@@ -194,8 +195,9 @@ def parse_hostport(value: Any, path: str) -> tuple[str, int]:
             raise ConfigError(path, f"{_HOSTPORT_HINT} (the port is missing), got {describe(value)}")
         if ":" in host:
             raise ConfigError(path, f"IPv6 hosts need brackets, like [::1]:9091, got {describe(value)}")
-        host = host or "0.0.0.0"
-        if not HOSTNAME.fullmatch(host) or (_looks_numeric(host) and not _is_ipv4(host)):
+        if not host:
+            host = "::"  # every address of both families (``listeners.dual_stack_socket``)
+        elif not HOSTNAME.fullmatch(host) or (_looks_numeric(host) and not _is_ipv4(host)):
             raise ConfigError(path, f"{_HOSTPORT_HINT} (bad host), got {describe(value)}")
     if not _PORT.fullmatch(port_text) or int(port_text) > 65535:
         raise ConfigError(path, f"port must be a number from 0 to 65535, got {describe(value)}")

@@ -246,6 +246,9 @@ class FlyConfig:
     replay_timeout: float | None = None
     api_url: str | None = None
     api_token: str | None = field(default=None, repr=False, metadata=SECRET)
+    #: Longest wait for a stopped Machine a private-network forward must reach: started through the
+    #: Machines API (``api_url``, ``api_token``), until its ``.internal`` name resolves and it listens.
+    wake_timeout: float = 15.0
 
     def __post_init__(self) -> None:
         check = Check(self, self.PATH)
@@ -264,6 +267,7 @@ class FlyConfig:
         check.seconds("replay_timeout", optional=True)
         check.http_url("api_url", optional=True, allow_path=True)
         check.text("api_token", optional=True)
+        check.seconds("wake_timeout")
 
     def _check_private_url(self, check: Check) -> None:
         template = check.text("private_url")

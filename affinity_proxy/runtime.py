@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from affinity_proxy._tasks import TaskSet
 from affinity_proxy.config import Config
+from affinity_proxy.listeners import dual_stack_socket, host_port, is_dual_stack
 from affinity_proxy.observability.logs import configure_logging
 from affinity_proxy.supervise import AppProcess
 
@@ -252,6 +253,16 @@ def prepare_listeners(config: Config) -> tuple[Config, list[socket.socket]]:
 
 
 def _prepare(host: str, port: int, held: list[socket.socket]) -> str:
+    if is_dual_stack(host):  # one socket taking both families, as each worker will bind it
+        try:
+            sock = dual_stack_socket(port, reuse_port=port == 0)
+        except OSError as exc:
+            raise OSError(f"cannot bind {host_port(host, port)}: {exc.strerror}") from exc
+        if port != 0:
+            sock.close()
+            return host_port(host, port)
+        held.append(sock)
+        return host_port(host, int(sock.getsockname()[1]))
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     if port == 0:
         infos = infos[:1]

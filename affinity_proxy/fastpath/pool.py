@@ -3,7 +3,9 @@
 ``UpstreamPool`` keeps idle connections per instance URL (LIFO, so the warmest socket is reused
 and the others can expire after ``KEEPALIVE_SECONDS``, aiohttp's connector default) and opens new
 ones with ``loop.create_connection`` under ``limits.upstream_connect_timeout`` (TLS included, for
-``https://`` instances: ``tls_context``) in a background task of its ``TaskSet``. ``Origin`` is
+``https://`` instances: ``tls_context``) in a background task of its ``TaskSet``; fly mode's
+``*.internal`` names go through ``membership.private_net.PrivateNet.open`` (AAAA only, a stopped
+Machine woken first, within ``fly.wake_timeout``). ``Origin`` is
 where a URL points. It also holds the response-head cache shared by every connection. Read
 timeouts are found by ``sweep`` (called by the server's periodic sweep), not by a timer per
 request. One per process (event loop).
@@ -17,6 +19,7 @@ from collections import deque
 from urllib.parse import urlsplit
 
 from affinity_proxy._tasks import TaskSet
+from affinity_proxy.membership.private_net import PrivateNet, is_private_name
 
 from .response import ResponseCache
 from .upstream import Relay, UpstreamConnection
@@ -38,13 +41,14 @@ class Origin:
     """Where one instance URL points: host, port, TLS (with SNI and the certificate checked for
     ``server_hostname``), and the path prefix to put before targets."""
 
-    __slots__ = ("host", "host_header", "key", "port", "prefix", "server_hostname", "ssl")
+    __slots__ = ("host", "host_header", "key", "port", "prefix", "private", "server_hostname", "ssl")
 
     def __init__(self, url: str, tls: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
         self.key = url
         self.ssl: ssl.SSLContext | None = (tls or tls_context()) if parts.scheme == "https" else None
         self.host = parts.hostname or "127.0.0.1"
+        self.private = is_private_name(self.host)  # Fly's 6PN: resolved by ``PrivateNet``
         self.server_hostname = self.host.rstrip(".") if self.ssl else None  # as aiohttp's client sends it
         self.port = parts.port or (443 if self.ssl else 80)
         self.prefix = parts.path.rstrip("/").encode()
@@ -56,8 +60,9 @@ class Origin:
 class UpstreamPool:
     """Idle keep-alive connections per instance URL, and connection set-up."""
 
-    def __init__(self, tasks: TaskSet) -> None:
+    def __init__(self, tasks: TaskSet, private: PrivateNet | None = None) -> None:
         self._tasks = tasks
+        self._private = private
         self._origins: dict[str, Origin] = {}
         self._idle: dict[str, deque[UpstreamConnection]] = {}
         self.active: set[UpstreamConnection] = set()
@@ -92,12 +97,20 @@ class UpstreamPool:
 
     async def _connect(self, origin: Origin, relay: Relay, connect_timeout: float, on_ready: object) -> None:
         loop = asyncio.get_running_loop()
+
+        async def open_to(host: str) -> UpstreamConnection:
+            _, conn = await loop.create_connection(
+                lambda: UpstreamConnection(self, origin), host, origin.port, ssl=origin.ssl,
+                server_hostname=origin.server_hostname,
+            )
+            return conn
+
         try:
-            async with asyncio.timeout(connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(self, origin), origin.host, origin.port, ssl=origin.ssl,
-                    server_hostname=origin.server_hostname,
-                )
+            if origin.private and self._private is not None:  # 6PN: AAAA only, a stopped Machine woken
+                conn = await self._private.open(origin.host, origin.port, open_to, connect_timeout)
+            else:
+                async with asyncio.timeout(connect_timeout):
+                    conn = await open_to(origin.host)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             relay.upstream_failed("connect", f"{type(exc).__name__}: {exc}", sent=False)
             return

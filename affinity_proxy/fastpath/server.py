@@ -47,7 +47,7 @@ class FastServer:
         self.hot = HotRoutes(ctx, self.router.fly)
         self.heads = HeadCache(ctx)
         self.tasks = TaskSet()
-        self.pool = UpstreamPool(self.tasks)
+        self.pool = UpstreamPool(self.tasks, ctx.private_net)
         self.ids = wire.RequestIds()
         self.connections: set[ClientConnection] = set()
         self.closing = False
@@ -61,11 +61,21 @@ class FastServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> None:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024,
+                    sock: socket.socket | None = None) -> None:
+        """Listen on ``host:port``, or on ``sock`` (bound, not listening: the dual-stack wildcard of
+        ``listeners``, which ``create_server(host=...)`` cannot make); closed here if that fails."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: ClientConnection(self), host or None, port, reuse_port=reuse_port or None, backlog=backlog,
-        )
+        if sock is not None:
+            try:
+                self._server = await loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=backlog)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            self._server = await loop.create_server(
+                lambda: ClientConnection(self), host or None, port, reuse_port=reuse_port or None, backlog=backlog,
+            )
         self._sweeper = self.tasks.spawn(self._sweep(), name="fastpath-sweep")
 
     @property

@@ -37,7 +37,8 @@ class UpstreamClient:
     process (requests beyond it wait, counted against ``connect_timeout``); ``limit_per_host``
     caps them per instance (0 = no per-instance cap). ``keepalive_timeout`` is how long an idle
     connection is kept; keep it below the instances' own idle timeout to avoid reusing a socket
-    the instance is closing. ``dns_cache_ttl`` caches resolutions (Fly's ``.internal`` names).
+    the instance is closing. ``dns_cache_ttl`` caches resolutions; ``resolver`` replaces aiohttp's
+    (fly mode: ``membership.private_net.PrivateNetResolver``, which caches by itself).
 
     Lifecycle: ``await start()`` inside the running loop, ``await close()`` at shutdown; or
     ``app.cleanup_ctx.append(client.cleanup_ctx)``, or ``async with client:``. Not thread-safe;
@@ -53,6 +54,7 @@ class UpstreamClient:
         limit_per_host: int = 0,
         keepalive_timeout: float = 15.0,
         dns_cache_ttl: int = 10,
+        resolver: aiohttp.abc.AbstractResolver | None = None,
     ) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -60,6 +62,7 @@ class UpstreamClient:
         self.limit_per_host = limit_per_host
         self.keepalive_timeout = keepalive_timeout
         self.dns_cache_ttl = dns_cache_ttl
+        self.resolver = resolver
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -77,6 +80,9 @@ class UpstreamClient:
             limit=self.limit,
             limit_per_host=self.limit_per_host,
             ttl_dns_cache=self.dns_cache_ttl,
+            # a resolver of our own caches what it may (fly mode: 6PN answers live a few seconds)
+            use_dns_cache=self.resolver is None,
+            resolver=self.resolver,
             keepalive_timeout=self.keepalive_timeout,
             enable_cleanup_closed=False,
         )

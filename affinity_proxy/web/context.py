@@ -17,6 +17,7 @@ from affinity_proxy._tasks import TaskSet
 from affinity_proxy.config import Config
 from affinity_proxy.forwarding.client import UpstreamClient
 from affinity_proxy.membership.health import HealthChecker
+from affinity_proxy.membership.private_net import PrivateNet
 from affinity_proxy.membership.registry import Membership
 from affinity_proxy.membership.shared import SharedState
 from affinity_proxy.observability.events import RecentEvents
@@ -40,6 +41,7 @@ class ProxyContext:
     user_key_sources: tuple[UserKeySource, ...]
     shared: SharedState  # drain marks, heartbeats, locks: Redis with a Redis store, else in memory
     client: UpstreamClient | None = None
+    private_net: PrivateNet | None = None  # fly mode: 6PN names and waking stopped Machines
     health: HealthChecker | None = None
     node: str = field(default_factory=lambda: os.environ.get("FLY_MACHINE_ID") or socket.gethostname())
     started_at: float = 0.0

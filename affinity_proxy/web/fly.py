@@ -8,9 +8,12 @@ instance or keep a request here; they are never a security signal (a client can 
 from __future__ import annotations
 
 import json
+from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
 
+from affinity_proxy.forwarding.errors import UpstreamError
+from affinity_proxy.membership.private_net import PrivateNet, is_private_name, probe
 from affinity_proxy.routing.decide import DecisionReason, RepinReason, Route, RouteInput
 from affinity_proxy.routing.model import InstanceId
 from affinity_proxy.routing.replay import (
@@ -97,11 +100,29 @@ def private_forward_headers(local: str) -> list[tuple[str, str]]:
     return [(REPLAY_SRC_HEADER, PRIVATE_FORWARD_SRC.format(id=local))]
 
 
+async def reach_private(net: PrivateNet, url: str, connect_timeout: float) -> None:
+    """Before a private forward on the aiohttp engine: make sure the Machine behind ``url`` takes
+    connections (``PrivateNet.open`` with a probe connection: a stopped Machine is started and
+    waited for, a stale address looked up again), so the forward's own connect then succeeds
+    within ``connect_timeout``. Names outside ``*.internal`` are left to the connector. Raises
+    ``UpstreamError("connect")`` (nothing was sent). The fast engine does the same in its pool."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if not is_private_name(host):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        await net.open(host, port, lambda address: probe(address, port), connect_timeout)
+    except (OSError, TimeoutError) as exc:
+        raise UpstreamError("connect", f"{host}: {exc or type(exc).__name__}") from exc
+
+
 __all__ = [
     "REPLAY_SRC_HEADER",
     "body_info",
     "fly_plan",
     "private_forward_headers",
+    "reach_private",
     "repin_signals",
     "replay_response",
     "replay_source",

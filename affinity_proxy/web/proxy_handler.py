@@ -167,6 +167,8 @@ class ProxyHandler:
         assert ctx.client is not None
         started = time.perf_counter()
         try:
+            if not instance.local and ctx.private_net is not None:  # a private forward: wake it if stopped
+                await fly.reach_private(ctx.private_net, instance.url, limits.upstream_connect_timeout)
             if is_websocket_upgrade(request):
                 gauge = ctx.metrics.websocket_connections.labels(instance=instance.id)
                 gauge.inc()
