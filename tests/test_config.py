@@ -314,7 +314,7 @@ def test_secrets_optional_reads_unset_secrets_as_null_but_not_other_keys() -> No
     data = {"instances": ONE, "admin": {"token": "${ADMIN_TOKEN}"}, "cookie": {"secret": "${COOKIE_SECRET}"}}
     config = config_from_mapping(data, {}, secrets_optional=True)
     assert config.admin.token is None and config.cookie.secret is None
-    with pytest.raises(ConfigError, match="store.url: environment variable REDIS_URL is not set"):
+    with pytest.raises(ConfigError, match=r"store\.url: environment variable REDIS_URL is not set"):
         config_from_mapping({**data, "store": {"url": "${REDIS_URL}"}}, {}, secrets_optional=True)
 
 

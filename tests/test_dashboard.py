@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import AdminConfig, FlyConfig, InstanceConfig
@@ -394,3 +395,80 @@ async def test_dashboard_without_a_valid_token_says_how_to_give_one(proxy: Proxy
     assert "token was refused" in dom.text("error")
     assert "#token=" in dom.text("error")
     assert dom.rows == {}
+
+
+# --- safe by default: the admin listener in a real browser ---------------------------------------------
+
+
+@needs_chromium
+async def test_dashboard_works_when_opened_as_localhost(proxy: ProxyServer, tmp_path: Path) -> None:
+    """``localhost`` is one of the names the admin listener answers to (IP literals are the others)."""
+    url = f"http://localhost:{proxy.admin_port}/dashboard#token={TOKEN}"
+    dom_text = await run_chromium(tmp_path / "profile", url, "--dump-dom")
+    dom = Dom()
+    dom.feed(dom_text)
+    body = re.search(r"<body[^>]*>", dom_text)
+    assert body and 'data-loaded="true"' in body.group(0), dom_text[:3000]
+    assert set(dom.rows) == {"a", "b", "c"}
+
+
+ATTACKER_PAGE = """<!doctype html><html><body><script>
+fetch("http://127.0.0.1:{admin_port}/instances/a/drain", {{method: "POST", mode: "no-cors", body: "x"}})
+  .then(function () {{ document.body.setAttribute("data-sent", "yes"); }})
+  .catch(function () {{ document.body.setAttribute("data-sent", "error"); }});
+</script></body></html>"""
+
+
+@pytest.fixture
+async def open_proxy(backends: Backends) -> AsyncIterator[tuple[ProxyServer, list[tuple[str, str, int]]]]:
+    """The issue's setup: no admin token (the default), admin listener on loopback. Records what the
+    admin listener answered (method, path, status)."""
+    server = ProxyServer(make_config(backends))
+    seen: list[tuple[str, str, int]] = []
+
+    async def record(request: web.Request, response: web.StreamResponse) -> None:
+        seen.append((request.method, request.path, response.status))
+
+    server.admin_app.on_response_prepare.append(record)
+    await server.start()
+    yield server, seen
+    await server.stop()
+
+
+@needs_chromium
+async def test_a_page_on_another_site_cannot_drain_through_the_browser(open_proxy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """CSRF: a page the operator visits posts to the admin listener. Chromium sends it (no-cors POST
+    with a text body needs no preflight), with ``Origin: http://evil.example:PORT``: 403, nothing drained."""
+    server, seen = open_proxy
+    page = web.Application()
+
+    async def attacker(request: web.Request) -> web.Response:
+        return web.Response(text=ATTACKER_PAGE.format(admin_port=server.admin_port), content_type="text/html")
+
+    page.router.add_get("/", attacker)
+    runner = web.AppRunner(page, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        dom_text = await run_chromium(tmp_path / "profile", f"http://evil.example:{port}/", "--dump-dom",
+                                      "--host-resolver-rules=MAP evil.example 127.0.0.1")
+    finally:
+        await runner.cleanup()
+    assert 'data-sent="yes"' in dom_text, dom_text[:2000]  # the browser did send it
+    assert ("POST", "/instances/a/drain", 403) in seen, seen
+    assert server.ctx.membership.current().state_of(InstanceId("a")).value == "up"
+
+
+@needs_chromium
+async def test_dns_rebinding_reads_no_user_keys(open_proxy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Rebinding: evil.example now resolves to 127.0.0.1, so the attacker's page is same-origin with
+    the admin listener under its own name. The Host header gives it away: 421, no pins."""
+    server, seen = open_proxy
+    await server.ctx.store.set("victim-user", InstanceId("a"))
+    dom_text = await run_chromium(tmp_path / "profile", f"http://evil.example:{server.admin_port}/pins",
+                                  "--dump-dom", "--host-resolver-rules=MAP evil.example 127.0.0.1")
+    assert "victim-user" not in dom_text
+    assert "misdirected_host" in dom_text, dom_text[:2000]
+    assert ("GET", "/pins", 421) in seen, seen

@@ -127,7 +127,7 @@ def _deploy_configs() -> dict[str, Path]:
 SERVE_CASES = {p.relative_to(ROOT).as_posix(): p for p in SHIPPED_CONFIGS}
 
 
-@pytest.mark.parametrize("name", sorted(SERVE_CASES) + ["Dockerfile", "fly.toml", "examples/fly/Dockerfile"])
+@pytest.mark.parametrize("name", [*sorted(SERVE_CASES), "Dockerfile", "fly.toml", "examples/fly/Dockerfile"])
 def test_serve_without_the_variables_exits_2_naming_them(name: str, tmp_path: Path) -> None:
     path = SERVE_CASES.get(name) or _deploy_configs()[name]
     needed = sorted(set(re.findall(r"\$\{([A-Z0-9_]+)\}", yaml.safe_dump(yaml.safe_load(path.read_text())))))

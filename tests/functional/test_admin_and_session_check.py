@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tests.functional.conftest import make_config
 from tests.functional.helpers import COOKIE, admin, affinity_cookie, base, metric_value
 from tests.support.waiting import wait_until
@@ -142,11 +144,17 @@ async def test_admin_token_is_required_when_set(backends, start_proxy, http) -> 
 
 
 async def test_public_session_check_cannot_pin_someone_else(backends, start_proxy, http) -> None:
+    from affinity_proxy.config import SessionCheckConfig
+
     server = await start_proxy(make_config(backends))
     body = {"userId": "victim", "pin": True}
     async with http.post(base(server) + "/_affinity/session-check", json=body) as resp:
         assert resp.status == 403
-        assert (await resp.json())["error"] == "pin_forbidden"
+        assert (await resp.json())["error"] == "lookup_forbidden"  # session_check.lookup: admin (default)
+    server.ctx.config = replace(server.ctx.config, session_check=SessionCheckConfig(lookup="public"))
+    async with http.post(base(server) + "/_affinity/session-check", json=body) as resp:
+        assert resp.status == 403
+        assert (await resp.json())["error"] == "pin_forbidden"  # looking up is public, pinning is not
     assert await server.ctx.store.get("victim") is None
     async with http.post(base(server) + "/_affinity/session-check", json=body,
                          headers={"X-User-Id": "victim"}) as resp:
