@@ -141,3 +141,14 @@ def test_serve_without_the_variables_exits_2_naming_them(name: str, tmp_path: Pa
     for variable in needed:
         assert variable in proc.stderr, (variable, proc.stderr)
     assert "environment variable" in proc.stderr and proc.stdout == ""
+
+
+def test_demo_generates_its_own_secret_and_says_so() -> None:
+    from affinity_proxy.demo.runner import _banner, demo_config
+
+    first, second = demo_config([9001], 0, 0), demo_config([9001], 0, 0)
+    assert first.cookie.secret and len(first.cookie.secret) >= 32 and first.cookie.secret != second.cookie.secret
+    assert first.admin_on_loopback and first.admin.token is None
+    first.require_cookie_secret()
+    first.require_admin_token()
+    assert "cookie secret was generated for this run" in " ".join(_banner(8080, 8081, ["alpha"]).split())

@@ -55,13 +55,16 @@ def _banner(port: int, admin_port: int, ids: list[str]) -> str:
     base = f"http://127.0.0.1:{port}"
     return f"""
 affinity-proxy demo: {len(ids)} instances ({", ".join(ids)}) behind {base} (memory store, no Redis)
+The cookie secret was generated for this run and is not saved (shipped configs take it from
+COOKIE_SECRET); the admin listener is on 127.0.0.1 only, so it runs without a token.
 Dashboard: http://127.0.0.1:{admin_port}/dashboard
 
 Try:
   curl -i {base}/                                  # anonymous: a new session, Set-Cookie fly-instance-id
   curl -s -c /tmp/jar -b /tmp/jar {base}/ ; curl -s -c /tmp/jar -b /tmp/jar {base}/   # same instance twice
   curl -s -H 'X-User-Id: alice' {base}/              # user key: consistent hash + stored pin
-  curl -s '{base}/_affinity/session-check?userId=alice'   # why alice lands where she does
+  curl -s '{base}/_affinity/session-check?userId=alice'   # why alice lands where she does (her own request)
+  curl -s 'http://127.0.0.1:{admin_port}/session-check?userId=alice'   # the same, with pin expiry and counts
   curl -s http://127.0.0.1:{admin_port}/instances           # instances, states, pin counts
   curl -s -X POST http://127.0.0.1:{admin_port}/instances/{ids[0]}/drain   # drain: pinned users stay
   curl -s http://127.0.0.1:{admin_port}/metrics | grep ^affinity_
