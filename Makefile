@@ -32,9 +32,10 @@ test: install test-deps
 test-all: install test-deps
 	$(BIN)/python -m pytest -q -rs -p no:cacheprovider
 
-# Benchmark against nginx (installs nginx and wrk with apt-get when missing); writes benchmarks/RESULTS.md.
+# Benchmark against nginx and HAProxy (installs nginx, wrk and haproxy with apt-get when missing), 5
+# interleaved rounds, about 9 min on a quiet machine; writes benchmarks/RESULTS.md from this one run.
 bench: install
-	$(BIN)/python -m benchmarks.run --duration 10 --rounds 3
+	$(BIN)/python -m benchmarks.run --duration 8 --rounds 5
 
 # 1M pins in Redis, proxy memory with 100k users, --workers 2 vs 1 (about 3 min): writes benchmarks/SCALING.md.
 bench-scaling: install redis-server

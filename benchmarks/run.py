@@ -1,62 +1,76 @@
-"""Benchmark affinity-proxy against nginx (issue #6): one command, same-round ratios.
+"""Benchmark affinity-proxy against nginx and HAProxy (issues #6, #16): one command, same-round ratios.
 
-    python -m benchmarks.run [--duration 10] [--rounds 3] [--connections 50] [--quick]
+    python -m benchmarks.run [--duration 8] [--rounds 5] [--connections 50] [--quick]
 
-Starts 3 fast nginx backends, then the targets — nginx as a cookie-hash reference proxy, the
-direct backend, affinity-proxy in proxy mode and a fly-mode node answering replays (each on the
-default fast engine — ``affinity-proxy``, ``affinity-fly`` — and on the aiohttp engine —
-``affinity-aiohttp``, ``affinity-fly-aiohttp``), and a naive aiohttp proxy — each pinned to CPU 1
-with taskset (wrk and the backends on CPU 0). wrk loads each target for a fixed time, in
-interleaved rounds (every target once per round), and every figure is also given as a ratio
-against nginx-proxy measured in the same round, so that a busy machine skews numerator and
-denominator alike. Prints a table per round and the median over rounds, and writes
-benchmarks/RESULTS.md (not with --quick unless --output is given). Installs Debian's nginx and wrk
-with apt-get when they are missing. Loads 127.0.0.1 only; every process it starts is stopped by PID
-at the end, also on error or Ctrl-C.
+Starts 3 fast nginx backends, then the targets, each pinned to CPU 1 with taskset (wrk and the
+backends on CPU 0):
+
+- pinned sessions (a cookie sent), against **nginx-proxy** (nginx, cookie hash): the direct backend,
+  a minimal Python byte relay (the ceiling for any Python proxy), affinity-proxy in proxy mode and a
+  fly-mode node answering replays (default fast engine ``affinity-proxy``, ``affinity-fly``; aiohttp
+  engine ``affinity-aiohttp``, ``affinity-fly-aiohttp``), a naive aiohttp proxy;
+- new sessions (no cookie: the proxy picks an instance and sets a cookie), against
+  **haproxy-insert** (HAProxy ``cookie ... insert``): ``affinity-new``.
+
+wrk loads each target for a fixed time, in interleaved rounds (every target once per round, a
+different one first each round). Every figure is given as a ratio against its reference measured in
+the same round, and against the byte relay of the same round; the run's figure is the median of
+the per-round ratios with their min-max. A round whose reference looks off (reference req/s per
+core of CPU, or direct ÷ nginx, more than 15 % from the run's median; or other work on the machine
+taking CPU meanwhile) is flagged: kept and shown, with separate medians without it. Writes
+benchmarks/RESULTS.md from this one run (not with --quick unless --output is given). Installs
+Debian's nginx, wrk and haproxy with apt-get when missing. Loads 127.0.0.1 only; every process it
+starts is stopped by PID at the end, also on error or Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from benchmarks import wrk
-from benchmarks.targets import HarnessError, Processes, Target, cpu_seconds, run_main, start_targets
+from benchmarks.rounds import (
+    CEILING,
+    NEW_SESSION_REFERENCE,
+    OTHER_CPU_LIMIT,
+    REFERENCE,
+    TOLERANCE,
+    Row,
+    flag_rounds,
+    round_table,
+    summarize,
+    summary_table,
+    unflagged,
+    verdicts,
+    with_ratios,
+)
+from benchmarks.targets import (
+    ALL_TARGETS,
+    HarnessError,
+    Processes,
+    Target,
+    cpu_seconds,
+    machine_busy_seconds,
+    run_main,
+    softirq_threads,
+    start_targets,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-REFERENCE = "nginx-proxy"
-ALL_TARGETS = ("nginx-proxy", "direct", "affinity-proxy", "affinity-aiohttp", "affinity-fly", "affinity-fly-aiohttp",
-               "naive-aiohttp")
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One target's figures (one run, or the medians over rounds)."""
-
-    target: str
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
-    requests: int
-    cpu: float | None  # the target's CPU use during the run, in cores (1.0 = one core busy)
-    rps_ratio: float | None = None  # against the reference of the same round
-    p99_ratio: float | None = None
-
 
 # --- tools -------------------------------------------------------------------------------------
 
@@ -66,21 +80,23 @@ def find_tool(name: str) -> str | None:
                                       None)
 
 
-def ensure_tools(install: bool) -> tuple[str, str]:
-    """nginx and wrk, installed from Debian's packages when missing (apt-get update first)."""
-    missing = [name for name in ("nginx", "wrk") if find_tool(name) is None]
+def ensure_tools(install: bool, haproxy: bool) -> tuple[str, str, str | None]:
+    """nginx, wrk and (when ``haproxy``) haproxy, installed from Debian's packages when missing
+    (apt-get update first)."""
+    needed = ("nginx", "wrk", "haproxy") if haproxy else ("nginx", "wrk")
+    missing = [name for name in needed if find_tool(name) is None]
     if missing and install:
         print(f"installing {' '.join(missing)} (Debian packages)", flush=True)
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
         subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env, timeout=900,
                        stdout=subprocess.DEVNULL)
-    nginx_bin, wrk_bin = find_tool("nginx"), find_tool("wrk")
-    if nginx_bin is None or wrk_bin is None:
-        raise HarnessError("nginx and wrk are needed: apt-get install -y nginx wrk")
+    nginx_bin, wrk_bin, haproxy_bin = find_tool("nginx"), find_tool("wrk"), find_tool("haproxy")
+    if nginx_bin is None or wrk_bin is None or (haproxy and haproxy_bin is None):
+        raise HarnessError(f"{', '.join(needed)} are needed: apt-get install -y {' '.join(needed)}")
     if shutil.which("taskset") is None:
         raise HarnessError("taskset (util-linux) is needed")
-    return nginx_bin, wrk_bin
+    return nginx_bin, wrk_bin, haproxy_bin
 
 
 def _output(argv: Sequence[str]) -> str:
@@ -91,7 +107,7 @@ def _output(argv: Sequence[str]) -> str:
     return (proc.stdout + proc.stderr).strip()
 
 
-def machine_info(nginx_bin: str, wrk_bin: str) -> dict[str, str]:
+def machine_info(nginx_bin: str, wrk_bin: str, haproxy_bin: str | None) -> dict[str, str]:
     cpu_model = "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -107,6 +123,9 @@ def machine_info(nginx_bin: str, wrk_bin: str) -> dict[str, str]:
         except ImportError:
             versions[mod] = "not installed"
     versions["nginx"] = _output([nginx_bin, "-v"]).removeprefix("nginx version: ").removeprefix("nginx/")
+    if haproxy_bin is not None:
+        banner = _output([haproxy_bin, "-v"]).splitlines()[0]
+        versions["haproxy"] = banner.removeprefix("HAProxy version ").split(" ")[0]
     versions["wrk"] = _output([wrk_bin, "-v"]).splitlines()[0].split(" [")[0].removeprefix("wrk ")
     commit = _output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     dirty = _output(["git", "-C", str(ROOT), "status", "--porcelain", "--", "affinity_proxy"])
@@ -126,128 +145,109 @@ def loadavg() -> str:
         return "?"
 
 
-# --- runs and tables -------------------------------------------------------------------------------
+
+# --- runs --------------------------------------------------------------------------------------
 
 
-def measure(target: Target, wrk_bin: str, script: Path, *, duration: float, connections: int,
+def own_cpu_seconds() -> float:
+    """CPU time of this process and of its waited-for children (the wrk runs) so far."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def measure(target: Target, procs: Processes, wrk_bin: str, script: Path, *, duration: float, connections: int,
             wrk_cpu: int | None) -> Row:
+    """One wrk run against ``target``: its figures, its CPU use, and the CPU that went to anything
+    but this run's processes meanwhile (``other_cpu``: the noise the flagging looks for)."""
     headers = target.headers()
-    argv = wrk.wrk_argv(wrk_bin, target.url, duration=duration, connections=connections, headers=headers,
-                        script=script, cpu=wrk_cpu)
-    pids = target.pids()
-    cpu0, t0 = cpu_seconds(pids), time.monotonic()
+    argv = wrk.wrk_argv(wrk_bin, target.url, duration=duration,
+                        connections=connections, headers=headers, script=script, cpu=wrk_cpu)
+    pids, everyone = target.pids(), procs.all_pids() + softirq_threads()
+    t0 = time.monotonic()
+    cpu0, ours0, own0, busy0 = cpu_seconds(pids), cpu_seconds(everyone), own_cpu_seconds(), machine_busy_seconds()
     result, _ = wrk.run_wrk(argv, duration=duration)
-    cpu = (cpu_seconds(pids) - cpu0) / max(1e-9, time.monotonic() - t0)
+    busy = machine_busy_seconds() - busy0
+    ours = cpu_seconds(everyone) - ours0 + own_cpu_seconds() - own0
+    elapsed = max(1e-9, time.monotonic() - t0)
+    cpu = (cpu_seconds(pids) - cpu0) / elapsed
     return Row(target.name, result.rps, result.p50_ms, result.p99_ms, result.errors(target.expected_status),
-               result.requests, cpu)
+               result.requests, cpu, other_cpu=max(0.0, (busy - ours) / elapsed), reference=target.reference)
 
 
-def with_ratios(rows: Sequence[Row]) -> list[Row]:
-    """The rows with req/s and p99 ratios against the reference row of the same list."""
-    ref = next((r for r in rows if r.target == REFERENCE), None)
-    if ref is None:
-        return list(rows)
-    return [
-        Row(r.target, r.rps, r.p50_ms, r.p99_ms, r.errors, r.requests, r.cpu,
-            r.rps / ref.rps if ref.rps else None, r.p99_ms / ref.p99_ms if ref.p99_ms else None)
-        for r in rows
+# --- RESULTS.md --------------------------------------------------------------------------------
+
+
+def results_markdown(info: Mapping[str, str], command: str, args: argparse.Namespace, targets: Sequence[Target],
+                     rounds: Sequence[Sequence[Row]], flags: Mapping[int, Sequence[str]], load: tuple[str, str],
+                     started: dt.datetime, minutes: float) -> str:
+    """The whole of RESULTS.md, from this one run."""
+    everything = summarize(rounds)
+    clean = unflagged(rounds, flags)
+    banner = [
+        "> **Regenerate with `make bench` on a quiet machine.** This file is written whole by one run of",
+        "> `python -m benchmarks.run`; quote only its medians, with their per-round spread.",
     ]
-
-
-def _median(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-def median_rows(rounds: Sequence[Sequence[Row]]) -> list[Row]:
-    """Per target: medians of the figures and of the per-round ratios; errors and requests summed."""
-    out = []
-    for name in [r.target for r in rounds[0]]:
-        rs = [r for rnd in rounds for r in rnd if r.target == name]
-        out.append(Row(
-            name, _median([r.rps for r in rs]) or 0.0, _median([r.p50_ms for r in rs]) or 0.0,
-            _median([r.p99_ms for r in rs]) or 0.0, sum(r.errors for r in rs), sum(r.requests for r in rs),
-            _median([r.cpu for r in rs]), _median([r.rps_ratio for r in rs]), _median([r.p99_ratio for r in rs]),
-        ))
-    return out
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-HEADER = ("target", "req/s", "p50 ms", "p99 ms", "errors", "target CPU", "req/s ÷ nginx", "p99 ÷ nginx")
-
-
-def table(rows: Sequence[Row]) -> str:
-    """A Markdown table (also readable as plain text)."""
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---", *["---:"] * (len(HEADER) - 1)]) + "|"]
-    for r in rows:
-        cells = (r.target, f"{r.rps:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}", f"{r.errors:,}",
-                 _fmt(r.cpu, ".2f"), _fmt(r.rps_ratio, ".2f"), _fmt(r.p99_ratio, ".2f"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def verdicts(rows: Sequence[Row]) -> list[str]:
-    """Issue #6's "done when" checks on the median table."""
-    by = {r.target: r for r in rows}
-    out = []
-    for name, engine in (("affinity-proxy", "fast"), ("affinity-aiohttp", "aiohttp")):
-        if (p := by.get(name)) and p.rps_ratio is not None and p.p99_ratio is not None:
-            ok = p.rps_ratio >= 0.5 and p.p99_ratio <= 2.0 and p.errors == 0
-            out.append(f"- proxy mode ({engine} engine): {p.rps_ratio:.2f} x nginx req/s (target ≥ 0.5), p99 "
-                       f"{p.p99_ratio:.2f} x nginx (target ≤ 2), {p.errors} errors (target 0): "
-                       f"**{'met' if ok else 'not met'}**")
-    for name, engine in (("affinity-fly", "fast"), ("affinity-fly-aiohttp", "aiohttp")):
-        if (f := by.get(name)) and f.rps_ratio is not None:
-            ok = f.rps_ratio >= 1.0 and f.errors == 0
-            out.append(f"- fly-mode replay answers ({engine} engine): {f.rps_ratio:.2f} x nginx req/s (target ≥ 1.0), "
-                       f"{f.errors} errors: **{'met' if ok else 'not met'}**")
-    if (n := by.get("naive-aiohttp")) and n.rps_ratio is not None:
-        out.append(f"- naive aiohttp baseline: {n.rps_ratio:.2f} x nginx req/s")
-    return out
-
-
-def results_markdown(info: dict[str, str], command: str, args: argparse.Namespace, targets: Sequence[Target],
-                     rounds: Sequence[Sequence[Row]], load: tuple[str, str], started: dt.datetime) -> str:
-    medians = median_rows(rounds)
+    if flags:
+        banner += [
+            ">",
+            f"> **{len(flags)} of {len(rounds)} rounds are flagged** (see *Flagged rounds*): the machine was not "
+            "quiet, or a reference ran off its usual speed. Do not quote this run; run it again.",
+        ]
     parts = [
         "# Benchmark results",
         "",
-        "Generated by `python -m benchmarks.run` (see the module docstring of `benchmarks/run.py`). "
-        "Every ratio is against nginx-proxy **measured in the same round**; the median table shows the "
-        "medians of the per-round figures and ratios (errors and requests summed over rounds).",
+        *banner,
         "",
-        f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')}",
+        "Pinned sessions (a cookie sent) are measured against **nginx-proxy**, new sessions (no cookie: the "
+        "proxy picks an instance and sets a cookie) against **haproxy-insert**, the reference named in the "
+        "*vs* column. Every ratio is taken **inside one round**; a figure is the median of the per-round "
+        f"ratios, with their min-max in parentheses. *req/s ÷ relay* is against the {CEILING} of the same round: "
+        "a minimal asyncio + uvloop byte relay without HTTP parsing, the ceiling for any Python proxy here.",
+        "",
+        f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')} ({minutes:.1f} min)",
         f"- machine: {info['nproc']} CPUs, {info['cpu']}, Linux {info['kernel']}",
         f"- versions: {info['versions']}",
         f"- affinity-proxy: commit {info['commit']}",
         f"- command: `{command}`",
-        f"- load: wrk -t1 -c{args.connections} -d{args.duration:g}s per target per round, {args.rounds} rounds "
+        f"- load: wrk -t1 -c{args.connections} -d{args.duration:g}s per target per round, {len(rounds)} rounds "
         f"interleaved (warm-up {args.warmup:g}s per target first); wrk on CPU {args.wrk_cpu}, the backends "
         f"(one nginx, 1 worker, 3 `return 200` servers) on CPU {args.backend_cpu}, every target on CPU "
         f"{args.target_cpu}",
-        f"- load average before / after: {load[0]} / {load[1]} (other work on the machine adds noise)",
+        f"- flagging: a reference's req/s per core or direct ÷ nginx more than {args.tolerance:.0%} from the run's "
+        f"median, or other work above {args.other_cpu_limit:g} cores during a measurement",
+        f"- load average before / after: {load[0]} / {load[1]}",
         "",
-        "## Median over rounds",
+        f"## Medians over all {len(rounds)} rounds",
         "",
-        table(medians),
+        summary_table(everything),
         "",
-        *verdicts(medians),
+        *verdicts(everything),
         "",
+        "## Flagged rounds",
+        "",
+        *([f"- round {i + 1}: {'; '.join(reasons)}" for i, reasons in flags.items()] or ["None."]),
+        "",
+    ]
+    if flags and clean:
+        parts += [f"## Medians without the flagged rounds ({len(clean)} of {len(rounds)})", "",
+                  summary_table(summarize(clean)), "", *verdicts(summarize(clean)), ""]
+    elif flags:
+        parts += ["Every round is flagged: no medians without them.", ""]
+    parts += [
         "## Targets",
         "",
-        *[f"- **{t.name}**: {t.what}" for t in targets],
+        *[f"- **{t.name}** (vs {t.reference}): {t.what}" for t in targets],
         "",
         "Errors are socket errors plus responses with an unexpected status (not 2xx/3xx; for the affinity-fly "
         "targets anything but 409). *target CPU* is the CPU time the target's processes used during the run divided "
         "by its length: about 1.00 means the target saturated its core, much less means the bottleneck was "
-        "elsewhere (wrk and the backends share the other core).",
+        "elsewhere (wrk and the backends share the other core). *other CPU* is the machine's busy time (steal "
+        "included) minus this run's processes (targets, backends, wrk, harness), in cores: near 0 on a quiet machine.",
         "",
     ]
-    for i, rnd in enumerate(rounds, 1):
-        parts += [f"## Round {i}", "", table(rnd), ""]
+    for i, rnd in enumerate(rounds):
+        note = f" (flagged: {'; '.join(flags[i])})" if i in flags else ""
+        parts += [f"## Round {i + 1}{note}", "", round_table(rnd), ""]
     return "\n".join(parts)
 
 
@@ -255,19 +255,24 @@ def results_markdown(info: dict[str, str], command: str, args: argparse.Namespac
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of load per target per round (10)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=8.0, help="seconds of load per target per round (8)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
     p.add_argument("--connections", type=int, default=50, help="wrk connections (50)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load per target first (2)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 3 s, 1 round, 1 s warm-up, no RESULTS.md")
     p.add_argument("--targets", default=",".join(ALL_TARGETS),
                    help=f"comma-separated subset of {','.join(ALL_TARGETS)}")
     p.add_argument("--output", type=Path, default=None, help=f"results file (default {RESULTS.relative_to(ROOT)})")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE,
+                   help=f"flag a round whose reference is this fraction off the run's median ({TOLERANCE:g})")
+    p.add_argument("--other-cpu-limit", type=float, default=OTHER_CPU_LIMIT,
+                   help=f"flag a round in which other work took more cores than this ({OTHER_CPU_LIMIT:g})")
     p.add_argument("--target-cpu", type=int, default=1)
     p.add_argument("--wrk-cpu", type=int, default=0)
     p.add_argument("--backend-cpu", type=int, default=0)
-    p.add_argument("--no-install", action="store_true", help="fail instead of installing nginx/wrk with apt-get")
+    p.add_argument("--no-install", action="store_true",
+                   help="fail instead of installing nginx/wrk/haproxy with apt-get")
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.rounds, args.warmup = 3.0, 1, 1.0
@@ -278,6 +283,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"unknown targets: {', '.join(sorted(unknown))}")
     if not 1 <= args.duration <= 600 or not 1 <= args.rounds <= 20 or not 1 <= args.connections <= 10_000:
         p.error("--duration 1..600, --rounds 1..20, --connections 1..10000")
+    if not 0 < args.tolerance < 1 or args.other_cpu_limit < 0:
+        p.error("--tolerance in (0, 1), --other-cpu-limit ≥ 0")
     cpus = os.cpu_count() or 1
     for name in ("target_cpu", "wrk_cpu", "backend_cpu"):
         if getattr(args, name) >= cpus:
@@ -285,6 +292,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             print(f"warning: only {cpus} CPU(s): {flag} {getattr(args, name)} -> 0", file=sys.stderr)
             setattr(args, name, 0)
     return args
+
+
+def estimate_seconds(targets: int, rounds: int, duration: float, warmup: float) -> float:
+    """About how long a run takes: every measurement plus about 1.5 s around it, and the start-up."""
+    return targets * (rounds * (duration + 1.5) + (warmup + 1.5 if warmup > 0 else 0)) + 30
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -295,12 +307,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     signal.signal(signal.SIGTERM, _interrupt)  # stop cleanly (finally below) on SIGTERM as on Ctrl-C
-    nginx_bin, wrk_bin = ensure_tools(install=not args.no_install)
-    info = machine_info(nginx_bin, wrk_bin)
     names = [n for n in ALL_TARGETS if n in args.targets.split(",")]
-    budget = len(names) * (args.rounds * (args.duration + 1) + args.warmup + 1) + 30
+    nginx_bin, wrk_bin, haproxy_bin = ensure_tools(install=not args.no_install, haproxy="haproxy-insert" in names)
+    info = machine_info(nginx_bin, wrk_bin, haproxy_bin)
+    budget = estimate_seconds(len(names), args.rounds, args.duration, args.warmup)
     print(f"{len(names)} targets, {args.rounds} rounds, {args.duration:g}s: about {budget / 60:.1f} min", flush=True)
-    started = dt.datetime.now(dt.UTC)
+    started, t0 = dt.datetime.now(dt.UTC), time.monotonic()
     load_before = loadavg()
     rounds: list[list[Row]] = []
     with tempfile.TemporaryDirectory(prefix="affinity-bench-") as tmp:
@@ -308,32 +320,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir.chmod(0o755)  # nginx workers run as an unprivileged user when started by root
         procs = Processes(workdir)
         try:
-            targets = start_targets(procs, nginx_bin=nginx_bin, target_cpu=args.target_cpu,
+            targets = start_targets(procs, nginx_bin=nginx_bin, haproxy_bin=haproxy_bin, target_cpu=args.target_cpu,
                                     backend_cpu=args.backend_cpu, only=names)
             script = workdir / "status.lua"
             script.write_text(wrk.STATUS_LUA)
+            load = functools.partial(measure, procs=procs, wrk_bin=wrk_bin, script=script,
+                                     connections=args.connections, wrk_cpu=args.wrk_cpu)
             if args.warmup > 0:
                 for t in targets:
-                    measure(t, wrk_bin, script, duration=args.warmup, connections=args.connections,
-                            wrk_cpu=args.wrk_cpu)
+                    load(t, duration=args.warmup)
             for i in range(args.rounds):
                 shift = i % len(targets)  # a different target goes first in every round
                 done = {}
                 for t in targets[shift:] + targets[:shift]:
-                    done[t.name] = measure(t, wrk_bin, script, duration=args.duration,
-                                           connections=args.connections, wrk_cpu=args.wrk_cpu)
-                    print(f"  round {i + 1}: {t.name:15} {done[t.name].rps:10,.0f} req/s", flush=True)
+                    done[t.name] = load(t, duration=args.duration)
+                    print(f"  round {i + 1}: {t.name:20} {done[t.name].rps:10,.0f} req/s, "
+                          f"other CPU {done[t.name].other_cpu or 0:.2f}", flush=True)
                 rows = with_ratios([done[t.name] for t in targets])
                 rounds.append(rows)
-                print(f"\nround {i + 1} of {args.rounds}\n{table(rows)}\n", flush=True)
+                print(f"\nround {i + 1} of {args.rounds}\n{round_table(rows)}\n", flush=True)
         finally:
             left = procs.finish()
-    medians = median_rows(rounds)
-    print(f"median over {len(rounds)} round(s)\n{table(medians)}\n" + "\n".join(verdicts(medians)))
+    flags = flag_rounds(rounds, tolerance=args.tolerance, other_cpu_limit=args.other_cpu_limit)
+    summaries = summarize(rounds)
+    print(f"median (min-max) over {len(rounds)} round(s); vs nginx = {REFERENCE}, vs haproxy = "
+          f"{NEW_SESSION_REFERENCE}\n{summary_table(summaries)}\n" + "\n".join(verdicts(summaries)))
+    for i, reasons in flags.items():
+        print(f"flagged round {i + 1}: {'; '.join(reasons)}")
+    if flags and (clean := unflagged(rounds, flags)):
+        print(f"\nwithout the {len(flags)} flagged round(s):\n{summary_table(summarize(clean))}")
+    minutes = (time.monotonic() - t0) / 60
     if args.output is not None:
-        text = results_markdown(info, command, args, targets, rounds, (load_before, loadavg()), started)
+        text = results_markdown(info, command, args, targets, rounds, flags, (load_before, loadavg()), started, minutes)
         args.output.write_text(text)
-        print(f"wrote {args.output}")
+        print(f"wrote {args.output} ({minutes:.1f} min)")
     return 1 if left else 0
 
 

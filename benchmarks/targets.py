@@ -23,12 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from benchmarks import nginx
+from benchmarks import haproxy, nginx
+from benchmarks.rounds import NEW_SESSION_REFERENCE, REFERENCE
 
 COOKIE = "fly-instance-id"
 USER_HEADER = "X-User-Id"
 USER = "bench-user"
 BACKEND_IDS = ("app-1", "app-2", "app-3")
+#: Every target, in table order: pinned sessions (against nginx-proxy), then new sessions (against
+#: haproxy-insert).
+ALL_TARGETS = ("nginx-proxy", "direct", "byte-relay", "affinity-proxy", "affinity-aiohttp", "affinity-fly",
+               "affinity-fly-aiohttp", "naive-aiohttp", "haproxy-insert", "affinity-new")
 FLY_IDS = ("m1", "m2", "m3")
 START_TIMEOUT = 20.0
 STOP_GRACE = 10.0
@@ -95,6 +100,32 @@ def descendants(root: int) -> list[int]:
             if _alive(child):
                 out.append(child)
                 todo.append(child)
+    return out
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine spent busy so far, over all CPUs (/proc/stat): user, nice, system
+    and steal (time a hypervisor gave to someone else is time this run did not get). Not irq and
+    softirq: the run's own loopback traffic lands there, and cannot be told apart from others'."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    if fields[0] != "cpu":
+        raise HarnessError(f"unexpected /proc/stat first line: {fields[:4]}")
+    user, nice, system, _idle, _iowait, _irq, _softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def softirq_threads() -> list[int]:
+    """The kernel's ksoftirqd threads: they carry the run's own loopback traffic when softirqs pile up,
+    so their CPU counts as the run's, not as other work."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                comm = Path(f"/proc/{entry}/comm").read_text().strip()
+            except OSError:
+                continue  # the process ended while we listed /proc
+            if comm.startswith("ksoftirqd/"):
+                out.append(int(entry))
     return out
 
 
@@ -199,6 +230,10 @@ class Processes:
             print(f"stopped all {len(self.started)} processes by PID; none left", flush=True)
         return left
 
+    def all_pids(self) -> list[int]:
+        """Every live process started here and its children (for the run's own CPU use)."""
+        return [pid for s in self.started if s.proc.poll() is None for pid in s.pids()]
+
     def leftovers(self) -> list[str]:
         """The final check: processes started here (or below this process) still alive."""
         left = [f"{s.name} pid {s.proc.pid}" for s in self.started if s.proc.poll() is None]
@@ -235,6 +270,7 @@ class Target:
     processes: list[Started]
     headers: Callable[[], Headers]
     expected_status: int | None = None  # None: any 2xx/3xx
+    reference: str = REFERENCE  # the target its ratios are taken against
 
     @property
     def url(self) -> str:
@@ -317,19 +353,28 @@ def fly_mode_headers(port: int, secret: str, instance: str) -> Headers:
     return out
 
 
+def new_session_headers(port: int) -> Headers:
+    """No cookie and no user key: a first visit. Checked to be answered 200 with a freshly set
+    affinity cookie, so that every request of the run makes the target pick an instance and mint one."""
+    status, headers, body = http_get(port, "/")
+    if status != 200 or _cookie_from(headers) is None:
+        raise HarnessError(f"a request without a cookie on port {port} got {status} without a {COOKIE} cookie: "
+                           f"{headers} {body[:200]!r}")
+    return []
+
+
 def static_headers(value: str) -> Callable[[], Headers]:
     return lambda: [("Cookie", f"{COOKIE}={value}"), (USER_HEADER, USER)]
 
 
 def start_targets(
     procs: Processes, *, nginx_bin: str, target_cpu: int | None, backend_cpu: int | None,
-    python: str = sys.executable, only: Sequence[str] = (),
+    python: str = sys.executable, only: Sequence[str] = (), haproxy_bin: str | None = None,
 ) -> list[Target]:
     """Start the backends and the targets (all of them, or those named in ``only``), wait until
     each answers, and return them in table order."""
     work = procs.workdir
-    want = set(only) or {"nginx-proxy", "direct", "affinity-proxy", "affinity-aiohttp", "affinity-fly",
-                         "affinity-fly-aiohttp", "naive-aiohttp"}
+    want = set(only) or set(ALL_TARGETS)
     for name in ("backends", "direct", "nginx-proxy"):
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (work / f"{name}-temp" / sub).mkdir(parents=True, exist_ok=True)
@@ -355,17 +400,29 @@ def start_targets(
         s = start_nginx("direct", nginx.backend_conf(work, [(BACKEND_IDS[0], port)], name="direct"), target_cpu, port)
         targets.append(Target("direct", "one nginx backend, no proxy", port, [s], static_headers("bench-cookie")))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), LOG_LEVEL="WARNING")
+    if "byte-relay" in want:
+        port = free_port()
+        s = procs.start("byte-relay", [python, "-m", "benchmarks.byte_relay", "--listen", f"127.0.0.1:{port}",
+                                       "--upstream", f"127.0.0.1:{ports[0]}"], cpu=target_cpu, env=env)
+        wait_ready(s, port)
+        targets.append(Target("byte-relay", "the Python ceiling: asyncio + uvloop, one upstream connection per client "
+                                            "connection, bytes copied both ways, no HTTP parsing", port, [s],
+                              static_headers("bench-cookie")))
     secret = secrets.token_hex(32)
+    new_session_proxy: tuple[int, Started] | None = None
     for name, engine in (("affinity-proxy", "fast"), ("affinity-aiohttp", "aiohttp")):
-        if name not in want:
+        if name not in want and not (engine == "fast" and "affinity-new" in want):
             continue
         port, admin = free_port(), free_port()
         conf = work / f"{name}.yaml"
         conf.write_text(_proxy_yaml(port, admin, secret, backends, None, engine))
         s = procs.start(name, [python, "-m", "affinity_proxy", "serve", "--config", str(conf)], cpu=target_cpu, env=env)
         wait_ready(s, port, "/_affinity/health")
-        targets.append(Target(name, f"proxy mode, engine {engine}, memory store, signed cookie, 3 backends", port, [s],
-                              functools.partial(proxy_mode_headers, port)))
+        if engine == "fast":
+            new_session_proxy = (port, s)
+        if name in want:
+            targets.append(Target(name, f"proxy mode, engine {engine}, memory store, signed cookie, 3 backends", port,
+                                  [s], functools.partial(proxy_mode_headers, port)))
     for name, engine in (("affinity-fly", "fast"), ("affinity-fly-aiohttp", "aiohttp")):
         if name not in want:
             continue
@@ -384,6 +441,24 @@ def start_targets(
         wait_ready(s, port)
         targets.append(Target("naive-aiohttp", "aiohttp server + one ClientSession, one backend", port, [s],
                               static_headers("bench-cookie")))
+    if "haproxy-insert" in want:
+        if haproxy_bin is None:
+            raise HarnessError("the haproxy-insert target needs haproxy (apt-get install -y haproxy)")
+        port = free_port()
+        conf = work / "haproxy-insert.cfg"
+        conf.write_text(haproxy.insert_conf(port, backends, cookie_name=COOKIE))
+        s = procs.start("haproxy-insert", haproxy.haproxy_argv(haproxy_bin, conf), cpu=target_cpu)
+        wait_ready(s, port)
+        targets.append(Target("haproxy-insert", "new sessions: HAProxy 1 thread, roundrobin, `cookie ... insert "
+                                                "indirect nocache httponly`, no cookie sent", port, [s],
+                              functools.partial(new_session_headers, port), reference=NEW_SESSION_REFERENCE))
+    if "affinity-new" in want:
+        assert new_session_proxy is not None
+        port, s = new_session_proxy
+        targets.append(Target("affinity-new", "new sessions: the affinity-proxy (fast engine) process, no cookie "
+                                              "and no user key sent: picks an instance and mints a signed cookie",
+                              port, [s], functools.partial(new_session_headers, port),
+                              reference=NEW_SESSION_REFERENCE))
     for t in targets:  # every target answers as expected before any load
         status, _, body = http_get(t.port, "/", t.headers())
         if status != (t.expected_status or 200):
