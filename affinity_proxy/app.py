@@ -36,6 +36,7 @@ from affinity_proxy.routing.decide import DecidePolicy
 from affinity_proxy.routing.model import Instance, InstanceId
 from affinity_proxy.routing.userkey import UserKeySource
 from affinity_proxy.web.admin import (
+    FLY_PRIVATE_SUFFIXES,
     PUBLIC,
     REAPER,
     add_admin_routes,
@@ -248,7 +249,8 @@ def build_apps(ctx: ProxyContext) -> tuple[web.Application, web.Application]:
     admin_config = ctx.config.admin
     admin = web.Application(middlewares=[
         browser_guard(admin_config.allowed_hosts, token_set=bool(admin_config.token),
-                      loopback=ctx.config.admin_on_loopback),
+                      loopback=ctx.config.admin_on_loopback,
+                      allowed_suffixes=FLY_PRIVATE_SUFFIXES if ctx.config.mode == "fly" else ()),
         token_middleware(admin_config.token, public_metrics=admin_config.public_metrics),
     ])
     admin[CONTEXT] = ctx

@@ -112,10 +112,16 @@ def split_host(value: str) -> tuple[str, int | None] | None:
     return (name, int(port_text) if port_text is not None else None) if name else None
 
 
-def host_allowed(name: str, allowed_hosts: frozenset[str]) -> bool:
-    """An IP literal, ``localhost`` or a configured name: names an attacker's DNS can point at this
-    listener (DNS rebinding) are none of these."""
-    if name == "localhost" or name in allowed_hosts:
+#: In fly mode, Fly's private-network names (``<app>.internal``, ``<id>.vm.<app>.internal``) are
+#: accepted too: ``.internal`` is reserved for private use, so no public DNS an attacker controls
+#: can serve it, and Fly's metrics scraper may use such a name.
+FLY_PRIVATE_SUFFIXES = (".internal",)
+
+
+def host_allowed(name: str, allowed_hosts: frozenset[str], suffixes: tuple[str, ...] = ()) -> bool:
+    """An IP literal, ``localhost``, a configured name or one ending in ``suffixes``: names an
+    attacker's DNS can point at this listener (DNS rebinding) are none of these."""
+    if name == "localhost" or name in allowed_hosts or (suffixes and name.endswith(suffixes)):
         return True
     try:
         ipaddress.ip_address(name)
@@ -124,7 +130,8 @@ def host_allowed(name: str, allowed_hosts: frozenset[str]) -> bool:
     return True
 
 
-def _own_origin(origin: str, host: tuple[str, int | None] | None, allowed_hosts: frozenset[str]) -> bool:
+def _own_origin(origin: str, host: tuple[str, int | None] | None, allowed_hosts: frozenset[str],
+                suffixes: tuple[str, ...]) -> bool:
     """True when ``origin`` is this listener as the request reached it (same name and port as the
     ``Host`` header, a name the listener answers to). ``null`` and everything else is foreign."""
     try:
@@ -135,22 +142,24 @@ def _own_origin(origin: str, host: tuple[str, int | None] | None, allowed_hosts:
     if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or host is None:
         return False
     name = parts.hostname.lower().rstrip(".")
-    if name != host[0] or not host_allowed(name, allowed_hosts):
+    if name != host[0] or not host_allowed(name, allowed_hosts, suffixes):
         return False
     origin_port = port if port is not None else _DEFAULT_PORTS[parts.scheme]
     return origin_port == host[1] if host[1] is not None else origin_port == _DEFAULT_PORTS[parts.scheme]
 
 
-def browser_guard(allowed_hosts: tuple[str, ...], *, token_set: bool, loopback: bool) -> Middleware:
+def browser_guard(allowed_hosts: tuple[str, ...], *, token_set: bool, loopback: bool,
+                  allowed_suffixes: tuple[str, ...] = ()) -> Middleware:
     """Refuse what a web page in an operator's browser could send to the admin listener.
 
     403 ``cross_origin`` when ``Origin`` is present and is not this listener's own origin, or
     ``Sec-Fetch-Site`` is ``cross-site``/``same-site`` (CSRF: a page cannot drain, reap or pin);
     421 ``misdirected_host`` when ``Host`` is not an IP literal (any port), ``localhost`` or one of
-    ``admin.allowed_hosts`` (DNS rebinding needs a name of the attacker's; scrapers by IP keep
-    working). 401 ``token_required`` on PUT/POST/DELETE when no token is set and the listener is
-    not on loopback (``serve`` refuses that config; this covers servers built in code). Checks run
-    before the token, on every route; the messages echo nothing from the request."""
+    ``admin.allowed_hosts`` or ending in ``allowed_suffixes`` (DNS rebinding needs a name of the
+    attacker's; scrapers by IP keep working). 401 ``token_required`` on PUT/POST/DELETE when no
+    token is set and the listener is not on loopback (``serve`` refuses that config; this covers
+    servers built in code). Checks run before the token, on every route; the messages echo nothing
+    from the request."""
     allowed = frozenset(allowed_hosts)
 
     @web.middleware
@@ -160,9 +169,10 @@ def browser_guard(allowed_hosts: tuple[str, ...], *, token_set: bool, loopback: 
         host = split_host(raw_host) if raw_host is not None else None
         origin = headers.get("Origin")
         fetch_site = headers.get("Sec-Fetch-Site", "").strip().lower()
-        if fetch_site in ("cross-site", "same-site") or (origin is not None and not _own_origin(origin, host, allowed)):
+        foreign = origin is not None and not _own_origin(origin, host, allowed, allowed_suffixes)
+        if fetch_site in ("cross-site", "same-site") or foreign:
             return json_error(403, "cross-origin requests to the admin listener are refused", code="cross_origin")
-        if raw_host is not None and (host is None or not host_allowed(host[0], allowed)):
+        if raw_host is not None and (host is None or not host_allowed(host[0], allowed, allowed_suffixes)):
             return json_error(421, "this admin listener does not answer to that Host name (IP addresses, "
                                    "localhost and admin.allowed_hosts only)", code="misdirected_host")
         if not token_set and not loopback and request.method in MUTATING_METHODS:
