@@ -177,18 +177,23 @@ class PrivateNet:
         """``connect(address)`` to ``host``: resolve (waking a stopped Machine, at most
         ``wake_timeout``), connect (at most ``connect_timeout``); after a refused or failed
         connect the name is looked up afresh and connected to once more (a cached address of a
-        Machine that stopped since, or one that has just started and is not listening yet).
+        Machine that stopped since); a Machine that had to be woken gets refused connects retried
+        until the wake deadline (it may not listen yet).
         Raises ``OSError`` (``PrivateNameError`` for resolution and waking) or ``TimeoutError``."""
         deadline = time.monotonic() + self._fly().wake_timeout
-        addrs = await self._reachable(host, deadline)
-        try:
-            async with asyncio.timeout(connect_timeout):
-                return await connect(addrs[0])
-        except (OSError, TimeoutError) as first:
-            self.forget(host)
-            log.info("private network: %s at %s failed (%s); looking it up again", host, addrs[0], first)
-        addrs = await self._reachable(host, deadline)
-        return await self._connect_until(addrs, port, connect, connect_timeout, deadline)
+        addrs, woke = await self._reachable(host, deadline)
+        if not woke:
+            try:
+                async with asyncio.timeout(connect_timeout):
+                    return await connect(addrs[0])
+            except (OSError, TimeoutError) as first:
+                self.forget(host)
+                log.info("private network: %s at %s failed (%s); looking it up again", host, addrs[0], first)
+            addrs, woke = await self._reachable(host, deadline)
+        if woke:  # just started: its server may not listen yet
+            return await self._connect_until(addrs, port, connect, connect_timeout, deadline)
+        async with asyncio.timeout(connect_timeout):
+            return await connect(addrs[0])
 
     async def _connect_until(self, addrs: list[str], port: int, connect: Callable[[str], Awaitable[T]],
                              connect_timeout: float, deadline: float) -> T:
@@ -204,9 +209,10 @@ class PrivateNet:
             await asyncio.sleep(delay)
             delay = min(delay * 2, _MAX_POLL)
 
-    async def _reachable(self, host: str, deadline: float) -> list[str]:
+    async def _reachable(self, host: str, deadline: float) -> tuple[list[str], bool]:
+        """The addresses of ``host``, and whether it had to be woken first."""
         try:
-            return await self.addresses(host)
+            return await self.addresses(host), False
         except NotStarted:
             target = machine_of(host)
             if target is None:
@@ -222,7 +228,7 @@ class PrivateNet:
             failed = self._late(machine)
         if failed is not None:
             raise type(failed)(str(failed))  # one exception object per waiter
-        return await self.addresses(host)
+        return await self.addresses(host), True
 
     def _late(self, machine: str) -> PrivateNameError:
         return PrivateNameError(f"machine {machine} did not start within {self._fly().wake_timeout}s")
