@@ -32,7 +32,6 @@ from affinity_proxy.pins.reaper import Reaper
 from affinity_proxy.pins.redis import RedisPinStore
 from affinity_proxy.pins.store import PinStore, PinStoreUnavailable
 from affinity_proxy.routing.cookie import CookieCodec
-from affinity_proxy.routing.decide import DecidePolicy
 from affinity_proxy.routing.model import Instance, InstanceId
 from affinity_proxy.routing.userkey import UserKeySource
 from affinity_proxy.web.admin import (
@@ -45,7 +44,7 @@ from affinity_proxy.web.admin import (
     session_check,
     token_middleware,
 )
-from affinity_proxy.web.context import CONTEXT, ProxyContext
+from affinity_proxy.web.context import CONTEXT, ProxyContext, decide_policy
 from affinity_proxy.web.dashboard import add_dashboard_routes
 from affinity_proxy.web.errors import json_error
 from affinity_proxy.web.middlewares import header_size_guard
@@ -105,7 +104,7 @@ def build_context(
         )
     ctx = ProxyContext(
         config=config, membership=membership, store=store, codec=codec, metrics=metrics, tasks=tasks,
-        policy=DecidePolicy(revalidate_after=c.revalidate_after),
+        policy=decide_policy(config),
         user_key_sources=tuple(UserKeySource(s.kind, s.name) for s in config.user_key),
         shared=shared if shared is not None else open_shared_state(store),
     )
@@ -197,7 +196,7 @@ def discovery_source(ctx: ProxyContext) -> MembershipSource | None:
         return FlyMachinesApiSource(
             fly.app, api_url=fly.api_url or DEFAULT_API_URL, token=fly.api_token, local_machine_id=fly.machine_id,
             private_url=fly.private_url, private_port=fly.private_port, local_upstream=fly.upstream,
-            session=ctx.client.session,
+            session=ctx.client.session, process_group=fly.process_group,
         )
     from affinity_proxy.membership.fly_dns import FlyDnsSource
 

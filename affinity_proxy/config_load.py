@@ -62,9 +62,12 @@ def fill_from_env(data: dict[Any, Any], environ: Mapping[str, str]) -> tuple[dic
             "app": [("FLY_APP_NAME", environ.get("FLY_APP_NAME"))],
             "region": [("FLY_REGION", environ.get("FLY_REGION"))],
             "api_token": [("FLY_API_TOKEN", environ.get("FLY_API_TOKEN"))],
+            "process_group": [("FLY_PROCESS_GROUP", environ.get("FLY_PROCESS_GROUP"))],
         }
         for key, candidates in fills.items():
             current = fly.get(key)
+            if key == "process_group" and key in fly and current is None:
+                continue  # an explicit ``process_group: null`` means every group
             if current is not None and not (isinstance(current, EnvText) and not current):
                 continue
             for variable, found in candidates:

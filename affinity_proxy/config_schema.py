@@ -243,7 +243,14 @@ class FlyConfig:
     private_port: int = 8080
     dns_server: str = "fdaa::3"
     prefer_instance: bool = False
-    replay_timeout: float | None = None
+    #: ``timeout``/``fallback`` fields of every replay (null: left out). Defaults so a destroyed
+    #: target comes back here (``fly-replay-failed``) instead of ending in Fly's PR02.
+    replay_timeout: float | None = 10.0
+    replay_fallback: str | None = "prefer_self"
+    #: ``local``: a new session stays on the Machine Fly's edge chose; ``hash``: the ring decides.
+    placement: str = "local"
+    #: Only Machines of this process group are members (filled from FLY_PROCESS_GROUP; null: all).
+    process_group: str | None = None
     api_url: str | None = None
     api_token: str | None = field(default=None, repr=False, metadata=SECRET)
     #: Longest wait for a stopped Machine a private-network forward must reach: started through the
@@ -265,6 +272,10 @@ class FlyConfig:
         self._check_dns_server(check)
         check.flag("prefer_instance")
         check.seconds("replay_timeout", optional=True)
+        if self.replay_fallback is not None:
+            check.choice("replay_fallback", ("prefer_self", "force_self"))
+        check.choice("placement", ("local", "hash"))
+        check.text("process_group", optional=True, pattern=re.compile(label), what="a process group name like web")
         check.http_url("api_url", optional=True, allow_path=True)
         check.text("api_token", optional=True)
         check.seconds("wake_timeout")

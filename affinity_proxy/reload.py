@@ -4,8 +4,9 @@ Applied in place (open connections, WebSockets and pins are untouched): ``instan
 weights — the membership swaps a new snapshot and keeps drain and health marks of kept ids),
 ``cookie.*`` (a new codec; cookies signed with a secret that moved to ``previous_secrets`` stay
 valid), ``user_key``, ``health.*``, ``reaper.*``, ``limits.*``, ``fly.replay_status``,
-``fly.prefer_instance``, ``fly.replay_timeout``, ``log.level``. Keys that need a restart (listeners,
-``mode``, ``store.*``, ``fly.machine_id``, ``fly.discovery``, ``admin.token``) are left as they
+``fly.prefer_instance``, ``fly.replay_timeout``, ``fly.replay_fallback``, ``fly.placement``,
+``log.level``. Keys that need a restart (listeners,
+``mode``, ``store.*``, ``fly.machine_id``, ``fly.discovery``, ``fly.process_group``, ``admin.token``) are left as they
 were and named in the result. An invalid file changes nothing: the error is returned and logged.
 """
 
@@ -16,14 +17,14 @@ from dataclasses import dataclass, field, replace
 
 from affinity_proxy.config import Config, ConfigError, load_config
 from affinity_proxy.routing.cookie import CookieCodec
-from affinity_proxy.routing.decide import DecidePolicy
 from affinity_proxy.routing.userkey import UserKeySource
-from affinity_proxy.web.context import ProxyContext
+from affinity_proxy.web.context import ProxyContext, decide_policy
 
 log = logging.getLogger("affinity_proxy.reload")
 
 RESTART_KEYS = ("listen", "admin_listen", "mode", "store", "admin", "engine")
-RESTART_FLY_KEYS = ("machine_id", "app", "discovery", "upstream", "dns_server", "private_url", "private_port")
+RESTART_FLY_KEYS = ("machine_id", "app", "discovery", "upstream", "dns_server", "private_url", "private_port",
+                    "process_group")
 
 
 @dataclass
@@ -56,7 +57,7 @@ def apply_config(ctx: ProxyContext, new: Config) -> ReloadResult:
     c = merged.cookie
     codec = CookieCodec(c.secret, c.previous_secrets, signed=c.signed, max_age=c.max_age)
     ctx.codec = codec
-    ctx.policy = DecidePolicy(revalidate_after=c.revalidate_after)
+    ctx.policy = decide_policy(merged)
     ctx.user_key_sources = tuple(UserKeySource(s.kind, s.name) for s in merged.user_key)
     ctx.config = merged
     if merged.instances != old.instances:

@@ -18,7 +18,16 @@ from typing import TYPE_CHECKING, Any
 from affinity_proxy.pins.store import PinStoreUnavailable
 from affinity_proxy.routing.decide import Decision, DecisionReason, Refuse, RepinReason, Route, RouteInput
 from affinity_proxy.routing.model import InstanceId
-from affinity_proxy.routing.replay import REPLAY_SRC_HEADER, LocalForward, Plan, PrivateForward, Replay, ReplaySource
+from affinity_proxy.routing.replay import (
+    NO_SIGNALS,
+    REPLAY_SRC_HEADER,
+    LocalForward,
+    Plan,
+    PrivateForward,
+    Replay,
+    ReplaySource,
+    Triage,
+)
 from affinity_proxy.web.fly import PRIVATE_FORWARD_SRC
 from affinity_proxy.web.resolve import resolve
 
@@ -40,7 +49,7 @@ _FORWARD = "forward"
 class Exchange(Forwarding):
     """One request from routing to the end of its answer. Never raises out of a callback."""
 
-    __slots__ = ("attempt", "request_id", "routed", "src", "started")
+    __slots__ = ("attempt", "request_id", "routed", "signals", "src", "started")
 
     def __init__(self, conn: ClientConnection, head: RequestHead, server: FastServer, body_done: bool) -> None:
         super().__init__(conn, head, server, body_done)
@@ -48,6 +57,7 @@ class Exchange(Forwarding):
         self.request_id: bytes | None = None
         self.routed: tuple[str, str, str] = ("refuse", "", "")
         self.src: ReplaySource | None = None
+        self.signals: Triage = NO_SIGNALS
         self.attempt = 0
 
     # ------------------------------------------------------------------ routing
@@ -74,7 +84,8 @@ class Exchange(Forwarding):
                 return
         if router.fly:
             self.src = router.replay_source(head)
-            inp = router.route_input(head, router.repin_signals(head))
+            self.signals = router.repin_signals(head)
+            inp = router.route_input(head, dict(self.signals.avoid))
             adopted = router.adopted(inp, self.src)
             if adopted is not None:
                 self.dispatch(adopted, inp)
@@ -85,7 +96,9 @@ class Exchange(Forwarding):
         if decision is None:
             server.spawn(self._resolve(inp), "fastpath-resolve")
             return
-        step = router.plan(head, decision, self.src) if router.fly and isinstance(decision, Route) else None
+        step = None
+        if router.fly and isinstance(decision, Route):
+            step = router.plan(head, decision, self.src, self.signals)
         if key is not None:
             hot.put(key, decision, inp, step)
         self.dispatch(decision, inp, step)
@@ -114,7 +127,7 @@ class Exchange(Forwarding):
             self._forward(decision, inp)
             return
         if step is None:
-            step = router.plan(self.head, decision, self.src)
+            step = router.plan(self.head, decision, self.src, self.signals)
         if isinstance(step, Replay):
             self._count(decision, "replay")
             counts = self.server.counts
@@ -130,7 +143,9 @@ class Exchange(Forwarding):
         if isinstance(step, PrivateForward):
             assert router.local is not None
             extra = (_REPLAY_SRC, PRIVATE_FORWARD_SRC.format(id=router.local).encode())
-        if isinstance(step, LocalForward) and step.loop_guard:
+        if isinstance(step, LocalForward) and step.keep_pin:
+            decision = Route(step.instance, DecisionReason.FALLBACK)  # the pin and the cookie stay
+        elif isinstance(step, LocalForward) and step.loop_guard:
             self.server.counts.inc(self.server.ctx.metrics.replay_loops_prevented)
             log.warning("replay loop prevented; serving locally", extra={"fields": {
                 "decided": decision.instance, "local": step.instance, "reason": decision.reason.value}})

@@ -27,17 +27,19 @@ from affinity_proxy.routing.decide import (
 )
 from affinity_proxy.routing.model import InstanceId
 from affinity_proxy.routing.replay import (
-    PREFER_TIMEOUT,
+    NO_SIGNALS,
     PREFERRED_UNAVAILABLE_HEADER,
     REPLAY_FAILED_HEADER,
     REPLAY_SRC_HEADER,
     BodyInfo,
     Plan,
     ReplaySource,
+    Triage,
     parse_replay_failed,
     parse_replay_src,
     parse_unavailable,
     plan,
+    triage,
 )
 from affinity_proxy.routing.userkey import extract_user_key
 from affinity_proxy.web.context import ProxyContext, cookie_attributes
@@ -133,30 +135,29 @@ class Router:
             return None
         return parse_replay_src(text(raw)) or ReplaySource(instance=None, region=None, t=None, state=None)
 
-    def repin_signals(self, head: RequestHead) -> dict[InstanceId, RepinReason]:
-        avoid: dict[InstanceId, RepinReason] = {}
+    def repin_signals(self, head: RequestHead) -> Triage:
+        """``web.fly.repin_signals`` for a raw head."""
         first = head.first
-        if _UNAVAILABLE in first:
-            unavailable = parse_unavailable(text(first[_UNAVAILABLE]))
-            if unavailable is not None:
-                avoid[unavailable] = RepinReason.UNAVAILABLE
-        if _FAILED in first:
-            failed = parse_replay_failed(text(first[_FAILED]))
-            if failed is not None and failed.instance is not None:
-                avoid[failed.instance] = RepinReason.REPLAY_FAILED
-        return avoid
+        raw_unavailable, raw_failed = first.get(_UNAVAILABLE), first.get(_FAILED)
+        if raw_unavailable is None and raw_failed is None:
+            return NO_SIGNALS
+        unavailable = parse_unavailable(text(raw_unavailable)) if raw_unavailable is not None else None
+        failed = parse_replay_failed(text(raw_failed)) if raw_failed is not None else None
+        return triage(unavailable, failed, self.ctx.membership.current(),
+                      static_membership=self.ctx.config.fly.discovery == "static")
 
     def adopted(self, inp: RouteInput, src: ReplaySource | None) -> Route | None:
         assert self.local is not None
         return replayed_new_session(inp, src, self.local)
 
-    def plan(self, head: RequestHead, route: Route, src: ReplaySource | None) -> Plan:
+    def plan(self, head: RequestHead, route: Route, src: ReplaySource | None, signals: Triage = NO_SIGNALS) -> Plan:
         fly = self.ctx.config.fly
         assert self.local is not None
         te = head.first.get(b"transfer-encoding", b"")
         body = BodyInfo(method=head.method, content_length=head.content_length, chunked=b"chunked" in te.lower())
         return plan(route.instance, local_instance=self.local, replay_src=src, body=body, is_websocket=False,
-                    prefer_instance=fly.prefer_instance, timeout=fly.replay_timeout or PREFER_TIMEOUT)
+                    fallback_request=_FAILED in head.first, unreachable=signals.unreachable,
+                    prefer_instance=fly.prefer_instance, timeout=fly.replay_timeout, fallback=fly.replay_fallback)
 
     # ------------------------------------------------------------------ cookies
 

@@ -11,10 +11,18 @@ that size; larger ones are streamed through and cannot be replayed), with ``pref
 Machines can be marked stopped (woken through ``on_wake`` when targeted) or destroyed (unknown).
 Counters are attributes and ``GET /_edge/stats``.
 
+Machines belong to an app and a process group and may have a ``hard_limit`` (see
+``fly.edge_route`` for what is modelled and where FLY.md says so): client traffic goes to the
+edge's ``app``, only to its ``http_group``; ``fly-replay: app=<other>`` reaches another app's
+Machines (a router app replaying into ours).
+
 Stand-in choices where Fly's behaviour is UNCONFIRMED: any status may carry ``fly-replay``; client
 ``fly-replay-src``/``fly-replay-failed``/``fly-preferred-instance-unavailable`` headers are stripped
-(``strip_client_fly_headers``); ``fly-force-instance-id`` wakes a stopped machine; a fallback gets
-``fly-replay-src`` too. Test/demo tool: one event loop, no TLS, no JSON-body replays, one app.
+(``strip_client_fly_headers``); ``fly-force-instance-id`` wakes a stopped machine; a fallback
+carries ``fly-replay-src`` only with ``fallback_replay_src`` (default: not, as Fly does not promise
+it); ``instance=`` to a Machine at its hard_limit waits or fails at once (``hard_limit_instance``);
+WebSockets do not count towards a Machine's load. Test/demo tool: one event loop, no TLS, no
+JSON-body replays.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from affinity_proxy.fly.edge_route import (
     PM01,
     EdgeError,
     EdgeRouter,
+    HardLimitReading,
     Hop,
     Machine,
     MachineState,
@@ -88,8 +97,15 @@ class FlyEdge:
         on_wake: WakeCallback | None = None,
         strip_client_fly_headers: bool = True,
         connect_timeout: float = 5.0,
+        http_group: str | None = None,
+        hard_limit_instance: HardLimitReading = "wait",
+        fallback_replay_src: bool = False,
+        hard_limit_wait: float = 30.0,
     ) -> None:
-        self.router = EdgeRouter(machines, app=app, region=region)
+        self.router = EdgeRouter(machines, app=app, region=region, http_group=http_group,
+                                 hard_limit_instance=hard_limit_instance, fallback_replay_src=fallback_replay_src)
+        self.hard_limit_wait = hard_limit_wait
+        self._load_changed = asyncio.Event()
         self.app = app
         self.region = region
         self.max_replays = max_replays
@@ -139,6 +155,7 @@ class FlyEdge:
         app.router.add_get("/_edge/stats", self._stats_handler)
         app.router.add_get("/_edge/machines", self._machines_handler)
         app.router.add_post("/_edge/machines/{id}/state", self._machine_state_handler)
+        app.router.add_get("/v1/apps/{app}/machines", self._machines_api_handler)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         app.on_shutdown.append(self._close_sockets)
         self._runner = web.AppRunner(app, shutdown_timeout=2.0, access_log=None)
@@ -168,9 +185,50 @@ class FlyEdge:
         for ws in list(self.sockets):
             await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"edge shutting down")
 
-    def add_machine(self, machine_id: str, url: str, state: MachineState = "started") -> None:
-        """Add (or replace) a machine, e.g. the new machines of a bluegreen deploy."""
-        self.router.machines[machine_id] = Machine(machine_id, url, state)
+    def add_machine(self, machine_id: str, url: str, state: MachineState = "started", *, app: str | None = None,
+                    group: str = "app", hard_limit: int | None = None) -> None:
+        """Add (or replace) a machine, e.g. the new machines of a bluegreen deploy, a worker
+        (``group``) or a Machine of another app (``app``, e.g. a router app)."""
+        self.router.machines[machine_id] = Machine(machine_id, url, state, app=app or self.app, group=group,
+                                                   hard_limit=hard_limit)
+
+    def set_machine_group(self, machine_id: str, group: str) -> None:
+        """The Machine's process group (fly.toml ``[processes]``). KeyError for an unknown id."""
+        self.router.machines[machine_id].group = group
+
+    def set_machine_load(self, machine_id: str, *, hard_limit: int | None = None, busy: int = 0) -> None:
+        """``hard_limit`` (None: none) and ``busy``, load standing for other traffic, so a test can
+        put a Machine at its hard limit and take it off again. KeyError for an unknown id."""
+        machine = self.router.machines[machine_id]
+        machine.hard_limit, machine.busy = hard_limit, busy
+        self._notify_load()
+
+    def enter(self, machine: Machine) -> None:
+        """A request is being delivered to ``machine`` (counts towards its hard_limit)."""
+        machine.load += 1
+
+    def leave(self, machine: Machine) -> None:
+        machine.load = max(0, machine.load - 1)
+        self._notify_load()
+
+    def _notify_load(self) -> None:
+        self._load_changed.set()
+        self._load_changed = asyncio.Event()
+
+    async def wait_for_slot(self, hop: Hop) -> Hop | EdgeError | None:
+        """``instance=`` to a Machine at its hard_limit under the ``wait`` reading: wait until it
+        has a free slot, at most the replay's ``timeout`` (then its fallback) or ``hard_limit_wait``
+        (then PR03). None: deliver now."""
+        machine = hop.machine
+        if not hop.waits or not machine.full:
+            return None
+        try:
+            async with asyncio.timeout(hop.timeout or self.hard_limit_wait):
+                while machine.full:
+                    await self._load_changed.wait()
+        except TimeoutError:
+            return self.router.timed_out(hop)
+        return None
 
     def set_machine_state(self, machine_id: str, state: MachineState) -> None:
         """``started``, ``stopped`` (woken via ``on_wake`` when a replay or a force header targets
@@ -195,7 +253,9 @@ class FlyEdge:
             "served": dict(self.served),
             "error_codes": dict(self.error_codes),
             "replay_counts": {str(k): v for k, v in sorted(self.replay_counts.items())},
-            "machines": {m.id: {"url": m.url, "state": m.state} for m in self.router.machines.values()},
+            "machines": {m.id: {"url": m.url, "state": m.state, "app": m.app, "group": m.group,
+                                "hard_limit": m.hard_limit, "load": m.load + m.busy}
+                         for m in self.router.machines.values()},
             "websockets": len(self.sockets),
         }
 
@@ -204,6 +264,24 @@ class FlyEdge:
 
     async def _machines_handler(self, _request: web.Request) -> web.Response:
         return web.json_response(self.stats()["machines"])
+
+    async def _machines_api_handler(self, request: web.Request) -> web.Response:
+        """A slice of the Machines API list call (FLY.md §4, DOCS machines/api): ``id``, ``state``,
+        ``region``, ``config.metadata.fly_process_group``; ``?metadata.fly_process_group=`` filters.
+        Any bearer token is accepted; destroyed Machines are left out (as without
+        ``include_deleted``). Served on the edge's port, so ``fly.api_url`` can point here."""
+        if not request.headers.get("Authorization", "").strip():
+            return web.json_response({"error": "unauthorized"}, status=401)
+        app = request.match_info["app"]
+        group = request.query.get("metadata.fly_process_group")
+        machines = [m for m in self.router.machines.values() if (m.app or self.app) == app and m.state != "destroyed"]
+        if not machines:
+            return web.json_response({"error": "app not found"}, status=404)
+        return web.json_response([
+            {"id": m.id, "state": m.state, "region": self.region,
+             "config": {"metadata": {"fly_process_group": m.group}}}
+            for m in machines if group is None or m.group == group
+        ])
 
     async def _machine_state_handler(self, request: web.Request) -> web.Response:
         try:

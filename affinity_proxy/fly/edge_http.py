@@ -55,25 +55,30 @@ async def serve_http(edge: FlyEdge, request: web.Request, request_id: str) -> we
     while True:
         if isinstance(hop, EdgeError):
             return edge.error_response(hop, request_id)
-        woke = await edge.prepare_hop(hop)
+        woke = await edge.prepare_hop(hop) or await edge.wait_for_slot(hop)
         if woke is not None:
             hop = woke
             continue
         headers = CIMultiDict(base)
         headers.update(hop.headers)
+        machine = hop.machine
+        edge.enter(machine)
         try:
-            upstream = await _send(edge, request, hop, headers, body)
-        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
-            hop = edge.after_connect_failure(hop, exc, failed)
-            continue
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.info("machine %s failed mid-request: %r", hop.machine.id, exc)
-            return edge.error_response(EdgeError(502, "PR03", "Machine connection failed"), request_id)
-        edge.hits[hop.machine.id] += 1
-        value = upstream.headers.get(REPLAY_HEADER)
-        if value is None:
-            return await _relay(edge, request, upstream, hop, request_id, replays)
-        upstream.release()
+            try:
+                upstream = await _send(edge, request, hop, headers, body)
+            except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+                hop = edge.after_connect_failure(hop, exc, failed)
+                continue
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.info("machine %s failed mid-request: %r", hop.machine.id, exc)
+                return edge.error_response(EdgeError(502, "PR03", "Machine connection failed"), request_id)
+            edge.hits[hop.machine.id] += 1
+            value = upstream.headers.get(REPLAY_HEADER)
+            if value is None:
+                return await _relay(edge, request, upstream, hop, request_id, replays)
+            upstream.release()
+        finally:
+            edge.leave(machine)
         replays += 1
         edge.replays += 1
         hop = edge.next_after_replay(hop, value, replays, body.complete)

@@ -1,9 +1,28 @@
 """Where the local Fly edge sends a request next: the machine table and its routing rules.
 
-No network I/O: ``EdgeRouter`` keeps the machines (id, URL, state) and turns the client's routing
-headers (``fly-force-instance-id``, ``fly-prefer-instance-id``) and each ``fly-replay`` answer into
-the next ``Hop`` or an ``EdgeError`` (FLY.md §1-2). The async side lives in ``fly.edge``.
-Imports the stdlib and ``routing`` only.
+No network I/O: ``EdgeRouter`` keeps the machines (id, URL, state, app, process group,
+``hard_limit`` and load) and turns the client's routing headers (``fly-force-instance-id``,
+``fly-prefer-instance-id``) and each ``fly-replay`` answer into the next ``Hop`` or an
+``EdgeError`` (FLY.md §1-2). The async side lives in ``fly.edge``. Imports the stdlib and
+``routing`` only.
+
+Modelled, with the FLY.md source of each (DOCS = Fly's docs as FLY.md cites them):
+
+- process groups: only Machines of the ``[http_service]``'s group (``http_group``; fly.toml
+  ``processes = ["web"]``, FLY.md §5) get load-balanced client traffic. GUESS (docs silent): a
+  ``fly-replay`` naming a Machine of another group is treated like a Machine that is not found.
+- ``hard_limit`` (FLY.md §5 ``[http_service.concurrency]``): load balancing skips a Machine at its
+  limit; ``prefer_instance=`` to it goes to another Machine with
+  ``fly-preferred-instance-unavailable`` (FLY.md §1). ``instance=`` to it: the docs are silent, so
+  ``hard_limit_instance`` picks the reading: ``wait`` (queue until a slot frees, bounded by the
+  replay's ``timeout``; then the fallback, or PR03) or ``no_candidate`` (at once: the fallback
+  with ``reason=no_candidate``, or PR04).
+- other apps (FLY.md §1 ``app``): Machines carry an app; client traffic goes to the edge's own
+  ``app``; ``fly-replay: app=<other>`` load balances over that app's Machines (its ``state``
+  comes back in ``fly-replay-src``), ``instance=`` must belong to the app named.
+- fallbacks (FLY.md §1 ``fallback``): the request goes back with ``fly-replay-failed``; whether
+  it also carries ``fly-replay-src`` is not documented (FLY.md §1-2 promise it only on replayed
+  requests), so ``fallback_replay_src`` picks the reading (default: without).
 """
 
 from __future__ import annotations
@@ -27,6 +46,7 @@ from affinity_proxy.routing.replay import (
 )
 
 MachineState = Literal["started", "stopped", "destroyed"]
+HardLimitReading = Literal["wait", "no_candidate"]
 MACHINE_STATES: frozenset[str] = frozenset({"started", "stopped", "destroyed"})
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -40,9 +60,21 @@ def new_request_id(region: str) -> str:
 
 @dataclass
 class Machine:
+    """One Machine. ``load``: requests the edge is delivering to it now; ``busy``: extra load a
+    test sets to stand for other traffic. At ``hard_limit`` (None: no limit) it takes no more."""
+
     id: str
     url: str
     state: MachineState = "started"
+    app: str = ""
+    group: str = "app"
+    hard_limit: int | None = None
+    load: int = 0
+    busy: int = 0
+
+    @property
+    def full(self) -> bool:
+        return self.hard_limit is not None and self.load + self.busy >= self.hard_limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +100,7 @@ class Hop:
     replayer: Machine | None = None
     instruction: ReplayInstruction | None = None
     is_fallback: bool = False
+    waits: bool = False  # instance= to a Machine at its hard_limit under the ``wait`` reading
     balanced: bool = False  # load balanced: another machine may take it if this one is unreachable
     started: float = 0.0  # time.monotonic() when the replay was asked for
 
@@ -98,22 +131,40 @@ class EdgeRouter:
         app: str,
         region: str,
         now_us: Callable[[], int] = lambda: time.time_ns() // 1000,
+        http_group: str | None = None,
+        hard_limit_instance: HardLimitReading = "wait",
+        fallback_replay_src: bool = False,
     ) -> None:
-        self.machines: dict[str, Machine] = {mid: Machine(mid, url) for mid, url in machines.items()}
+        self.machines: dict[str, Machine] = {mid: Machine(mid, url, app=app) for mid, url in machines.items()}
         self.app = app
         self.region = region
+        self.http_group = http_group
+        self.hard_limit_instance = hard_limit_instance
+        self.fallback_replay_src = fallback_replay_src
         self._now_us = now_us
         self._turn = itertools.count()
 
-    def known(self, machine_id: str | None) -> Machine | None:
-        """The machine unless it is unknown or destroyed."""
-        machine = self.machines.get(machine_id or "")
-        return machine if machine is not None and machine.state != "destroyed" else None
+    def serves(self, machine: Machine, app: str | None = None) -> bool:
+        """The Machine belongs to ``app`` (default: the edge's) and, for the edge's own app, to the
+        http service's process group."""
+        app = app or self.app
+        if (machine.app or self.app) != app:
+            return False
+        return app != self.app or self.http_group is None or machine.group == self.http_group
 
-    def pick(self, exclude: Collection[str] = ()) -> Machine | None:
-        """Round robin over started machines; a stopped one (autostart) only when none is started."""
+    def known(self, machine_id: str | None, app: str | None = None) -> Machine | None:
+        """The machine unless it is unknown, destroyed, or not a Machine of ``app``'s http service."""
+        machine = self.machines.get(machine_id or "")
+        if machine is None or machine.state == "destroyed" or not self.serves(machine, app):
+            return None
+        return machine
+
+    def pick(self, exclude: Collection[str] = (), app: str | None = None) -> Machine | None:
+        """Round robin over ``app``'s started machines below their hard_limit; a stopped one
+        (autostart) only when none is started (FLY.md §5 load balancing and autostart)."""
         for wanted in ("started", "stopped"):
-            pool = [m for m in self.machines.values() if m.state == wanted and m.id not in exclude]
+            pool = [m for m in self.machines.values()
+                    if m.state == wanted and m.id not in exclude and not m.full and self.serves(m, app)]
             if pool:
                 return pool[next(self._turn) % len(pool)]
         return None
@@ -128,7 +179,7 @@ class EdgeRouter:
         if preferred is not None:
             preferred = preferred.strip()
             machine = self.known(preferred)
-            if machine is not None:
+            if machine is not None and not machine.full:
                 return Hop(machine)
             other = self.pick(exclude={preferred})
             if other is None:
@@ -142,7 +193,7 @@ class EdgeRouter:
         """After a connection failure: a load-balanced first hop moves on; a targeted one fails
         (or falls back when its replay asked for a fallback)."""
         if hop.balanced and not hop.is_fallback:
-            machine = self.pick(exclude=failed)
+            machine = self.pick(exclude=failed, app=hop.machine.app or self.app)
             if machine is not None:
                 return replace(hop, machine=machine)
         instr = hop.instruction
@@ -162,27 +213,34 @@ class EdgeRouter:
             instr = parse_replay_instruction(value)
         except ValueError:
             return PA03
-        if instr.app is not None and instr.app != self.app:
+        app = instr.app or replayer.app or self.app
+        if not any((m.app or self.app) == app for m in self.machines.values()):
             return self._no_candidate(replayer, instr, PA04, started)
         if instr.region and not ({"any", self.region} & set(instr.region)):
             return self._no_candidate(replayer, instr, PR04, started)
         exclude = {replayer.id} if instr.elsewhere else set()
         headers = {REPLAY_SRC_HEADER: self._replay_src(replayer, instr)}
+        waits = False
         if instr.instance is not None:
-            machine = self.known(instr.instance)
+            machine = self.known(instr.instance, app)
             if machine is None:
                 return self._no_candidate(replayer, instr, PR02, started)
+            if machine.full:
+                if self.hard_limit_instance == "no_candidate":
+                    return self._no_candidate(replayer, instr, PR04, started)
+                waits = True
         elif instr.prefer_instance is not None:
-            machine = self.known(instr.prefer_instance)
-            if machine is None:
-                machine = self.pick(exclude=exclude | {instr.prefer_instance})
+            machine = self.known(instr.prefer_instance, app)
+            if machine is None or machine.full:  # not found, or at its hard_limit (FLY.md §1)
+                machine = self.pick(exclude=exclude | {instr.prefer_instance}, app=app)
                 headers[PREFERRED_UNAVAILABLE_HEADER] = instr.prefer_instance
         else:
-            machine = self.pick(exclude=exclude)
+            machine = self.pick(exclude=exclude, app=app)
         if machine is None:
             return self._no_candidate(replayer, instr, PR04, started)
         balanced = instr.instance is None and machine.id != instr.prefer_instance
-        return Hop(machine, headers, replayer=replayer, instruction=instr, balanced=balanced, started=started)
+        return Hop(machine, headers, replayer=replayer, instruction=instr, balanced=balanced, started=started,
+                   waits=waits)
 
     def _replay_src(self, replayer: Machine, instr: ReplayInstruction) -> str:
         return f"instance={replayer.id};region={self.region};t={self._now_us()};state={instr.state or ''}"
@@ -197,9 +255,10 @@ class EdgeRouter:
     def _fallback(self, replayer: Machine, instr: ReplayInstruction, reason: str, started: float) -> Hop | EdgeError:
         """Send the request back to the replayer (``force_self``) or to it or any machine
         (``prefer_self``) with ``fly-replay-failed``; the fallback may not replay again."""
-        machine = self.known(replayer.id)
+        origin_app = replayer.app or self.app
+        machine = self.known(replayer.id, origin_app)
         if machine is None and instr.fallback == "prefer_self":
-            machine = self.pick()
+            machine = self.pick(app=origin_app)
         if machine is None:
             return PR02
         target = instr.instance or instr.prefer_instance
@@ -207,5 +266,7 @@ class EdgeRouter:
         fields += [f"app={instr.app or self.app}", f"region={self.region}", f"replay_source={replayer.id}"]
         elapsed = max(0, round((time.monotonic() - started) * 1000)) if started else 0
         fields += [f"reason={reason}", f"elapsed_ms={elapsed}"]
-        headers = {REPLAY_FAILED_HEADER: ";".join(fields), REPLAY_SRC_HEADER: self._replay_src(replayer, instr)}
+        headers = {REPLAY_FAILED_HEADER: ";".join(fields)}
+        if self.fallback_replay_src:
+            headers[REPLAY_SRC_HEADER] = self._replay_src(replayer, instr)
         return Hop(machine, headers, replayer=replayer, instruction=instr, is_fallback=True, started=started)

@@ -66,7 +66,7 @@ async def relay_websocket(edge: FlyEdge, request: web.Request, request_id: str) 
     while True:
         if isinstance(hop, EdgeError):
             return edge.error_response(hop, request_id)
-        woke = await edge.prepare_hop(hop)
+        woke = await edge.prepare_hop(hop) or await edge.wait_for_slot(hop)
         if woke is not None:
             hop = woke
             continue

@@ -26,6 +26,8 @@ class DecisionReason(StrEnum):
     NEW = "new"
     REPIN = "repin"
     LOOP_GUARD = "loop_guard"
+    LOCAL = "local"  # fly placement ``local``: a new session stays on the Machine Fly's edge chose
+    FALLBACK = "fallback"  # fly: served here once because Fly could not deliver to the pinned Machine now
 
 
 class RepinReason(StrEnum):
@@ -80,7 +82,12 @@ class RouteInput:
 
 @dataclass(frozen=True, slots=True)
 class DecidePolicy:
+    """Per-node settings of the decision. ``local_instance`` set: fly placement ``local`` (a new
+    session, or a re-pin, goes to this node's own instance while it accepts new users, reason
+    ``local``); None: the consistent hash places new sessions (proxy mode, fly placement ``hash``)."""
+
     revalidate_after: float = 60.0  # seconds a keyed cookie is trusted without a store round trip
+    local_instance: InstanceId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +153,8 @@ def decide(inp: RouteInput, view: MembershipView, policy: DecidePolicy) -> Decis
     elif inp.cookie_problem is not None:
         orphan = _Orphan(None, RepinReason.INVALID_COOKIE)
     if user_key is None:
-        return _anonymous(inp, view, orphan)
-    return _from_pin(inp, view, user_key, orphan)
+        return _anonymous(inp, view, policy, orphan)
+    return _from_pin(inp, view, policy, user_key, orphan)
 
 
 def hash_choice(inp: RouteInput, view: MembershipView, exclude: frozenset[str] = frozenset()) -> InstanceId | None:
@@ -206,7 +213,9 @@ def _from_cookie(
     return Route(here, DecisionReason.COOKIE, set_cookie=True, store_op=RepinPin(user_key, stored, here))
 
 
-def _from_pin(inp: RouteInput, view: MembershipView, user_key: str, orphan: _Orphan | None) -> Decision:
+def _from_pin(
+    inp: RouteInput, view: MembershipView, policy: DecidePolicy, user_key: str, orphan: _Orphan | None
+) -> Decision:
     """Steps 3-4 for a keyed request without a usable live cookie."""
     if not inp.pin_looked_up:
         return NeedPin(user_key)
@@ -214,41 +223,68 @@ def _from_pin(inp: RouteInput, view: MembershipView, user_key: str, orphan: _Orp
     orphan_id = orphan.instance if orphan else None
     stored = inp.stored_pin
     if not inp.store_ok:
-        return _hashed(inp, view, exclude, orphan, DecisionReason.HASH)
+        return _hashed(inp, view, None, exclude, orphan, DecisionReason.HASH)
     if stored is not None and _live(inp, view, stored):
         # Another node already moved the user: no repin is counted, the orphan is kept for logs.
         return Route(stored, DecisionReason.PIN, set_cookie=True, touch=True, orphan=orphan_id)
     if stored is not None:
-        chosen = hash_choice(inp, view, exclude | {stored})
+        chosen, _ = _place(inp, view, policy, exclude | {stored}, DecisionReason.HASH)
         if chosen is None:
             return Refuse()
         why = orphan.reason if orphan and orphan.instance is not None else _orphan_reason(inp, view, stored)
         op = RepinPin(user_key, stored, chosen)
         return Route(chosen, DecisionReason.REPIN, why, set_cookie=True, store_op=op, orphan=stored)
-    chosen = hash_choice(inp, view, exclude)
+    chosen, how = _place(inp, view, policy, exclude, DecisionReason.HASH)
     if chosen is None:
         return Refuse()
     op = ClaimPin(user_key, chosen)
     if orphan is None:
-        return Route(chosen, DecisionReason.HASH, set_cookie=True, store_op=op)
+        return Route(chosen, how, set_cookie=True, store_op=op)
     return Route(chosen, DecisionReason.REPIN, orphan.reason, set_cookie=True, store_op=op, orphan=orphan_id)
 
 
-def _anonymous(inp: RouteInput, view: MembershipView, orphan: _Orphan | None) -> Decision:
-    """Step 5: no user key and no usable live cookie: hash the fresh session id."""
-    return _hashed(inp, view, _exclude(orphan), orphan, DecisionReason.NEW)
+def _anonymous(inp: RouteInput, view: MembershipView, policy: DecidePolicy, orphan: _Orphan | None) -> Decision:
+    """Step 5: no user key and no usable live cookie: a new session (local placement, or a hash of
+    the fresh session id)."""
+    return _hashed(inp, view, policy, _exclude(orphan), orphan, DecisionReason.NEW)
 
 
 def _hashed(
-    inp: RouteInput, view: MembershipView, exclude: frozenset[str], orphan: _Orphan | None, reason: DecisionReason
+    inp: RouteInput, view: MembershipView, policy: DecidePolicy | None, exclude: frozenset[str],
+    orphan: _Orphan | None, reason: DecisionReason,
 ) -> Decision:
-    """A ring choice with no store write (store down, or an anonymous session)."""
-    chosen = hash_choice(inp, view, exclude)
+    """A new placement with no store write (an anonymous session; with ``policy`` None, the store
+    is down and only the ring, which every node agrees on, may place a keyed user)."""
+    if policy is None:
+        chosen, how = hash_choice(inp, view, exclude), reason
+    else:
+        chosen, how = _place(inp, view, policy, exclude, reason)
     if chosen is None:
         return Refuse()
     if orphan is None:
-        return Route(chosen, reason, set_cookie=True)
+        return Route(chosen, how, set_cookie=True)
     return Route(chosen, DecisionReason.REPIN, orphan.reason, set_cookie=True, orphan=orphan.instance)
+
+
+def local_placement(inp: RouteInput, view: MembershipView, policy: DecidePolicy,
+                    exclude: frozenset[str] = frozenset()) -> InstanceId | None:
+    """The local instance when placement is ``local`` and it may take a new user now (``up``, not
+    excluded, not avoided), else None."""
+    local = policy.local_instance
+    if local is None or local in exclude or local in inp.avoid:
+        return None
+    return local if view.state_of(local).accepts_new else None
+
+
+def _place(
+    inp: RouteInput, view: MembershipView, policy: DecidePolicy, exclude: frozenset[str], reason: DecisionReason
+) -> tuple[InstanceId | None, DecisionReason]:
+    """Where a new session or a re-pin goes: the local instance (reason ``local``) when local
+    placement allows it, else the ring's choice (``reason``)."""
+    local = local_placement(inp, view, policy, exclude)
+    if local is not None:
+        return local, DecisionReason.LOCAL
+    return hash_choice(inp, view, exclude), reason
 
 
 def _exclude(orphan: _Orphan | None) -> frozenset[str]:

@@ -1,22 +1,25 @@
 """fly-replay on the wire and the replay plan (CONTRACT.md "Acting on the decision", FLY.md §1-2).
 
-Pure: stdlib plus ``routing.model`` only; no I/O, no clocks, no aiohttp/asyncio. It builds and
-parses ``fly-replay`` values, parses the headers Fly's edge adds to replayed requests
-(``fly-replay-src``, ``fly-replay-failed``, ``fly-preferred-instance-unavailable``) and decides
-how a routing decision is carried out in fly mode (``plan``): serve here, replay, or forward over
-the private network because Fly cannot replay the body. Every parser treats its input as untrusted
-client data; none of these headers is ever a security signal.
+Pure: stdlib plus ``routing.model`` and ``routing.decide`` (for ``RepinReason``) only; no I/O, no
+clocks, no aiohttp/asyncio. It builds and parses ``fly-replay`` values, parses the headers Fly's edge
+adds to replayed requests (``fly-replay-src``, ``fly-replay-failed``,
+``fly-preferred-instance-unavailable``), sorts what they say into "gone: re-pin" and "transient:
+serve here once, keep the pin" (``triage``) and decides how a routing decision is carried out in
+fly mode (``plan``): serve here, replay, or forward over the private network because Fly cannot
+replay the body. Every parser treats its input as untrusted client data; none of these headers is
+ever a security signal.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from affinity_proxy.routing.model import InstanceId, is_valid_instance_id
+from affinity_proxy.routing.decide import RepinReason
+from affinity_proxy.routing.model import InstanceId, MembershipView, is_valid_instance_id
 
 REPLAY_HEADER = "fly-replay"
 REPLAY_SRC_HEADER = "fly-replay-src"
@@ -33,8 +36,15 @@ MAX_REPLAY_BODY = 1_000_000
 MAX_REPLAYS = 10
 #: Methods whose body Fly may not be able to replay when its length is unknown (rubys/navigator).
 UNSIZED_METHODS: frozenset[str] = frozenset({"POST", "PUT", "PATCH"})
-#: ``timeout`` sent with ``prefer_instance`` replays (seconds).
-PREFER_TIMEOUT = 5.0
+#: ``timeout`` sent with every replay by default (seconds). FLY.md §1: it bounds the time until a
+#: connection to the target is made (a stopped Machine boots in ~2 s, FLY.md §6.3), and with a
+#: ``fallback`` it turns "target destroyed / unreachable" into a request back to us, not a 5xx.
+DEFAULT_REPLAY_TIMEOUT = 10.0
+#: ``fallback`` sent with every replay by default: back to the replayer, or any Machine of the app
+#: when the replayer is gone itself (FLY.md §1 ``prefer_self``), so a destroyed target never strands a user.
+DEFAULT_FALLBACK = "prefer_self"
+#: Kept for callers of the old name (the default ``timeout``).
+PREFER_TIMEOUT = DEFAULT_REPLAY_TIMEOUT
 FALLBACKS: frozenset[str] = frozenset({"prefer_self", "force_self"})
 FAILED_REASONS: frozenset[str] = frozenset({"timeout", "retries_exhausted", "no_candidate"})
 
@@ -55,7 +65,7 @@ def format_duration(seconds: float) -> str:
     """``5`` -> ``5s``, ``0.8`` -> ``800ms``. ValueError unless finite and at least 1 ms."""
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
         raise ValueError(f"timeout must be a finite number of seconds, got {seconds!r}")
-    ms = round(seconds * 1000)
+    ms = round(seconds * 1000) if -86_401 < seconds < 86_401 else -1  # huge floats: * 1000 is inf
     if ms < 1 or ms > 86_400_000:
         raise ValueError(f"timeout must be between 1ms and 24h, got {seconds!r}")
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
@@ -353,6 +363,8 @@ def parse_unavailable(value: str | None) -> InstanceId | None:
 class PlanReason(StrEnum):
     LOCAL = "local"
     LOOP_GUARD = "loop_guard"
+    FALLBACK = "fallback"  # a fallback request (fly-replay-failed): Fly forbids another replay (PA03)
+    UNREACHABLE = "unreachable"  # Fly could not deliver to the target just now: serve here, keep the pin
     INVALID_TARGET = "invalid_target"
     REPLAY = "replay"
     BODY_TOO_LARGE = "body_too_large"
@@ -371,11 +383,14 @@ class BodyInfo:
 @dataclass(frozen=True, slots=True)
 class LocalForward:
     """Forward to the local app. ``loop_guard``: the decision named another instance but the
-    request was already replayed; the caller re-pins the user here."""
+    request was already replayed by us or is a fallback; the caller re-pins the user here.
+    ``keep_pin``: the decision named an instance Fly could not deliver to just now (at its
+    ``hard_limit``, slow to start); serve here once and leave the pin and cookie alone."""
 
     instance: InstanceId
     reason: PlanReason = PlanReason.LOCAL
     loop_guard: bool = False
+    keep_pin: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,20 +431,69 @@ def replay_header_for(
     target: str,
     *,
     prefer_instance: bool = False,
-    timeout: float | None = PREFER_TIMEOUT,
-    fallback: str | None = "prefer_self",
+    timeout: float | None = DEFAULT_REPLAY_TIMEOUT,
+    fallback: str | None = DEFAULT_FALLBACK,
     state: str | None = OUR_STATE_MARKER,
 ) -> str:
-    """The fly-replay value ``plan`` sends: ``instance=<id>;state=..`` or, with ``prefer_instance``,
-    ``prefer_instance=<id>;state=..;timeout=..;fallback=..``. When an option is invalid the
-    minimal ``instance=<id>;state=affinity`` is returned. ValueError only for an invalid ``target``.
+    """The fly-replay value ``plan`` sends: ``instance=<id>;state=..;timeout=..;fallback=..`` or,
+    with ``prefer_instance``, the same with ``prefer_instance=<id>``. ``timeout``/``fallback`` None
+    leave the field out. When an option is invalid the minimal ``instance=<id>;state=affinity`` is
+    returned. ValueError only for an invalid ``target``.
     """
     try:
         if prefer_instance:
             return format_replay_header(prefer_instance=target, state=state, timeout=timeout, fallback=fallback)
-        return format_replay_header(target, state=state)
+        return format_replay_header(target, state=state, timeout=timeout, fallback=fallback)
     except (ValueError, TypeError):
         return format_replay_header(target, state=OUR_STATE_MARKER)
+
+
+@dataclass(frozen=True, slots=True)
+class Triage:
+    """What Fly's re-pin signals mean for one request: ``avoid`` (re-pin away, with the reason:
+    the Machine is gone) and ``unreachable`` (not deliverable just now: serve here, keep the pin)."""
+
+    avoid: Mapping[InstanceId, RepinReason]
+    unreachable: frozenset[InstanceId]
+
+
+NO_SIGNALS = Triage({}, frozenset())
+
+
+def triage(
+    unavailable: InstanceId | None,
+    failed: ReplayFailed | None,
+    view: MembershipView,
+    *,
+    static_membership: bool = False,
+) -> Triage:
+    """Sort ``fly-preferred-instance-unavailable`` and ``fly-replay-failed`` into gone vs transient.
+
+    Fly sends ``fly-preferred-instance-unavailable`` both for a Machine that is not found and for
+    one merely at its ``hard_limit`` (FLY.md §1 ``prefer_instance``), and a fallback's ``reason``
+    (``timeout``/``retries_exhausted``/``no_candidate``) does not say which either. So the
+    membership decides: a named Machine that is not routable in ``view`` (gone, or down) is
+    avoided (re-pin reasons ``unavailable``/``replay_failed``); a routable one is ``unreachable``
+    (its pins are kept). With ``static_membership`` (nothing else will ever say a Machine is gone)
+    Fly's word is taken for it when it can only mean "not found": ``no_candidate`` and
+    ``fly-preferred-instance-unavailable``. Pure; never raises.
+    """
+    avoid: dict[InstanceId, RepinReason] = {}
+    unreachable: set[InstanceId] = set()
+    if unavailable is not None:
+        if static_membership or not view.is_routable(unavailable):
+            avoid[unavailable] = RepinReason.UNAVAILABLE
+        else:
+            unreachable.add(unavailable)
+    if failed is not None and failed.instance is not None:
+        target = failed.instance
+        if not view.is_routable(target) or (static_membership and failed.reason == "no_candidate"):
+            avoid[target] = RepinReason.REPLAY_FAILED
+        else:
+            unreachable.add(target)
+    if not avoid and not unreachable:
+        return NO_SIGNALS
+    return Triage(avoid, frozenset(unreachable - avoid.keys()))
 
 
 def plan(
@@ -439,28 +503,43 @@ def plan(
     replay_src: ReplaySource | None,
     body: BodyInfo,
     is_websocket: bool,
+    fallback_request: bool = False,
+    unreachable: Collection[str] = frozenset(),
     prefer_instance: bool = False,
-    timeout: float | None = PREFER_TIMEOUT,
-    fallback: str | None = "prefer_self",
+    timeout: float | None = DEFAULT_REPLAY_TIMEOUT,
+    fallback: str | None = DEFAULT_FALLBACK,
     state: str | None = OUR_STATE_MARKER,
     max_replay_body: int = MAX_REPLAY_BODY,
     unsized_methods: Collection[str] = UNSIZED_METHODS,
 ) -> Plan:
     """How to carry out "serve on ``route_instance``" on the node running ``local_instance``.
 
-    Rules, in order: the local instance -> ``LocalForward`` (local). A request already replayed
-    (``replay_src`` present, whatever its fields, our marker or not) -> ``LocalForward`` with
-    ``loop_guard`` (serve here and re-pin here: never replay twice). An invalid target id ->
-    ``LocalForward`` (invalid_target). A body Fly cannot replay (``body_replayable``) ->
-    ``PrivateForward``, except for WebSocket upgrades, which are always replayed. Otherwise
-    ``Replay`` with ``replay_header_for`` (``timeout``/``fallback`` only go out with
-    ``prefer_instance``). Never returns ``Replay`` to the local instance.
+    Rules, in order:
 
-    Pure and O(1); never raises for any input.
+    1. the local instance -> ``LocalForward`` (local);
+    2. an instance in ``unreachable`` (Fly just could not deliver there, ``triage``) ->
+       ``LocalForward`` with ``keep_pin`` (serve here once, the pin stays);
+    3. a fallback request (``fly-replay-failed``; Fly forbids a replay from it, PA03, and does not
+       promise ``fly-replay-src`` on it) -> ``LocalForward`` with ``loop_guard`` (fallback);
+    4. a request replayed by one of our nodes (our marker in ``replay_src.state``) ->
+       ``LocalForward`` with ``loop_guard`` (serve here and re-pin here: never replay twice). A
+       replay without our marker (a router app replaying into ours with ``app=``, or anything
+       else) may be replayed once more: Fly allows up to 10 replays (FLY.md §1), and the next
+       hop carries our marker, so this cannot loop;
+    5. an invalid target id -> ``LocalForward`` (invalid_target);
+    6. a body Fly cannot replay (``body_replayable``) -> ``PrivateForward``, except for WebSocket
+       upgrades, which are always replayed;
+    7. otherwise ``Replay`` with ``replay_header_for``.
+
+    Never returns ``Replay`` to the local instance. Pure and O(1); never raises for any input.
     """
     if route_instance == local_instance:
         return LocalForward(local_instance)
-    if replay_src is not None:
+    if route_instance in unreachable:
+        return LocalForward(local_instance, PlanReason.UNREACHABLE, keep_pin=True)
+    if fallback_request:
+        return LocalForward(local_instance, PlanReason.FALLBACK, loop_guard=True)
+    if replay_src is not None and replay_src.ours:
         return LocalForward(local_instance, PlanReason.LOOP_GUARD, loop_guard=True)
     if not isinstance(route_instance, str) or not is_valid_instance_id(route_instance):
         return LocalForward(local_instance, PlanReason.INVALID_TARGET)

@@ -26,6 +26,7 @@ from affinity_proxy.pins.near_cache import PinNearCache
 from affinity_proxy.pins.store import PinStore
 from affinity_proxy.routing.cookie import CookieCodec
 from affinity_proxy.routing.decide import DecidePolicy
+from affinity_proxy.routing.model import InstanceId
 from affinity_proxy.routing.userkey import UserKeySource
 
 
@@ -53,6 +54,14 @@ class ProxyContext:
     config_path: str | None = None  # the file ``serve`` loaded; reload re-reads it (None: built in code)
     reloads: int = 0
     events: RecentEvents = field(default_factory=RecentEvents)  # recent counts and re-pins for the dashboard
+
+
+def decide_policy(config: Config) -> DecidePolicy:
+    """The routing policy ``config`` asks for: fly placement ``local`` names this node's Machine."""
+    fly = config.fly
+    local = fly.machine_id if config.mode == "fly" and fly.placement == "local" and fly.machine_id else None
+    return DecidePolicy(revalidate_after=config.cookie.revalidate_after,
+                        local_instance=InstanceId(local) if local else None)
 
 
 def cookie_attributes(config: Config) -> dict[str, Any]:

@@ -14,10 +14,10 @@ from aiohttp import hdrs, web
 
 from affinity_proxy.forwarding.errors import UpstreamError
 from affinity_proxy.membership.private_net import PrivateNet, is_private_name, probe
-from affinity_proxy.routing.decide import DecisionReason, RepinReason, Route, RouteInput
+from affinity_proxy.routing.decide import DecisionReason, Route, RouteInput
 from affinity_proxy.routing.model import InstanceId
 from affinity_proxy.routing.replay import (
-    PREFER_TIMEOUT,
+    NO_SIGNALS,
     PREFERRED_UNAVAILABLE_HEADER,
     REPLAY_FAILED_HEADER,
     REPLAY_HEADER,
@@ -25,10 +25,12 @@ from affinity_proxy.routing.replay import (
     BodyInfo,
     Plan,
     ReplaySource,
+    Triage,
     parse_replay_failed,
     parse_replay_src,
     parse_unavailable,
     plan,
+    triage,
 )
 from affinity_proxy.web.context import ProxyContext
 
@@ -36,17 +38,20 @@ from affinity_proxy.web.context import ProxyContext
 PRIVATE_FORWARD_SRC = "instance={id};state=affinity:private"
 
 
-def repin_signals(request: web.Request) -> dict[InstanceId, RepinReason]:
-    """Instances Fly told us to avoid for this request (``fly-preferred-instance-unavailable``,
-    ``fly-replay-failed``)."""
-    avoid: dict[InstanceId, RepinReason] = {}
-    unavailable = parse_unavailable(request.headers.get(PREFERRED_UNAVAILABLE_HEADER))
-    if unavailable is not None:
-        avoid[unavailable] = RepinReason.UNAVAILABLE
-    failed = parse_replay_failed(request.headers.get(REPLAY_FAILED_HEADER))
-    if failed is not None and failed.instance is not None:
-        avoid[failed.instance] = RepinReason.REPLAY_FAILED
-    return avoid
+def repin_signals(ctx: ProxyContext, request: web.Request) -> Triage:
+    """What ``fly-preferred-instance-unavailable`` and ``fly-replay-failed`` mean for this request:
+    Machines to re-pin away from (gone) and Machines only unreachable just now (``triage``)."""
+    headers = request.headers
+    raw_unavailable, raw_failed = headers.get(PREFERRED_UNAVAILABLE_HEADER), headers.get(REPLAY_FAILED_HEADER)
+    if raw_unavailable is None and raw_failed is None:
+        return NO_SIGNALS
+    return triage(parse_unavailable(raw_unavailable), parse_replay_failed(raw_failed), ctx.membership.current(),
+                  static_membership=ctx.config.fly.discovery == "static")
+
+
+def is_fallback(request: web.Request) -> bool:
+    """A fallback request: Fly sends ``fly-replay-failed`` with it (FLY.md §1), parsable or not."""
+    return REPLAY_FAILED_HEADER in request.headers
 
 
 def replay_source(request: web.Request) -> ReplaySource | None:
@@ -71,7 +76,7 @@ def body_info(request: web.Request) -> BodyInfo:
 
 
 def fly_plan(ctx: ProxyContext, request: web.Request, route: Route, src: ReplaySource | None,
-             is_websocket: bool) -> Plan:
+             is_websocket: bool, signals: Triage = NO_SIGNALS) -> Plan:
     fly = ctx.config.fly
     assert fly.machine_id is not None
     return plan(
@@ -80,8 +85,11 @@ def fly_plan(ctx: ProxyContext, request: web.Request, route: Route, src: ReplayS
         replay_src=src,
         body=body_info(request),
         is_websocket=is_websocket,
+        fallback_request=is_fallback(request),
+        unreachable=signals.unreachable,
         prefer_instance=fly.prefer_instance,
-        timeout=fly.replay_timeout or PREFER_TIMEOUT,
+        timeout=fly.replay_timeout,
+        fallback=fly.replay_fallback,
     )
 
 
@@ -121,6 +129,7 @@ __all__ = [
     "REPLAY_SRC_HEADER",
     "body_info",
     "fly_plan",
+    "is_fallback",
     "private_forward_headers",
     "reach_private",
     "repin_signals",

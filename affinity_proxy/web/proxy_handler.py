@@ -24,7 +24,7 @@ from affinity_proxy.pins.store import PinStoreUnavailable
 from affinity_proxy.routing.cookie import set_cookie_value
 from affinity_proxy.routing.decide import Decision, DecisionReason, Refuse, RepinReason, Route, RouteInput
 from affinity_proxy.routing.model import Instance, InstanceId
-from affinity_proxy.routing.replay import LocalForward, PrivateForward, Replay, ReplaySource
+from affinity_proxy.routing.replay import NO_SIGNALS, LocalForward, PrivateForward, Replay, ReplaySource, Triage
 from affinity_proxy.web import fly
 from affinity_proxy.web.context import ProxyContext, cookie_attributes
 from affinity_proxy.web.errors import json_error
@@ -35,6 +35,7 @@ access_log = logging.getLogger("affinity_proxy.access")
 
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("affinity_request_id", str)
 ROUTED: web.RequestKey[tuple[str, str, str]] = web.RequestKey("affinity_routed", tuple)  # action, instance, reason
+FLY_SIGNALS: web.RequestKey[Triage] = web.RequestKey("affinity_fly_signals", Triage)
 
 
 def request_id_of(request: web.Request) -> str:
@@ -86,7 +87,8 @@ class ProxyHandler:
         src: ReplaySource | None = None
         if self._fly:
             src = fly.replay_source(request)
-            inp = route_input(ctx, request, avoid=fly.repin_signals(request))
+            signals = request[FLY_SIGNALS] = fly.repin_signals(ctx, request)
+            inp = route_input(ctx, request, avoid=dict(signals.avoid))
             assert self._local is not None
             adopted = fly.replayed_new_session(inp, src, self._local)
             decision: Decision
@@ -97,15 +99,16 @@ class ProxyHandler:
         else:
             inp = route_input(ctx, request)
             decision, inp = await resolve(ctx, inp)
-        response = await self._dispatch(request, decision, inp, src, attempt=0)
+        response = await self._dispatch(request, decision, inp, src, attempt=0, signals=signals)
         ctx.metrics.response(response.status)
         ctx.events.response(response.status == ctx.config.fly.replay_status)
         if access_log.isEnabledFor(logging.INFO):
             log_access(request, response, time.perf_counter() - started)
         return response
 
+        signals = NO_SIGNALS
     async def _dispatch(self, request: web.Request, decision: Decision, inp: RouteInput,
-                        src: ReplaySource | None, attempt: int) -> web.StreamResponse:
+                        src: ReplaySource | None, attempt: int, signals: Triage = NO_SIGNALS) -> web.StreamResponse:
         ctx = self.ctx
         if isinstance(decision, Refuse):
             ctx.metrics.requests.labels(action="refuse", reason=decision.reason).inc()
@@ -115,12 +118,14 @@ class ProxyHandler:
         if not self._fly:
             self._count(decision, "forward", request)
             return await self._forward(request, decision, inp, src, attempt)
-        step = fly.fly_plan(ctx, request, decision, src, is_websocket_upgrade(request))
+        step = fly.fly_plan(ctx, request, decision, src, is_websocket_upgrade(request), signals)
         if isinstance(step, Replay):
             self._count(decision, "replay", request)
             ctx.metrics.replays.labels(reason=decision.reason.value).inc()
             return fly.replay_response(ctx, step.instance, step.header)
-        if isinstance(step, LocalForward) and step.loop_guard:
+        if isinstance(step, LocalForward) and step.keep_pin:
+            decision = Route(step.instance, DecisionReason.FALLBACK)  # the pin and the cookie stay
+        elif isinstance(step, LocalForward) and step.loop_guard:
             ctx.metrics.replay_loops_prevented.inc()
             decision = await self._repin_here(decision, inp, step.instance)
         extra: Headers = []
@@ -205,7 +210,8 @@ class ProxyHandler:
         if exc.retryable and attempt == 0 and self._may_retry(request):
             retry_inp = replace(inp, avoid={**inp.avoid, instance.id: RepinReason.DEAD})
             decision, retry_inp = await resolve(ctx, retry_inp)
-            return await self._dispatch(request, decision, retry_inp, src, attempt=1)
+            return await self._dispatch(request, decision, retry_inp, src, attempt=1,
+                                        signals=request.get(FLY_SIGNALS, NO_SIGNALS))
         message = "upstream timed out" if exc.kind == "timeout" else "upstream unreachable"
         return json_error(exc.status, message, code=f"upstream_{exc.kind}")
 

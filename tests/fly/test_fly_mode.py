@@ -74,7 +74,7 @@ class Cluster:
             node.ctx.membership.set_instances(members)
 
 
-def fly_config(machine: str, app_port: int, node_ports: dict[str, int]) -> Config:
+def fly_config(machine: str, app_port: int, node_ports: dict[str, int], placement: str = "local") -> Config:
     return Config(
         mode="fly",
         listen=f"127.0.0.1:{node_ports[machine]}",
@@ -82,14 +82,21 @@ def fly_config(machine: str, app_port: int, node_ports: dict[str, int]) -> Confi
         instances=tuple(InstanceConfig(m, f"http://127.0.0.1:{p}") for m, p in node_ports.items()),
         cookie=CookieConfig(secret="fly-test-secret-" + "y" * 16),
         user_key=(UserKeySourceConfig("header", "X-User-Id"),),
-        fly=FlyConfig(app="demo", machine_id=machine, region="lcl", upstream=f"http://127.0.0.1:{app_port}"),
+        fly=FlyConfig(app="demo", machine_id=machine, region="lcl", upstream=f"http://127.0.0.1:{app_port}",
+                      placement=placement),
         health=HealthConfig(interval=0.3, timeout=0.3, unhealthy_after=1, healthy_after=1),
         limits=LimitsConfig(upstream_connect_timeout=1.0, max_body_bytes=64 * 1024 * 1024),
     )
 
 
 @pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
+def placement() -> str:
+    """``fly.placement`` of every node (a test parametrizes ``placement`` to change it)."""
+    return "local"
+
+
+@pytest.fixture
+async def cluster(placement: str) -> AsyncIterator[Cluster]:
     store = MemoryPinStore(pin_ttl=3600)
     shared = MemorySharedState()  # drain marks shared like Redis would
     apps: dict[str, web.AppRunner] = {}
@@ -99,7 +106,7 @@ async def cluster() -> AsyncIterator[Cluster]:
     node_ports = {m: _free_port() for m in MACHINES}
     nodes: dict[str, ProxyServer] = {}
     for m in MACHINES:
-        nodes[m] = ProxyServer(fly_config(m, app_ports[m], node_ports), store=store, shared=shared)
+        nodes[m] = ProxyServer(fly_config(m, app_ports[m], node_ports, placement), store=store, shared=shared)
         await nodes[m].start()
     edge = FlyEdge({m: f"http://127.0.0.1:{node_ports[m]}" for m in MACHINES})
     await edge.start()
@@ -117,6 +124,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+@pytest.mark.parametrize("placement", ["hash"])
 async def test_cookie_clients_always_end_on_their_machine_with_at_most_one_replay(cluster, http) -> None:
     clients = 30
     finals: dict[int, set[str]] = collections.defaultdict(set)
@@ -227,6 +235,7 @@ async def test_websocket_to_another_machine_ends_on_the_pinned_one(cluster, http
             assert (await ws.receive(timeout=5)).data == "hello"
 
 
+@pytest.mark.parametrize("placement", ["hash"])
 async def test_replay_answer_shape(cluster, http) -> None:
     node = cluster.nodes["m1"]
     for i in range(50):
@@ -234,7 +243,7 @@ async def test_replay_answer_shape(cluster, http) -> None:
         async with http.get(f"http://127.0.0.1:{node.main_port}/", headers={"X-User-Id": user}) as resp:
             if resp.status == 409:
                 assert resp.headers["fly-replay"].startswith("instance=m")
-                assert "state=affinity" in resp.headers["fly-replay"]
+                assert resp.headers["fly-replay"].endswith(";state=affinity;timeout=10s;fallback=prefer_self")
                 doc = await resp.json()
                 assert doc["instance"] in ("m2", "m3") and doc["message"]
                 return

@@ -345,3 +345,86 @@ def test_refuse_only_when_no_instance_is_left(view: MembershipView, inp: RouteIn
         if not any(i.state.accepts_new for i in view.instances):
             usable = [i for i in view.instances if i.state.routable and i.id not in inp.avoid]
         assert usable == []  # exclusions only ever name instances that are not live anyway
+
+
+# --- fly placement "local" ----------------------------------------------------------------------------
+
+L = DecisionReason.LOCAL
+LOCAL_VIEW = MembershipView.build([
+    Instance(I("here")), Instance(I("up2")), Instance(I("drain"), state=DRAINING), Instance(I("down"), state=DOWN),
+    Instance(I("stop"), state=InstanceState.STOPPED),
+])  # fmt: skip
+LOCAL = DecidePolicy(revalidate_after=60.0, local_instance=I("here"))
+LOCAL_CASES: list = [
+    # a new session stays where Fly's edge delivered it: no replay
+    ("anon-new", {}, Route(I("here"), L, set_cookie=True)),
+    ("key-no-pin", looked(None), Route(I("here"), L, set_cookie=True, store_op=ClaimPin(KEY, I("here")))),
+    # an existing session is never moved by placement
+    ("anon-cookie-elsewhere", dict(cookie=ck("up2")), Route(I("up2"), C)),
+    ("key-pin-elsewhere", looked("up2"), Route(I("up2"), P, set_cookie=True, touch=True)),
+    ("key-pin-stopped", looked("stop"), Route(I("stop"), P, set_cookie=True, touch=True)),
+    ("force-elsewhere", dict(force_instance="up2"), Route(I("up2"), F)),
+    # an orphan is re-pinned here too
+    ("anon-cookie-dead", dict(cookie=ck("down")),
+     Route(I("here"), R, RepinReason.DEAD, set_cookie=True, orphan=I("down"))),
+    ("key-pin-dead", looked("down"),
+     Route(I("here"), R, RepinReason.DEAD, set_cookie=True, store_op=RepinPin(KEY, I("down"), I("here")),
+           orphan=I("down"))),
+    ("anon-invalid-cookie", dict(cookie_problem=CookieProblem.BAD_SIGNATURE),
+     Route(I("here"), R, RepinReason.INVALID_COOKIE, set_cookie=True)),
+    # the store is down: only the ring, which every node agrees on, places a keyed user
+    ("key-store-down", looked(None, ok=False), Route(I("up1x"), H, set_cookie=True)),
+    # Fly said "not here" about this very Machine: the ring decides instead
+    ("avoid-here", dict(avoid={I("here"): RepinReason.REPLAY_FAILED}), Route(I("up2"), N, set_cookie=True)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fields", "expected"), [c[1:] for c in LOCAL_CASES], ids=[c[0] for c in LOCAL_CASES])
+def test_local_placement_table(fields: dict, expected: Route) -> None:
+    inp = RouteInput(now=NOW, anonymous_key="session-123", **fields)
+    got = decide(inp, LOCAL_VIEW, LOCAL)
+    if expected.instance == "up1x":  # the ring's choice, whichever it is
+        assert isinstance(got, Route) and got.reason is H and got.instance in ("here", "up2")
+        assert got.instance == hash_choice(inp, LOCAL_VIEW)
+        return
+    assert got == expected
+
+
+@pytest.mark.parametrize("state", [InstanceState.DRAINING, InstanceState.DOWN, InstanceState.STOPPED])
+def test_local_placement_only_while_the_local_instance_takes_new_users(state: InstanceState) -> None:
+    view = LOCAL_VIEW.with_states({I("here"): state}, epoch=1)
+    for n in range(50):
+        got = decide(RouteInput(anonymous_key=f"s{n}"), view, LOCAL)
+        assert isinstance(got, Route) and got.instance == "up2" and got.reason is N
+
+
+def test_local_placement_with_an_unknown_local_instance_hashes() -> None:
+    policy = DecidePolicy(local_instance=I("elsewhere"))
+    got = {decide(RouteInput(anonymous_key=f"s{n}"), LOCAL_VIEW, policy).instance for n in range(200)}
+    assert got == {"here", "up2"}
+
+
+def test_three_hundred_new_sessions_stay_local() -> None:
+    for local in ("here", "up2"):
+        policy = DecidePolicy(local_instance=I(local))
+        for n in range(300):
+            got = decide(RouteInput(anonymous_key=f"s{n}"), LOCAL_VIEW, policy)
+            assert got == Route(I(local), L, set_cookie=True)
+
+
+@settings(max_examples=400)
+@given(view=memberships(), inp=route_inputs(), stored=maybe_id, store_ok=st.booleans(),
+       local=st.sampled_from([*IDS, "zz"]))
+def test_local_placement_properties(view: MembershipView, inp: RouteInput, stored, store_ok: bool, local: str) -> None:
+    policy = DecidePolicy(local_instance=I(local))
+    decision = decide(inp, view, policy)
+    if isinstance(decision, NeedPin):
+        inp = replace(inp, pin_looked_up=True, stored_pin=stored, store_ok=store_ok)
+        decision = decide(inp, view, policy)
+    check_route(decision, inp, view)
+    if isinstance(decision, Route) and decision.reason is L:
+        assert decision.instance == local and view.state_of(local) is InstanceState.UP and local not in inp.avoid
+    # placement never changes where an existing, live session goes
+    hashed = decide(inp, view, POLICY)
+    if isinstance(hashed, Route) and hashed.reason in (C, P, F):
+        assert decision == hashed

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from affinity_proxy.routing.model import InstanceId, is_valid_instance_id
+from affinity_proxy.routing.decide import RepinReason
+from affinity_proxy.routing.model import Instance, InstanceId, InstanceState, MembershipView, is_valid_instance_id
 from affinity_proxy.routing.replay import (
     MAX_REPLAY_BODY,
     OUR_STATE_MARKER,
@@ -32,11 +33,13 @@ from affinity_proxy.routing.replay import (
     parse_unavailable,
     plan,
     replay_header_for,
+    triage,
 )
 
 I = InstanceId  # noqa: E741
 GET = BodyInfo("GET", None, False)
 SRC = ReplaySource(I("other1"), "lcl", 1754400000000000, OUR_STATE_MARKER)
+HEADER = "instance=b;state=affinity;timeout=10s;fallback=prefer_self"
 
 # ------------------------------------------------------------------ format_replay_header
 
@@ -325,12 +328,19 @@ def _body(method: str = "GET", length: int | None = None, chunked: bool = False)
         ("a", None, _body(), False, LocalForward(I("a"))),
         ("a", SRC, _body(), False, LocalForward(I("a"))),
         ("a", None, _body("POST", 5_000_000), False, LocalForward(I("a"))),
-        # already replayed (any fly-replay-src, our marker or not): loop guard, never a second replay
+        # replayed by one of our nodes (our marker): loop guard, never a second replay
         ("b", SRC, _body(), False, LocalForward(I("a"), PlanReason.LOOP_GUARD, loop_guard=True)),
-        ("b", ReplaySource(None, None, None, None), _body(), True, LocalForward(I("a"), PlanReason.LOOP_GUARD, True)),
-        ("b", ReplaySource(I("x"), "ams", 1, "their-state"), _body(), False,
+        ("b", ReplaySource(None, None, None, "affinity:private"), _body(), True,
          LocalForward(I("a"), PlanReason.LOOP_GUARD, True)),
         ("b", SRC, _body("POST", 5_000_000), False, LocalForward(I("a"), PlanReason.LOOP_GUARD, True)),
+        # replayed by someone else (a router app with app=, an unparsable header): one more replay
+        # is allowed (Fly allows 10; our replay carries our marker, so it cannot loop)
+        ("b", ReplaySource(None, None, None, None), _body(), True, Replay(I("b"), HEADER)),
+        ("b", ReplaySource(I("x"), "ams", 1, "their-state"), _body(), False, Replay(I("b"), HEADER)),
+        ("b", ReplaySource(I("x"), "ams", 1, ""), _body(), False, Replay(I("b"), HEADER)),
+        ("b", ReplaySource(I("x"), "ams", 1, "affinityx"), _body(), False, Replay(I("b"), HEADER)),
+        ("b", ReplaySource(I("x"), "ams", 1, "their"), _body("POST", 5_000_000), False,
+         PrivateForward(I("b"), PlanReason.BODY_TOO_LARGE)),
         # an invalid target id never reaches a header or a URL
         ("b;x=1", None, _body(), False, LocalForward(I("a"), PlanReason.INVALID_TARGET)),
         ("", None, _body(), False, LocalForward(I("a"), PlanReason.INVALID_TARGET)),
@@ -343,13 +353,13 @@ def _body(method: str = "GET", length: int | None = None, chunked: bool = False)
         ("b", None, _body("POST", 10, chunked=True), False, PrivateForward(I("b"), PlanReason.UNKNOWN_LENGTH)),
         ("b", None, _body("DELETE", chunked=True), False, PrivateForward(I("b"), PlanReason.UNKNOWN_LENGTH)),
         # replayable
-        ("b", None, _body(), False, Replay(I("b"), "instance=b;state=affinity")),
-        ("b", None, _body("POST", MAX_REPLAY_BODY), False, Replay(I("b"), "instance=b;state=affinity")),
-        ("b", None, _body("POST", 0), False, Replay(I("b"), "instance=b;state=affinity")),
-        ("b", None, _body("DELETE"), False, Replay(I("b"), "instance=b;state=affinity")),
+        ("b", None, _body(), False, Replay(I("b"), HEADER)),
+        ("b", None, _body("POST", MAX_REPLAY_BODY), False, Replay(I("b"), HEADER)),
+        ("b", None, _body("POST", 0), False, Replay(I("b"), HEADER)),
+        ("b", None, _body("DELETE"), False, Replay(I("b"), HEADER)),
         ("b", None, _body("POST", -3), False, PrivateForward(I("b"), PlanReason.UNKNOWN_LENGTH)),
         # WebSocket upgrades are always replayed with a plain HTTP answer
-        ("b", None, _body("GET", None, chunked=True), True, Replay(I("b"), "instance=b;state=affinity")),
+        ("b", None, _body("GET", None, chunked=True), True, Replay(I("b"), HEADER)),
     ],
 )  # fmt: skip
 def test_plan_table(target: str, src: ReplaySource | None, body: BodyInfo, ws: bool, expected: object) -> None:
@@ -358,7 +368,7 @@ def test_plan_table(target: str, src: ReplaySource | None, body: BodyInfo, ws: b
 
 def test_plan_prefer_instance_and_thresholds() -> None:
     got = plan(I("b"), local_instance=I("a"), replay_src=None, body=GET, is_websocket=False, prefer_instance=True)
-    assert got == Replay(I("b"), "prefer_instance=b;state=affinity;timeout=5s;fallback=prefer_self")
+    assert got == Replay(I("b"), "prefer_instance=b;state=affinity;timeout=10s;fallback=prefer_self")
     got = plan(
         I("b"), local_instance=I("a"), replay_src=None, body=GET, is_websocket=False,
         prefer_instance=True, timeout=0.8, fallback="force_self", state="affinity:n1",
@@ -375,11 +385,92 @@ def test_plan_prefer_instance_and_thresholds() -> None:
     assert isinstance(unsized, Replay)
 
 
+FOREIGN = ReplaySource(I("router1"), "ams", 1, "router-state")
+
+
+@pytest.mark.parametrize(
+    ("target", "src", "fallback_request", "unreachable", "expected"),
+    [
+        # a fallback (fly-replay-failed) is never replayed: Fly answers PA03 (FLY.md section 1),
+        # with or without fly-replay-src on it
+        ("b", None, True, (), LocalForward(I("a"), PlanReason.FALLBACK, loop_guard=True)),
+        ("b", SRC, True, (), LocalForward(I("a"), PlanReason.FALLBACK, loop_guard=True)),
+        ("b", FOREIGN, True, (), LocalForward(I("a"), PlanReason.FALLBACK, loop_guard=True)),
+        ("a", None, True, (), LocalForward(I("a"))),
+        # the target Fly just could not deliver to (hard_limit, slow start): served here, pin kept
+        ("b", None, False, ("b",), LocalForward(I("a"), PlanReason.UNREACHABLE, keep_pin=True)),
+        ("b", SRC, False, ("b",), LocalForward(I("a"), PlanReason.UNREACHABLE, keep_pin=True)),
+        ("b", None, True, ("b",), LocalForward(I("a"), PlanReason.UNREACHABLE, keep_pin=True)),
+        ("a", None, True, ("a",), LocalForward(I("a"))),
+        # another unreachable Machine does not matter for this target
+        ("b", None, False, ("c",), Replay(I("b"), HEADER)),
+        ("b", SRC, False, ("c",), LocalForward(I("a"), PlanReason.LOOP_GUARD, loop_guard=True)),
+        # a foreign router's replay still gets affinity
+        ("b", FOREIGN, False, (), Replay(I("b"), HEADER)),
+    ],
+)  # fmt: skip
+def test_plan_fallbacks_and_foreign_replays(target, src, fallback_request, unreachable, expected) -> None:
+    got = plan(I(target), local_instance=I("a"), replay_src=src, body=GET, is_websocket=False,
+               fallback_request=fallback_request, unreachable=frozenset(unreachable))
+    assert got == expected
+
+
+def _view(**states: InstanceState) -> MembershipView:
+    return MembershipView.build(Instance(I(i), state=st_) for i, st_ in states.items())
+
+
+VIEW = _view(a=InstanceState.UP, b=InstanceState.UP, c=InstanceState.STOPPED, d=InstanceState.DOWN,
+             e=InstanceState.DRAINING)
+
+
+def _failed(target: str | None, reason: str | None = "timeout") -> ReplayFailed:
+    return ReplayFailed(I(target) if target else None, "demo", "lcl", I("a"), 10, reason)
+
+
+@pytest.mark.parametrize(
+    ("unavailable", "failed", "static", "avoid", "unreachable"),
+    [
+        (None, None, False, {}, set()),
+        # prefer_instance landed elsewhere: a Machine at its hard_limit keeps its pins, a gone one does not
+        ("b", None, False, {}, {"b"}),
+        ("c", None, False, {}, {"c"}),
+        ("e", None, False, {}, {"e"}),
+        ("zz", None, False, {"zz": RepinReason.UNAVAILABLE}, set()),
+        ("d", None, False, {"d": RepinReason.UNAVAILABLE}, set()),
+        # static membership never learns that a Machine is gone: Fly's word is taken
+        ("b", None, True, {"b": RepinReason.UNAVAILABLE}, set()),
+        # a fallback: gone (or down) target -> re-pin; a routable one was only slow or full
+        (None, _failed("zz"), False, {"zz": RepinReason.REPLAY_FAILED}, set()),
+        (None, _failed("d", "retries_exhausted"), False, {"d": RepinReason.REPLAY_FAILED}, set()),
+        (None, _failed("b"), False, {}, {"b"}),
+        (None, _failed("b", "no_candidate"), False, {}, {"b"}),
+        (None, _failed("b", "retries_exhausted"), False, {}, {"b"}),
+        (None, _failed("c", None), False, {}, {"c"}),
+        (None, _failed("b", "no_candidate"), True, {"b": RepinReason.REPLAY_FAILED}, set()),
+        (None, _failed("b", "timeout"), True, {}, {"b"}),
+        (None, _failed(None), False, {}, set()),
+        # both at once
+        ("b", _failed("zz"), False, {"zz": RepinReason.REPLAY_FAILED}, {"b"}),
+        ("zz", _failed("zz"), False, {"zz": RepinReason.REPLAY_FAILED}, set()),
+        ("b", _failed("b", "no_candidate"), True, {"b": RepinReason.REPLAY_FAILED}, set()),
+    ],
+)  # fmt: skip
+def test_triage(unavailable, failed, static, avoid, unreachable) -> None:
+    got = triage(I(unavailable) if unavailable else None, failed, VIEW, static_membership=static)
+    assert dict(got.avoid) == avoid
+    assert got.unreachable == frozenset(unreachable)
+    assert not (got.avoid.keys() & got.unreachable)
+
+
 def test_replay_header_for_falls_back_to_minimal_on_bad_options() -> None:
     assert replay_header_for("b", prefer_instance=True, timeout=-1) == "instance=b;state=affinity"
     assert replay_header_for("b", state="a;b") == "instance=b;state=affinity"
     assert replay_header_for("b", prefer_instance=True, fallback=["x"]) == "instance=b;state=affinity"  # type: ignore[arg-type]
-    assert replay_header_for("b", state=None) == "instance=b"
+    assert replay_header_for("b", state=None) == "instance=b;timeout=10s;fallback=prefer_self"
+    assert replay_header_for("b", state=None, timeout=None, fallback=None) == "instance=b"
+    assert replay_header_for("b", timeout=None) == "instance=b;state=affinity;fallback=prefer_self"
+    assert replay_header_for("b", fallback="force_self", timeout=2.5) == (
+        "instance=b;state=affinity;timeout=2500ms;fallback=force_self")
     with pytest.raises(ValueError):
         replay_header_for("b;c")
 
@@ -453,7 +544,8 @@ bodies = st.builds(
 any_ids = st.one_of(st.sampled_from(["a", "b", "c"]), st.text(max_size=12))
 sources = st.one_of(
     st.none(),
-    st.builds(ReplaySource, st.one_of(st.none(), any_ids), st.none(), st.none(), st.one_of(st.none(), st.text())),
+    st.builds(ReplaySource, st.one_of(st.none(), any_ids), st.none(), st.none(),
+              st.one_of(st.none(), st.text(), st.sampled_from(["affinity", "affinity:private", "affinityx", ""]))),
 )
 
 
@@ -468,24 +560,33 @@ sources = st.one_of(
     timeout=st.one_of(st.none(), st.floats(allow_nan=True)),
     fallback=st.one_of(st.none(), st.text(max_size=12)),
     state=st.one_of(st.none(), st.text(max_size=12)),
+    fallback_request=st.booleans(),
+    unreachable=st.frozensets(any_ids, max_size=2),
 )
-def test_plan_never_replays_to_itself_nor_twice(target, local, src, body, ws, prefer, timeout, fallback, state) -> None:
+def test_plan_never_replays_to_itself_nor_twice(
+    target, local, src, body, ws, prefer, timeout, fallback, state, fallback_request, unreachable
+) -> None:
     got = plan(
         I(target), local_instance=I(local), replay_src=src, body=body, is_websocket=ws,
         prefer_instance=prefer, timeout=timeout, fallback=fallback, state=state,
+        fallback_request=fallback_request, unreachable=unreachable,
     )  # fmt: skip
     assert isinstance(got, LocalForward | Replay | PrivateForward)
+    ours = src is not None and src.ours
+    if not isinstance(got, LocalForward):
+        assert not fallback_request and not ours and target not in unreachable
     if isinstance(got, Replay):
-        assert got.instance != local and src is None
+        assert got.instance != local
         assert is_valid_instance_id(got.instance)
         inst = parse_replay_instruction(got.header)
         assert (inst.prefer_instance if prefer and inst.prefer_instance else inst.instance) == target
         assert "\r" not in got.header and "\n" not in got.header
     elif isinstance(got, PrivateForward):
-        assert got.instance != local and src is None and not ws
+        assert got.instance != local and not ws
     else:
         assert got.instance == local
-        assert got.loop_guard is (src is not None and target != local)
+        assert got.keep_pin is (target != local and target in unreachable)
+        assert got.loop_guard is (target != local and not got.keep_pin and (fallback_request or ours))
 
 
 def test_replay_module_loads_no_io_frameworks() -> None:
