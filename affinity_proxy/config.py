@@ -130,6 +130,9 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     engine: str = "fast"
+    #: Peers whose X-Forwarded-*/Fly-Client-IP headers are believed (CIDRs). None: the mode's
+    #: default (``[]`` in proxy mode, ``FLY_EDGE_PROXIES`` in fly mode); read ``trusted_proxy_cidrs``.
+    trusted_proxies: tuple[str, ...] | None = field(default=None, metadata={"kind": "texts?"})
 
     def __post_init__(self) -> None:
         check = Check(self, "")
@@ -150,6 +153,8 @@ class Config:
             first_use[instance.id] = i
         check.items("user_key", UserKeySourceConfig)
         check.seconds("pin_ttl")
+        if self.trusted_proxies is not None:
+            object.__setattr__(self, "trusted_proxies", _check_cidrs(check.texts("trusted_proxies")))
         (host, port), (admin_host, admin_port) = self._hostports()
         wildcard = {"0.0.0.0", "::"}
         if port and port == admin_port and (host == admin_host or {host, admin_host} & wildcard):
@@ -157,6 +162,13 @@ class Config:
 
     def _hostports(self) -> tuple[tuple[str, int], tuple[str, int]]:
         return parse_hostport(self.listen, "listen"), parse_hostport(self.admin_listen, "admin_listen")
+
+    @property
+    def trusted_proxy_cidrs(self) -> tuple[str, ...]:
+        """The effective ``trusted_proxies``: as configured, else the mode's default."""
+        if self.trusted_proxies is not None:
+            return self.trusted_proxies
+        return FLY_EDGE_PROXIES if self.mode == "fly" else ()
 
     @property
     def listen_host(self) -> str:
@@ -220,7 +232,26 @@ class Config:
         secrets are ``"***"`` (None stays None) and a password in ``store.url`` is ``***``."""
         result = _redact(self)
         assert isinstance(result, dict)
+        result["trusted_proxies"] = list(self.trusted_proxy_cidrs)  # the effective list, mode default included
         return result
+
+
+#: Where Fly's proxy connects to a Machine from, by default: its private IPv4 link (the Machine's
+#: eth0 is in 172.16.0.0/12 and fly-proxy reaches it from that range). Fly does not document the
+#: range; a config may name its own (README "Forwarding headers").
+FLY_EDGE_PROXIES: tuple[str, ...] = ("172.16.0.0/12",)
+
+
+def _check_cidrs(items: tuple[str, ...]) -> tuple[str, ...]:
+    """``trusted_proxies`` entries: IP addresses or CIDRs without host bits, normalised."""
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(str(ipaddress.ip_network(item.strip(), strict=True)))
+        except ValueError as err:
+            raise ConfigError(f"trusted_proxies[{i}]", f"expected an IP address or a CIDR like 10.0.0.0/8 or "
+                                                        f"fd00::/8, got {item!r} ({err})") from None
+    return tuple(out)
 
 
 def _redact(value: Any) -> Any:

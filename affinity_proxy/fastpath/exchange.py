@@ -270,6 +270,6 @@ class Exchange(Forwarding):
             "duration_ms": round((time.perf_counter() - self.started) * 1000, 2), "action": action,
             "instance": instance or None, "reason": reason or None,
             "replay_target": instance if action == "replay" else None, "request_id": self.rid(),
-            "remote": self.conn.peer,
+            "remote": self.conn.real_client(head).ip,
         }
         access_log.info("request", extra={"fields": fields})

@@ -107,7 +107,8 @@ class Forwarding:
             if hot is not None and hot.decision is route and cookie is None:
                 hot.forward = (instance, origin, resp)
         self.route, self.inp, self.instance = route, inp, instance
-        self.up_head = rewrite.upstream_head(self.head, origin, self.conn.peer, self.rid_bytes, server.fqdn, extra)
+        self.up_head = rewrite.upstream_head(self.head, origin, self.conn.peer, self.rid_bytes, server.fqdn, extra,
+                                             self.conn.real_client(self.head))
         self.up_started = time.perf_counter()
         conn = server.pool.acquire(origin)
         if conn is not None:

@@ -88,7 +88,9 @@ class RequestFraming:
             first[lname] = value
         elif lname in wire.SINGLETON_HEADERS:
             head.malformed = True
-        if lname not in wire.REQUEST_REPLACED and (value.isascii() or wire.utf8_ok(value)):
+        if lname in wire.CLIENT_CLAIMS:
+            head.claims = True
+        if lname not in wire.REQUEST_REPLACED and b"_" not in name and (value.isascii() or wire.utf8_ok(value)):
             head.lines.append(name + b": " + value + b"\r\n")
             if lname == b"x-request-id":
                 head.has_rid = True
@@ -105,7 +107,13 @@ class RequestFraming:
         if length is not None:
             head.content_length = int(length)  # llhttp accepted it: digits only, no duplicate
         first = head.first
-        head.chunked = b"transfer-encoding" in first
+        coding = first.get(b"transfer-encoding")
+        if coding is not None:
+            head.chunked = True
+            if coding.strip().lower() != b"chunked":  # llhttp accepts ``gzip, chunked``: 501
+                head.te_unsupported = True
+            if head.version == b"1.0":  # RFC 9112 6.1: close after the response
+                head.keep_alive = False
         if (head.version == b"1.1" and b"host" not in first) or b"sec-websocket-key1" in first:
             head.malformed = True
         if b"connection" in first and wire.connection_tokens(head.all(b"connection")):
@@ -186,6 +194,10 @@ class RequestFraming:
                 log.debug("rejected a malformed request: duplicate singleton header, no Host or old WebSocket")
                 self._protocol_error(wire.MALFORMED)
                 return False
+            if head.te_unsupported:
+                log.debug("rejected a request: Transfer-Encoding other than chunked")
+                self._protocol_error(wire.TE_NOT_IMPLEMENTED)
+                return False
             if self.upgrade or for_aiohttp(head, end, limits.max_header_bytes, limits.max_body_bytes):
                 hand_off(self, buf)
                 return False
@@ -220,7 +232,7 @@ class RequestFraming:
             self.upgrade = True
         except httptools.HttpParserError as exc:
             log.debug("rejected a malformed request: %s", exc)
-            self._protocol_error(wire.MALFORMED)
+            self._protocol_error(wire.TE_NOT_IMPLEMENTED if wire.is_coding_error(str(exc)) else wire.MALFORMED)
             return False
         return True
 

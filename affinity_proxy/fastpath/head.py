@@ -13,6 +13,9 @@ from urllib.parse import parse_qsl, unquote
 from affinity_proxy.web.context import ProxyContext
 
 _AFFINITY_PREFIX = b"/_affinity/"
+#: Methods the aiohttp preflight refuses (405): CONNECT (no tunnels) and TRACE (never forwarded: it
+#: would echo the client's cookies back, and nginx refuses it too).
+_AIOHTTP_METHODS = frozenset({"CONNECT", "TRACE"})
 #: aiohttp's ``max_headers``: more fields is its 431.
 MAX_FIELDS = 128
 
@@ -26,11 +29,14 @@ class RequestHead:
     """One parsed request head; shared, never changed once parsed (``protocol.HeadCache`` hands the
     same object to every repeat of identical head bytes). ``first`` maps lower-case names to the
     first value (as ``CIMultiDict.get`` does); ``headers`` keeps every pair in order with the names
-    as sent; ``lines`` are the header lines that go upstream unchanged (``odd``: a ``Connection``
-    header names other headers, so the upstream head needs the full filter)."""
+    as sent; ``lines`` are the header lines that go upstream unchanged (never names with ``_``;
+    ``odd``: a ``Connection`` header names other headers, so the upstream head needs the full
+    filter; ``claims``: the head has a ``headers.CLIENT_CLAIMS`` header, which an untrusted peer's
+    request must not forward)."""
 
-    __slots__ = ("_rid", "chunked", "content_length", "first", "has_rid", "headers", "hot_key", "hot_sources",
-                 "keep_alive", "lane", "lines", "malformed", "method", "odd", "target", "up_memo", "version")
+    __slots__ = ("_rid", "chunked", "claims", "client_memo", "content_length", "first", "has_rid", "headers",
+                 "hot_key", "hot_sources", "keep_alive", "lane", "lines", "malformed", "method", "odd", "target",
+                 "te_unsupported", "up_memo", "version")
 
     def __init__(self) -> None:
         self.method = ""
@@ -44,6 +50,9 @@ class RequestHead:
         self._rid: bytes | bool | None = False  # ``client_request_id`` memo (False: not computed)
         self.has_rid = False  # a forwardable X-Request-Id is among ``lines``
         self.odd = False
+        self.claims = False
+        self.client_memo: tuple[Any, ...] | None = None  # ``protocol.real_client``'s per-head memo
+        self.te_unsupported = False  # a Transfer-Encoding other than exactly ``chunked``: 501
         self.content_length: int | None = None
         self.chunked = False
         self.malformed = False  # rejected by aiohttp's parser rules on top of llhttp's
@@ -160,7 +169,7 @@ def for_aiohttp(head: RequestHead, raw_size: int, max_header_bytes: int, max_bod
     head's length on the wire, which bounds the preflight's header-block size from above
     (``len(fields)`` at most)."""
     target = head.target
-    if head.method == "CONNECT" or head.version not in (b"1.1", b"1.0") or not target.startswith(b"/"):
+    if head.method in _AIOHTTP_METHODS or head.version not in (b"1.1", b"1.0") or not target.startswith(b"/"):
         return True
     if target.startswith(_AFFINITY_PREFIX) or (b"%" in target and head.path.startswith("/_affinity/")):
         return True

@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from affinity_proxy.forwarding.realip import RealClient, real_client, trusted_proxies
+
 from . import wire
 from .closing import Closing
 from .framing import RequestFraming
-from .head import RequestHead
+from .head import RequestHead, text
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -43,6 +45,7 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
     __slots__ = (
         "_body_left",
         "_chunks",
+        "_client",
         "_processing",
         "admitted",
         "body_seen",
@@ -61,6 +64,7 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
         "parser",
         "peer",
         "read_pause",
+        "scheme",
         "server",
         "transport",
         "upgrade",
@@ -89,6 +93,8 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
         self.closing = False
         self.eof = False
         self.peer: str | None = None
+        self.scheme = "http"
+        self._client: tuple[object, RealClient] | None = None  # (config, answer) for an untrusted peer
         self.admitted = False
         self.handed_off = False
         self._processing = False
@@ -100,6 +106,8 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple | list) and peer else None
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = "https"
         if not self.server.admit(self):
             return
         self.admitted = True
@@ -152,6 +160,38 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
             self._process()  # pipelined requests held back while the client was not reading
 
     # ------------------------------------------------------------------ used by the exchange
+
+    def real_client(self, head: RequestHead) -> RealClient:
+        """``forwarding.realip`` for ``head`` from this peer: the same answer for every request of
+        an untrusted peer (memoized per connection), per head from a trusted one (memoized on the
+        head, which repeats byte for byte from the same proxy and client)."""
+        config = self.server.ctx.config
+        memo = self._client
+        if memo is not None and memo[0] is config:
+            return memo[1]
+        proxies = trusted_proxies(config.trusted_proxy_cidrs)
+        if not proxies.trusts(self.peer):
+            found = RealClient(self.peer, self.scheme, False)
+            self._client = (config, found)
+            return found
+        hmemo = head.client_memo
+        if hmemo is not None and hmemo[0] is proxies and hmemo[1] == self.peer and hmemo[2] == self.scheme:
+            return hmemo[3]  # type: ignore[no-any-return]
+        first = head.first
+        fly_ip, fly_proto = first.get(b"fly-client-ip"), first.get(b"fly-forwarded-proto")
+        found = real_client(
+            proxies, self.peer, self.scheme,
+            forwarded_for=[text(v) for v in head.all(b"x-forwarded-for")] if b"x-forwarded-for" in first else (),
+            forwarded_proto=[text(v) for v in head.all(b"x-forwarded-proto")] if b"x-forwarded-proto" in first else (),
+            fly_client_ip=text(fly_ip) if fly_ip is not None else None,
+            fly_proto=text(fly_proto) if fly_proto is not None else None,
+        )
+        head.client_memo = (proxies, self.peer, self.scheme, found)
+        return found
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:

@@ -2,8 +2,9 @@
 
 ``upstream_head`` is ``forwarding.headers.upstream_request_headers`` plus ``forward_http``'s
 framing rules for a raw request head: the client's end-to-end lines as received (hop-by-hop
-headers, names listed in ``Connection`` and ``fly-force-instance-id`` dropped), ``Host`` when the
-client sent none, ``X-Forwarded-For`` (appended), ``-Proto``, ``-Host``, ``X-Request-Id`` unless
+headers, names listed in ``Connection``, names with ``_``, ``fly-force-instance-id`` and, from an
+untrusted peer, ``CLIENT_CLAIMS`` dropped), ``Host`` when the client sent none,
+``X-Forwarded-For`` (the peer appended), ``-Proto`` (the client's real scheme), ``-Host``, ``X-Request-Id`` unless
 the client sent one, and the body framing (Content-Length as declared, chunked for a chunked body,
 ``Content-Length: 0`` for a body-less method other than GET/HEAD/OPTIONS/TRACE, as aiohttp's
 client sends). ``client_head`` is ``downstream_response_headers`` plus ``merge_extra_headers``
@@ -13,6 +14,8 @@ and aiohttp's response framing for the client's HTTP version. Pure; no I/O.
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from affinity_proxy.forwarding.realip import RealClient
 
 from . import wire
 from .head import RequestHead
@@ -24,29 +27,32 @@ _STATUS_LINES: dict[tuple[bytes, int, bytes], bytes] = {}
 
 
 def upstream_head(head: RequestHead, origin: Origin, peer: str | None, rid: Callable[[], bytes],
-                  fqdn: Callable[[], str], extra: tuple[bytes, bytes] | None) -> bytes:
+                  fqdn: Callable[[], str], extra: tuple[bytes, bytes] | None, client: RealClient) -> bytes:
     """The request head sent to ``origin``. ``extra``: one more header that replaces the client's
-    (fly's private-forward ``fly-replay-src``). Everything but X-Request-Id depends only on the
-    (shared, immutable) head, the instance and the client address, so it is built once per head
-    for the last (instance, address) seen and reused around a fresh request id."""
-    if extra is not None or head.odd:
-        return _filtered_upstream_head(head, origin, peer, rid, fqdn, extra)
+    (fly's private-forward ``fly-replay-src``); ``client``: the realip result (its scheme, whether
+    the peer is trusted). Everything but X-Request-Id depends only on the (shared, immutable) head,
+    the instance, the peer address and ``client``, so it is built once per head for the last of
+    those seen and reused around a fresh request id."""
+    if extra is not None or head.odd or (head.claims and not client.trusted):
+        return _filtered_upstream_head(head, origin, peer, rid, fqdn, extra, client)
     memo = head.up_memo
-    if memo is None or memo[0] is not origin or memo[1] != peer:
+    if (memo is None or memo[0] is not origin or memo[1] != peer or memo[2] != client.scheme
+            or memo[3] is not client.trusted):
         parts = [head.method.encode(), b" ", origin.prefix, head.target, b" HTTP/1.1\r\n", b"".join(head.lines)]
         forwarded = head.all(b"x-forwarded-for") if b"x-forwarded-for" in head.first else []
-        _proxy_lines(parts, head, forwarded, origin.host_header, peer, fqdn)
+        _proxy_lines(parts, head, forwarded, origin.host_header, peer, fqdn, client.scheme)
         after: list[bytes] = []
         _framing(after, head, None)
-        memo = head.up_memo = (origin, peer, b"".join(parts), b"".join(after))
+        memo = head.up_memo = (origin, peer, client.scheme, client.trusted, b"".join(parts), b"".join(after))
     if head.has_rid:
-        return memo[2] + memo[3]
-    return b"".join((memo[2], b"X-Request-Id: ", rid(), b"\r\n", memo[3]))
+        return memo[4] + memo[5]  # type: ignore[no-any-return]
+    return b"".join((memo[4], b"X-Request-Id: ", rid(), b"\r\n", memo[5]))
 
 
 def _filtered_upstream_head(head: RequestHead, origin: Origin, peer: str | None, rid: Callable[[], bytes],
-                            fqdn: Callable[[], str], extra: tuple[bytes, bytes] | None) -> bytes:
-    """The general case: headers named in ``Connection`` and ``extra``'s name are dropped too."""
+                            fqdn: Callable[[], str], extra: tuple[bytes, bytes] | None, client: RealClient) -> bytes:
+    """The general case: headers named in ``Connection``, ``extra``'s name and, from an untrusted
+    peer, ``CLIENT_CLAIMS`` are dropped too."""
     parts = [head.method.encode(), b" ", origin.prefix, head.target, b" HTTP/1.1\r\n"]
     drop = wire.REQUEST_REPLACED
     conn_values = head.all(b"connection") if b"connection" in head.first else []
@@ -55,6 +61,8 @@ def _filtered_upstream_head(head: RequestHead, origin: Origin, peer: str | None,
         drop = drop | tokens
     if extra is not None:
         drop = drop | {extra[0]}
+    if not client.trusted:
+        drop = drop | wire.CLIENT_CLAIMS
     forwarded: list[bytes] = []
     has_request_id = False
     for name, value in head.headers:
@@ -63,20 +71,23 @@ def _filtered_upstream_head(head: RequestHead, origin: Origin, peer: str | None,
             if lname == b"x-forwarded-for" and b"x-forwarded-for" not in tokens:
                 forwarded.append(value)
             continue
-        if not value.isascii() and not wire.utf8_ok(value):
+        if (not value.isascii() and not wire.utf8_ok(value)) or b"_" in name:
             continue
         if lname == b"x-request-id":
             has_request_id = True
         parts += (name, b": ", value, b"\r\n")
-    _proxy_lines(parts, head, forwarded, origin.host_header, peer, fqdn)
+    _proxy_lines(parts, head, forwarded, origin.host_header, peer, fqdn, client.scheme)
     if not has_request_id:
         parts += (b"X-Request-Id: ", rid(), b"\r\n")
     _framing(parts, head, extra)
     return b"".join(parts)
 
 
+_PROTO_LINES = {"http": b"X-Forwarded-Proto: http\r\n", "https": b"X-Forwarded-Proto: https\r\n"}
+
+
 def _proxy_lines(parts: list[bytes], head: RequestHead, forwarded: list[bytes], default_host: bytes,
-                 peer: str | None, fqdn: Callable[[], str]) -> None:
+                 peer: str | None, fqdn: Callable[[], str], scheme: str) -> None:
     """Host when missing, X-Forwarded-For/Proto/Host."""
     if b"host" not in head.first:
         parts += (b"Host: ", default_host, b"\r\n")
@@ -86,7 +97,7 @@ def _proxy_lines(parts: list[bytes], head: RequestHead, forwarded: list[bytes], 
         prior = prior + b", " + ip if prior else ip
     if prior:
         parts += (b"X-Forwarded-For: ", prior, b"\r\n")
-    parts.append(b"X-Forwarded-Proto: http\r\n")
+    parts.append(_PROTO_LINES.get(scheme) or b"X-Forwarded-Proto: %s\r\n" % scheme.encode())
     host = head.first.get(b"host")
     if host is None:  # aiohttp's request.host without a Host header
         host = fqdn().encode()

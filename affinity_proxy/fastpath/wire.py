@@ -19,7 +19,9 @@ from http import HTTPStatus
 
 from aiohttp.http import SERVER_SOFTWARE
 
-from affinity_proxy.forwarding.headers import HOP_BY_HOP
+from affinity_proxy.forwarding.headers import CLIENT_CLAIMS as _CLAIMS
+from affinity_proxy.forwarding.headers import HOP_BY_HOP, UNSUPPORTED_CODING
+from affinity_proxy.forwarding.headers import is_coding_error as is_coding_error
 
 Header = tuple[bytes, bytes]
 
@@ -30,6 +32,8 @@ REQUEST_REPLACED: frozenset[bytes] = HOP_BY_HOP_B | {
     b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
     b"fly-force-instance-id",
 }
+#: ``forwarding.headers.CLIENT_CLAIMS``: not forwarded from an untrusted peer.
+CLIENT_CLAIMS: frozenset[bytes] = frozenset(h.encode() for h in _CLAIMS)
 #: Response headers the proxy replaces with its own value.
 RESPONSE_REPLACED: frozenset[bytes] = HOP_BY_HOP_B | {b"x-fly-instance"}
 #: aiohttp's client sends ``Content-Length: 0`` for a body-less request of any other method.
@@ -149,6 +153,7 @@ def error_response(status: int, message: str, code: str, *, version: bytes = b"1
 #: What the aiohttp protocol answers to a request it cannot parse (``web.server``), connection closed.
 MALFORMED = (400, "malformed request", "malformed_request")
 HEADERS_OVERFLOW = (431, "request header fields too large", "request_header_fields_too_large")
+TE_NOT_IMPLEMENTED = UNSUPPORTED_CODING
 
 
 def protocol_error(status: int, message: str, code: str) -> bytes:

@@ -30,6 +30,29 @@ HOP_BY_HOP: frozenset[str] = frozenset(
     }
 )
 
+#: Request headers that make claims about the client, dropped unless the peer is a trusted proxy:
+#: apps and frameworks believe them, so a client could otherwise choose its own address or scheme.
+CLIENT_CLAIMS: frozenset[str] = frozenset({"forwarded", "x-real-ip", "fly-client-ip", "fly-forwarded-proto"})
+
+#: What both engines answer to a request body framed by a coding other than ``chunked`` alone
+#: (``gzip, chunked``, ``identity``...): nginx's 501; the body cannot be framed, so the connection ends.
+UNSUPPORTED_CODING = (501, "only Transfer-Encoding: chunked is supported", "transfer_encoding_not_implemented")
+
+
+def is_chunked_only(value: str | bytes) -> bool:
+    """True when a ``Transfer-Encoding`` value is exactly ``chunked`` (case-insensitive)."""
+    if isinstance(value, bytes):
+        return value.strip().lower() == b"chunked"
+    return value.strip().lower() == "chunked"
+
+
+def is_coding_error(message: str) -> bool:
+    """True for llhttp's refusals of a Transfer-Encoding value ("Request has invalid
+    `Transfer-Encoding`", "Invalid `Transfer-Encoding` header value"): 501, not 400. Framing
+    conflicts (Content-Length with Transfer-Encoding) and empty values stay 400."""
+    return "invalid `transfer-encoding`" in message.lower()
+
+
 #: What callers may pass as extra headers: a mapping, or pairs when a name repeats (Set-Cookie).
 ExtraHeaders: TypeAlias = Mapping[str, str] | Iterable[tuple[str, str]]
 
@@ -71,12 +94,14 @@ def connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
     return frozenset(token.strip().lower() for value in values for token in value.split(",") if token.strip())
 
 
-def _end_to_end(headers: Mapping[str, str], extra_drop: Iterable[str] = ()) -> CIMultiDict[str]:
-    """Copy ``headers`` minus hop-by-hop, Connection-named, ``extra_drop`` and unsafe pairs."""
+def _end_to_end(headers: Mapping[str, str], extra_drop: Iterable[str] = (), *,
+                underscores: bool = True) -> CIMultiDict[str]:
+    """Copy ``headers`` minus hop-by-hop, Connection-named, ``extra_drop`` and unsafe pairs
+    (``underscores=False``: also names containing ``_``)."""
     dropped = HOP_BY_HOP | connection_tokens(headers) | {name.lower() for name in extra_drop}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        if name.lower() in dropped or not is_safe_header(name, value):
+        if name.lower() in dropped or not is_safe_header(name, value) or (not underscores and "_" in name):
             continue
         out.add(name, value)
     return out
@@ -90,6 +115,7 @@ def upstream_request_headers(
     host: str | None,
     request_id: str | None = None,
     drop: Collection[str] = (),
+    trusted_peer: bool = False,
 ) -> CIMultiDict[str]:
     """Headers to send to the instance for a client request carrying ``headers``.
 
@@ -99,15 +125,21 @@ def upstream_request_headers(
     hop-by-hop headers, names listed in ``Connection`` and the names in ``drop`` (routing headers
     such as ``fly-force-instance-id`` that are meant for the proxy only).
 
+    Header names containing ``_`` are dropped (nginx's ``underscores_in_headers off``: an app
+    that maps ``X_Forwarded_For`` onto ``X-Forwarded-For``, as CGI-style environments do, would
+    otherwise believe it), and so are ``CLIENT_CLAIMS`` (``Forwarded``, ``X-Real-IP``,
+    ``Fly-Client-IP``, ``Fly-Forwarded-Proto``) unless ``trusted_peer``.
+
     ``X-Forwarded-For`` keeps the entries already present (all lines joined into one) and gets
-    ``client_ip`` appended; with no ``client_ip`` it is passed on unchanged. The proxy cannot tell
-    a forged entry from a real one, so consumers should trust only the right-most hops they know.
-    ``X-Forwarded-Proto`` is set to ``scheme`` and ``X-Forwarded-Host`` to ``host`` (replacing any
-    client-sent value, omitted when ``host`` is None). ``X-Request-Id`` is set to ``request_id``
-    only when the client sent none. Added values that are unsafe are skipped, never emitted.
-    Pure; O(number of headers); returns a new multidict the caller may mutate.
+    ``client_ip`` (the TCP peer) appended, as nginx's ``$proxy_add_x_forwarded_for``; with no
+    ``client_ip`` it is passed on unchanged. Entries left of the peers the app trusts may be forged.
+    ``X-Forwarded-Proto`` is set to ``scheme`` (the client's real scheme: ``realip.client_scheme``)
+    and ``X-Forwarded-Host`` to ``host`` (replacing any client-sent value, omitted when ``host`` is
+    None). ``X-Request-Id`` is set to ``request_id`` only when the client sent none. Added values
+    that are unsafe are skipped, never emitted. Pure; O(number of headers); returns a new
+    multidict the caller may mutate.
     """
-    out = _end_to_end(headers, drop)
+    out = _end_to_end(headers, drop if trusted_peer else (*drop, *CLIENT_CLAIMS), underscores=False)
     if client_ip and is_safe_value(client_ip):
         prior = ", ".join(v.strip() for v in out.popall("X-Forwarded-For", []) if v.strip())
         out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 from aiohttp.web_request import BaseRequest
 
+from affinity_proxy.forwarding.headers import UNSUPPORTED_CODING, is_chunked_only
 from affinity_proxy.web.errors import json_error
 
 log = logging.getLogger("affinity_proxy.http")
@@ -25,8 +26,9 @@ log = logging.getLogger("affinity_proxy.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SUPPORTED_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
-#: Methods a reverse proxy never forwards: CONNECT would ask us to open a tunnel to any host.
-REFUSED_METHODS = frozenset({hdrs.METH_CONNECT})
+#: Methods a reverse proxy never forwards: CONNECT would ask us to open a tunnel to any host, TRACE
+#: would echo the request (its cookies and credentials) back to a script (nginx answers 405 too).
+REFUSED_METHODS = frozenset({hdrs.METH_CONNECT, hdrs.METH_TRACE})
 ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
@@ -42,18 +44,25 @@ def preflight(request: BaseRequest, *, max_header_bytes: int, max_body_bytes: in
     """The refusal for a request the proxy must not route, or None. No I/O; never reads the body.
 
     400 for an HTTP version other than 1.0/1.1 (HTTP/0.9 passes aiohttp's parser), 405 for
-    ``CONNECT``, 431 for a header block over ``max_header_bytes``, 417 for an ``Expect`` other
-    than ``100-continue``, 413 (connection closed afterwards) for a declared ``Content-Length``
-    over ``max_body_bytes``. A chunked body over the limit is stopped while it streams
-    (``forwarding.http``).
+    ``CONNECT`` and ``TRACE``, 431 for a header block over ``max_header_bytes``, 501 (connection
+    closed afterwards) for a ``Transfer-Encoding`` other than exactly ``chunked`` that the parser
+    let through (``gzip, chunked``), 417 for an ``Expect`` other than ``100-continue``, 413
+    (connection closed afterwards) for a declared ``Content-Length`` over ``max_body_bytes``. A
+    chunked body over the limit is stopped while it streams (``forwarding.http``).
     """
     if request.version not in SUPPORTED_VERSIONS:
         return json_error(400, "only HTTP/1.0 and HTTP/1.1 are supported", code="unsupported_http_version")
     if request.method in REFUSED_METHODS:
-        return json_error(405, "CONNECT is not supported by this reverse proxy", code="method_not_allowed",
+        return json_error(405, f"{request.method} is not supported by this reverse proxy", code="method_not_allowed",
                           headers={"Allow": ALLOWED_METHODS})
     if header_block_size(request) > max_header_bytes:
         return json_error(431, f"request headers exceed {max_header_bytes} bytes", code="headers_too_large")
+    coding = request.headers.get(hdrs.TRANSFER_ENCODING)
+    if coding is not None and not is_chunked_only(coding):
+        status, message, code = UNSUPPORTED_CODING
+        response = json_error(status, message, code=code)
+        response.force_close()
+        return response
     expect = request.headers.get(hdrs.EXPECT)
     if expect is not None and expect.strip().lower() != "100-continue":
         return json_error(417, "only Expect: 100-continue is supported", code="expectation_failed")

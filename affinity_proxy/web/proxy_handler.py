@@ -19,6 +19,7 @@ from aiohttp import hdrs, web
 from affinity_proxy.forwarding.client import UpstreamError
 from affinity_proxy.forwarding.headers import upstream_request_headers
 from affinity_proxy.forwarding.http import BodyTooLarge, forward_http
+from affinity_proxy.forwarding.realip import RealClient, real_client, trusted_proxies
 from affinity_proxy.forwarding.websocket import relay_websocket
 from affinity_proxy.pins.store import PinStoreUnavailable
 from affinity_proxy.routing.cookie import set_cookie_value
@@ -35,6 +36,22 @@ access_log = logging.getLogger("affinity_proxy.access")
 
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("affinity_request_id", str)
 ROUTED: web.RequestKey[tuple[str, str, str]] = web.RequestKey("affinity_routed", tuple)  # action, instance, reason
+REAL_CLIENT: web.RequestKey[RealClient] = web.RequestKey("affinity_real_client", RealClient)
+
+
+def real_client_of(cidrs: tuple[str, ...], request: web.Request) -> RealClient:
+    """The client's address and scheme (``forwarding.realip``: forwarding headers believed only
+    from ``trusted_proxies``), computed once per request."""
+    found = request.get(REAL_CLIENT)
+    if found is None:
+        headers = request.headers
+        found = request[REAL_CLIENT] = real_client(
+            trusted_proxies(cidrs), request.remote, request.scheme,
+            forwarded_for=headers.getall("X-Forwarded-For", ()),
+            forwarded_proto=headers.getall("X-Forwarded-Proto", ()),
+            fly_client_ip=headers.get("Fly-Client-IP"), fly_proto=headers.get("Fly-Forwarded-Proto"),
+        )
+    return found
 FLY_SIGNALS: web.RequestKey[Triage] = web.RequestKey("affinity_fly_signals", Triage)
 
 
@@ -51,11 +68,12 @@ def request_id_of(request: web.Request) -> str:
 def log_access(request: web.Request, response: web.StreamResponse, duration: float) -> None:
     """One structured line per request. Never the cookie, the user key or any header value."""
     action, instance, reason = request.get(ROUTED, ("refuse", "", ""))
+    client = request.get(REAL_CLIENT)
     access_log.info("request", extra={"fields": {
         "method": request.method, "path": request.path, "status": response.status,
         "duration_ms": round(duration * 1000, 2), "action": action, "instance": instance or None,
         "reason": reason or None, "replay_target": instance if action == "replay" else None,
-        "request_id": request.get(REQUEST_ID), "remote": request.remote,
+        "request_id": request.get(REQUEST_ID), "remote": client.ip if client else request.remote,
     }})
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -84,6 +102,7 @@ class ProxyHandler:
         started = time.perf_counter()
         request_id = request_id_of(request)
         request[REQUEST_ID] = request_id
+        real_client_of(ctx.config.trusted_proxy_cidrs, request)
         src: ReplaySource | None = None
         if self._fly:
             src = fly.replay_source(request)
@@ -162,9 +181,10 @@ class ProxyHandler:
         if instance is None or not instance.url:
             return json_error(502, "chosen instance has no address", code="no_upstream")
         extra = self._response_headers(instance, route, inp)
+        client = real_client_of(ctx.config.trusted_proxy_cidrs, request)
         headers = upstream_request_headers(
-            request.headers, client_ip=request.remote, scheme=request.scheme, host=request.host,
-            request_id=request.get(REQUEST_ID), drop=(FORCE_HEADER,),
+            request.headers, client_ip=request.remote, scheme=client.scheme, host=request.host,
+            request_id=request.get(REQUEST_ID), drop=(FORCE_HEADER,), trusted_peer=client.trusted,
         )
         for name, value in upstream_extra:
             headers[name] = value

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion10, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
@@ -46,6 +46,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
 from affinity_proxy.config import LimitsConfig
+from affinity_proxy.forwarding.headers import UNSUPPORTED_CODING, is_coding_error
 from affinity_proxy.web.errors import json_error
 from affinity_proxy.web.limits import ConnectionLimiter, refusal_bytes
 from affinity_proxy.web.middlewares import preflight
@@ -295,13 +296,18 @@ class GuardedRequestHandler(RequestHandler):  # type: ignore[misc]
             raise ConnectionError("Response is sent already, cannot send another response with the error message")
         if status == 400 and _is_header_overflow(exc):
             status = 431
-        if status >= 500:
+        if status == 400 and exc is not None and is_coding_error(str(exc)):  # llhttp refused the coding
+            log.debug("rejected a request: Transfer-Encoding other than chunked")
+            status, title, code = UNSUPPORTED_CODING
+        elif status >= 500:
             self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
             title = "internal error" if status == 500 else "gateway timeout" if status == 504 else "server error"
+            code = title.replace(" ", "_")
         else:
             log.debug("rejected a malformed request: %s", type(exc).__name__ if exc else status)
             title = "request header fields too large" if status == 431 else "malformed request"
-        body = {"error": title.replace(" ", "_"), "message": title, "status": status}
+            code = title.replace(" ", "_")
+        body = {"error": code, "message": title, "status": status}
         resp = web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json")
         resp.force_close()
         self._guards.count(status)
@@ -352,6 +358,8 @@ def guarded_request_handler(inner: RawHandler, guards: ServerGuards) -> RawHandl
 
 def _watching_factory(inner: Callable[..., BaseRequest]) -> Callable[..., BaseRequest]:
     def factory(message: Any, payload: StreamReader, protocol: RequestHandler, writer: Any, task: Any) -> BaseRequest:
+        if message.version == HttpVersion10 and message.chunked and not message.should_close:
+            message = message._replace(should_close=True)  # RFC 9112 6.1: close after the response
         request = inner(message, payload, protocol, writer, task)
         if isinstance(protocol, GuardedRequestHandler):
             protocol.watch_body(payload)

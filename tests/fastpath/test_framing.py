@@ -35,10 +35,6 @@ SMUGGLING = [
     ("differing CL", b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 3\r\nContent-Length: 30\r\n\r\nabc"),
     ("CL list", b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: 3, 3\r\n\r\nabc"),
     ("signed CL", b"POST / HTTP/1.1\r\n" + HOST + b"Content-Length: +3\r\n\r\nabc"),
-    ("TE not chunked", b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: gzip\r\n\r\nabc"),
-    ("chunked not last", b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n"),
-    ("TE twice", b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
-     b"0\r\n\r\n"),
     ("space before colon", b"GET / HTTP/1.1\r\n" + HOST + b"Content-Length : 0\r\n\r\n"),
     ("control char in name", b"GET / HTTP/1.1\r\n" + HOST + b"X-A\x01b: 1\r\n\r\n"),
     ("NUL in value", b"GET / HTTP/1.1\r\n" + HOST + b"X-A: a\x00b\r\n\r\n"),
@@ -61,6 +57,29 @@ async def test_ambiguous_or_malformed_heads_get_json_400_and_reach_no_instance(
     assert len(result.responses) == 1, result
     assert_malformed(result.responses[0])
     assert result.closed, "a malformed request ends the connection"
+    assert served(backends) == 0
+
+
+#: Bodies framed by a coding other than exactly ``chunked``: nginx's 501, connection closed (the
+#: body's end cannot be found). ``chunked, chunked`` (or the header twice) is not ``chunked`` either.
+UNSUPPORTED_CODINGS = [
+    ("TE not chunked", b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: gzip\r\n\r\nabc"),
+    ("chunked not last", b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n"),
+    ("gzip then chunked", b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"),
+    ("TE twice", b"POST / HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"0\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize(("case", "data"), UNSUPPORTED_CODINGS, ids=[c[0] for c in UNSUPPORTED_CODINGS])
+async def test_codings_other_than_chunked_get_json_501_and_reach_no_instance(
+    backends, start_proxy, case: str, data: bytes,
+) -> None:
+    server = await start_proxy(make_config(backends))
+    result = await exchange(server.main_port, data)
+    assert len(result.responses) == 1, result
+    assert_malformed(result.responses[0], 501)
+    assert result.closed, "the body cannot be framed: the connection ends"
     assert served(backends) == 0
 
 

@@ -78,10 +78,12 @@ def no_error_logs(caplog: pytest.LogCaptureFixture):  # type: ignore[no-untyped-
 
 
 async def served_5xx(server: ProxyServer) -> float:
+    """Server errors answered so far; 501 (the deliberate answer to a Transfer-Encoding other than
+    chunked) does not count."""
     async with aiohttp.ClientSession() as session, session.get(
             f"http://127.0.0.1:{server.admin_port}/metrics") as resp:
         text = await resp.text()
-    return sum(float(m.group(1)) for m in re.finditer(r'^affinity_responses_total\{code="5\d\d"\} (\S+)$', text, re.M))
+    return sum(float(m.group(1)) for m in re.finditer(r'^affinity_responses_total\{code="5(?!01)\d\d"\} (\S+)$', text, re.M))
 
 
 def assert_json_error(resp: RawResponse, allowed: set[int]) -> None:
@@ -445,7 +447,7 @@ async def test_smuggled_requests_never_reach_the_instance(setup: Setup, http: ai
     responses = await _all_responses(setup.port, data)
     assert responses, f"{case}: no answer at all"
     for resp in responses:
-        assert resp.status < 500, (case, resp.status, resp.body[:200])
+        assert resp.status < 500 or resp.status == 501, (case, resp.status, resp.body[:200])
         if resp.status >= 400:
             assert_json_error(resp, {400, 413, 501})
     answered = [r.json()["path"] for r in responses if r.status == 200]
