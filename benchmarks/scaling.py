@@ -88,7 +88,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def tools(install: bool) -> tuple[str | None, str | None]:
     """nginx and wrk (installed with apt-get when missing and allowed); None for a missing one."""
     if install and (find_tool("nginx") is None or find_tool("wrk") is None):
-        ensure_tools(install=True)
+        ensure_tools(install=True, haproxy=False)
     return find_tool("nginx"), find_tool("wrk")
 
 

@@ -1,17 +1,42 @@
-"""The benchmark harness's pure parts: wrk's output parser, the wrk command line, the nginx
-configurations and the ratio tables. No load is run here and nothing is timed."""
+"""The benchmark harness: wrk's output parser, the wrk command line, the nginx and HAProxy
+configurations, same-round ratios, medians with their spread, flagged rounds, and the byte relay
+(relaying real bytes over 127.0.0.1). No load is run here and nothing is timed."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import re
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from benchmarks import nginx
-from benchmarks.run import REFERENCE, Row, median_rows, table, verdicts, with_ratios
+from benchmarks import byte_relay, haproxy, nginx
+from benchmarks.rounds import (
+    CEILING,
+    NEW_SESSION_REFERENCE,
+    REFERENCE,
+    Row,
+    Spread,
+    flag_rounds,
+    per_core,
+    round_table,
+    summarize,
+    summary_table,
+    unflagged,
+    verdicts,
+    with_ratios,
+)
+from benchmarks.rounds import DIRECT as DIRECT_TARGET
+from benchmarks.run import estimate_seconds, parse_args
 from benchmarks.wrk import STATUS_LUA, WrkParseError, parse_wrk_output, to_ms, wrk_argv
 
 # Captured from Debian's wrk 4.1.0 with benchmarks/wrk.py's Lua script, against an nginx backend.
@@ -210,24 +235,339 @@ def test_nginx_accepts_the_generated_configs(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
 
 
-def _row(target: str, rps: float, p99: float, errors: int = 0) -> Row:
-    return Row(target, rps, p99 / 4, p99, errors, int(rps * 10), 1.0)
+def _row(target: str, rps: float, p99: float = 2.0, *, errors: int = 0, cpu: float | None = 1.0,
+         other: float | None = 0.0, reference: str = REFERENCE) -> Row:
+    return Row(target, rps, p99 / 4, p99, errors, int(rps * 10), cpu, other_cpu=other, reference=reference)
 
 
-def test_ratios_are_against_the_same_round_and_medians_of_ratios() -> None:
-    round1 = with_ratios([_row(REFERENCE, 40_000, 2.0), _row("affinity-proxy", 20_000, 3.0)])
-    round2 = with_ratios([_row(REFERENCE, 20_000, 4.0), _row("affinity-proxy", 12_000, 4.0, errors=2)])
-    round3 = with_ratios([_row(REFERENCE, 30_000, 2.0), _row("affinity-proxy", 18_000, 2.0)])
-    assert round1[0].rps_ratio == 1.0 and round1[1].rps_ratio == pytest.approx(0.5)
-    assert round1[1].p99_ratio == pytest.approx(1.5)
-    med = {r.target: r for r in median_rows([round1, round2, round3])}
-    proxy = med["affinity-proxy"]
-    assert proxy.rps == 18_000
-    assert proxy.rps_ratio == pytest.approx(0.6)  # median of 0.5, 0.6, 0.6 (not 18k / 30k of the medians)
-    assert proxy.p99_ratio == pytest.approx(1.0)  # median of 1.5, 1.0, 1.0
-    assert proxy.errors == 2
-    assert [r.target for r in median_rows([round1])] == [REFERENCE, "affinity-proxy"]
-    text = table(median_rows([round1, round2, round3]))
-    assert text.splitlines()[0].startswith("| target | req/s |")
-    assert "| affinity-proxy | 18,000 |" in text
-    assert any("not met" in line for line in verdicts(median_rows([round1, round2, round3])))
+def _round(nginx: float = 50_000, direct: float = 100_000, proxy: float = 30_000, relay: float = 40_000,
+           haproxy_rps: float = 60_000, new: float = 20_000, *, nginx_cpu: float = 1.0, haproxy_cpu: float = 1.0,
+           other: float = 0.0) -> list[Row]:
+    return with_ratios([
+        _row(REFERENCE, nginx, cpu=nginx_cpu, other=other), _row(DIRECT_TARGET, direct), _row(CEILING, relay),
+        _row("affinity-proxy", proxy), _row(NEW_SESSION_REFERENCE, haproxy_rps, cpu=haproxy_cpu,
+                                            reference=NEW_SESSION_REFERENCE),
+        _row("affinity-new", new, reference=NEW_SESSION_REFERENCE),
+    ])
+
+
+# --- spreads, ratios, medians -----------------------------------------------------------------
+
+
+def test_spread_of_values() -> None:
+    assert Spread.of([]) is None
+    assert Spread.of([None, None]) is None
+    assert Spread.of([3.0, None, 1.0, 2.0]) == Spread(2.0, 1.0, 3.0)
+    assert Spread.of([1.0, 4.0]) == Spread(2.5, 1.0, 4.0)  # even count: the mean of the middle two
+    assert Spread.of([0.5]) == Spread(0.5, 0.5, 0.5)
+
+
+def test_spread_cell() -> None:
+    assert Spread(0.63, 0.55, 0.7).cell(".2f") == "0.63 (0.55-0.70)"
+    assert Spread(48_000, 45_100, 50_200).cell(",.0f") == "48,000 (45,100-50,200)"
+    assert Spread(0.631, 0.629, 0.632).cell(".2f") == "0.63"  # no range when it rounds away
+
+
+def test_ratios_are_against_each_rows_reference_and_the_relay_of_the_same_round() -> None:
+    rows = {r.target: r for r in _round()}
+    assert rows[REFERENCE].rps_ratio == 1.0 and rows[REFERENCE].p99_ratio == 1.0
+    assert rows["affinity-proxy"].rps_ratio == pytest.approx(0.6)  # 30k / nginx 50k
+    assert rows["affinity-new"].rps_ratio == pytest.approx(1 / 3)  # 20k / haproxy 60k
+    assert rows["affinity-proxy"].ceiling_ratio == pytest.approx(0.75)  # 30k / relay 40k
+    assert rows[CEILING].ceiling_ratio == 1.0
+    assert rows[NEW_SESSION_REFERENCE].ceiling_ratio == pytest.approx(1.5)
+
+
+def test_ratios_without_a_reference_or_relay_are_missing_not_invented() -> None:
+    rows = {r.target: r for r in with_ratios([_row("affinity-proxy", 10_000), _row("affinity-new", 5_000,
+                                                                                  reference=NEW_SESSION_REFERENCE)])}
+    assert rows["affinity-proxy"].rps_ratio is None and rows["affinity-proxy"].ceiling_ratio is None
+    assert rows["affinity-new"].p99_ratio is None
+    zero = {r.target: r for r in with_ratios([_row(REFERENCE, 0.0, 0.0), _row("affinity-proxy", 10_000)])}
+    assert zero["affinity-proxy"].rps_ratio is None and zero["affinity-proxy"].p99_ratio is None  # no division by 0
+
+
+def test_summary_is_the_median_of_same_round_ratios_with_min_max() -> None:
+    rounds = [_round(nginx=n, proxy=p) for n, p in ((40_000, 20_000), (20_000, 12_000), (30_000, 18_000))]
+    rounds[1] = [r if r.target != "affinity-proxy" else dataclasses.replace(r, errors=2) for r in rounds[1]]
+    by = {s.target: s for s in summarize(rounds)}
+    proxy = by["affinity-proxy"]
+    assert proxy.rps == Spread(18_000, 12_000, 20_000)
+    assert proxy.rps_ratio == Spread(0.6, 0.5, 0.6)  # 0.5, 0.6, 0.6: not 18k / 30k of the medians
+    assert proxy.errors == 2 and proxy.rounds == 3
+    assert proxy.requests == (20_000 + 12_000 + 18_000) * 10
+    assert proxy.reference == REFERENCE and by["affinity-new"].reference == NEW_SESSION_REFERENCE
+    assert [s.target for s in summarize(rounds)] == [REFERENCE, DIRECT_TARGET, CEILING, "affinity-proxy",
+                                                     NEW_SESSION_REFERENCE, "affinity-new"]
+
+
+def test_summary_of_a_target_missing_from_some_rounds_and_of_missing_cpu() -> None:
+    rounds = [with_ratios([_row(REFERENCE, 50_000, other=0.3), _row("x", 10_000, cpu=None, other=None)]),
+              with_ratios([_row(REFERENCE, 40_000, other=0.1)])]
+    by = {s.target: s for s in summarize(rounds)}
+    assert by["x"].rounds == 1 and by["x"].cpu is None and by["x"].other_cpu is None
+    assert by[REFERENCE].other_cpu == pytest.approx(0.3)  # the worst round's, not the median
+    assert by[REFERENCE].rps == Spread(45_000, 40_000, 50_000)
+
+
+# --- flagged rounds ----------------------------------------------------------------------------
+
+
+def test_quiet_rounds_are_not_flagged() -> None:
+    rounds = [_round(nginx=n, direct=2 * n) for n in (50_000, 52_000, 49_000, 51_000, 55_000)]
+    assert flag_rounds(rounds) == {}
+    assert unflagged(rounds, {}) == rounds
+
+
+def test_a_slow_nginx_per_core_is_flagged_and_says_why() -> None:
+    # Round 3: nginx got its core but did 30 % less with it (the committed 0.90x came from such a run).
+    rounds = [_round(nginx=n, direct=115_000) for n in (76_000, 80_000, 53_000, 78_000, 77_000)]
+    flags = flag_rounds(rounds)
+    assert list(flags) == [2]
+    assert any("nginx-proxy 53,000 req/s per core" in r and "below the run's median 77,000" in r for r in flags[2])
+    assert any(r.startswith("direct ÷ nginx-proxy") for r in flags[2])  # the direct ratio moved as well
+    assert unflagged(rounds, flags) == [rounds[i] for i in (0, 1, 3, 4)]
+
+
+def test_nginx_per_core_is_req_s_over_the_cpu_it_got() -> None:
+    # Half the req/s on half a core is the same nginx: not flagged on that count.
+    rounds = [_round(nginx=50_000, direct=100_000), _round(nginx=25_000, direct=50_000, nginx_cpu=0.5),
+              _round(nginx=50_000, direct=100_000)]
+    assert flag_rounds(rounds) == {}
+    assert per_core(rounds[1][0]) == pytest.approx(50_000)
+    assert per_core(_row("x", 100.0, cpu=None)) is None and per_core(_row("x", 100.0, cpu=0.0)) is None
+    assert per_core(None) is None
+
+
+@pytest.mark.parametrize(("factor", "flagged"), [(1.14, False), (0.86, False), (1.16, True), (0.84, True)])
+def test_tolerance_boundary(factor: float, flagged: bool) -> None:
+    rounds = [_round(nginx=50_000 * f, direct=100_000 * f) for f in (1.0, 1.0, factor)]
+    assert (2 in flag_rounds(rounds)) is flagged
+    assert flag_rounds(rounds, tolerance=0.5) == {}
+
+
+def test_a_fast_nginx_is_flagged_too() -> None:
+    rounds = [_round(nginx=n, direct=2 * n) for n in (50_000, 50_000, 65_000)]
+    assert "above" in flag_rounds(rounds)[2][0]
+
+
+def test_haproxy_per_core_is_checked_like_nginx() -> None:
+    rounds = [_round(), _round(haproxy_rps=40_000), _round(), _round()]
+    flags = flag_rounds(rounds)
+    assert list(flags) == [1]
+    assert flags[1][0].startswith("haproxy-insert 40,000 req/s per core")
+
+
+def test_direct_over_nginx_out_of_its_band_is_flagged_alone() -> None:
+    rounds = [_round(direct=100_000), _round(direct=100_000), _round(direct=140_000), _round(direct=98_000)]
+    flags = flag_rounds(rounds)
+    assert list(flags) == [2]
+    assert flags[2] == ["direct ÷ nginx-proxy 2.80, 40% above the run's median 2.00"]
+
+
+def test_other_work_on_the_machine_flags_the_round() -> None:
+    rounds = [_round(), _round(other=0.6), _round(other=0.25)]
+    flags = flag_rounds(rounds)
+    assert list(flags) == [1]  # 0.25 is at the limit, not above it
+    assert flags[1] == ["other work above 0.25 cores during 1 of 6 measurements (up to 0.60, while nginx-proxy ran)"]
+    assert list(flag_rounds(rounds, other_cpu_limit=0.1)) == [1, 2]
+    assert list(flag_rounds([_round(other=1.5)])) == [0]  # one round: only other work can flag it
+
+
+def test_a_round_can_have_several_reasons_and_nothing_is_dropped() -> None:
+    rounds = [_round(), _round(), _round(nginx=30_000, other=1.0), _round()]
+    flags = flag_rounds(rounds)
+    assert len(flags[2]) == 3  # nginx per core, direct ÷ nginx, other work
+    assert summarize(rounds)[0].rps.lo == 30_000  # the all-rounds summary keeps the flagged round
+    assert summarize(unflagged(rounds, flags))[0].rps.lo == 50_000
+
+
+def test_rounds_without_references_flag_nothing() -> None:
+    rounds = [with_ratios([_row("affinity-proxy", n)]) for n in (10_000, 30_000, 50_000)]
+    assert flag_rounds(rounds) == {}
+    assert flag_rounds([]) == {}
+
+
+@pytest.mark.parametrize(("tolerance", "limit"), [(0.0, 0.25), (1.0, 0.25), (-0.1, 0.25), (0.15, -1.0)])
+def test_flagging_settings_out_of_range_are_refused(tolerance: float, limit: float) -> None:
+    with pytest.raises(ValueError):
+        flag_rounds([_round()], tolerance=tolerance, other_cpu_limit=limit)
+
+
+# --- tables and verdicts ---------------------------------------------------------------------
+
+
+def test_tables() -> None:
+    rounds = [_round(proxy=p) for p in (30_000, 36_000, 33_000)]
+    text = round_table(rounds[0])
+    assert text.splitlines()[0].startswith("| target | vs | req/s |")
+    assert "| affinity-proxy | nginx | 30,000 |" in text
+    assert "| affinity-new | haproxy | 20,000 |" in text
+    summary = summary_table(summarize(rounds))
+    assert "| affinity-proxy | nginx | 0.66 (0.60-0.72) | 0.82 (0.75-0.90) | 33,000 (30,000-36,000) |" in summary
+    assert all(line.count("|") == summary.splitlines()[0].count("|") for line in summary.splitlines())
+
+
+def test_verdicts_against_issue_16() -> None:
+    met = verdicts(summarize([_round(proxy=40_000, new=36_000) for _ in range(5)]))
+    assert any(line.startswith("- proxy mode: 0.80 x nginx-proxy") and line.endswith("**met**") for line in met)
+    assert any(line.startswith("- new sessions") and "0.60 x HAProxy" in line and line.endswith("**met**")
+               for line in met)
+    assert any("byte-relay ceiling: 1.00" in line for line in met)
+    not_met = verdicts(summarize([_round(proxy=30_000, new=12_000)]))
+    assert sum(line.endswith("**not met**") for line in not_met) == 2
+    errors = [_round(proxy=40_000)]
+    errors[0] = [r if r.target != "affinity-proxy" else dataclasses.replace(r, errors=1) for r in errors[0]]
+    lines = verdicts(summarize(errors))
+    assert any(line.startswith("- proxy mode:") and line.endswith("**not met**") for line in lines)
+
+
+# --- the run's shape ---------------------------------------------------------------------------
+
+
+def test_make_bench_runs_five_rounds_within_ten_minutes() -> None:
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    line = next(ln for ln in makefile.splitlines() if "-m benchmarks.run" in ln)
+    args = parse_args(line.split("-m benchmarks.run", 1)[1].split())
+    assert args.rounds >= 5
+    from benchmarks.targets import ALL_TARGETS
+    assert estimate_seconds(len(ALL_TARGETS), args.rounds, args.duration, args.warmup) < 600
+    assert args.output is not None and args.output.name == "RESULTS.md"
+
+
+@pytest.mark.parametrize("argv", [["--tolerance", "0"], ["--tolerance", "1.5"], ["--other-cpu-limit", "-1"],
+                                  ["--rounds", "0"], ["--targets", "nginx-proxy,bogus"]])
+def test_bad_arguments_are_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+
+
+def test_quick_writes_nothing_unless_asked(tmp_path: Path) -> None:
+    assert parse_args(["--quick"]).output is None
+    assert parse_args(["--quick", "--output", str(tmp_path / "r.md")]).rounds == 1
+
+
+# --- HAProxy ----------------------------------------------------------------------------------
+
+
+def test_haproxy_insert_config() -> None:
+    conf = haproxy.insert_conf(8080, [("app-1", 9001), ("app-2", 9002)], cookie_name="fly-instance-id")
+    assert "bind 127.0.0.1:8080" in conf
+    assert "cookie fly-instance-id insert indirect nocache httponly" in conf
+    assert re.findall(r"server (\S+) (127\.0\.0\.1:\d+) cookie (\S+)", conf) == [
+        ("app-1", "127.0.0.1:9001", "app-1"), ("app-2", "127.0.0.1:9002", "app-2")]
+    assert "nbthread 1" in conf and "option http-keep-alive" in conf
+    assert haproxy.haproxy_argv("/usr/sbin/haproxy", Path("/t/h.cfg")) == ["/usr/sbin/haproxy", "-db", "-f", "/t/h.cfg"]
+
+
+@pytest.mark.parametrize(("backends", "cookie"), [([], "c"), ([("bad id", 1)], "c"), ([("a\nb", 1)], "c"),
+                                                  ([("app-1", 1)], "bad name"), ([("app-1", 1)], "")])
+def test_haproxy_config_refuses_bad_input(backends: list[tuple[str, int]], cookie: str) -> None:
+    with pytest.raises(ValueError):
+        haproxy.insert_conf(8080, backends, cookie_name=cookie)
+
+
+HAPROXY = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if Path(p).exists()), None)
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy not installed (benchmarks/run.py installs it)")
+def test_haproxy_accepts_the_generated_config(tmp_path: Path) -> None:
+    assert HAPROXY is not None
+    path = tmp_path / "h.cfg"
+    path.write_text(haproxy.insert_conf(8080, [("app-1", 9001), ("app-2", 9002), ("app-3", 9003)]))
+    proc = subprocess.run([HAPROXY, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- the byte relay (a real process, real sockets on 127.0.0.1) ------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _relay(upstream_port: int) -> Iterator[int]:
+    """``python -m benchmarks.byte_relay`` to ``upstream_port``: yields its port once it accepts,
+    then stops it with SIGTERM (a clean exit is part of the test)."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.byte_relay", "--listen", f"127.0.0.1:{port}",
+                             "--upstream", f"127.0.0.1:{upstream_port}"], cwd=Path(__file__).resolve().parent.parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the byte relay did not listen within 30 s"
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_byte_relay_copies_bytes_both_ways_and_passes_eof_on() -> None:
+    seen: list[bytes] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def upstream() -> None:  # every connection: read to EOF, answer 1000 x the bytes upper-cased, close
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # the listener was closed: the test is over
+            with conn:
+                data = _read_all(conn)
+                seen.append(data)
+                conn.sendall(data.upper() * 1000)  # more than a socket buffer: back-pressure on the way
+
+    thread = threading.Thread(target=upstream, daemon=True)
+    thread.start()
+    try:
+        with _relay(listener.getsockname()[1]) as port, socket.create_connection(("127.0.0.1", port), 10) as client:
+            client.sendall(b"GET / HTTP/1.1\r\n")  # may arrive before the relay's upstream connection exists
+            client.sendall(b"Host: x\r\n\r\n")
+            client.shutdown(socket.SHUT_WR)
+            answer = _read_all(client)
+    finally:
+        listener.close()
+        thread.join(timeout=30)
+    assert answer == b"GET / HTTP/1.1\r\nHOST: X\r\n\r\n" * 1000
+    assert b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" in seen  # (the readiness probe's connection sent nothing)
+
+
+def test_byte_relay_closes_the_client_when_the_upstream_refuses() -> None:
+    with _relay(_free_port()) as port, socket.create_connection(("127.0.0.1", port), 10) as client:
+        client.sendall(b"hello")
+        try:
+            assert client.recv(100) == b""  # closed, not left open (a hang would time the test out)
+        except ConnectionResetError:
+            pass  # or aborted: closed either way
+
+
+@pytest.mark.parametrize("argv", [["--listen", "nope", "--upstream", "127.0.0.1:1"],
+                                  ["--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:x"],
+                                  ["--listen", "127.0.0.1:1"]])
+def test_byte_relay_refuses_bad_arguments(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        byte_relay.main(argv)
