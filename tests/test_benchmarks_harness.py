@@ -550,8 +550,10 @@ def test_byte_relay_copies_bytes_both_ways_and_passes_eof_on() -> None:
             client.shutdown(socket.SHUT_WR)
             answer = _read_all(client)
     finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (close() alone does not, on Linux)
         listener.close()
         thread.join(timeout=30)
+    assert not thread.is_alive()
     assert answer == b"GET / HTTP/1.1\r\nHOST: X\r\n\r\n" * 1000
     assert b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" in seen  # (the readiness probe's connection sent nothing)
 
