@@ -234,6 +234,25 @@ def summary_table(summaries: Sequence[Summary]) -> str:
         for s in summaries))
 
 
+def reference_table(rounds: Sequence[Sequence[Row]], flags: Mapping[int, object]) -> str:
+    """What the flagging looked at, round by round."""
+    def fig(rnd: Sequence[Row], name: str) -> str:
+        return _fmt(per_core(_find(rnd, name)), ",.0f")
+
+    def direct(rnd: Sequence[Row]) -> str:
+        return _fmt(r.rps_ratio if (r := _find(rnd, DIRECT)) else None, ".2f")
+
+    def other(rnd: Sequence[Row]) -> str:
+        return _fmt(max((r.other_cpu for r in rnd if r.other_cpu is not None), default=None), ".2f")
+
+    header = ("round", "flagged", f"{REFERENCE} req/s per core", f"{NEW_SESSION_REFERENCE} req/s per core",
+              f"{DIRECT} ÷ {REFERENCE}", "max other CPU")
+    return _markdown(header, (
+        (str(i + 1), "yes" if i in flags else "no", fig(rnd, REFERENCE), fig(rnd, NEW_SESSION_REFERENCE), direct(rnd),
+         other(rnd))
+        for i, rnd in enumerate(rounds)))
+
+
 def _met(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 

@@ -50,6 +50,7 @@ from benchmarks.rounds import (
     TOLERANCE,
     Row,
     flag_rounds,
+    reference_table,
     round_table,
     summarize,
     summary_table,
@@ -225,7 +226,9 @@ def results_markdown(info: Mapping[str, str], command: str, args: argparse.Names
         "",
         "## Flagged rounds",
         "",
-        *([f"- round {i + 1}: {'; '.join(reasons)}" for i, reasons in flags.items()] or ["None."]),
+        reference_table(rounds, flags),
+        "",
+        *([f"- round {i + 1}: {'; '.join(reasons)}" for i, reasons in flags.items()] or ["No round is flagged."]),
         "",
     ]
     if flags and clean:
@@ -246,7 +249,7 @@ def results_markdown(info: Mapping[str, str], command: str, args: argparse.Names
         "",
     ]
     for i, rnd in enumerate(rounds):
-        note = f" (flagged: {'; '.join(flags[i])})" if i in flags else ""
+        note = " (flagged)" if i in flags else ""
         parts += [f"## Round {i + 1}{note}", "", round_table(rnd), ""]
     return "\n".join(parts)
 
@@ -295,8 +298,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def estimate_seconds(targets: int, rounds: int, duration: float, warmup: float) -> float:
-    """About how long a run takes: every measurement plus about 1.5 s around it, and the start-up."""
-    return targets * (rounds * (duration + 1.5) + (warmup + 1.5 if warmup > 0 else 0)) + 30
+    """About how long a run takes: every measurement plus about 0.5 s around it, and the start-up."""
+    return targets * (rounds * (duration + 0.5) + (warmup + 0.5 if warmup > 0 else 0)) + 20
 
 
 def _interrupt(signum: int, frame: object) -> None:

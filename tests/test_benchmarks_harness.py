@@ -28,6 +28,7 @@ from benchmarks.rounds import (
     Spread,
     flag_rounds,
     per_core,
+    reference_table,
     round_table,
     summarize,
     summary_table,
@@ -380,6 +381,18 @@ def test_a_round_can_have_several_reasons_and_nothing_is_dropped() -> None:
     assert len(flags[2]) == 3  # nginx per core, direct ÷ nginx, other work
     assert summarize(rounds)[0].rps.lo == 30_000  # the all-rounds summary keeps the flagged round
     assert summarize(unflagged(rounds, flags))[0].rps.lo == 50_000
+
+
+def test_reference_table_shows_what_the_flagging_saw() -> None:
+    rounds = [_round(), _round(nginx=30_000, other=0.5), _round()]
+    lines = reference_table(rounds, flag_rounds(rounds)).splitlines()
+    assert lines[0] == ("| round | flagged | nginx-proxy req/s per core | haproxy-insert req/s per core | "
+                        "direct ÷ nginx-proxy | max other CPU |")
+    assert lines[2] == "| 1 | no | 50,000 | 60,000 | 2.00 | 0.00 |"
+    assert lines[3] == "| 2 | yes | 30,000 | 60,000 | 3.33 | 0.50 |"
+    assert len(lines) == 5
+    bare = reference_table([with_ratios([_row("affinity-proxy", 1.0, other=None)])], {})
+    assert bare.splitlines()[2] == "| 1 | no | - | - | - | - |"
 
 
 def test_rounds_without_references_flag_nothing() -> None:
