@@ -353,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if flags and (clean := unflagged(rounds, flags)):
         print(f"\nwithout the {len(flags)} flagged round(s):\n{summary_table(summarize(clean))}")
     minutes = (time.monotonic() - t0) / 60
+    if flags:
+        print(f"\nwarning: {len(flags)} of {len(rounds)} rounds flagged: the machine was not quiet or a reference ran "
+              "off its usual speed; do not quote this run", file=sys.stderr)
     if args.output is not None:
         text = results_markdown(info, command, args, targets, rounds, flags, (load_before, loadavg()), started, minutes)
         args.output.write_text(text)
