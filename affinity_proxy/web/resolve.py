@@ -61,17 +61,24 @@ def route_input(
     )
 
 
+def _store_down(ctx: ProxyContext, inp: RouteInput, op: str) -> RouteInput:
+    """The look-up failed: count it and keep the user where it was last pinned (near cache), else
+    mark the store as failed so ``decide`` degrades to the ring."""
+    assert inp.user_key is not None
+    ctx.metrics.store_errors.labels(op=op).inc()
+    remembered = ctx.pin_cache.recall(inp.user_key)
+    if remembered is not None:
+        return replace(inp, pin_looked_up=True, stored_pin=remembered, store_ok=True)
+    return replace(inp, pin_looked_up=True, stored_pin=None, store_ok=False)
+
+
 async def lookup_pin(ctx: ProxyContext, inp: RouteInput) -> RouteInput:
     """Fill in the stored pin (or mark the store as failed). One store round trip."""
     assert inp.user_key is not None
     try:
         pin = await ctx.store.get(inp.user_key)
     except PinStoreUnavailable:
-        ctx.metrics.store_errors.labels(op="get").inc()
-        remembered = ctx.pin_cache.recall(inp.user_key)
-        if remembered is not None:  # the store is down: keep the user where it was last pinned
-            return replace(inp, pin_looked_up=True, stored_pin=remembered, store_ok=True)
-        return replace(inp, pin_looked_up=True, stored_pin=None, store_ok=False)
+        return _store_down(ctx, inp, "get")
     if pin is None:
         ctx.pin_cache.forget(inp.user_key)
     else:
@@ -84,14 +91,48 @@ async def resolve(ctx: ProxyContext, inp: RouteInput, *, apply: bool = True) -> 
     view = ctx.membership.current()
     decision = decide(inp, view, ctx.policy)
     if isinstance(decision, NeedPin):
-        inp = await lookup_pin(ctx, inp)
-        decision = decide(inp, view, ctx.policy)
+        claimed = await claim_or_get(ctx, inp, view) if apply else None
+        if claimed is not None:
+            decision, inp, applied = claimed
+            if applied:
+                return decision, inp  # a new pin, claimed in the round trip that looked for an old one
+        else:
+            inp = await lookup_pin(ctx, inp)
+            decision = decide(inp, view, ctx.policy)
     if apply and isinstance(decision, Route):
         if decision.store_op is not None:
             decision = await apply_store_op(ctx, decision, view, inp)
         elif decision.touch and inp.user_key is not None and inp.store_ok:
             await touch(ctx, inp.user_key, decision.instance)
     return decision, inp
+
+
+async def claim_or_get(
+    ctx: ProxyContext, inp: RouteInput, view: MembershipView
+) -> tuple[Decision, RouteInput, bool] | None:
+    """One store round trip for the common case of ``NeedPin``: decide as if no pin were stored and,
+    when that claims a pin, run the claim at once. ``claim`` is SET-if-absent and answers with the
+    pin already there, so a lost claim is exactly a look-up: decide again with that pin (first writer
+    wins, as before). Returns None when the no-pin decision would not claim (the caller then looks the
+    pin up); otherwise the decision, the input it was made on, and whether its store op is already
+    applied (True: the claim was won and nothing is left to do)."""
+    assert inp.user_key is not None
+    guess_inp = replace(inp, pin_looked_up=True, stored_pin=None, store_ok=True)
+    guess = decide(guess_inp, view, ctx.policy)
+    if not isinstance(guess, Route) or not isinstance(guess.store_op, ClaimPin):
+        return None
+    op = guess.store_op
+    try:
+        result = await ctx.store.claim(op.user_key, op.instance)
+    except PinStoreUnavailable:
+        inp = _store_down(ctx, inp, "claim")
+        return decide(inp, view, ctx.policy), inp, False
+    winner = result.pin.instance
+    ctx.pin_cache.remember(op.user_key, winner)
+    if result.won:
+        return guess, guess_inp, True
+    inp = replace(inp, pin_looked_up=True, stored_pin=winner, store_ok=True)
+    return decide(inp, view, ctx.policy), inp, False
 
 
 async def touch(ctx: ProxyContext, user_key: str, instance: InstanceId) -> None:

@@ -152,3 +152,46 @@ async def test_redis_outage_under_load(backends, start_proxy, http, private_redi
     metrics = await (await http.get(admin(n1) + "/metrics")).text()
     assert metric_value(metrics, "affinity_store_errors_total") > 0
     assert metric_value(metrics, "affinity_store_up") == 1
+
+
+async def _store_commands_for(redis_url: str, marker: str, action) -> list[str]:  # type: ignore[no-untyped-def]
+    """Commands clients (not scripts) sent to Redis naming ``marker`` while ``action()`` ran (MONITOR)."""
+    watcher = aioredis.from_url(redis_url, decode_responses=True)
+    poker = aioredis.from_url(redis_url, decode_responses=True)
+    seen: list[str] = []
+    try:
+        async with watcher.monitor() as monitor:
+            await poker.echo("monitor-started")
+            while "monitor-started" not in (await monitor.next_command())["command"]:
+                pass
+            await action()
+            await poker.echo("monitor-done")
+            while True:
+                entry = await monitor.next_command()
+                if "monitor-done" in entry["command"]:
+                    return seen
+                if entry.get("client_type") != "lua" and marker in entry["command"]:
+                    seen.append(entry["command"])
+    finally:
+        await watcher.aclose()
+        await poker.aclose()
+
+
+async def test_first_visit_with_a_user_key_costs_one_store_round_trip(backends, start_proxy, http,
+                                                                      redis_url) -> None:
+    """Claim-or-get: a new user is pinned by the one script call that would also have found an old
+    pin; a returning user without a cookie gets the old pin from that same call (plus the batched,
+    background TTL refresh, which is not on the request path)."""
+    node = await start_proxy(redis_config(backends, redis_url))
+    served: list[str] = []
+
+    async def visit() -> None:
+        async with http.get(base(node) + "/", headers={"X-User-Id": "first-visit-user"}) as resp:
+            assert resp.status == 200
+            served.append((await resp.json())["instance"])
+
+    first = await _store_commands_for(redis_url, "first-visit-user", visit)
+    assert len(first) == 1, first
+    again = await _store_commands_for(redis_url, "first-visit-user", visit)
+    assert again[0].split()[1] == first[0].split()[1], again  # the same (claim) script
+    assert served[0] == served[1]
