@@ -319,6 +319,9 @@ class LimitsConfig:
     PATH: ClassVar[str] = "limits"
     max_header_bytes: int = field(default=16384, metadata={"kind": "size"})
     max_body_bytes: int = field(default=104857600, metadata={"kind": "size"})
+    #: Request bodies up to this size are read whole before an instance connection is taken, so
+    #: a slow sender holds no backend connection (nginx's ``proxy_request_buffering``); 0: stream all.
+    request_buffer: int = field(default=65536, metadata={"kind": "size"})
     upstream_timeout: float = 30.0
     upstream_connect_timeout: float = 5.0
     client_timeout: float = 60.0
@@ -331,6 +334,7 @@ class LimitsConfig:
         check = Check(self, self.PATH)
         check.integer("max_header_bytes", 1024)
         check.integer("max_body_bytes", 1)
+        check.integer("request_buffer", 0)
         check.integer("max_ws_message_bytes", 1)
         check.seconds("upstream_timeout")
         check.seconds("upstream_connect_timeout")

@@ -477,6 +477,8 @@ ERRORS: list[tuple[dict[Any, Any], str]] = [  # data is merged over {"instances"
     ({"limits": {"max_body_bytes": "abc"}}, "limits.max_body_bytes: expected a size like 512B, 16KiB, 10MiB"),
     ({"limits": {"max_body_bytes": 0}}, "limits.max_body_bytes: must be at least 1, got 0"),
     ({"limits": {"max_header_bytes": "512B"}}, "limits.max_header_bytes: must be at least 1024"),
+    ({"limits": {"request_buffer": -1}}, "limits.request_buffer: must not be negative, got -1"),
+    ({"limits": {"request_buffer": "64K"}}, "limits.request_buffer: expected a size like 512B, 16KiB"),
     ({"limits": {"max_ws_message_bytes": "1.5B"}}, "limits.max_ws_message_bytes: must be a whole number"),
     ({"limits": {"upstream_timeout": 0}}, "limits.upstream_timeout: must be greater than 0"),
     ({"limits": {"upstream_connect_timeout": "-1"}}, "limits.upstream_connect_timeout: must not be negative"),

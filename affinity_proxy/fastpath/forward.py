@@ -1,9 +1,11 @@
 """The forwarding half of an exchange: instance connection, request body out, response back.
 
 ``Forwarding`` is ``forward_http`` for one request, driven by callbacks: it builds the upstream
-head (``rewrite``), takes a pooled connection or opens one, streams the request body as the client
-sends it (Content-Length as is, chunked re-framed, at most ``PENDING_LIMIT`` buffered while
-connecting, the client's socket paused beyond that or while the instance's is full), relays the
+head (``rewrite``), reads a body of up to ``limits.request_buffer`` whole first (a slow sender
+must not hold an instance connection), takes a pooled connection or opens one, streams the
+request body as the client sends it (Content-Length as is, chunked re-framed, at most
+``PENDING_LIMIT`` buffered while connecting, the client's socket paused beyond that or while the
+instance's is full), relays the
 response in one write per upstream read (the client's socket pausing the instance's), and maps
 failures as ``ProxyHandler`` does: a failure before the response is the exchange's to answer
 (``_failed``), one after it cuts the client's response short. The routing half is
@@ -26,13 +28,14 @@ from .response import ResponseHead
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
+    from .pool import Origin
     from .protocol import ClientConnection
     from .server import FastServer
 
 forward_log = logging.getLogger("affinity_proxy.forwarding.http")
 
 #: Request body bytes buffered while the upstream connection is being set up, before the client
-#: socket stops being read.
+#: socket stops being read (or ``limits.request_buffer`` when larger).
 PENDING_LIMIT = 256 * 1024
 
 
@@ -41,9 +44,9 @@ class Forwarding:
     exchange (``_respond_error``, ``_finish``, ``_failed``, ``rid_bytes``). Never raises out of
     a callback."""
 
-    __slots__ = ("_resp_extra", "body_done", "body_out", "chunked_out", "close_after", "conn", "finished", "head",
-                 "hot", "inp", "instance", "out", "pending", "pending_size", "responded", "route", "server", "status",
-                 "up_head", "up_started", "upstream")
+    __slots__ = ("_resp_extra", "body_done", "body_out", "buffering", "chunked_out", "close_after", "conn", "finished",
+                 "head", "hot", "inp", "instance", "out", "pending", "pending_size", "responded", "route", "server",
+                 "status", "up_head", "up_started", "upstream")
 
     def __init__(self, conn: ClientConnection, head: RequestHead, server: FastServer, body_done: bool) -> None:
         self.conn = conn
@@ -55,6 +58,7 @@ class Forwarding:
         self.inp: RouteInput | None = None
         self.instance: Instance | None = None
         self.upstream: UpstreamConnection | None = None
+        self.buffering: Origin | None = None  # where to connect once the buffered body is whole
         self.up_head = b""
         self.up_started = 0.0
         self._resp_extra: tuple[bytes, ...] = ()
@@ -109,7 +113,23 @@ class Forwarding:
         self.route, self.inp, self.instance = route, inp, instance
         self.up_head = rewrite.upstream_head(self.head, origin, self.conn.peer, self.rid_bytes, server.fqdn, extra,
                                              self.conn.real_client(self.head))
-        self.up_started = time.perf_counter()
+        if not self.body_done and self._buffers(server.ctx.config.limits.request_buffer):
+            self.buffering = origin  # ``body_data``/``body_end`` connect when the body is whole or too big
+            return
+        self._connect(origin)
+
+    def _buffers(self, limit: int) -> bool:
+        """Whether the body may be read whole before an instance connection is taken
+        (``limits.request_buffer``): a Content-Length within it, or a chunked body not past it yet."""
+        head = self.head
+        if head.chunked:
+            return self.pending_size <= limit
+        return head.content_length is not None and head.content_length <= limit
+
+    def _connect(self, origin: Origin) -> None:
+        self.buffering = None
+        self.up_started = time.perf_counter()  # the instance's time, not the client's upload
+        server = self.server
         conn = server.pool.acquire(origin)
         if conn is not None:
             self._attach(conn)
@@ -144,11 +164,14 @@ class Forwarding:
             return
         if self.upstream is not None:
             self.body_out.append(data)  # one write per client read, not per chunk (a write is a send())
-        else:
-            self.pending.append(data)
-            self.pending_size += len(data)
-            if self.pending_size > PENDING_LIMIT:
-                self.conn.pause_reading(self.conn.PENDING)
+            return
+        self.pending.append(data)
+        self.pending_size += len(data)
+        limit = self.server.ctx.config.limits.request_buffer
+        if self.buffering is not None and self.pending_size > limit:  # a chunked body past the buffer
+            self._connect(self.buffering)
+        elif self.pending_size > max(PENDING_LIMIT, limit):  # connecting (or routing): the client waits
+            self.conn.pause_reading(self.conn.PENDING)
 
     def body_flush(self) -> None:
         """Write the body bytes of the client's last read to the instance, in one go."""
@@ -166,6 +189,8 @@ class Forwarding:
         upstream = self.upstream
         if upstream is not None and not self.finished:
             upstream.write(wire.LAST_CHUNK if self.head.chunked else b"", complete=True)
+        elif self.buffering is not None and not self.finished:
+            self._connect(self.buffering)  # the whole body is here: now take an instance connection
 
     def body_too_large(self) -> None:
         """The body passed ``limits.max_body_bytes`` while streaming: 413 if nothing was answered

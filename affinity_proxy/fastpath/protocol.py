@@ -136,6 +136,13 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
         self.eof = True
         if self.closing or (self.ex is None and not self.in_body):
             return False  # nothing in flight (a partial head can never complete now)
+        if self.in_body:
+            # A request body that can never complete: drop the connection and with it the
+            # instance's (``connection_lost``), as the aiohttp engine does. Keeping it half-open
+            # held a backend connection and a ``max_connections`` slot until client_timeout.
+            log.debug("client closed in the middle of a request body; connection dropped")
+            self.close_now()
+            return False
         return True  # finish the request in flight, then close
 
     def connection_lost(self, exc: BaseException | None) -> None:

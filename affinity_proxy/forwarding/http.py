@@ -1,11 +1,13 @@
 """forward_http: proxy one HTTP/1.1 request to an instance, streaming both bodies.
 
-Neither body is ever held whole: the request body is read from the client in the chunks the
-socket delivers and written to the instance as it arrives, and the response is relayed 64 KiB at
-a time, so memory per request is bounded by aiohttp's flow-control buffers (a few hundred KiB)
-whatever the body size. Back-pressure crosses the proxy: a slow reader on one side pauses reading
-on the other, and an instance that stops reading the request body before it answers is given up
-on after the read timeout (aiohttp's ``sock_read`` only covers reads). Imports only
+Neither body is ever held whole beyond ``limits.request_buffer`` (a request body up to that size
+is read before the instance is contacted, so slow senders hold no instance connection): the
+request body is read from the client in the chunks the socket delivers and written to the
+instance as it arrives, and the response is relayed 64 KiB at a time, so memory per request is
+bounded by aiohttp's flow-control buffers (a few hundred KiB) whatever the body size.
+Back-pressure crosses the proxy: a slow reader on one side pauses reading on the other, and an
+instance that stops reading the request body before it answers is given up on after the read
+timeout (aiohttp's ``sock_read`` only covers reads). Imports only
 aiohttp/yarl/multidict and ``forwarding.*``.
 """
 
@@ -67,6 +69,8 @@ class _RequestBody:
     def __init__(self, content: aiohttp.StreamReader, limit: int, stall_timeout: float) -> None:
         self._content = content
         self._limit = limit
+        self._ahead = b""  # read by ``buffer`` before the instance was contacted
+        self._whole = False  # ``_ahead`` is the whole body
         self.sent = 0
         self.too_large = False
         self.client_error: BaseException | None = None
@@ -75,6 +79,27 @@ class _RequestBody:
         self._stall_timeout: float | None = stall_timeout
         self._watch: asyncio.TimerHandle | None = None
 
+    async def buffer(self, size: int) -> None:
+        """Read the body ahead until it ends or passes ``size`` bytes (``limits.request_buffer``),
+        before any instance connection is taken: a slow sender then holds none. What was read is
+        sent first. A client that fails meanwhile is recorded in ``client_error`` (and raises)."""
+        parts: list[bytes] = []
+        total = 0
+        try:
+            while total <= size:
+                try:
+                    chunk = await self._content.readany()
+                except Exception as exc:
+                    self.client_error = exc
+                    raise
+                if not chunk:
+                    self._whole = True
+                    return
+                parts.append(chunk)
+                total += len(chunk)
+        finally:
+            self._ahead = b"".join(parts)
+
     def __aiter__(self) -> _RequestBody:
         return self
 
@@ -82,11 +107,16 @@ class _RequestBody:
         if self._watch is not None:  # aiohttp is back for more: the last write went through
             self._watch.cancel()
             self._watch = None
-        try:
-            chunk = await self._content.readany()
-        except Exception as exc:  # recorded, then re-raised into aiohttp's writer
-            self.client_error = exc
-            raise
+        if self._ahead:
+            chunk, self._ahead = self._ahead, b""
+        elif self._whole:
+            chunk = b""
+        else:
+            try:
+                chunk = await self._content.readany()
+            except Exception as exc:  # recorded, then re-raised into aiohttp's writer
+                self.client_error = exc
+                raise
         if self._stall_timeout is not None:
             self._watch = asyncio.get_running_loop().call_later(self._stall_timeout, self._stall)
         if not chunk:
@@ -145,12 +175,16 @@ async def forward_http(
     extra_response_headers: ExtraHeaders = (),
     upstream_headers: CIMultiDict[str],
     max_body_bytes: int,
+    request_buffer: int = 0,
 ) -> web.StreamResponse:
     """Send ``request`` to the instance at ``base_url`` and stream its answer back to the client.
 
     ``upstream_headers`` is what to send (normally ``upstream_request_headers(...)``); framing
     headers are recomputed here: a declared Content-Length is passed through, a body of unknown
-    length is sent chunked, and a request without a body sends none. ``extra_response_headers``
+    length is sent chunked, and a request without a body sends none. A body of at most
+    ``request_buffer`` bytes (declared, or chunked and ending within it) is read whole before the
+    instance is contacted, so a slow sender holds no instance connection; a larger one is read
+    that far, then streamed. ``extra_response_headers``
     (``X-Fly-Instance``, the affinity cookie) are merged into the response as described in
     ``headers.merge_extra_headers``. Status, reason and end-to-end headers, including every
     ``Set-Cookie`` and the instance's ``Content-Length``, are relayed; HEAD/204/304 carry no body.
@@ -179,6 +213,13 @@ async def forward_http(
     body: _RequestBody | None = None
     if (declared is not None and declared > 0) or (declared is None and request.body_exists):
         body = _RequestBody(request.content, max_body_bytes, client.read_timeout)
+        if request_buffer > 0 and (declared is None or declared <= request_buffer):
+            try:
+                await body.buffer(request_buffer)
+            except Exception:
+                if body.client_error is None:
+                    raise
+                return _client_body_failed(request, body.client_error)
     try:
         upstream = await client.session.request(
             request.method,

@@ -208,6 +208,7 @@ class ProxyHandler:
             response = await forward_http(
                 request, instance.url, ctx.client, extra_response_headers=extra,
                 upstream_headers=headers, max_body_bytes=limits.max_body_bytes,
+                request_buffer=limits.request_buffer,
             )
             ctx.metrics.upstream_duration.labels(instance=instance.id).observe(time.perf_counter() - started)
             return response

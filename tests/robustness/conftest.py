@@ -45,9 +45,13 @@ class RecordingBackend:
     """A raw HTTP/1.1 server that records every request it parses (its own strict, minimal
     parser: Content-Length or chunked) and answers each with 200 JSON. Health checks are answered
     but not recorded. ``connections`` counts accepted TCP connections, so a RecordingBackend that
-    is in no config doubles as a trap: it must never be connected to."""
+    is in no config doubles as a trap: it must never be connected to. ``heads`` lists the targets
+    whose head arrived (before their body), ``partial`` counts connections now waiting for the
+    rest of a request body (half-written by the proxy)."""
 
     requests: list[Recorded] = field(default_factory=list)
+    heads: list[str] = field(default_factory=list)
+    partial: int = 0
     connections: int = 0
     errors: list[str] = field(default_factory=list)
     port: int = 0
@@ -95,7 +99,13 @@ class RecordingBackend:
                 if "transfer-encoding" in names and "content-length" in names:
                     self.errors.append("both Content-Length and Transfer-Encoding")
                     return
-                body = await self._read_body(reader, headers)
+                if target != HEALTH_PATH:
+                    self.heads.append(target)
+                self.partial += 1
+                try:
+                    body = await self._read_body(reader, headers)
+                finally:
+                    self.partial -= 1
                 if target != HEALTH_PATH:
                     self.requests.append(Recorded(method, target, version, headers, body))
                 payload = json.dumps({"path": target, "n": len(self.requests), "body_len": len(body)}).encode()
