@@ -14,6 +14,9 @@ from typing import Any
 
 log = logging.getLogger("affinity_proxy.tasks")
 
+#: Seconds a cancelled task gets to end before ``TaskSet.close`` cancels it again.
+RECANCEL_AFTER = 1.0
+
 
 class TaskSet:
     """Owns background tasks: keeps references, logs crashes, cancels all on close."""
@@ -41,9 +44,18 @@ class TaskSet:
         return len(self._tasks)
 
     async def close(self) -> None:
-        """Cancel every task and wait for them to finish."""
+        """Cancel every task and wait for them to finish.
+
+        A task still running ``RECANCEL_AFTER`` seconds after its cancel had the CancelledError
+        swallowed on the way (seen in redis-py's async client: a command cancelled in flight
+        returned normally, and the refresh loop around it went on sleeping and polling), so it is
+        cancelled again, and logged, until it ends: a shutdown must not wait for ever on it."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        while tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=RECANCEL_AFTER)
+            for task in pending:
+                log.warning("background task %s survived its cancellation; cancelling it again", task.get_name())
+                task.cancel()
+            tasks = list(pending)

@@ -26,6 +26,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from affinity_proxy.pins.redis import bucket_of, pin_key
 from tests.functional.conftest import Backends
 from tests.functional.helpers import metric_value
 from tests.support.redis_server import free_port
@@ -177,6 +178,21 @@ async def scraped_requests(http: aiohttp.ClientSession, sup: Supervised) -> floa
         return metric_value(await resp.text(), "affinity_requests_total")
 
 
+async def counted(sup: Supervised, sent: int) -> dict[int, float]:
+    """``requests_by_pid()`` once the workers have written all ``sent`` requests to their files.
+
+    A client can hold its answer before the worker's count reaches the file: the fast engine adds
+    its counts right after the callbacks that answered (``fastpath/counting.py``), and a loaded
+    worker may run those a moment later. A scrape through one worker reads the other's file, so
+    wait for the files before comparing a scrape with what was sent."""
+
+    def all_counted() -> dict[int, float] | None:
+        counts = sup.requests_by_pid()
+        return counts if sum(counts.values()) == sent else None
+
+    return await wait_until(all_counted, timeout=10, message=f"{sent} requests counted")  # type: ignore[no-any-return]
+
+
 def stop(sup: Supervised) -> tuple[int, float]:
     started = time.monotonic()
     sup.proc.send_signal(signal.SIGTERM)
@@ -195,10 +211,9 @@ async def test_workers_share_load_pins_and_metrics(
     users = [f"user-{i}" for i in range(400)]
     placed = dict(zip(users, await bounded([get_instance(http, sup, u) for u in users], 50), strict=True))
     sent = 400
-    by_pid = sup.requests_by_pid()
+    by_pid = await counted(sup, sent)
     assert set(by_pid) == workers
     assert all(n > 0 for n in by_pid.values()), by_pid  # both workers served
-    assert sum(by_pid.values()) == sent
     for _ in range(8):  # whichever worker answers, the scrape sums every worker
         assert await scraped_requests(http, sup) == sent
 
@@ -214,18 +229,18 @@ async def test_workers_share_load_pins_and_metrics(
     sent += 20
 
     # The race: 100 concurrent first requests for one new user, spread over both workers.
-    before = sup.requests_by_pid()
+    before = await counted(sup, sent)
     served = await bounded([get_instance(http, sup, "race-user") for _ in range(100)], 100)
     sent += 100
     assert len(set(served)) == 1, served
-    after = sup.requests_by_pid()
+    after = await counted(sup, sent)
     assert all(after[pid] > before[pid] for pid in workers), (before, after)
     client = aioredis.from_url(redis_url, decode_responses=True)
     try:
-        assert await client.keys("*race-user*") == ["affinity:pin:race-user"]
-        assert await client.get("affinity:pin:race-user") == served[0]
+        assert await client.keys("*race-user*") == [pin_key("affinity:", "race-user")]
+        assert await client.get(pin_key("affinity:", "race-user")) == served[0]
         indexed = [key for key in await client.keys("affinity:idx:*") if await client.zscore(key, "race-user")]
-        assert indexed == [f"affinity:idx:{served[0]}"]
+        assert indexed == [f"affinity:idx:{{p{bucket_of('race-user')}}}{served[0]}"]
     finally:
         await client.aclose()
     assert await scraped_requests(http, sup) == sent
@@ -257,6 +272,7 @@ async def test_crashed_worker_is_replaced_and_its_counts_kept(
     await wait_until(lambda: sup.log().count("worker ready") == 3, timeout=30, message="the replacement ready")
     assert "worker crashed; restarting" in sup.log() and f"worker_pid={victim} exit_code=-9" in sup.log()
     await bounded([get_instance(http, sup, f"v{i}") for i in range(60)], 30)
+    await counted(sup, 120)  # the killed worker's file stays in the directory
     assert await scraped_requests(http, sup) == 120  # the dead worker's 60-odd requests still count
     code, _ = stop(sup)
     assert code == 0, sup.log()
