@@ -1,4 +1,4 @@
-"""FlyEdge: a local stand-in for Fly.io's edge proxy in front of several machines (FLY.md §1-2).
+"""FlyEdge: a local stand-in for Fly.io's edge proxy in front of several machines (docs/fly-protocol.md §1-2).
 
 It spreads requests round robin over the started machines, honours ``fly-force-instance-id`` and
 ``fly-prefer-instance-id``, and acts on ``fly-replay`` answers the way Fly documents: the answer is
@@ -12,7 +12,7 @@ Machines can be marked stopped (woken through ``on_wake`` when targeted) or dest
 Counters are attributes and ``GET /_edge/stats``.
 
 Machines belong to an app and a process group and may have a ``hard_limit`` (see
-``fly.edge_route`` for what is modelled and where FLY.md says so): client traffic goes to the
+``fly.edge_route`` for what is modelled and where docs/fly-protocol.md says so): client traffic goes to the
 edge's ``app``, only to its ``http_group``; ``fly-replay: app=<other>`` reaches another app's
 Machines (a router app replaying into ours).
 
@@ -266,7 +266,7 @@ class FlyEdge:
         return web.json_response(self.stats()["machines"])
 
     async def _machines_api_handler(self, request: web.Request) -> web.Response:
-        """A slice of the Machines API list call (FLY.md §4, DOCS machines/api): ``id``, ``state``,
+        """A slice of the Machines API list call (docs/fly-protocol.md §4, DOCS machines/api): ``id``, ``state``,
         ``region``, ``config.metadata.fly_process_group``; ``?metadata.fly_process_group=`` filters.
         Any bearer token is accepted; destroyed Machines are left out (as without
         ``include_deleted``). Served on the edge's port, so ``fly.api_url`` can point here."""
@@ -296,7 +296,7 @@ class FlyEdge:
     # ------------------------------------------------------------------ shared by HTTP and WebSocket
 
     def edge_headers(self, request: web.Request, request_id: str) -> CIMultiDict[str]:
-        """What the machine receives: the client's end-to-end headers plus Fly's own (FLY.md §2)."""
+        """What the machine receives: the client's end-to-end headers plus Fly's own (docs/fly-protocol.md §2)."""
         drop = _EDGE_SET + (_SPOOFABLE if self.strip_client_fly_headers else ())
         headers = upstream_request_headers(
             request.headers, client_ip=request.remote, scheme=request.scheme, host=None, drop=drop

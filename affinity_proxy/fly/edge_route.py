@@ -3,25 +3,25 @@
 No network I/O: ``EdgeRouter`` keeps the machines (id, URL, state, app, process group,
 ``hard_limit`` and load) and turns the client's routing headers (``fly-force-instance-id``,
 ``fly-prefer-instance-id``) and each ``fly-replay`` answer into the next ``Hop`` or an
-``EdgeError`` (FLY.md §1-2). The async side lives in ``fly.edge``. Imports the stdlib and
+``EdgeError`` (docs/fly-protocol.md §1-2). The async side lives in ``fly.edge``. Imports the stdlib and
 ``routing`` only.
 
-Modelled, with the FLY.md source of each (DOCS = Fly's docs as FLY.md cites them):
+Modelled, with the docs/fly-protocol.md source of each (DOCS = Fly's docs as docs/fly-protocol.md cites them):
 
 - process groups: only Machines of the ``[http_service]``'s group (``http_group``; fly.toml
-  ``processes = ["web"]``, FLY.md §5) get load-balanced client traffic. GUESS (docs silent): a
+  ``processes = ["web"]``, docs/fly-protocol.md §5) get load-balanced client traffic. GUESS (docs silent): a
   ``fly-replay`` naming a Machine of another group is treated like a Machine that is not found.
-- ``hard_limit`` (FLY.md §5 ``[http_service.concurrency]``): load balancing skips a Machine at its
+- ``hard_limit`` (docs/fly-protocol.md §5 ``[http_service.concurrency]``): load balancing skips a Machine at its
   limit; ``prefer_instance=`` to it goes to another Machine with
-  ``fly-preferred-instance-unavailable`` (FLY.md §1). ``instance=`` to it: the docs are silent, so
+  ``fly-preferred-instance-unavailable`` (docs/fly-protocol.md §1). ``instance=`` to it: the docs are silent, so
   ``hard_limit_instance`` picks the reading: ``wait`` (queue until a slot frees, bounded by the
   replay's ``timeout``; then the fallback, or PR03) or ``no_candidate`` (at once: the fallback
   with ``reason=no_candidate``, or PR04).
-- other apps (FLY.md §1 ``app``): Machines carry an app; client traffic goes to the edge's own
+- other apps (docs/fly-protocol.md §1 ``app``): Machines carry an app; client traffic goes to the edge's own
   ``app``; ``fly-replay: app=<other>`` load balances over that app's Machines (its ``state``
   comes back in ``fly-replay-src``), ``instance=`` must belong to the app named.
-- fallbacks (FLY.md §1 ``fallback``): the request goes back with ``fly-replay-failed``; whether
-  it also carries ``fly-replay-src`` is not documented (FLY.md §1-2 promise it only on replayed
+- fallbacks (docs/fly-protocol.md §1 ``fallback``): the request goes back with ``fly-replay-failed``; whether
+  it also carries ``fly-replay-src`` is not documented (docs/fly-protocol.md §1-2 promise it only on replayed
   requests), so ``fallback_replay_src`` picks the reading (default: without).
 """
 
@@ -52,7 +52,7 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 def new_request_id(region: str) -> str:
-    """``<ULID>-<region>``, the observed ``Fly-Request-Id`` shape (FLY.md §2)."""
+    """``<ULID>-<region>``, the observed ``Fly-Request-Id`` shape (docs/fly-protocol.md §2)."""
     value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
     chars = [_CROCKFORD[(value >> shift) & 31] for shift in range(125, -5, -5)]
     return "".join(chars) + "-" + region
@@ -161,7 +161,7 @@ class EdgeRouter:
 
     def pick(self, exclude: Collection[str] = (), app: str | None = None) -> Machine | None:
         """Round robin over ``app``'s started machines below their hard_limit; a stopped one
-        (autostart) only when none is started (FLY.md §5 load balancing and autostart)."""
+        (autostart) only when none is started (docs/fly-protocol.md §5 load balancing and autostart)."""
         for wanted in ("started", "stopped"):
             pool = [m for m in self.machines.values()
                     if m.state == wanted and m.id not in exclude and not m.full and self.serves(m, app)]
@@ -231,7 +231,7 @@ class EdgeRouter:
                 waits = True
         elif instr.prefer_instance is not None:
             machine = self.known(instr.prefer_instance, app)
-            if machine is None or machine.full:  # not found, or at its hard_limit (FLY.md §1)
+            if machine is None or machine.full:  # not found, or at its hard_limit (docs/fly-protocol.md §1)
                 machine = self.pick(exclude=exclude | {instr.prefer_instance}, app=app)
                 headers[PREFERRED_UNAVAILABLE_HEADER] = instr.prefer_instance
         else:

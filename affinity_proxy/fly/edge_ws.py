@@ -2,7 +2,7 @@
 ``fly-replay`` answer, then relay messages both ways.
 
 A machine that wants the upgrade elsewhere answers the handshake with a plain HTTP response that
-carries ``fly-replay`` (FLY.md §2 "Web Socket Considerations"); the edge then dials the target with
+carries ``fly-replay`` (docs/fly-protocol.md §2 "Web Socket Considerations"); the edge then dials the target with
 the original handshake plus ``fly-replay-src``. Only once a machine accepts (101) is the client's
 upgrade accepted. A non-101 answer without ``fly-replay`` is passed to the client as its status and
 headers (the body is not kept by aiohttp's client). Imports aiohttp and ``fly.edge_route`` only

@@ -1,19 +1,19 @@
 """FlyNetwork: the local stand-in for Fly's private network (6PN), its DNS and the Machines API start call.
 
 What it models, with the source of each behaviour (facts copied into docs/fly-private-network.md;
-FLY.md is the project's collected Fly documentation notes, "DOCS" the superfly/docs repository):
+docs/fly-protocol.md is the project's collected Fly documentation notes, "DOCS" the superfly/docs repository):
 
-- **6PN is IPv6 only** (FLY.md §4, DOCS networking/private-networking): ``<id>.vm.<app>.internal``
+- **6PN is IPv6 only** (docs/fly-protocol.md §4, DOCS networking/private-networking): ``<id>.vm.<app>.internal``
   has AAAA records only. Here every Machine's name resolves to ``::1`` (all Machines share the
   loopback), an ``A`` query gets an empty answer, so a node whose listener takes IPv4 only cannot
   be reached over the private network, exactly as on Fly.
-- **Only started Machines resolve** (FLY.md §4: "All AAAA answers include only started
+- **Only started Machines resolve** (docs/fly-protocol.md §4: "All AAAA answers include only started
   Machines"): a stopped Machine's name is NXDOMAIN until it is started. ``vms.<app>.internal``
-  (TXT) lists started Machines, ``all.vms.<app>.internal`` all of them (FLY.md §4, TXT format
+  (TXT) lists started Machines, ``all.vms.<app>.internal`` all of them (docs/fly-protocol.md §4, TXT format
   ``"<id> <region>,..."``, confirmed only by third-party code).
 - **The resolver**: Fly's is at ``fdaa::3``; here a UDP+TCP DNS server on ``[::1]:<port>``
   (``dns_server``), answering with a TTL of 5 s (the TTL in the docs' ``dig`` example).
-- **Machines API** (FLY.md §4; DOCS machines/api/machines-resource, working-with-machines-api):
+- **Machines API** (docs/fly-protocol.md §4; DOCS machines/api/machines-resource, working-with-machines-api):
   ``_api.internal`` resolves (AAAA ``::1``) to a small API on ``[::1]``: ``POST
   /v1/apps/{app}/machines/{id}/start`` with ``Authorization: Bearer <token>`` (401 without it,
   404 for an unknown app or Machine), rate limited per Machine and action to 1 request/s with
@@ -189,7 +189,7 @@ class FlyNetwork:
             return True, False, ",".join(f"{m} {self.regions[m]}" for m in started)
         if name == f"all.vms.{self.app}.internal":
             return True, False, ",".join(f"{m} {self.regions[m]}" for m in self.machines)
-        for machine_id in started:  # only started Machines resolve (FLY.md §4)
+        for machine_id in started:  # only started Machines resolve (docs/fly-protocol.md §4)
             if name == self.machine_name(machine_id):
                 return True, True, None
         return False, False, None

@@ -6,7 +6,7 @@ as it is). From inside a Machine the API is at ``http://_api.internal:4280``; fr
 ``https://api.machines.dev``. It says more than DNS (``failed``, ``replacing``...) at the price of a
 token and an API rate limit, so poll it no more than every few seconds.
 
-States (FLY.md section 4, DOCS machines/machine-states) map to ``InstanceState`` as follows:
+States (docs/fly-protocol.md section 4, DOCS machines/machine-states) map to ``InstanceState`` as follows:
 
 ======================================================  ==========  ==================================
 Machine state                                           Instance    why

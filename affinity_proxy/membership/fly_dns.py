@@ -8,7 +8,7 @@ tests run a DNS server on loopback):
 
 Started Machines are ``up``; deployed but not started ones are ``stopped`` (a replay wakes them, so
 their pins are kept); a Machine in neither record is left out, which the ``Membership`` turns into
-``gone`` (destroyed, e.g. by a bluegreen deploy). The TXT format is documented only loosely (FLY.md
+``gone`` (destroyed, e.g. by a bluegreen deploy). The TXT format is documented only loosely (docs/fly-protocol.md
 section 4), so parsing is tolerant: the strings of one record are joined before splitting (DNS cuts
 long TXT data into 255-byte strings anywhere), blanks and empty entries are ignored, and an entry
 whose id is not a valid instance id is skipped with a debug log.

@@ -1,4 +1,4 @@
-"""Every Prometheus metric of CONTRACT.md, registered on a registry passed in (never the global one).
+"""Every Prometheus metric of the README ("Metrics"), registered on a registry passed in (never the global one).
 
 Label values come from the routing enums (``DecisionReason``, ``RepinReason``, ``InstanceState``) so a
 typo cannot create a new series. Gauges that describe shared state (pins per instance, instances

@@ -1,4 +1,4 @@
-"""The routing decision (CONTRACT.md "Routing decision"): which instance serves a request, and why.
+"""The routing decision (README "How a request is routed"): which instance serves a request, and why.
 
 Pure: imports only ``routing.model`` and ``routing.cookie``; no I/O, no clocks (``now`` is an input).
 ``decide`` returns a value. When it needs the stored pin it says so with ``NeedPin``; the caller asks

@@ -21,7 +21,7 @@ INSTANCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def is_valid_instance_id(value: str) -> bool:
-    """True when ``value`` has the shape CONTRACT.md allows for an instance id."""
+    """True when ``value`` has the shape docs/glossary.md gives for an instance id."""
     return bool(INSTANCE_ID_PATTERN.fullmatch(value))
 
 

@@ -1,4 +1,4 @@
-"""fly-replay on the wire and the replay plan (CONTRACT.md "Acting on the decision", FLY.md §1-2).
+"""fly-replay on the wire and the replay plan (README "Fly mode", docs/fly-protocol.md §1-2).
 
 Pure: stdlib plus ``routing.model`` and ``routing.decide`` (for ``RepinReason``) only; no I/O, no
 clocks, no aiohttp/asyncio. It builds and parses ``fly-replay`` values, parses the headers Fly's edge
@@ -30,18 +30,19 @@ PREFER_INSTANCE_HEADER = "fly-prefer-instance-id"
 
 #: Our ``state`` value: a request whose fly-replay-src carries it was replayed by a node of ours.
 OUR_STATE_MARKER = "affinity"
-#: Bodies larger than this cannot be replayed by Fly (FLY.md §1 "Size limits").
+#: Bodies larger than this cannot be replayed by Fly (docs/fly-protocol.md §1 "Size limits").
 MAX_REPLAY_BODY = 1_000_000
 #: Fly re-replays a request at most this many times, then answers PA02.
 MAX_REPLAYS = 10
 #: Methods whose body Fly may not be able to replay when its length is unknown (rubys/navigator).
 UNSIZED_METHODS: frozenset[str] = frozenset({"POST", "PUT", "PATCH"})
-#: ``timeout`` sent with every replay by default (seconds). FLY.md §1: it bounds the time until a
-#: connection to the target is made (a stopped Machine boots in ~2 s, FLY.md §6.3), and with a
+#: ``timeout`` sent with every replay by default (seconds). docs/fly-protocol.md §1: it bounds the time until a
+#: connection to the target is made (a stopped Machine boots in ~2 s, docs/fly-protocol.md §6.3), and with a
 #: ``fallback`` it turns "target destroyed / unreachable" into a request back to us, not a 5xx.
 DEFAULT_REPLAY_TIMEOUT = 10.0
 #: ``fallback`` sent with every replay by default: back to the replayer, or any Machine of the app
-#: when the replayer is gone itself (FLY.md §1 ``prefer_self``), so a destroyed target never strands a user.
+#: when the replayer is gone itself (docs/fly-protocol.md §1 ``prefer_self``), so a destroyed
+#: target never strands a user.
 DEFAULT_FALLBACK = "prefer_self"
 #: Kept for callers of the old name (the default ``timeout``).
 PREFER_TIMEOUT = DEFAULT_REPLAY_TIMEOUT
@@ -107,7 +108,7 @@ def format_replay_header(
     timeout: float | None = None,
     fallback: str | None = None,
 ) -> str:
-    """The ``fly-replay`` header value: ``;``-separated ``key=value`` pairs (FLY.md §1).
+    """The ``fly-replay`` header value: ``;``-separated ``key=value`` pairs (docs/fly-protocol.md §1).
 
     A region list of several codes is written as a double-quoted comma list; ``timeout`` as
     ``5s``/``800ms``. Every value is validated against a strict charset, so nothing the caller
@@ -179,7 +180,7 @@ def parse_replay_header(value: str) -> dict[str, str | list[str]]:
 
     Tolerates spaces and tabs around fields and separators and empty fields (``a=1;;b=2;``);
     keys are lower-cased. Raises ValueError (and only ValueError, for any input) for an empty
-    value, a field without ``=``, an unquoted ``,`` (the comma-separated form FLY.md calls a
+    value, a field without ``=``, an unquoted ``,`` (the comma-separated form docs/fly-protocol.md calls a
     pitfall), stray quotes, control or non-ASCII characters, a repeated key, or more than 4 KiB.
     Syntax only: see ``parse_replay_instruction`` for the meaning of the fields.
     """
@@ -470,7 +471,7 @@ def triage(
     """Sort ``fly-preferred-instance-unavailable`` and ``fly-replay-failed`` into gone vs transient.
 
     Fly sends ``fly-preferred-instance-unavailable`` both for a Machine that is not found and for
-    one merely at its ``hard_limit`` (FLY.md §1 ``prefer_instance``), and a fallback's ``reason``
+    one merely at its ``hard_limit`` (docs/fly-protocol.md §1 ``prefer_instance``), and a fallback's ``reason``
     (``timeout``/``retries_exhausted``/``no_candidate``) does not say which either. So the
     membership decides: a named Machine that is not routable in ``view`` (gone, or down) is
     avoided (re-pin reasons ``unavailable``/``replay_failed``); a routable one is ``unreachable``
@@ -524,7 +525,7 @@ def plan(
     4. a request replayed by one of our nodes (our marker in ``replay_src.state``) ->
        ``LocalForward`` with ``loop_guard`` (serve here and re-pin here: never replay twice). A
        replay without our marker (a router app replaying into ours with ``app=``, or anything
-       else) may be replayed once more: Fly allows up to 10 replays (FLY.md §1), and the next
+       else) may be replayed once more: Fly allows up to 10 replays (docs/fly-protocol.md §1), and the next
        hop carries our marker, so this cannot loop;
     5. an invalid target id -> ``LocalForward`` (invalid_target);
     6. a body Fly cannot replay (``body_replayable``) -> ``PrivateForward``, except for WebSocket

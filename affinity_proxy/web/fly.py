@@ -50,7 +50,7 @@ def repin_signals(ctx: ProxyContext, request: web.Request) -> Triage:
 
 
 def is_fallback(request: web.Request) -> bool:
-    """A fallback request: Fly sends ``fly-replay-failed`` with it (FLY.md §1), parsable or not."""
+    """A fallback request: Fly sends ``fly-replay-failed`` with it (docs/fly-protocol.md §1), parsable or not."""
     return REPLAY_FAILED_HEADER in request.headers
 
 

@@ -243,7 +243,7 @@ async def test_fallback_sends_it_back_with_replay_failed(
         "ghost", "demo", "lcl", "m1", "no_candidate"
     )  # fmt: skip
     assert failed.elapsed_ms is not None
-    if with_src:  # one reading of Fly's docs (FLY.md section 1-2: fly-replay-src is not promised here)
+    if with_src:  # one reading of Fly's docs (docs/fly-protocol.md section 1-2: fly-replay-src is not promised here)
         assert parse_replay_src(back["fly-replay-src"]).instance == "m1"  # type: ignore[union-attr]
     else:
         assert "fly-replay-src" not in back

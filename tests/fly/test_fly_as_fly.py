@@ -158,7 +158,7 @@ async def test_fallbacks_are_never_replayed_again(
 
 async def test_a_replay_from_a_fallback_is_pa03_at_the_edge(start_fly: StartFly, http) -> None:
     """The stand-in models Fly's rule itself: a Machine that answers a fallback with fly-replay
-    gets PA03 (FLY.md section 1)."""
+    gets PA03 (docs/fly-protocol.md section 1)."""
     fly = await start_fly()
     hop = fly.edge.router.replay(fly.edge.router.machines["m1"], "instance=gone1;fallback=force_self", 0.0)
     assert isinstance(hop, Hop) and hop.is_fallback and hop.machine.id == "m1"

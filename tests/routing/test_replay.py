@@ -391,7 +391,7 @@ FOREIGN = ReplaySource(I("router1"), "ams", 1, "router-state")
 @pytest.mark.parametrize(
     ("target", "src", "fallback_request", "unreachable", "expected"),
     [
-        # a fallback (fly-replay-failed) is never replayed: Fly answers PA03 (FLY.md section 1),
+        # a fallback (fly-replay-failed) is never replayed: Fly answers PA03 (docs/fly-protocol.md section 1),
         # with or without fly-replay-src on it
         ("b", None, True, (), LocalForward(I("a"), PlanReason.FALLBACK, loop_guard=True)),
         ("b", SRC, True, (), LocalForward(I("a"), PlanReason.FALLBACK, loop_guard=True)),
