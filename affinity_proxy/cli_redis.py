@@ -334,7 +334,7 @@ class RedisBackend:
         if dry_run or not due:
             with self._errors():
                 for instance in due:
-                    users = [p.user_key for p in await self.store.list(InstanceId(instance), limit=MAX_LIST)]
+                    users = sorted(p.user_key for p in await self.store.list(InstanceId(instance), limit=MAX_LIST))
                     if users:
                         reaped[instance] = users
             return self._reap_doc(dry_run, reaped)
@@ -346,7 +346,7 @@ class RedisBackend:
         try:
             for instance in (await self.snapshot()).due(grace):  # again, under the lock
                 with self._errors():
-                    users = await self.store.drop_instance(InstanceId(instance))
+                    users = sorted(await self.store.drop_instance(InstanceId(instance)))
                 if users:
                     reaped[instance] = users
         finally:

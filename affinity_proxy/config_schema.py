@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from affinity_proxy.config_check import TOKEN, Check, http_url_problem
 from affinity_proxy.config_parse import HOSTNAME, ConfigError, parse_hostport, redact_url
+from affinity_proxy.pins.redis_url import DISTRIBUTED_SCHEMES, parse_distributed_url
 from affinity_proxy.routing.model import INSTANCE_ID_PATTERN
 
 SECRET: dict[str, Any] = {"secret": True}
@@ -140,10 +141,11 @@ class SessionCheckConfig:
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     """The pin store: ``memory://`` (one process), ``redis://``/``rediss://`` host or ``unix://``
-    socket. ``timeout`` bounds every store call; on timeout the request falls back to the ring."""
+    socket, ``redis+cluster://`` (Redis Cluster seeds) or ``redis+sentinel://`` (Sentinels and the
+    master name). ``timeout`` bounds every store call; on timeout the request falls back to the ring."""
 
     PATH: ClassVar[str] = "store"
-    SCHEMES: ClassVar[tuple[str, ...]] = ("memory", "redis", "rediss", "unix")
+    SCHEMES: ClassVar[tuple[str, ...]] = ("memory", "redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
     url: str = field(default="memory://", metadata={"redact": "url"})
     key_prefix: str = "affinity:"
     timeout: float = 0.25
@@ -172,6 +174,12 @@ class StoreConfig:
 
 
 def _store_url_problem(url: str) -> str | None:
+    if url.startswith(DISTRIBUTED_SCHEMES):
+        try:
+            parse_distributed_url(url)
+        except ValueError as err:
+            return str(err)
+        return None
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port

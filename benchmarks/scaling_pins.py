@@ -9,7 +9,7 @@ Why this way:
   (``pins.redis_scripts``), called by its SHA with the keys and arguments ``RedisPinStore.claim``
   sends, but pipelined through ``redis-cli --pipe`` (one awaited round trip per pin would take
   minutes at 1M). Then a sample is read back with ``RedisPinStore.get``, ``counts()`` must total N
-  and DBSIZE must be N + 4 (three per-instance indexes and the instances set), so the layout
+  and DBSIZE must be N + the per-bucket indexes and instances sets, so the layout
   measured is the proxy's. Instances are assigned round-robin (the proxy's ring spreads them too).
 - Latencies are ``RedisPinStore.get``/``claim`` against a raw redis-py asyncio ``GET``/``SET NX PX``
   on the same server with the same pool size, in interleaved blocks, so a busy machine slows both.
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from affinity_proxy.pins import redis_scripts as lua
-from affinity_proxy.pins.redis import RedisPinStore
+from affinity_proxy.pins.redis import RedisPinStore, bucket_of, pin_key
 from affinity_proxy.routing.model import InstanceId
 from benchmarks.scaling_common import USER_DIGITS, Summary, redis_pipe, resp, summarize, user_key
 from benchmarks.targets import HarnessError
@@ -76,15 +76,15 @@ def instance_of(i: int) -> str:
 
 def claim_commands(sha: str, start: int, stop: int) -> bytes:
     """EVALSHA of the CLAIM script for users ``start..stop-1``: exactly ``RedisPinStore.claim``'s
-    keys (pin, instances set) and arguments (prefix, user, instance, ttl ms)."""
-    instances_key = f"{PREFIX}instances"
-    return b"".join(resp("EVALSHA", sha, 2, f"{PREFIX}pin:{u}", instances_key, PREFIX, u, instance_of(i), TTL_MS)
-                    for i in range(start, stop) for u in (user_key(i),))
+    keys (pin, the bucket's instances set) and arguments (index base, user, instance, ttl ms)."""
+    return b"".join(resp("EVALSHA", sha, 2, pin_key(PREFIX, u), f"{PREFIX}instances{{p{b}}}", f"{PREFIX}idx:{{p{b}}}",
+                         u, instance_of(i), TTL_MS)
+                    for i in range(start, stop) for u in (user_key(i),) for b in (bucket_of(u),))
 
 
 def set_commands(start: int, stop: int, *, px: bool) -> bytes:
     extra: tuple[str | int, ...] = ("PX", TTL_MS) if px else ()
-    return b"".join(resp("SET", f"{BASE_PREFIX}pin:{user_key(i)}", instance_of(i), *extra) for i in range(start, stop))
+    return b"".join(resp("SET", pin_key(BASE_PREFIX, user_key(i)), instance_of(i), *extra) for i in range(start, stop))
 
 
 async def _used_memory(r: Redis) -> int:
@@ -110,11 +110,13 @@ async def _verify(store: RedisPinStore, r: Redis, n: int, rng: random.Random) ->
             bad.append((user_key(i), pin))
     counts = await store.counts()
     size = int(await r.dbsize())
-    if bad or sum(counts.values()) != n or size != n + len(INSTANCES) + 1:
+    pairs = {(bucket_of(user_key(i)), instance_of(i)) for i in range(n)}  # one index per bucket and instance
+    expected = n + len(pairs) + len({bucket for bucket, _ in pairs})  # + one instances set per bucket
+    if bad or sum(counts.values()) != n or size != expected:
         raise HarnessError(f"pins not as the proxy writes them: bad sample {bad[:3]}, counts {counts}, DBSIZE {size}")
     return [f"{len(sample)} random pins read back with `RedisPinStore.get` (right instance, TTL set)",
             f"`RedisPinStore.counts()` = {dict(sorted(counts.items()))} (total {sum(counts.values()):,} = N)",
-            f"DBSIZE = {size:,} = N pins + {len(INSTANCES)} per-instance indexes + the instances set"]
+            f"DBSIZE = {size:,} = N pins + {len(pairs)} per-bucket instance indexes + the buckets' instances sets"]
 
 
 async def _timed(op: Op, items: Sequence[int], concurrency: int) -> tuple[list[int], int, float]:
@@ -193,10 +195,10 @@ async def run_pin_store(port: int, pins: int, lookups: int, concurrency: int, se
                 raise LookupError(i)
 
         async def raw_get(i: int) -> None:
-            await base.get(f"{PREFIX}pin:{user_key(i)}")
+            await base.get(pin_key(PREFIX, user_key(i)))
 
         async def set_nx(i: int) -> None:
-            if not await base.set(f"{BASE_PREFIX}pin:{user_key(i)}", instance_of(i), nx=True, px=TTL_MS):
+            if not await base.set(pin_key(BASE_PREFIX, user_key(i)), instance_of(i), nx=True, px=TTL_MS):
                 raise LookupError(i)
 
         await _timed(get_hit, [rng.randrange(pins) for _ in range(500)], 50)  # warm-up: pools, script cache

@@ -17,7 +17,7 @@ import pytest
 from affinity_proxy.config import config_from_mapping
 from affinity_proxy.config_load import read_yaml_file
 from affinity_proxy.pins import redis_scripts as lua
-from affinity_proxy.pins.redis import RedisPinStore
+from affinity_proxy.pins.redis import RedisPinStore, bucket_of, pin_key
 from affinity_proxy.routing.model import InstanceId
 from benchmarks import scaling, scaling_proxy
 from benchmarks.run import find_tool
@@ -63,12 +63,13 @@ def test_fill_commands_are_the_stores_claim_and_plain_sets() -> None:
     assert _parse_resp(resp("SET", "k", 5)) == [["SET", "k", "5"]]
     claims = _parse_resp(claim_commands("abc", 0, 4))
     assert len(claims) == 4
-    # RedisPinStore.claim: keys (pin, instances set), args (prefix, user, instance, ttl ms)
-    assert claims[1] == ["EVALSHA", "abc", "2", "affinity:pin:user-00000000001", "affinity:instances", "affinity:",
-                         "user-00000000001", "app-2", str(round(PIN_TTL * 1000))]
+    # RedisPinStore.claim: keys (pin, the bucket's instances set), args (index base, user, instance, ttl ms)
+    tag = f"{{p{bucket_of('user-00000000001')}}}"
+    assert claims[1] == ["EVALSHA", "abc", "2", f"affinity:pin:{tag}user-00000000001", f"affinity:instances{tag}",
+                         f"affinity:idx:{tag}", "user-00000000001", "app-2", str(round(PIN_TTL * 1000))]
     assert [c[7] for c in claims] == [instance_of(i) for i in range(4)]
     plain, px = _parse_resp(set_commands(3, 4, px=False)), _parse_resp(set_commands(3, 4, px=True))
-    assert plain == [["SET", "baseline:pin:user-00000000003", "app-1"]]
+    assert plain == [["SET", pin_key("baseline:", "user-00000000003"), "app-1"]]
     assert px[0][:3] == plain[0] and px[0][3:] == ["PX", str(round(PIN_TTL * 1000))]
     assert len("baseline:") == len("affinity:")  # the baseline keys are as long as the pins'
 
@@ -170,7 +171,8 @@ def test_a_tiny_real_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     pins = results.pins
     assert pins is not None and pins.pins == 300
     by = {m.layout: m for m in pins.memory}
-    assert by["pin (CLAIM script)"].keys == 300 + 4  # pins, 3 indexes, the instances set
+    pairs = {(bucket_of(user_key(i)), f"app-{i % 3 + 1}") for i in range(300)}
+    assert by["pin (CLAIM script)"].keys == 300 + len(pairs) + len({b for b, _ in pairs})  # pins, indexes, sets
     assert all(m.per_item > 0 for m in pins.memory)
     assert by["pin (CLAIM script)"].per_item > by["plain SET"].per_item
     assert "(total 300 = N)" in "\n".join(pins.checks)

@@ -27,7 +27,7 @@ from affinity_proxy.cli_redis import Configured, Snapshot
 from affinity_proxy.config import StoreConfig
 from affinity_proxy.membership.redis_shared import RedisSharedState
 from affinity_proxy.membership.shared import HeartbeatInfo
-from affinity_proxy.pins.redis import RedisPinStore
+from affinity_proxy.pins.redis import RedisPinStore, pin_key
 from affinity_proxy.routing.model import InstanceId, InstanceState
 from tests.functional.conftest import Backends, make_config
 from tests.support.redis_server import RedisServer
@@ -209,7 +209,7 @@ async def test_unix_socket_store(tmp_path: Path, private_redis: RedisServer) -> 
     await ok("pins", "set", "alice", "a", "--config", conf)
     assert (await ok_json("pins", "show", "alice", "--config", conf))["instance"] == "a"
     with private_redis.client() as client:
-        assert client.get("affinity:pin:alice") == "a"
+        assert client.get(pin_key("affinity:", "alice")) == "a"
 
 
 # --- instances -----------------------------------------------------------------------------------

@@ -436,8 +436,10 @@ ERRORS: list[tuple[dict[Any, Any], str]] = [  # data is merged over {"instances"
     ({"user_key": [{"query": ""}]}, "user_key[0].query: must not be empty"),
     ({"user_key": [{"query": None}]}, "user_key[0].query: expected a string, got null"),
     # store
-    ({"store": {"url": "mysql://db"}}, "store.url: scheme must be one of memory, redis, rediss, unix, got 'mysql://db'"),
-    ({"store": {"url": "http://:hunter2@h"}}, "store.url: scheme must be one of memory, redis, rediss, unix, got 'http://:***@h'"),
+    ({"store": {"url": "mysql://db"}}, "store.url: scheme must be one of memory, redis, rediss, unix, redis+cluster, "
+                                       "redis+sentinel, got 'mysql://db'"),
+    ({"store": {"url": "http://:hunter2@h"}}, "store.url: scheme must be one of memory, redis, rediss, unix, "
+                                              "redis+cluster, redis+sentinel, got 'http://:***@h'"),
     ({"store": {"url": "memory://x"}}, "store.url: the memory store takes no options"),
     ({"store": {"url": "redis://"}}, "store.url: must name a host"),
     ({"store": {"url": "redis://h:6379/x"}}, "store.url: the path must be a database number"),

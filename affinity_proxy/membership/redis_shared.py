@@ -4,7 +4,8 @@ Why the pin store's Redis: one pool and one circuit breaker per process, so a Re
 (and logged, counted in ``affinity_store_errors_total{op}``, reflected in ``affinity_store_up``)
 once, whichever part hit it. Every call goes through ``RedisPinStore.call``.
 
-Key schema, next to the pin schema of ``pins.redis`` (``P`` = ``store.key_prefix``):
+Key schema, next to the pin schema of ``pins.redis`` (``P`` = ``store.key_prefix`` followed by the
+hash tag ``{m}``, so every key below is in one Redis Cluster slot):
 
 - ``P drain``          set of drained instance ids (SADD / SREM / SMEMBERS).
 - ``P hb:<instance>``  hash, field = node, value = ``<expires unix ms>|<HeartbeatInfo JSON>``. Redis
@@ -19,8 +20,9 @@ Key schema, next to the pin schema of ``pins.redis`` (``P`` = ``store.key_prefix
 - ``P lock:<name>``    string token, ``SET NX PX ttl``; released by a Lua compare-and-delete so only
                        the holder (not a successor after expiry) can release it.
 
-Scripts compute ``hb:`` key names from ``ARGV`` (like the pin scripts), which is fine on one Redis or
-Sentinel but not Redis Cluster. Imports ``pins.redis``, ``pins.store`` and ``membership.shared``.
+Scripts compute ``hb:`` key names from ``ARGV``; the shared hash tag keeps them in the slot of
+``KEYS[1]``, so this works on one Redis, Sentinel and Redis Cluster alike.
+Imports ``pins.redis``, ``pins.store`` and ``membership.shared``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from affinity_proxy.pins.redis import RedisPinStore
 from affinity_proxy.routing.model import InstanceId
 
 log = logging.getLogger("affinity_proxy.membership.redis_shared")
+
+#: Hash tag of every shared-state key: all of them live in one Redis Cluster slot, so the heartbeat
+#: scripts (which name ``hb:`` keys read from ARGV or from the index) touch one slot.
+SLOT_TAG = "{m}"
 
 _NOW = """
 if redis.replicate_commands then redis.replicate_commands() end
@@ -94,7 +100,7 @@ class RedisSharedState:
 
     def __init__(self, store: RedisPinStore) -> None:
         self._store = store
-        prefix = store.prefix
+        prefix = store.prefix + SLOT_TAG
         self._prefix = prefix
         self._drain_key = f"{prefix}drain"
         self._hb_index = f"{prefix}hb-instances"

@@ -1,7 +1,7 @@
 """open_pin_store: turn ``store.url`` into a PinStore. The one place that knows the URL schemes.
 
-``memory://`` -> MemoryPinStore (one process); ``redis://``, ``rediss://`` (TLS) and ``unix://``
--> RedisPinStore. Opening does no I/O: Redis connects lazily on the first call, so a Redis that is
+``memory://`` -> MemoryPinStore (one process); ``redis://``, ``rediss://`` (TLS), ``unix://``,
+``redis+cluster://`` (Redis Cluster) and ``redis+sentinel://`` (Sentinel) -> RedisPinStore. Opening does no I/O: Redis connects lazily on the first call, so a Redis that is
 down at start-up degrades like one that goes down later. Imports only ``pins.*`` and ``_tasks``.
 """
 
@@ -15,7 +15,7 @@ from affinity_proxy.pins.memory import MemoryPinStore
 from affinity_proxy.pins.redis import RedisPinStore
 from affinity_proxy.pins.store import PinStore
 
-REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+cluster", "redis+sentinel"})
 
 
 def open_pin_store(
@@ -49,5 +49,6 @@ def open_pin_store(
     shown = f"{scheme}://" if scheme else repr(url)
     raise ValueError(
         f"unsupported pin store URL scheme {shown}: use memory://, redis://host:port/db, "
-        "rediss://host:port/db (TLS) or unix:///path/to/redis.sock"
+        "rediss://host:port/db (TLS), unix:///path/to/redis.sock, redis+cluster://host:port[,host:port...] "
+        "or redis+sentinel://host:port[,host:port...]/MASTER_NAME[/db]"
     )

@@ -118,7 +118,7 @@ class Reaper:
         if not due:
             return ReapOutcome()
         if dry_run:
-            listed = {instance: [p.user_key for p in await self._store.list(instance, limit=100_000)]
+            listed = {instance: sorted(p.user_key for p in await self._store.list(instance, limit=100_000))
                       for instance in due}
             return ReapOutcome({k: v for k, v in listed.items() if v})
         if self._lock is None:
@@ -141,7 +141,7 @@ class Reaper:
                 continue  # came back while we waited for the lock
             keys = await self._store.drop_instance(instance)
             if keys:
-                result[instance] = keys
+                result[instance] = sorted(keys)
                 self._on_reaped(len(keys))
                 log.info("reaped orphaned pins", extra={"fields": {"instance": instance, "pins": len(keys)}})
         self.passes += 1

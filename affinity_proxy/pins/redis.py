@@ -1,22 +1,35 @@
-"""RedisPinStore: the pin store shared by every worker and node (``redis://``, ``rediss://``, ``unix://``).
+"""RedisPinStore: the pin store shared by every worker and node: one Redis (``redis://``, ``rediss://``,
+``unix://``), Redis Cluster (``redis+cluster://``) or a Sentinel-managed primary (``redis+sentinel://``).
 
-Key schema (``P`` = ``key_prefix``, default ``affinity:``):
+Key schema (``P`` = ``key_prefix``, default ``affinity:``). Pins are spread over ``BUCKETS`` buckets
+(``N`` = crc32(user key) mod ``BUCKETS``); every key of a bucket carries the hash tag ``{pN}``, so one
+bucket lives in one Redis Cluster slot and every script touches one slot:
 
-- ``P pin:<user_key>``   string, the instance id; PX = the pin's sliding TTL.
-- ``P idx:<instance>``   sorted set, member = user key, score = the pin's expiry (server unix ms).
-- ``P instances``        set of instance ids that may have a non-empty index.
+- ``P pin:{pN}<user_key>``  string, the instance id; PX = the pin's sliding TTL.
+- ``P idx:{pN}<instance>``  sorted set, member = user key, score = the pin's expiry (server unix ms).
+- ``P instances{pN}``       set of instance ids that may have a non-empty index in bucket N.
 
-Shared membership state lives under the same prefix (schema in ``membership.redis_shared``):
-``P drain``, ``P hb:<instance>``, ``P hb-instances`` and ``P lock:<name>``.
+Shared membership state lives under the same prefix, all in the one slot of the tag ``{m}`` (schema
+in ``membership.redis_shared``). The same layout is used on every kind of Redis, so a store can move
+from one Redis to a cluster by copying keys.
+
+Why buckets and not one index per instance: the index entry must change in the same script as the
+pin, so it must live in the pin's slot. A fixed number of buckets keeps whole-store reads
+(``counts()``, ``list()``, ``drop_instance()``) at ``BUCKETS`` small script calls (pipelined into one
+round trip on one Redis; on a cluster, ``FANOUT`` at a time), while 128 slots spread the pins over
+the masters of a cluster evenly enough (each of 3 masters holds about a third).
 
 The index lets ``list(instance)``, ``counts()`` and ``drop_instance()`` work without SCAN. Every
 mutation that touches a pin and an index is one Lua script (``pins.redis_scripts``), so the index
 never disagrees with the pins except for expiry, which scores encode; stale entries are trimmed by
 ``counts()`` and ``drop_instance()``. ``touch`` is batched: it only records the pin in memory, and a
-single background flush per ``touch_interval`` refreshes the whole batch in one script call.
+single background flush per ``touch_interval`` refreshes the whole batch (one script call per bucket).
 
-Connections: one bounded pool per store (``max_connections``, default 50); a call waits at most
-``timeout`` for a free connection, so a burst queues instead of opening a socket per request.
+Connections: on one Redis (and through Sentinel) one bounded pool per store (``max_connections``,
+default 50); a call waits at most ``timeout`` for a free connection, so a burst queues instead of
+opening a socket per request. On a cluster, redis-py keeps a pool per node (``max_connections`` each).
+Sentinel: the client asks the Sentinels for the current primary and reconnects after a failover;
+Cluster: the client follows MOVED/ASK and re-reads the slot map after a failover.
 
 Failure handling: socket timeouts of ``timeout`` seconds, one immediate retry on a dropped connection
 (a Redis restart leaves stale pooled sockets), then a circuit breaker (``pins.redis_breaker``): while
@@ -28,22 +41,27 @@ returns (logger ``affinity_proxy.pins.redis``). Imports ``routing.model``, ``pin
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from redis import exceptions as rexc
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from affinity_proxy._tasks import TaskSet
 from affinity_proxy.pins import redis_scripts as lua
 from affinity_proxy.pins.redis_breaker import CircuitBreaker
 from affinity_proxy.pins.redis_touch import TouchBatcher
+from affinity_proxy.pins.redis_url import CLUSTER_SCHEME, SENTINEL_SCHEME, parse_distributed_url
 from affinity_proxy.pins.store import ClaimResult, Pin, PinStoreUnavailable
 from affinity_proxy.routing.model import InstanceId
 
@@ -59,31 +77,99 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     rexc.OutOfMemoryError,
     rexc.TryAgainError,
     rexc.ClusterDownError,  # includes MasterDownError
+    rexc.SlotNotCoveredError,  # a cluster master is gone and no replica took over yet
     OSError,  # includes the builtin TimeoutError
 )
 _TRANSIENT_PREFIXES = ("MISCONF", "BUSY ", "NOREPLICAS", "LOADING", "MASTERDOWN")
 TOUCH_BATCH = 1000  # (user, instance) pairs per script call: bounds how long one call blocks Redis
 DROP_BATCH = 500  # index members visited per drop_instance script call
 HEALTH_CHECK_INTERVAL = 15  # seconds idle before a pooled connection is PINGed before reuse
+BUCKETS = 128  # fixed forever for a keyspace: changing it would hide every stored pin
+FANOUT = 16  # bucket calls in flight at once on a cluster (per-node pools are not blocking)
 
 
 def _is_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, _UNAVAILABLE):
         return True
+    if isinstance(exc, rexc.RedisClusterException) and "cannot be connected" in str(exc):
+        return True  # no seed node answers (redis-py's wording)
     return isinstance(exc, rexc.ResponseError) and str(exc).startswith(_TRANSIENT_PREFIXES)
 
 
 def describe_url(url: str) -> str:
     """Where a Redis URL points, without credentials (for log lines)."""
     parts = urlsplit(url)
+    if parts.scheme in (CLUSTER_SCHEME, SENTINEL_SCHEME):
+        target = parse_distributed_url(url)
+        hosts = ",".join(f"{host}:{port}" for host, port in target.nodes)
+        return f"{parts.scheme}://{hosts}" + (f"/{target.master}" if target.master else "")
     if parts.scheme == "unix":
         return f"unix:{parts.path}"
     return f"{parts.scheme}://{parts.hostname or 'localhost'}:{parts.port or 6379}"
 
 
+def bucket_of(user_key: str) -> int:
+    """The bucket of a user key: stable across processes, versions and machines (crc32)."""
+    return zlib.crc32(user_key.encode("utf-8", "surrogatepass")) % BUCKETS
+
+
+def pin_key(prefix: str, user_key: str) -> str:
+    """The Redis key of a user's pin (for tools and tests that look at Redis directly)."""
+    return f"{prefix}pin:{{p{bucket_of(user_key)}}}{user_key}"
+
+
+def open_client(url: str, *, timeout: float, max_connections: int) -> tuple[Redis | RedisCluster, list[Redis]]:
+    """A redis-py asyncio client for any accepted store URL, and the helper clients to close with it
+    (the Sentinel connections). No I/O (connects on first use)."""
+    scheme = urlsplit(url).scheme.lower()
+    common: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "health_check_interval": HEALTH_CHECK_INTERVAL,
+        "client_name": "affinity-proxy",
+    }
+    if scheme == CLUSTER_SCHEME:
+        target = parse_distributed_url(url)
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+            username=target.username,
+            password=target.password,
+            max_connections=max_connections,
+            retry=Retry(NoBackoff(), 1),  # one quick retry (MOVED after a failover); then the breaker
+            **common,
+        )
+        return cluster, []
+    if scheme == SENTINEL_SCHEME:
+        target = parse_distributed_url(url)
+        sentinel = Sentinel(
+            list(target.nodes),
+            sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
+            **common,
+        )
+        master = sentinel.master_for(
+            target.master or "",
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            max_connections=max_connections,
+            retry=Retry(NoBackoff(), 1, supported_errors=(rexc.ConnectionError,)),
+        )
+        return master, list(sentinel.sentinels)
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout,  # longest wait for a free pooled connection
+        retry=Retry(NoBackoff(), 1, supported_errors=(rexc.ConnectionError,)),
+        **common,
+    )
+    return Redis.from_pool(pool), []  # owns the pool: aclose() closes it
+
+
 class RedisPinStore:
-    """PinStore on one Redis. One round trip per call, except ``list(None)`` (one per instance) and
-    ``drop_instance`` (one per ``DROP_BATCH`` pins). ``touch`` costs no I/O at the call site.
+    """PinStore on Redis. One round trip per call on one user's pin (``get``, ``claim``, ``repin``,
+    ``set``, ``drop``); whole-store calls visit every bucket (see the module doc). ``touch`` costs no
+    I/O at the call site.
 
     ``available``: False while the circuit is open. ``errors``: operations that raised
     ``PinStoreUnavailable`` (fast failures included). ``on_error(op)`` is called for each of them and
@@ -115,18 +201,9 @@ class RedisPinStore:
         self.prefix = key_prefix
         self.pin_ttl = pin_ttl
         self._ttl_ms = max(1, round(pin_ttl * 1000))
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout,  # longest wait for a free pooled connection
-            decode_responses=True,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=HEALTH_CHECK_INTERVAL,
-            retry=Retry(NoBackoff(), 1, supported_errors=(rexc.ConnectionError,)),
-            client_name="affinity-proxy",
-        )
-        self._client: Redis = Redis.from_pool(pool)  # owns the pool: aclose() closes it
+        self._client: Any
+        self._client, self._helpers = open_client(url, timeout=timeout, max_connections=max_connections)
+        self.cluster = isinstance(self._client, RedisCluster)
         self._own_tasks = tasks is None
         self._tasks = tasks if tasks is not None else TaskSet()
         self._on_error = on_error
@@ -141,7 +218,6 @@ class RedisPinStore:
             max_pending=max_pending_touches,
         )
         self._closed = False
-        self._instances_key = f"{key_prefix}instances"
         self._scripts = {name: self._client.register_script(src) for name, src in lua.SCRIPTS.items()}
 
     @property
@@ -157,7 +233,7 @@ class RedisPinStore:
         return len(self._touches)
 
     @property
-    def client(self) -> Redis:
+    def client(self) -> Any:
         """The store's client (and so its pool), for other shared state on the same Redis
         (``membership.redis_shared``). Call it only through ``call`` so outages hit the breaker."""
         return self._client
@@ -222,7 +298,33 @@ class RedisPinStore:
                 log.exception("on_state_change callback failed")
 
     def _pin_key(self, user_key: str) -> str:
-        return f"{self.prefix}pin:{user_key}"
+        return pin_key(self.prefix, user_key)
+
+    def _bucket(self, bucket: int) -> tuple[str, str, str]:
+        """(instances set, index base, pin base) of a bucket: all in the slot of its hash tag."""
+        tag = f"{{p{bucket}}}"
+        return f"{self.prefix}instances{tag}", f"{self.prefix}idx:{tag}", f"{self.prefix}pin:{tag}"
+
+    async def _fanout(self, calls: builtins.list[Callable[[Any], Awaitable[Any]]]) -> builtins.list[Any]:
+        """Run one call per bucket: one pipelined round trip on one Redis; on a cluster, ``FANOUT``
+        at a time (a cluster pipeline cannot load scripts; each call may need NOSCRIPT recovery)."""
+        if not self.cluster:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for call in calls:
+                    await call(pipe)
+                return builtins.list(await pipe.execute())
+        gate = asyncio.Semaphore(FANOUT)
+
+        async def one(call: Callable[[Any], Awaitable[Any]]) -> Any:
+            async with gate:
+                return await call(self._client)
+
+        return builtins.list(await asyncio.gather(*(one(call) for call in calls)))
+
+    def _bucket_script(self, name: str, bucket: int, extra: builtins.list[Any]) -> Callable[[Any], Awaitable[Any]]:
+        instances, idx, pins = self._bucket(bucket)
+        args = [idx, pins, *extra]
+        return lambda client: self._scripts[name](keys=[instances], args=args, client=client)
 
     def _script(self, name: str, keys: builtins.list[str], args: builtins.list[Any]) -> Awaitable[Any]:
         return self._scripts[name](keys=keys, args=args)
@@ -231,8 +333,9 @@ class RedisPinStore:
         return Pin(user_key, InstanceId(instance), pttl / 1000 if pttl >= 0 else None)
 
     async def _mutate(self, op: str, user_key: str, args: builtins.list[Any]) -> ClaimResult:
-        keys = [self._pin_key(user_key), self._instances_key]
-        won, instance, pttl = await self._call(op, lambda: self._script(op.upper(), keys, args))
+        instances, idx, _ = self._bucket(bucket_of(user_key))
+        keys = [self._pin_key(user_key), instances]
+        won, instance, pttl = await self._call(op, lambda: self._script(op.upper(), keys, [idx, *args]))
         return ClaimResult(self._pin(user_key, instance, int(pttl)), won=bool(won))
 
     # -- PinStore --
@@ -244,41 +347,38 @@ class RedisPinStore:
         return self._pin(user_key, instance, int(pttl))
 
     async def claim(self, user_key: str, instance: InstanceId) -> ClaimResult:
-        return await self._mutate("claim", user_key, [self.prefix, user_key, instance, self._ttl_ms])
+        return await self._mutate("claim", user_key, [user_key, instance, self._ttl_ms])
 
     async def repin(self, user_key: str, expected: InstanceId | None, instance: InstanceId) -> ClaimResult:
         """Compare-and-set. A pin that is already gone (expired, dropped, reaped) counts as matching
         any ``expected``: the caller wanted it replaced, and ``ClaimResult`` cannot carry "no pin"."""
-        args = [self.prefix, user_key, expected or "", instance, self._ttl_ms]
-        return await self._mutate("repin", user_key, args)
+        return await self._mutate("repin", user_key, [user_key, expected or "", instance, self._ttl_ms])
 
     async def set(self, user_key: str, instance: InstanceId) -> Pin:
-        return (await self._mutate("set", user_key, [self.prefix, user_key, instance, self._ttl_ms])).pin
+        return (await self._mutate("set", user_key, [user_key, instance, self._ttl_ms])).pin
 
     async def drop(self, user_key: str, expected: InstanceId | None = None) -> bool:
-        args = [self.prefix, user_key, expected or ""]
-        return bool(await self._call("drop", lambda: self._script("DROP", [self._pin_key(user_key)], args)))
+        instances, idx, _ = self._bucket(bucket_of(user_key))
+        keys, args = [self._pin_key(user_key), instances], [idx, user_key, expected or ""]
+        return bool(await self._call("drop", lambda: self._script("DROP", keys, args)))
 
     async def touch(self, user_key: str, instance: InstanceId) -> None:
         """Record the use; no I/O here (ignored once closed). A background flush (``pins.redis_touch``)
-        refreshes every pending pin in one script call once ``touch_interval`` has passed since the
-        last flush; batches over ``TOUCH_BATCH`` pins go as one pipeline of script calls."""
+        refreshes every pending pin once ``touch_interval`` has passed since the last flush: one
+        script call per bucket (and per ``TOUCH_BATCH`` pins), pipelined into one round trip on one
+        Redis."""
         self._touches.add(user_key, instance)
 
     async def _write_touches(self, batch: dict[str, InstanceId]) -> None:
-        flat = [item for pair in batch.items() for item in pair]
-        chunks = [flat[i : i + 2 * TOUCH_BATCH] for i in range(0, len(flat), 2 * TOUCH_BATCH)]
-
-        async def write() -> None:
-            if len(chunks) == 1:
-                await self._script("TOUCH", [], [self.prefix, self._ttl_ms, *chunks[0]])
-                return
-            async with self._client.pipeline(transaction=False) as pipe:
-                for chunk in chunks:
-                    await self._scripts["TOUCH"](keys=[], args=[self.prefix, self._ttl_ms, *chunk], client=pipe)
-                await pipe.execute()
-
-        await self._call("touch", write)
+        by_bucket: dict[int, builtins.list[str]] = {}
+        for user, instance in batch.items():
+            by_bucket.setdefault(bucket_of(user), []).extend((user, instance))
+        calls = [
+            self._bucket_script("TOUCH", bucket, [self._ttl_ms, *flat[i : i + 2 * TOUCH_BATCH]])
+            for bucket, flat in by_bucket.items()
+            for i in range(0, len(flat), 2 * TOUCH_BATCH)
+        ]
+        await self._call("touch", lambda: self._fanout(calls))
 
     async def flush(self) -> None:
         """Write pending touches now (shutdown). Raises PinStoreUnavailable; the batch is kept."""
@@ -286,35 +386,51 @@ class RedisPinStore:
 
     async def list(self, instance: InstanceId | None = None, limit: int = 1000) -> builtins.list[Pin]:
         """Live pins from the index, confirmed against the pins themselves. Order: by expiry per
-        instance, instances in name order."""
+        instance (soonest first), instances in name order."""
+        if limit <= 0:
+            return []
         if instance is None:
-            names = await self._call("list", lambda: self._client.smembers(self._instances_key))
+            calls = [
+                (lambda client, key=self._bucket(b)[0]: client.smembers(key))  # type: ignore[misc]
+                for b in range(BUCKETS)
+            ]
+            sets = await self._call("list", lambda: self._fanout(calls))
             pins: builtins.list[Pin] = []
-            for name in sorted(names):
+            for name in sorted(set().union(*sets)):
                 if len(pins) >= limit:
                     break
                 pins.extend(await self.list(InstanceId(name), limit - len(pins)))
             return pins
-        if limit <= 0:
-            return []
-        flat = await self._call("list", lambda: self._script("LIST", [], [self.prefix, instance, limit]))
-        return [self._pin(flat[i], instance, int(flat[i + 1])) for i in range(0, len(flat), 2)]
+        calls = [self._bucket_script("LIST", b, [instance, limit]) for b in range(BUCKETS)]
+        replies = await self._call("list", lambda: self._fanout(calls))
+        found = [self._pin(flat[i], instance, int(flat[i + 1])) for flat in replies for i in range(0, len(flat), 2)]
+        found.sort(key=lambda pin: (pin.expires_in is not None, pin.expires_in or 0.0))
+        return found[:limit]
 
     async def counts(self) -> dict[InstanceId, int]:
-        flat = await self._call("counts", lambda: self._script("COUNTS", [self._instances_key], [self.prefix]))
-        return {InstanceId(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        """Per-instance sums over the buckets (each bucket trims its expired index entries)."""
+        calls = [self._bucket_script("COUNTS", b, []) for b in range(BUCKETS)]
+        totals: dict[InstanceId, int] = {}
+        for flat in await self._call("counts", lambda: self._fanout(calls)):
+            for i in range(0, len(flat), 2):
+                totals[InstanceId(flat[i])] = totals.get(InstanceId(flat[i]), 0) + int(flat[i + 1])
+        return totals
 
     async def drop_instance(self, instance: InstanceId) -> builtins.list[str]:
-        """Batches of ``DROP_BATCH`` index members, each one atomic script call."""
+        """Batches of ``DROP_BATCH`` index members per bucket, each one atomic script call; all
+        buckets go at once, then again only those with entries left."""
         dropped: builtins.list[str] = []
-        args = [self.prefix, instance, DROP_BATCH]
-        while True:
-            left, users = await self._call(
-                "drop_instance", lambda: self._script("DROP_INSTANCE", [self._instances_key], args)
-            )
-            dropped.extend(users)
-            if int(left) == 0:
-                return dropped
+        pending = builtins.list(range(BUCKETS))
+        while pending:
+            calls = [self._bucket_script("DROP_INSTANCE", b, [instance, DROP_BATCH]) for b in pending]
+            replies = await self._call("drop_instance", lambda calls=calls: self._fanout(calls))  # type: ignore[misc]
+            left = []
+            for bucket, (remaining, users) in zip(pending, replies, strict=True):
+                dropped.extend(users)
+                if int(remaining) > 0:
+                    left.append(bucket)
+            pending = left
+        return dropped
 
     async def ping(self) -> bool:
         """Goes to Redis even while the circuit is open (health checks want the truth), and a success
@@ -337,3 +453,5 @@ class RedisPinStore:
         if self._own_tasks:
             await self._tasks.close()
         await self._client.aclose()
+        for helper in self._helpers:
+            await helper.aclose()

@@ -5,10 +5,13 @@ Why Lua: a pin and its per-instance index entry must change together, and ``clai
 Scripts read the server clock (``TIME``), so index scores (expiry, unix ms) agree with the pins' own
 PX expiry whatever the clocks of the proxy nodes say.
 
-Calling convention: ``KEYS`` holds the keys known before the call (the pin key, the instances set);
-``ARGV[1]`` is the key prefix, because index keys depend on values read inside the script. That is
-fine on a single Redis (and Sentinel) but not on Redis Cluster (see CONTRACT.md, "Beyond"). Replies:
-PTTL conventions (-1 no expiry, -2 gone). The key schema is documented in ``pins.redis``.
+Calling convention (Redis Cluster safe): every script touches the keys of one *bucket* only, all
+hash-tagged ``{pN}`` so they share one slot. ``KEYS`` holds the keys known before the call (the pin
+key, the bucket's instances set: the client routes on ``KEYS[1]``); ``ARGV[1]`` is the bucket's index
+base (``P idx:{pN}``) and, where pins are found through the index, ``ARGV[2]`` the pin base
+(``P pin:{pN}``): key names that depend on values read inside the script are built from them, and
+stay in the bucket's slot. Replies: PTTL conventions (-1 no expiry, -2 gone). The key schema is
+documented in ``pins.redis``.
 
 Pure data: no imports, no I/O.
 """
@@ -21,12 +24,12 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function idx(prefix, instance) return prefix .. 'idx:' .. instance end
-local function write(pinkey, setkey, prefix, user, cur, instance, ttl)
+local function idx(base, instance) return base .. instance end
+local function write(pinkey, setkey, base, user, cur, instance, ttl)
   local now = now_ms()
   redis.call('SET', pinkey, instance, 'PX', ttl)
-  if cur and cur ~= instance then redis.call('ZREM', idx(prefix, cur), user) end
-  redis.call('ZADD', idx(prefix, instance), now + ttl, user)
+  if cur and cur ~= instance then redis.call('ZREM', idx(base, cur), user) end
+  redis.call('ZADD', idx(base, instance), now + ttl, user)
   redis.call('SADD', setkey, instance)
 end
 """
@@ -36,7 +39,8 @@ GET = """
 return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
 """
 
-# KEYS: pin, instances. ARGV: prefix, user, instance, ttl_ms. Reply: {won, instance, pttl}.
+# KEYS: pin, instances. ARGV: idx base, user, instance, ttl_ms. Reply: {won, instance, pttl}.
+# Claim-or-get: an existing pin is the answer (won 0), so a lost claim costs no second look-up.
 CLAIM = (
     _PRELUDE
     + """
@@ -48,7 +52,7 @@ return {1, ARGV[3], ttl}
 """
 )
 
-# KEYS: pin, instances. ARGV: prefix, user, expected ('' = absent), instance, ttl_ms.
+# KEYS: pin, instances. ARGV: idx base, user, expected ('' = absent), instance, ttl_ms.
 # A missing pin matches any expected value (see RedisPinStore.repin). Reply: {won, instance, pttl}.
 REPIN = (
     _PRELUDE
@@ -61,7 +65,7 @@ return {1, ARGV[4], ttl}
 """
 )
 
-# KEYS: pin, instances. ARGV: prefix, user, instance, ttl_ms. Reply: {1, instance, pttl}.
+# KEYS: pin, instances. ARGV: idx base, user, instance, ttl_ms. Reply: {1, instance, pttl}.
 SET = (
     _PRELUDE
     + """
@@ -71,27 +75,28 @@ return {1, ARGV[3], ttl}
 """
 )
 
-# KEYS: pin. ARGV: prefix, user, expected ('' = any). Reply: 1 when deleted.
+# KEYS: pin, instances. ARGV: idx base, user, expected ('' = any). Reply: 1 when deleted.
 DROP = """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
 if ARGV[3] ~= '' and cur ~= ARGV[3] then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('ZREM', ARGV[1] .. 'idx:' .. cur, ARGV[2])
+redis.call('ZREM', ARGV[1] .. cur, ARGV[2])
 return 1
 """
 
-# ARGV: prefix, ttl_ms, then user, instance pairs. Refreshes only pins that still name that
-# instance (a pin re-pinned since the touch is left alone). Reply: number refreshed.
+# KEYS: instances (of the bucket). ARGV: idx base, pin base, ttl_ms, then user, instance pairs, all
+# of that bucket. Refreshes only pins that still name that instance (a pin re-pinned since the
+# touch is left alone). Reply: number refreshed.
 TOUCH = (
     _PRELUDE
     + """
 local now = now_ms()
-local ttl = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
 local n = 0
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local user, instance = ARGV[i], ARGV[i + 1]
-  local key = ARGV[1] .. 'pin:' .. user
+  local key = ARGV[2] .. user
   if redis.call('GET', key) == instance then
     redis.call('PEXPIRE', key, ttl)
     redis.call('ZADD', idx(ARGV[1], instance), now + ttl, user)
@@ -102,16 +107,17 @@ return n
 """
 )
 
-# ARGV: prefix, instance, limit. Read-only. Reply: flat {user, pttl, ...} of live pins naming instance.
+# KEYS: instances (of the bucket). ARGV: idx base, pin base, instance, limit. Read-only.
+# Reply: flat {user, pttl, ...} of the bucket's live pins naming instance.
 LIST = (
     _PRELUDE
     + """
-local members = redis.call('ZRANGEBYSCORE', idx(ARGV[1], ARGV[2]), '(' .. string.format('%d', now_ms()),
-  '+inf', 'LIMIT', 0, tonumber(ARGV[3]))
+local members = redis.call('ZRANGEBYSCORE', idx(ARGV[1], ARGV[3]), '(' .. string.format('%d', now_ms()),
+  '+inf', 'LIMIT', 0, tonumber(ARGV[4]))
 local out = {}
 for _, user in ipairs(members) do
-  local key = ARGV[1] .. 'pin:' .. user
-  if redis.call('GET', key) == ARGV[2] then
+  local key = ARGV[2] .. user
+  if redis.call('GET', key) == ARGV[3] then
     out[#out + 1] = user
     out[#out + 1] = redis.call('PTTL', key)
   end
@@ -120,7 +126,7 @@ return out
 """
 )
 
-# KEYS: instances. ARGV: prefix. Trims expired index entries, forgets empty indexes.
+# KEYS: instances (of the bucket). ARGV: idx base. Trims expired index entries, forgets empty indexes.
 # Reply: flat {instance, count, ...}. Cost: O(instances + expired entries).
 COUNTS = (
     _PRELUDE
@@ -142,22 +148,23 @@ return out
 """
 )
 
-# KEYS: instances. ARGV: prefix, instance, batch. Deletes up to `batch` pins of the index that still
-# name instance, and removes every visited member from the index whatever it names now. Atomic per
-# batch, so concurrent reapers see disjoint members. Reply: {entries left in the index, {users...}}.
+# KEYS: instances (of the bucket). ARGV: idx base, pin base, instance, batch. Deletes up to `batch`
+# pins of the bucket's index that still name instance, and removes every visited member from the
+# index whatever it names now. Atomic per batch, so concurrent reapers see disjoint members.
+# Reply: {entries left in the index, {users...}}.
 DROP_INSTANCE = """
-local index = ARGV[1] .. 'idx:' .. ARGV[2]
+local index = ARGV[1] .. ARGV[3]
 local dropped = {}
-for _, user in ipairs(redis.call('ZRANGE', index, 0, tonumber(ARGV[3]) - 1)) do
-  local key = ARGV[1] .. 'pin:' .. user
-  if redis.call('GET', key) == ARGV[2] then
+for _, user in ipairs(redis.call('ZRANGE', index, 0, tonumber(ARGV[4]) - 1)) do
+  local key = ARGV[2] .. user
+  if redis.call('GET', key) == ARGV[3] then
     redis.call('DEL', key)
     dropped[#dropped + 1] = user
   end
   redis.call('ZREM', index, user)
 end
 local left = redis.call('ZCARD', index)
-if left == 0 then redis.call('SREM', KEYS[1], ARGV[2]) end
+if left == 0 then redis.call('SREM', KEYS[1], ARGV[3]) end
 return {left, dropped}
 """
 

@@ -9,6 +9,7 @@ import time
 import redis.asyncio as aioredis
 
 from affinity_proxy.config import CookieConfig, StoreConfig
+from affinity_proxy.pins.redis import pin_key
 from affinity_proxy.pins.store import PinStoreUnavailable
 from tests.functional.conftest import make_config
 from tests.functional.helpers import COOKIE, admin, affinity_cookie, base, metric_value
@@ -76,8 +77,8 @@ async def test_race_for_first_pin_across_two_nodes(backends, start_proxy, redis_
     client = aioredis.from_url(redis_url)
     try:
         keys = [k async for k in client.scan_iter("affinity:pin:*")]
-        assert keys == [b"affinity:pin:racer"]
-        stored = (await client.get("affinity:pin:racer")).decode()
+        assert keys == [pin_key("affinity:", "racer").encode()]
+        stored = (await client.get(pin_key("affinity:", "racer"))).decode()
     finally:
         await client.aclose()
     assert set(results) == {stored}, collections.Counter(results)

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from click.testing import CliRunner
 
 from affinity_proxy.cli import main as cli_main
+from affinity_proxy.pins.redis import pin_key
 from tests.functional.test_workers import get_instance
 from tests.support.waiting import wait_until
 
@@ -23,10 +24,10 @@ async def test_race_for_first_pin_over_two_nodes_and_four_workers(start_serve, f
     client = aioredis.from_url(redis_url)
     try:
         keys = [k async for k in client.scan_iter("affinity:pin:*")]
-        stored = (await client.get("affinity:pin:race-4-workers")).decode()
+        stored = (await client.get(pin_key("affinity:", "race-4-workers"))).decode()
     finally:
         await client.aclose()
-    assert keys == [b"affinity:pin:race-4-workers"]
+    assert keys == [pin_key("affinity:", "race-4-workers").encode()]
     assert set(answers) == {stored}
 
 

@@ -26,6 +26,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from affinity_proxy.pins.redis import bucket_of, pin_key
 from tests.functional.conftest import Backends
 from tests.functional.helpers import metric_value
 from tests.support.redis_server import free_port
@@ -236,10 +237,10 @@ async def test_workers_share_load_pins_and_metrics(
     assert all(after[pid] > before[pid] for pid in workers), (before, after)
     client = aioredis.from_url(redis_url, decode_responses=True)
     try:
-        assert await client.keys("*race-user*") == ["affinity:pin:race-user"]
-        assert await client.get("affinity:pin:race-user") == served[0]
+        assert await client.keys("*race-user*") == [pin_key("affinity:", "race-user")]
+        assert await client.get(pin_key("affinity:", "race-user")) == served[0]
         indexed = [key for key in await client.keys("affinity:idx:*") if await client.zscore(key, "race-user")]
-        assert indexed == [f"affinity:idx:{served[0]}"]
+        assert indexed == [f"affinity:idx:{{p{bucket_of('race-user')}}}{served[0]}"]
     finally:
         await client.aclose()
     assert await scraped_requests(http, sup) == sent

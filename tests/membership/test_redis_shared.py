@@ -33,14 +33,14 @@ async def test_key_schema(store: RedisPinStore, redis_server: RedisServer) -> No
     await shared.drain(A)
     await shared.publish_heartbeat("n1", {A: report("n1")}, ttl=30)
     token = await shared.acquire_lock("reaper", ttl=30)
-    with redis_server.client() as r:
-        assert sorted(r.keys("*")) == ["t:drain", "t:hb-instances", "t:hb:a", "t:lock:reaper"]
-        assert r.smembers("t:drain") == {"a"}
-        assert r.smembers("t:hb-instances") == {"a"}
-        stamp, _, payload = r.hget("t:hb:a", "n1").partition("|")
+    with redis_server.client() as r:  # one hash tag: every shared key is in one cluster slot
+        assert sorted(r.keys("*")) == ["t:{m}drain", "t:{m}hb-instances", "t:{m}hb:a", "t:{m}lock:reaper"]
+        assert r.smembers("t:{m}drain") == {"a"}
+        assert r.smembers("t:{m}hb-instances") == {"a"}
+        stamp, _, payload = r.hget("t:{m}hb:a", "n1").partition("|")
         assert int(stamp) > time.time() * 1000 and HeartbeatInfo.from_json(payload).node == "n1"
-        assert 0 < r.pttl("t:hb:a") <= 30_000 and 0 < r.pttl("t:hb-instances") <= 30_000
-        assert r.get("t:lock:reaper") == token and 0 < r.pttl("t:lock:reaper") <= 30_000
+        assert 0 < r.pttl("t:{m}hb:a") <= 30_000 and 0 < r.pttl("t:{m}hb-instances") <= 30_000
+        assert r.get("t:{m}lock:reaper") == token and 0 < r.pttl("t:{m}lock:reaper") <= 30_000
 
 
 async def test_expired_reports_are_removed_with_their_index_entry(store: RedisPinStore,
@@ -48,12 +48,12 @@ async def test_expired_reports_are_removed_with_their_index_entry(store: RedisPi
     shared = RedisSharedState(store)
     await shared.publish_heartbeat("n1", {A: report("n1")}, ttl=30)
     with redis_server.client() as r:  # a report of a node that stopped publishing long ago
-        r.hset("t:hb:a", "old", "1|" + report("old").to_json())
-        r.sadd("t:hb-instances", "ghost")
+        r.hset("t:{m}hb:a", "old", "1|" + report("old").to_json())
+        r.sadd("t:{m}hb-instances", "ghost")
     assert [x.node for x in (await shared.heartbeats())[A]] == ["n1"]
     with redis_server.client() as r:
-        assert r.hkeys("t:hb:a") == ["n1"]
-        assert r.smembers("t:hb-instances") == {"a"}
+        assert r.hkeys("t:{m}hb:a") == ["n1"]
+        assert r.smembers("t:{m}hb-instances") == {"a"}
 
 
 async def test_a_malformed_report_is_skipped_and_logged(store: RedisPinStore, redis_server: RedisServer,
@@ -62,7 +62,7 @@ async def test_a_malformed_report_is_skipped_and_logged(store: RedisPinStore, re
     good = report("n1")
     await shared.publish_heartbeat("n1", {A: good}, ttl=30)
     with redis_server.client() as r:
-        r.hset("t:hb:a", "bad", f"{int(time.time() * 1000) + 30_000}|{{not json")
+        r.hset("t:{m}hb:a", "bad", f"{int(time.time() * 1000) + 30_000}|{{not json")
     assert await shared.heartbeats() == {A: [good]}
     assert "malformed heartbeat" in caplog.text
 

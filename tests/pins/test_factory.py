@@ -17,7 +17,8 @@ async def test_memory() -> None:
     assert isinstance(store, MemoryPinStore) and isinstance(store, PinStore) and store.kind == "memory"
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "rediss://h:6380", "unix:///tmp/none.sock"])
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "rediss://h:6380", "unix:///tmp/none.sock",
+                                 "redis+cluster://127.0.0.1:1,127.0.0.1:2", "redis+sentinel://127.0.0.1:1/mymaster/2"])
 async def test_redis_schemes(url: str) -> None:
     store = open_pin_store(url, **OPTS)
     try:

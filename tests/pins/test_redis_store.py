@@ -10,7 +10,7 @@ import pytest
 import redis.exceptions
 
 from affinity_proxy.pins import redis as redis_store_module
-from affinity_proxy.pins.redis import RedisPinStore
+from affinity_proxy.pins.redis import RedisPinStore, bucket_of, pin_key
 from affinity_proxy.pins.store import PinStoreUnavailable
 from affinity_proxy.routing.model import InstanceId
 from tests.support.redis_server import RedisServer
@@ -95,7 +95,7 @@ async def test_unexpected_redis_errors_are_not_outages(redis_server: RedisServer
     store = RedisPinStore(redis_url, pin_ttl=30)
     try:
         with redis_server.client() as raw:
-            raw.hset("affinity:pin:weird", "f", "v")  # wrong type where a pin should be
+            raw.hset(pin_key("affinity:", "weird"), "f", "v")  # wrong type where a pin should be
         with pytest.raises(redis.exceptions.ResponseError):
             await store.get("weird")
         assert store.available is True and store.errors == 0
@@ -104,29 +104,37 @@ async def test_unexpected_redis_errors_are_not_outages(redis_server: RedisServer
 
 
 async def test_key_schema(redis_server: RedisServer, redis_url: str) -> None:
+    """Every key of a pin carries its bucket's hash tag, so each script touches one cluster slot."""
     store = RedisPinStore(redis_url, key_prefix="t1:", pin_ttl=30)
+    b1, b2 = bucket_of("user:1"), bucket_of("u2")
+    assert b1 != b2  # the test wants two buckets
+    pin1, pin2 = f"t1:pin:{{p{b1}}}user:1", f"t1:pin:{{p{b2}}}u2"
+    assert pin_key("t1:", "user:1") == pin1
     try:
         await store.claim("user:1", A)
         await store.claim("u2", B)
         with redis_server.client() as raw:
-            assert set(raw.keys("*")) == {"t1:pin:user:1", "t1:pin:u2", "t1:idx:a", "t1:idx:b", "t1:instances"}
-            assert raw.get("t1:pin:user:1") == "a"
-            assert 25_000 < raw.pttl("t1:pin:user:1") <= 30_000
+            assert set(raw.keys("*")) == {pin1, pin2, f"t1:idx:{{p{b1}}}a", f"t1:idx:{{p{b2}}}b",
+                                          f"t1:instances{{p{b1}}}", f"t1:instances{{p{b2}}}"}
+            for key in raw.keys("*"):
+                assert key.count("{") == 1 and key.count("}") == 1
+            assert raw.get(pin1) == "a"
+            assert 25_000 < raw.pttl(pin1) <= 30_000
             seconds, micros = raw.time()
             now_ms = seconds * 1000 + micros // 1000
-            score = raw.zscore("t1:idx:a", "user:1")
+            score = raw.zscore(f"t1:idx:{{p{b1}}}a", "user:1")
             assert score is not None and abs(score - (now_ms + 30_000)) < 5_000
-            assert raw.smembers("t1:instances") == {"a", "b"}
+            assert raw.smembers(f"t1:instances{{p{b1}}}") == {"a"}
 
             await store.set("user:1", B)
-            assert raw.zscore("t1:idx:a", "user:1") is None
-            assert raw.zscore("t1:idx:b", "user:1") is not None
+            assert raw.zscore(f"t1:idx:{{p{b1}}}a", "user:1") is None
+            assert raw.zscore(f"t1:idx:{{p{b1}}}b", "user:1") is not None
             assert await store.counts() == {B: 2}
-            assert raw.smembers("t1:instances") == {"b"}  # counts() forgets empty indexes
+            assert raw.smembers(f"t1:instances{{p{b1}}}") == {"b"}  # counts() forgets empty indexes
 
             await store.drop("user:1")
-            assert raw.zrange("t1:idx:b", 0, -1) == ["u2"]
-            assert raw.exists("t1:pin:user:1") == 0
+            assert raw.zrange(f"t1:idx:{{p{b2}}}b", 0, -1) == ["u2"]
+            assert raw.exists(pin1) == 0
     finally:
         await store.close()
 
@@ -161,7 +169,8 @@ async def test_touches_are_batched(redis_server: RedisServer, redis_url: str) ->
                 await asyncio.sleep(0)
             await store.flush()
             stats = raw.info("commandstats")
-            assert _calls(stats, "evalsha") + _calls(stats, "eval") <= 2, stats
+            buckets = len({bucket_of(key) for key in keys})  # a flush is one script call per bucket
+            assert _calls(stats, "evalsha") + _calls(stats, "eval") <= 2 * buckets, stats
             assert _calls(stats, "pexpire") <= 2 * len(keys), stats
     finally:
         await store.close()
@@ -172,9 +181,9 @@ async def test_background_flush_slides_ttl_without_explicit_flush(redis_server: 
     try:
         await store.claim("u", A)
         with redis_server.client() as raw:
-            raw.pexpire("affinity:pin:u", 5_000)
+            raw.pexpire(pin_key("affinity:", "u"), 5_000)
             await store.touch("u", A)
-            await wait_until(lambda: raw.pttl("affinity:pin:u") > 20_000, timeout=BOUND)
+            await wait_until(lambda: raw.pttl(pin_key("affinity:", "u")) > 20_000, timeout=BOUND)
             assert store.pending_touches == 0
     finally:
         await store.close()
@@ -191,9 +200,9 @@ async def test_touches_survive_a_short_outage(private_redis: RedisServer) -> Non
         assert store.pending_touches == 1  # kept for the next attempt
         private_redis.start()
         with private_redis.client() as raw:
-            raw.set("affinity:pin:u", "a", px=5_000)  # the restart lost the data; recreate it
+            raw.set(pin_key("affinity:", "u"), "a", px=5_000)  # the restart lost the data; recreate it
             # The background flusher keeps retrying (one probe per backoff window) and gets through.
-            await wait_until(lambda: raw.pttl("affinity:pin:u") > 20_000, timeout=15, interval=0.05)
+            await wait_until(lambda: raw.pttl(pin_key("affinity:", "u")) > 20_000, timeout=15, interval=0.05)
         assert store.available
     finally:
         await store.close()
@@ -205,7 +214,7 @@ async def test_unix_socket(redis_server: RedisServer, redis_url: str) -> None:
         assert await store.ping() is True
         await store.claim("u", A)
         with redis_server.client() as raw:
-            assert raw.get("affinity:pin:u") == "a"
+            assert raw.get(pin_key("affinity:", "u")) == "a"
     finally:
         await store.close()
 
@@ -246,12 +255,12 @@ async def test_large_touch_batches_are_pipelined(
             await store.claim(key, A)
         with redis_server.client() as raw:
             for key in keys:
-                raw.pexpire(f"affinity:pin:{key}", 5_000)
+                raw.pexpire(pin_key("affinity:", key), 5_000)
             await store.touch("k0", B)  # re-pinned elsewhere: left alone
             for key in keys[1:]:
                 await store.touch(key, A)
             await store.flush()
-            ttls = {key: raw.pttl(f"affinity:pin:{key}") for key in keys}
+            ttls = {key: raw.pttl(pin_key("affinity:", key)) for key in keys}
         assert ttls["k0"] <= 5_000
         assert all(ttl > 20_000 for key, ttl in ttls.items() if key != "k0"), ttls
     finally:
