@@ -370,6 +370,7 @@ class PlanReason(StrEnum):
     REPLAY = "replay"
     BODY_TOO_LARGE = "body_too_large"
     UNKNOWN_LENGTH = "unknown_length"
+    FOREIGN_REPLAY = "foreign_replay"  # replayed in by someone else (a router app): never replayed again
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,14 +524,15 @@ def plan(
     3. a fallback request (``fly-replay-failed``; Fly forbids a replay from it, PA03, and does not
        promise ``fly-replay-src`` on it) -> ``LocalForward`` with ``loop_guard`` (fallback);
     4. a request replayed by one of our nodes (our marker in ``replay_src.state``) ->
-       ``LocalForward`` with ``loop_guard`` (serve here and re-pin here: never replay twice). A
-       replay without our marker (a router app replaying into ours with ``app=``, or anything
-       else) may be replayed once more: Fly allows up to 10 replays (docs/fly-protocol.md §1), and the next
-       hop carries our marker, so this cannot loop;
+       ``LocalForward`` with ``loop_guard`` (serve here and re-pin here: never replay twice);
     5. an invalid target id -> ``LocalForward`` (invalid_target);
-    6. a body Fly cannot replay (``body_replayable``) -> ``PrivateForward``, except for WebSocket
+    6. a request replayed to us by anything else (``fly-replay-src`` without our marker: a router
+       app replaying into ours with ``app=``) is never answered with another replay either; it
+       gets affinity through the private network -> ``PrivateForward`` (foreign_replay), any body,
+       WebSocket upgrades included;
+    7. a body Fly cannot replay (``body_replayable``) -> ``PrivateForward``, except for WebSocket
        upgrades, which are always replayed;
-    7. otherwise ``Replay`` with ``replay_header_for``.
+    8. otherwise ``Replay`` with ``replay_header_for``.
 
     Never returns ``Replay`` to the local instance. Pure and O(1); never raises for any input.
     """
@@ -545,6 +547,8 @@ def plan(
     if not isinstance(route_instance, str) or not is_valid_instance_id(route_instance):
         return LocalForward(local_instance, PlanReason.INVALID_TARGET)
     target = InstanceId(route_instance)
+    if replay_src is not None:
+        return PrivateForward(target, PlanReason.FOREIGN_REPLAY)
     if not is_websocket:
         try:
             why = body_replayable(body, max_replay_body=max_replay_body, unsized_methods=unsized_methods)

@@ -169,16 +169,22 @@ async def test_a_replay_from_a_fallback_is_pa03_at_the_edge(start_fly: StartFly,
 # ---------------------------------------------------------------------------- a router app
 
 
-async def test_a_router_app_replaying_in_with_app_gets_affinity(start_fly: StartFly, start_machine, http) -> None:
-    """Client traffic enters a separate router app whose Machine answers every request with
-    ``fly-replay: app=demo;state=router``; Fly load balances it over our Machines, and our node
-    replays it once more to the user's Machine (a foreign fly-replay-src is not our loop)."""
+async def _behind_router_app(fly: Fly, start_machine: Callable[..., Awaitable[Any]]) -> None:
+    """Client traffic enters a separate router app (Machine r1) that answers every request with
+    ``fly-replay: app=demo;state=router``; Fly then load balances it over our Machines."""
     router = await start_machine("r1", replay="app=demo;state=router")
-    fly = await start_fly()
     fly.edge.router.app = "router"  # the edge's client traffic goes to the router app
     fly.edge.add_machine("r1", router.url, app="router")
     for m in MACHINES:
         fly.edge.router.machines[m].app = "demo"
+
+
+async def test_a_router_app_replaying_in_with_app_gets_affinity(start_fly: StartFly, start_machine, http) -> None:
+    """A request replayed to us by a router app is never answered with another replay: the node
+    that got it forwards it over the private network to the user's Machine (affinity, no extra
+    replay, no loop guard)."""
+    fly = await start_fly()
+    await _behind_router_app(fly, start_machine)
     owners: dict[str, str] = {}
     for i in range(30):
         user = f"routed-{i}"
@@ -193,10 +199,76 @@ async def test_a_router_app_replaying_in_with_app_gets_affinity(start_fly: Start
                 assert got == owner, "affinity through the router app"
                 served[got] += 1
     stats = fly.edge.stats()
-    print(f"\nrouter app: served={dict(served)} replay_counts={stats['replay_counts']} errors={stats['error_codes']}")
+    metrics = await fly.metrics(http)
+    forwarded = metric_value(metrics, "affinity_requests_total", {"action": "forward", "reason": "pin"})
+    print(f"\nrouter app: served={dict(served)} replay_counts={stats['replay_counts']} errors={stats['error_codes']}"
+          f" our replays={metric_value(metrics, 'affinity_replays_total')}")
     assert stats["error_codes"] == {}
-    assert set(stats["replay_counts"]) <= {"1", "2"}, "the router's replay, then at most one of ours"
-    assert "2" in stats["replay_counts"], "some landed on the wrong Machine and were replayed on"
+    assert set(stats["replay_counts"]) == {"1"}, "the router's replay only: none of ours"
+    assert stats["replay_counts"]["1"] == 120
+    assert metric_value(metrics, "affinity_replays_total") == 0
+    assert metric_value(metrics, "affinity_replay_loops_prevented_total") == 0
+    assert forwarded > 120, "each served on its pin; those that landed elsewhere are counted twice (then on the owner)"
+
+
+async def test_a_router_app_websocket_reaches_the_users_machine(start_fly: StartFly, start_machine, http) -> None:
+    """A WebSocket upgrade replayed in by a router app is relayed over the private network too."""
+    fly = await start_fly()
+    await _behind_router_app(fly, start_machine)
+    for i in range(6):
+        user, owner = f"ws-{i}", MACHINES[i % 3]
+        await fly.store.set(user, InstanceId(owner))
+        async with http.ws_connect(fly.edge.url + "/ws", headers={"X-User-Id": user}) as ws:
+            await ws.send_str("whoami")
+            assert (await ws.receive_str()) == owner
+            await ws.send_str("hello")
+            assert (await ws.receive_str()) == "hello"
+    stats = fly.edge.stats()
+    assert stats["error_codes"] == {}
+    assert metric_value(await fly.metrics(http), "affinity_replays_total") == 0
+
+
+@pytest.mark.parametrize("how", ["destroyed", "unreachable"])
+async def test_a_router_app_user_whose_machine_is_gone_is_served_where_it_lands(
+    start_fly: StartFly, start_machine, http, how: str
+) -> None:
+    """The user's Machine is gone: destroyed (discovery drops it) or listed but unreachable (its
+    node refuses connections; static discovery). The request is served on the Machine it landed
+    on and the user is re-pinned there: 0 errors, 0 replays of ours."""
+    fly = await start_fly(fly_keys=API if how == "destroyed" else None)
+    await _behind_router_app(fly, start_machine)
+    users = [f"lost-{i}" for i in range(12)]
+    for user in users:
+        await fly.store.set(user, InstanceId("m3"))
+    fly.edge.set_machine_state("m3", "destroyed")
+    if how == "destroyed":
+        for m in ("m1", "m2"):
+            await wait_until(lambda n=fly.nodes[m]: "m3" not in {i.id for i in n.ctx.membership.current().instances},
+                             timeout=10)
+    else:
+        await fly.nodes["m3"].stop()
+    landed: dict[str, str] = {}
+    for user in users:
+        async with http.get(fly.edge.url + "/", headers={"X-User-Id": user}) as resp:
+            assert resp.status == 200, await resp.text()
+            landed[user] = (await resp.json())["instance"]
+            assert landed[user] in ("m1", "m2")
+    for user in users:
+        pin = await fly.store.get(user)
+        assert pin is not None and pin.instance == landed[user], "re-pinned where it was served"
+        async with http.get(fly.edge.url + "/", headers={"X-User-Id": user}) as resp:
+            assert (await resp.json())["instance"] == landed[user], "and kept there"
+    stats = fly.edge.stats()
+    print(f"\nrouter app, m3 {how}: landed={Counter(landed.values())} errors={stats['error_codes']}")
+    assert stats["error_codes"] == {}
+    assert set(stats["replay_counts"]) == {"1"}
+    metrics = "\n".join([await _node_metrics(fly.nodes[m], http) for m in ("m1", "m2")])
+    assert metric_value(metrics, "affinity_replays_total") == 0
+
+
+async def _node_metrics(node: ProxyServer, http: aiohttp.ClientSession) -> str:
+    async with http.get(f"http://127.0.0.1:{node.admin_port}/metrics") as resp:
+        return await resp.text()
 
 
 # ---------------------------------------------------------------------------- local placement

@@ -333,14 +333,20 @@ def _body(method: str = "GET", length: int | None = None, chunked: bool = False)
         ("b", ReplaySource(None, None, None, "affinity:private"), _body(), True,
          LocalForward(I("a"), PlanReason.LOOP_GUARD, True)),
         ("b", SRC, _body("POST", 5_000_000), False, LocalForward(I("a"), PlanReason.LOOP_GUARD, True)),
-        # replayed by someone else (a router app with app=, an unparsable header): one more replay
-        # is allowed (Fly allows 10; our replay carries our marker, so it cannot loop)
-        ("b", ReplaySource(None, None, None, None), _body(), True, Replay(I("b"), HEADER)),
-        ("b", ReplaySource(I("x"), "ams", 1, "their-state"), _body(), False, Replay(I("b"), HEADER)),
-        ("b", ReplaySource(I("x"), "ams", 1, ""), _body(), False, Replay(I("b"), HEADER)),
-        ("b", ReplaySource(I("x"), "ams", 1, "affinityx"), _body(), False, Replay(I("b"), HEADER)),
+        # replayed by someone else (a router app with app=, an unparsable header): never replayed
+        # again (the contract: anything replayed to us is served, not replayed); affinity goes
+        # over the private network, whatever the body, WebSocket upgrades included
+        ("b", ReplaySource(None, None, None, None), _body(), True, PrivateForward(I("b"), PlanReason.FOREIGN_REPLAY)),
+        ("b", ReplaySource(I("x"), "ams", 1, "their-state"), _body(), False,
+         PrivateForward(I("b"), PlanReason.FOREIGN_REPLAY)),
+        ("b", ReplaySource(I("x"), "ams", 1, ""), _body(), False, PrivateForward(I("b"), PlanReason.FOREIGN_REPLAY)),
+        ("b", ReplaySource(I("x"), "ams", 1, "affinityx"), _body(), False,
+         PrivateForward(I("b"), PlanReason.FOREIGN_REPLAY)),
         ("b", ReplaySource(I("x"), "ams", 1, "their"), _body("POST", 5_000_000), False,
-         PrivateForward(I("b"), PlanReason.BODY_TOO_LARGE)),
+         PrivateForward(I("b"), PlanReason.FOREIGN_REPLAY)),
+        ("a", ReplaySource(I("x"), "ams", 1, "their"), _body(), False, LocalForward(I("a"))),
+        ("b;x", ReplaySource(I("x"), "ams", 1, "their"), _body(), False,
+         LocalForward(I("a"), PlanReason.INVALID_TARGET)),
         # an invalid target id never reaches a header or a URL
         ("b;x=1", None, _body(), False, LocalForward(I("a"), PlanReason.INVALID_TARGET)),
         ("", None, _body(), False, LocalForward(I("a"), PlanReason.INVALID_TARGET)),
@@ -405,8 +411,9 @@ FOREIGN = ReplaySource(I("router1"), "ams", 1, "router-state")
         # another unreachable Machine does not matter for this target
         ("b", None, False, ("c",), Replay(I("b"), HEADER)),
         ("b", SRC, False, ("c",), LocalForward(I("a"), PlanReason.LOOP_GUARD, loop_guard=True)),
-        # a foreign router's replay still gets affinity
-        ("b", FOREIGN, False, (), Replay(I("b"), HEADER)),
+        # a foreign router's replay still gets affinity, over the private network, never a replay
+        ("b", FOREIGN, False, (), PrivateForward(I("b"), PlanReason.FOREIGN_REPLAY)),
+        ("b", FOREIGN, False, ("b",), LocalForward(I("a"), PlanReason.UNREACHABLE, keep_pin=True)),
     ],
 )  # fmt: skip
 def test_plan_fallbacks_and_foreign_replays(target, src, fallback_request, unreachable, expected) -> None:
@@ -576,13 +583,15 @@ def test_plan_never_replays_to_itself_nor_twice(
     if not isinstance(got, LocalForward):
         assert not fallback_request and not ours and target not in unreachable
     if isinstance(got, Replay):
+        assert src is None, "anything replayed to us is served, never replayed again"
         assert got.instance != local
         assert is_valid_instance_id(got.instance)
         inst = parse_replay_instruction(got.header)
         assert (inst.prefer_instance if prefer and inst.prefer_instance else inst.instance) == target
         assert "\r" not in got.header and "\n" not in got.header
     elif isinstance(got, PrivateForward):
-        assert got.instance != local and not ws
+        assert got.instance != local and is_valid_instance_id(got.instance)
+        assert not ws or src is not None
     else:
         assert got.instance == local
         assert got.keep_pin is (target != local and target in unreachable)
