@@ -6,7 +6,9 @@ of that request's body (Content-Length, or the chunk boundaries ``wire.ChunkedEn
 always knows where the next request starts. llhttp rejects ambiguous framing (Content-Length with
 Transfer-Encoding, repeated Content-Length, a Transfer-Encoding that does not end in chunked,
 invalid chunk sizes), bad header names and values, and bare LF line ends: the client gets the
-aiohttp engine's JSON 400 and the connection is closed. A head over the raw limit gets 431.
+aiohttp engine's JSON 400 and the connection is closed. A ``Transfer-Encoding`` other than exactly
+``chunked`` (``gzip, chunked`` passes llhttp) gets the engines' JSON 501, also closed; an HTTP/1.0
+request framed by ``Transfer-Encoding`` closes after its response. A head over the raw limit gets 431.
 A body-less head whose exact bytes were parsed before is taken from ``head.HeadCache`` instead,
 and in fly mode, when that head was last answered with a replay that still holds, the answer is
 written by its ``lane.ReplayLane`` without an exchange. A request the fast engine does not serve

@@ -52,6 +52,26 @@ def parse_address(text: str) -> IPAddress | None:
     return address
 
 
+#: Longest text that can be an address as written in X-Forwarded-For (``[v6]:port``); longer is not
+#: looked at, so the memo below never holds a large attacker-chosen string.
+_MAX_ADDRESS_TEXT = 64
+
+
+@lru_cache(maxsize=4096)
+def _canonical(text: str) -> str | None:
+    address = parse_address(text)
+    return str(address) if address is not None else None
+
+
+def canonical_address(text: str) -> str | None:
+    """``parse_address`` as text (``2001:DB8::1`` -> ``2001:db8::1``, the port dropped), memoized:
+    on Fly every request carries a Fly-Client-IP and an X-Forwarded-For to walk."""
+    text = text.strip()
+    if not text or len(text) > _MAX_ADDRESS_TEXT:
+        return None
+    return _canonical(text)
+
+
 class TrustedProxies:
     """A set of CIDRs and the question "is this peer one of them?", memoized per address (bounded:
     the memo is emptied when it holds ``MEMO_LIMIT`` addresses). Falsy when empty."""
@@ -106,19 +126,20 @@ def client_address(proxies: TrustedProxies, peer: str | None, forwarded_for: Seq
     if not proxies.trusts(peer):
         return peer
     if fly_client_ip:
-        fly = parse_address(fly_client_ip)
+        fly = canonical_address(fly_client_ip)
         if fly is not None:
-            return str(fly)
+            return fly
     found = peer
-    entries = [e for line in forwarded_for for e in line.split(",")]
+    entries = [e for line in forwarded_for for e in line.split(",")] if len(forwarded_for) > 1 \
+        else forwarded_for[0].split(",") if forwarded_for else []
     for entry in reversed(entries):
         if not entry.strip():
             continue
-        address = parse_address(entry)
+        address = canonical_address(entry)
         if address is None:
             break  # nginx: stop at what is not an address, keep the last good one
-        found = str(address)
-        if not proxies.contains(address):
+        found = address
+        if not proxies.trusts(address):
             break
     return found
 

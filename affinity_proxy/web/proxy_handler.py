@@ -104,6 +104,7 @@ class ProxyHandler:
         request[REQUEST_ID] = request_id
         real_client_of(ctx.config.trusted_proxy_cidrs, request)
         src: ReplaySource | None = None
+        signals = NO_SIGNALS
         if self._fly:
             src = fly.replay_source(request)
             signals = request[FLY_SIGNALS] = fly.repin_signals(ctx, request)
@@ -125,7 +126,6 @@ class ProxyHandler:
             log_access(request, response, time.perf_counter() - started)
         return response
 
-        signals = NO_SIGNALS
     async def _dispatch(self, request: web.Request, decision: Decision, inp: RouteInput,
                         src: ReplaySource | None, attempt: int, signals: Triage = NO_SIGNALS) -> web.StreamResponse:
         ctx = self.ctx

@@ -15,9 +15,11 @@
   a large response, a WebSocket relay or an upstream connection for ever; and a connection
   aiohttp has closed is aborted if it is still flushing to a non-reader that long after.
 - **Preflight** (``web.middlewares.preflight``), before routing and before any
-  ``100 Continue``: unsupported HTTP version (400), ``CONNECT`` (405), header block over
-  ``limits.max_header_bytes`` (431), an ``Expect`` other than ``100-continue`` (417), a declared
-  body over ``limits.max_body_bytes`` (413).
+  ``100 Continue``: unsupported HTTP version (400), ``CONNECT`` and ``TRACE`` (405), header block
+  over ``limits.max_header_bytes`` (431), a ``Transfer-Encoding`` other than ``chunked`` (501, also
+  when aiohttp's parser refuses the value), an ``Expect`` other than ``100-continue`` (417), a
+  declared body over ``limits.max_body_bytes`` (413). An HTTP/1.0 request whose body is framed by
+  ``Transfer-Encoding`` is answered with ``Connection: close`` (RFC 9112 6.1).
 - **JSON errors**: parse errors (400, 431 for header overflow), the router's 404/405, any
   ``HTTPException`` a handler raises and unexpected handler errors (500) get the proxy's JSON
   error body. Parse errors are logged at DEBUG without a traceback: hostile traffic must not be

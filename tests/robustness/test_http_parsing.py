@@ -83,7 +83,8 @@ async def served_5xx(server: ProxyServer) -> float:
     async with aiohttp.ClientSession() as session, session.get(
             f"http://127.0.0.1:{server.admin_port}/metrics") as resp:
         text = await resp.text()
-    return sum(float(m.group(1)) for m in re.finditer(r'^affinity_responses_total\{code="5(?!01)\d\d"\} (\S+)$', text, re.M))
+    server_errors = re.finditer(r'^affinity_responses_total\{code="5(?!01)\d\d"\} (\S+)$', text, re.M)
+    return sum(float(m.group(1)) for m in server_errors)
 
 
 def assert_json_error(resp: RawResponse, allowed: set[int]) -> None:

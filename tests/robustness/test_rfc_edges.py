@@ -14,8 +14,11 @@ import asyncio
 import aiohttp
 import pytest
 
+from tests.robustness import test_http_parsing
 from tests.robustness.rawhttp import chunked, close, exchange, read_response, request, wait_closed
-from tests.robustness.test_http_parsing import H, Setup, assert_json_error, setup  # noqa: F401 (fixture)
+from tests.robustness.test_http_parsing import H, Setup, assert_json_error
+
+setup = test_http_parsing.setup  # its fixture: a proxy in front of a RecordingBackend, and a trap
 
 UNSUPPORTED = ["gzip, chunked", "identity", "gzip", "chunked, gzip", "deflate, chunked", "GZIP, Chunked",
                "chunked;q=1", "compress"]
