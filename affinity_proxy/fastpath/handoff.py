@@ -1,8 +1,9 @@
 """Hand-off: a request the fast engine does not serve goes to the aiohttp application, same socket.
 
 Requests the fast engine does not serve itself (WebSocket and other upgrades, paths under
-``/_affinity/``, ``CONNECT`` and ``TRACE`` (refused there), absolute-form or ``*`` targets, HTTP versions other than 1.0 and 1.1,
-``Expect`` other than ``100-continue``, a declared body over ``limits.max_body_bytes``, a header
+``/_affinity/``, ``CONNECT`` and ``TRACE`` (refused there), absolute-form or ``*`` targets, HTTP
+versions other than 1.0 and 1.1, ``Expect`` other than ``100-continue``, a declared body over
+``limits.max_body_bytes``, a header
 block over ``limits.max_header_bytes`` or with more than 128 fields: ``head.for_aiohttp``) are
 given to the aiohttp application on the same socket: the connection creates the aiohttp
 ``RequestHandler`` (``runner.server()``), switches the transport to it with
