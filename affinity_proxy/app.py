@@ -153,8 +153,9 @@ def _lifecycle(ctx: ProxyContext, reaper: Reaper):  # type: ignore[no-untyped-de
             HealthSettings(h.path, h.interval, h.timeout, h.unhealthy_after, h.healthy_after),
         )
         ctx.tasks.spawn(ctx.health.run(), name="health-checker")
+        fly_group = ctx.config.fly.process_group if ctx.config.mode == "fly" else None
         refresher = MembershipRefresher(ctx.membership, ctx.shared, node=ctx.node,
-                                        interval=refresh_interval(h.interval))
+                                        interval=refresh_interval(h.interval), group=fly_group or "")
         await refresher.refresh_once()  # start with the shared drain set; never raises on an outage
         ctx.tasks.spawn(refresher.run(), name="membership-refresh")
         ctx.tasks.spawn(reaper.run(), name="reaper")
@@ -186,7 +187,8 @@ def discovery_source(ctx: ProxyContext) -> MembershipSource | None:
     if config.mode != "fly" or config.fly.discovery == "static":
         return None
     if config.fly.discovery == "redis":
-        return HeartbeatSource(ctx.shared, lambda inst_id: private_url(config, inst_id))
+        return HeartbeatSource(ctx.shared, lambda inst_id: private_url(config, inst_id),
+                               group=config.fly.process_group)
     fly = config.fly
     assert fly.app is not None and fly.machine_id is not None
     if fly.discovery == "api":
@@ -202,7 +204,7 @@ def discovery_source(ctx: ProxyContext) -> MembershipSource | None:
 
     return FlyDnsSource(
         fly.app, local_machine_id=fly.machine_id, dns_server=fly.dns_server, private_url=fly.private_url,
-        private_port=fly.private_port, local_upstream=fly.upstream,
+        private_port=fly.private_port, local_upstream=fly.upstream, process_group=fly.process_group,
     )
 
 

@@ -13,6 +13,16 @@ section 4), so parsing is tolerant: the strings of one record are joined before 
 long TXT data into 255-byte strings anywhere), blanks and empty entries are ignored, and an entry
 whose id is not a valid instance id is skipped with a debug log.
 
+With ``process_group`` (``fly.process_group``) only that group's Machines are kept. ``vms.`` is not
+filtered by group and ``<group>.process.<app>.internal`` gives addresses only (AAAA, started
+Machines only; docs/fly-protocol.md §4), so a started Machine is in the group when the address of
+its own name ``<id>.vm.<app>.internal`` is among the group's addresses. Addresses are cached per
+Machine and looked up again only for new Machines, or for all when a group address matches no
+cached one (a Machine got a new address). What was learned about a Machine while it was started is
+kept for when it is stopped; a stopped Machine this node never saw started (its group is unknown
+to DNS) is kept with weight 0: it keeps the pins it has (a web Machine autostopped before this
+node started must not lose its users) and never gets a new one.
+
 Uses dnspython's asyncio resolver. Imports only ``routing.model`` and ``membership.sources``.
 """
 
@@ -24,6 +34,7 @@ import logging
 import re
 import socket
 from collections.abc import Iterable
+from dataclasses import replace
 
 import dns.asyncresolver
 import dns.exception
@@ -39,6 +50,7 @@ log = logging.getLogger("affinity_proxy.discovery.dns")
 
 _REGION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 EDNS_PAYLOAD = 1232  # the DNS-flag-day size: no IP fragmentation; larger answers come over TCP
+LOOKUP_CONCURRENCY = 16  # per-Machine AAAA look-ups in flight at once (process groups)
 
 
 def parse_vms_txt(records: Iterable[str]) -> dict[str, str]:
@@ -105,6 +117,7 @@ class FlyDnsSource:
         private_url: str,
         private_port: int,
         local_upstream: str,
+        process_group: str | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout!r}")
@@ -114,6 +127,10 @@ class FlyDnsSource:
         self.addressing = MachineAddressing(app, local_machine_id, local_upstream, private_url, private_port)
         self.started_name = dns.name.from_text(f"vms.{app}.internal.")
         self.all_name = dns.name.from_text(f"all.vms.{app}.internal.")
+        self.process_group = process_group or None
+        self.group_name = dns.name.from_text(f"{process_group}.process.{app}.internal.") if process_group else None
+        self._addresses: dict[str, frozenset[str]] = {}  # Machine id -> AAAA of <id>.vm.<app>.internal
+        self._in_group: dict[str, bool] = {}  # learned while the Machine was started
         self._resolver = dns.asyncresolver.Resolver(configure=False)
         self._resolver.lifetime = timeout
         self._resolver.timeout = timeout / 2
@@ -149,6 +166,8 @@ class FlyDnsSource:
         if not deployed:
             what = "does not exist (NXDOMAIN)" if all_txt is None else "names no machine"
             raise DiscoveryError(f"{self.all_name} {what} at {self.server}; is fly.app {self.app!r} right?")
+        if self.group_name is not None:
+            return await self._of_group(started, deployed)
         out = [self.addressing.instance(mid, region, InstanceState.UP) for mid, region in started.items()]
         out.extend(
             self.addressing.instance(mid, region, InstanceState.STOPPED)
@@ -156,6 +175,58 @@ class FlyDnsSource:
             if mid not in started
         )
         return out
+
+    async def _of_group(self, started: dict[str, str], deployed: dict[str, str]) -> list[Instance]:
+        """The Machines of ``process_group`` (module docstring). Raises ``DiscoveryError``."""
+        assert self.group_name is not None
+        try:
+            async with asyncio.timeout(self.timeout):
+                group = await self._aaaa(self.group_name)
+                if not group:  # this node's own Machine is started and (normally) in the group
+                    raise DiscoveryError(f"{self.group_name} has no address at {self.server}; "
+                                         f"is fly.process_group {self.process_group!r} right?")
+                await self._resolve([m for m in started if m not in self._addresses])
+                known = set().union(*(self._addresses.get(m, frozenset()) for m in started))
+                if group - known:  # a Machine of the group has an address we do not know: look again
+                    await self._resolve(list(started))
+        except TimeoutError:
+            raise DiscoveryError(f"DNS AAAA look-ups for {self.group_name} at {self.server}: "
+                                 f"no answer within {self.timeout}s") from None
+        for mid in started:
+            addresses = self._addresses.get(mid)
+            if addresses:
+                self._in_group[mid] = bool(addresses & group)
+        for mid in list(self._addresses):
+            if mid not in deployed:  # destroyed: forget it
+                self._addresses.pop(mid, None)
+                self._in_group.pop(mid, None)
+        out: list[Instance] = []
+        for mid, region in deployed.items():
+            member = self._in_group.get(mid)
+            if member is False:
+                continue
+            state = InstanceState.UP if mid in started and self._addresses.get(mid) else InstanceState.STOPPED
+            inst = self.addressing.instance(mid, region, state)
+            out.append(inst if member else replace(inst, weight=0))
+        return out
+
+    async def _resolve(self, machine_ids: list[str]) -> None:
+        """Look up ``<id>.vm.<app>.internal`` AAAA for each, at most ``LOOKUP_CONCURRENCY`` at once;
+        a name that does not resolve (the Machine stopped meanwhile) drops its cached addresses."""
+        limit = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+
+        async def one(mid: str) -> None:
+            async with limit:
+                found = await self._aaaa(dns.name.from_text(f"{mid}.vm.{self.app}.internal."))
+            if found:
+                self._addresses[mid] = frozenset(found)
+            else:
+                self._addresses.pop(mid, None)
+
+        results = await asyncio.gather(*(one(m) for m in machine_ids), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def _server_ip(self) -> str:
         try:
@@ -168,6 +239,22 @@ class FlyDnsSource:
         except OSError as exc:
             raise DiscoveryError(f"cannot resolve the DNS server name {self.host!r}: {exc}") from exc
         return str(infos[0][4][0])
+
+    async def _aaaa(self, name: dns.name.Name) -> set[str]:
+        """The AAAA addresses of ``name`` (normalised text); empty for NXDOMAIN or no data."""
+        try:
+            answer = await self._resolver.resolve(name, dns.rdatatype.AAAA, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return set()
+        except dns.resolver.LifetimeTimeout:
+            raise DiscoveryError(f"DNS AAAA {name} at {self.server}: no answer within {self.timeout}s") from None
+        except dns.resolver.NoNameservers as exc:
+            raise DiscoveryError(f"DNS AAAA {name} at {self.server} failed: {_errors(exc)}") from None
+        except (dns.exception.DNSException, OSError) as exc:
+            raise DiscoveryError(f"DNS AAAA {name} at {self.server} failed: {exc!r}") from None
+        if answer.rrset is None:
+            return set()
+        return {str(ipaddress.ip_address(rdata.address)) for rdata in answer.rrset}
 
     async def _txt(self, name: dns.name.Name) -> list[str] | None:
         """The TXT records of ``name``, each with its strings joined; None for NXDOMAIN."""

@@ -54,10 +54,11 @@ def refresh_interval(health_interval: float) -> float:
     return min(health_interval, MAX_REFRESH_INTERVAL)
 
 
-def local_reports(view: MembershipView, node: str, now: float) -> dict[InstanceId, HeartbeatInfo]:
-    """This node's verdict on every instance it probes (local, with a URL). Pure."""
+def local_reports(view: MembershipView, node: str, now: float, group: str = "") -> dict[InstanceId, HeartbeatInfo]:
+    """This node's verdict on every instance it probes (local, with a URL), tagged with ``group``
+    (the Fly process group of this node's Machine, "" when unknown). Pure."""
     return {
-        i.id: HeartbeatInfo(cast(HeartbeatState, _PUBLISHED[i.state]), i.url, i.region, node, now)
+        i.id: HeartbeatInfo(cast(HeartbeatState, _PUBLISHED[i.state]), i.url, i.region, node, now, group)
         for i in view.instances
         if i.local and i.url and i.state in _PUBLISHED
     }
@@ -65,6 +66,7 @@ def local_reports(view: MembershipView, node: str, now: float) -> dict[InstanceI
 
 def instances_from_heartbeats(
     reports: Reports, now: float, *, stale_after: float = DEFAULT_STALE_AFTER, local_node: str | None = None,
+    group: str | None = None,
 ) -> list[Instance]:
     """Membership built from heartbeats (``fly.discovery: redis``). Pure; ``now`` is unix seconds.
 
@@ -72,10 +74,14 @@ def instances_from_heartbeats(
     otherwise the best fresh verdict (draining, then stopped, then down); only stale reports ->
     ``down``; no report -> not listed (``gone``). URL and region come from the report that decided.
     ``local`` is True when ``local_node`` (this node) reported on it, i.e. probes it itself.
+    With ``group`` (``fly.process_group``) only reports tagged with that group count: a Machine of
+    another group, or of no known group, is not listed.
     """
     result: list[Instance] = []
     for instance in sorted(reports):
         items = reports[instance]
+        if group is not None:
+            items = [r for r in items if r.group == group]
         if not items:
             continue
         fresh = [r for r in items if now - r.seen_at <= stale_after]
@@ -107,8 +113,10 @@ class MembershipRefresher:
         interval: float,
         on_reports: Callable[[dict[InstanceId, list[HeartbeatInfo]]], None] | None = None,
         clock: Callable[[], float] = time.time,
+        group: str = "",
     ) -> None:
         self._membership = membership
+        self.group = group
         self._shared = shared
         self.node = node
         self.interval = interval
@@ -131,7 +139,7 @@ class MembershipRefresher:
             epoch = self._membership.drain_epoch
             drained = await self._shared.drained()
             self._membership.set_drained(drained, epoch=epoch)
-            reports = local_reports(self._membership.current(), self.node, self._clock())
+            reports = local_reports(self._membership.current(), self.node, self._clock(), self.group)
             await self._shared.publish_heartbeat(self.node, reports, self.ttl)
             if self._on_reports is not None:
                 self._on_reports(await self._shared.heartbeats())
@@ -153,15 +161,17 @@ class HeartbeatSource:
     """``fly.discovery: redis``: the Machines are whatever nodes report in the shared store.
 
     Remote URLs are replaced by ``private_url(id)`` (a report carries the publishing node's own,
-    loopback, upstream URL, which is useless to others). Store errors become ``DiscoveryError`` so the
-    discovery loop keeps the last good membership.
+    loopback, upstream URL, which is useless to others). With ``group`` (``fly.process_group``) only
+    Machines whose node published that group are listed. Store errors become ``DiscoveryError`` so
+    the discovery loop keeps the last good membership.
     """
 
     def __init__(self, shared: SharedState, private_url: Callable[[str], str],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, group: str | None = None) -> None:
         self._shared = shared
         self._private_url = private_url
         self._clock = clock
+        self.group = group
 
     async def fetch(self) -> list[Instance]:
         from affinity_proxy.membership.sources import DiscoveryError
@@ -170,5 +180,5 @@ class HeartbeatSource:
             reports = await self._shared.heartbeats()
         except PinStoreUnavailable as exc:
             raise DiscoveryError(f"shared store unavailable: {exc}") from exc
-        found = instances_from_heartbeats(reports, self._clock())
+        found = instances_from_heartbeats(reports, self._clock(), group=self.group)
         return [replace(i, url=self._private_url(i.id), local=False) for i in found]

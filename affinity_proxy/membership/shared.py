@@ -29,16 +29,22 @@ HEARTBEAT_STATES: frozenset[str] = frozenset({"up", "down", "draining", "stopped
 @dataclass(frozen=True, slots=True)
 class HeartbeatInfo:
     """One node's verdict on one instance. ``seen_at`` is the publisher's wall clock (unix seconds)
-    when it formed the verdict; it is for display (report age), never for expiry."""
+    when it formed the verdict; it is for display (report age), never for expiry. ``group``: the
+    Fly process group of the instance ("" when unknown: proxy mode, or no ``fly.process_group``),
+    so ``fly.discovery: redis`` can keep only its own group's Machines."""
 
     state: HeartbeatState
     url: str
     region: str
     node: str
     seen_at: float
+    group: str = ""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        data = asdict(self)
+        if not self.group:
+            del data["group"]  # the report as nodes without groups write it
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str) -> HeartbeatInfo:
@@ -46,8 +52,9 @@ class HeartbeatInfo:
         data = json.loads(raw)
         if not isinstance(data, dict) or data.get("state") not in HEARTBEAT_STATES:
             raise ValueError(f"not a heartbeat report: {raw[:100]!r}")
+        group = data.get("group", "")
         return cls(str(data["state"]), str(data.get("url", "")), str(data.get("region", "")),  # type: ignore[arg-type]
-                   str(data.get("node", "")), float(data.get("seen_at", 0.0)))
+                   str(data.get("node", "")), float(data.get("seen_at", 0.0)), group if isinstance(group, str) else "")
 
 
 @runtime_checkable

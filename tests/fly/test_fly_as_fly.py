@@ -10,6 +10,7 @@ silent, the edge is run under each reading (``fallback_replay_src``, ``hard_limi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -28,6 +29,7 @@ from affinity_proxy.pins.memory import MemoryPinStore
 from affinity_proxy.routing.model import InstanceId
 from tests.fly.test_fly_mode import MACHINES, _free_port, fly_config
 from tests.functional.helpers import COOKIE, affinity_cookie, metric_value
+from tests.support.dns_server import DnsServer
 from tests.support.waiting import wait_until
 
 
@@ -53,11 +55,12 @@ StartFly = Callable[..., Awaitable[Fly]]
 async def start_fly() -> AsyncIterator[StartFly]:
     """``start_fly(placement=..., fly_keys={...}, workers=(...), **edge_kwargs)``: the 3 web
     Machines of app ``demo`` behind one edge; ``workers`` are extra Machines of group ``worker``
-    (a demo app each, no proxy: a worker does not serve HTTP)."""
+    (a demo app each, no proxy: a worker does not serve HTTP; with ``worker_nodes`` a proxy node
+    runs on each too, with ``process_group: worker``, as when one image runs it in every group)."""
     made: list[Fly] = []
 
     async def factory(placement: str = "local", fly_keys: dict[str, Any] | None = None,
-                      workers: tuple[str, ...] = (), **edge_kwargs: Any) -> Fly:
+                      workers: tuple[str, ...] = (), worker_nodes: bool = False, **edge_kwargs: Any) -> Fly:
         store = MemoryPinStore(pin_ttl=3600)
         shared = MemorySharedState()
         runners: list[web.AppRunner] = []
@@ -65,18 +68,19 @@ async def start_fly() -> AsyncIterator[StartFly]:
         for m in (*MACHINES, *workers):
             runner, app_ports[m] = await start_backend(m)
             runners.append(runner)
-        node_ports = {m: _free_port() for m in MACHINES}
+        node_ports = {m: _free_port() for m in (*MACHINES, *(workers if worker_nodes else ()))}
         edge = FlyEdge({m: f"http://127.0.0.1:{node_ports[m]}" for m in MACHINES}, **edge_kwargs)
         for m in MACHINES:
             edge.set_machine_group(m, "web")
         for w in workers:
-            edge.add_machine(w, f"http://127.0.0.1:{app_ports[w]}", group="worker")
+            edge.add_machine(w, f"http://127.0.0.1:{node_ports.get(w, app_ports[w])}", group="worker")
         await edge.start()
         nodes: dict[str, ProxyServer] = {}
-        for m in MACHINES:
+        keys = {k: (v.format(edge=edge.url) if isinstance(v, str) else v) for k, v in (fly_keys or {}).items()}
+        for m in node_ports:
             config = fly_config(m, app_ports[m], node_ports, placement)
-            keys = {k: (v.format(edge=edge.url) if isinstance(v, str) else v) for k, v in (fly_keys or {}).items()}
-            config = replace(config, fly=replace(config.fly, **keys))
+            group = {"process_group": "worker"} if m in workers else {}
+            config = replace(config, fly=replace(config.fly, **{**keys, **group}))
             nodes[m] = ProxyServer(config, store=store, shared=shared)
             await nodes[m].start()
         fly = Fly(edge, nodes, store, runners)
@@ -103,9 +107,9 @@ API = {"discovery": "api", "api_url": "{edge}", "api_token": "test-token", "disc
 
 
 async def _members(fly: Fly) -> None:
-    """Wait until every node's discovery lists exactly the web Machines."""
-    for node in fly.nodes.values():
-        await wait_until(lambda n=node: {i.id for i in n.ctx.membership.current().instances} == set(MACHINES),
+    """Wait until every web node's discovery lists exactly the web Machines."""
+    for m in MACHINES:
+        await wait_until(lambda n=fly.nodes[m]: {i.id for i in n.ctx.membership.current().instances} == set(MACHINES),
                          timeout=10)
 
 
@@ -304,19 +308,48 @@ async def test_new_anonymous_sessions_stay_where_the_edge_sent_them(start_fly: S
 # ---------------------------------------------------------------------------- process groups
 
 
-async def test_a_web_and_worker_app_never_pins_a_worker(start_fly: StartFly, http) -> None:
-    """Discovery over the Machines API (the edge serves a slice of it) with ``process_group:
-    web``; two worker Machines exist in the same app. Hash placement spreads users over every
-    member, so a worker member would get pins: none may."""
-    fly = await start_fly(placement="hash", workers=("w1", "w2"), fly_keys={**API, "process_group": "web"},
-                          http_group="web")
-    await _members(fly)
+@pytest.mark.parametrize("discovery", ["api", "dns", "redis"])
+async def test_a_web_and_worker_app_never_pins_a_worker(start_fly: StartFly, http, discovery: str) -> None:
+    """``process_group: web`` with two worker Machines in the same app, for each discovery source:
+    the Machines API slice the edge serves (``metadata.fly_process_group`` filter); Fly's DNS
+    (``vms`` TXT lists the workers too, ``web.process.demo.internal`` AAAA only the web Machines'
+    addresses); Redis heartbeats (a proxy node runs on the workers too and publishes group
+    ``worker``). Hash placement spreads users over every member, so a worker member would get
+    pins: none may."""
+    workers = ("w1", "w2")
+    keys: dict[str, Any] = {"process_group": "web"}
+    async with contextlib.AsyncExitStack() as stack:
+        if discovery == "api":
+            keys.update(API)
+        elif discovery == "dns":
+            dns = await stack.enter_async_context(DnsServer())
+            address = {m: f"fdaa:0:1:a7b:1::{n + 2:x}" for n, m in enumerate((*MACHINES, *workers))}
+            dns.set_txt("vms.demo.internal", ",".join(f"{m} lcl" for m in address))
+            dns.set_txt("all.vms.demo.internal", ",".join(f"{m} lcl" for m in address))
+            for m, a in address.items():
+                dns.set_aaaa(f"{m}.vm.demo.internal", a)
+            dns.set_aaaa("web.process.demo.internal", *(address[m] for m in MACHINES))
+            dns.set_aaaa("worker.process.demo.internal", *(address[w] for w in workers))
+            keys.update(discovery="dns", dns_server=dns.address, discovery_interval=0.2)
+        else:
+            keys.update(discovery="redis", discovery_interval=0.2)
+        fly = await start_fly(placement="hash", workers=workers, worker_nodes=discovery == "redis",
+                              fly_keys=keys, http_group="web")
+        await _members(fly)
+        await _web_users_stay_on_web(fly, http, discovery)
+        if discovery == "redis":  # the workers' nodes see only the workers: the filter, not a lack of reports
+            for w in workers:
+                await wait_until(lambda n=fly.nodes[w]: {i.id for i in n.ctx.membership.current().instances}
+                                 == set(workers), timeout=10)
+
+
+async def _web_users_stay_on_web(fly: Fly, http: aiohttp.ClientSession, label: str) -> None:
     for i in range(200):
         async with http.get(fly.edge.url + "/", headers={"X-User-Id": f"grp-{i}"}) as resp:
             assert resp.status == 200, await resp.text()
             assert (await resp.json())["instance"] in MACHINES
     counts = await fly.store.counts()
-    print(f"\nweb+worker: pins per Machine {dict(counts)}, edge errors {fly.edge.stats()['error_codes']}")
+    print(f"\nweb+worker ({label}): pins per Machine {dict(counts)}, edge errors {fly.edge.stats()['error_codes']}")
     assert set(counts) <= set(MACHINES) and sum(counts.values()) == 200
     assert fly.edge.stats()["error_codes"] == {}
 

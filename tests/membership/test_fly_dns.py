@@ -284,3 +284,109 @@ async def test_discovery_loop_feeds_membership(dns_server: DnsServer) -> None:
     finally:
         await tasks.close()
     assert tasks.crashes == 0
+
+
+# ---------------------------------------------------------------------------- process groups
+
+WEB2, WORKER, STOPPED_WEB, STOPPED_WORKER = "2871e9dae67d58", "6830d10c463198", "1857961b2d73e8", "185e276f707e78"
+GROUP = f"web.process.{APP}.internal"
+ADDR = {LOCAL: "fdaa:0:1:a7b:1::2", WEB2: "fdaa:0:1:a7b:1::3", WORKER: "fdaa:0:1:a7b:1::4",
+        STOPPED_WEB: "fdaa:0:1:a7b:1::5", STOPPED_WORKER: "fdaa:0:1:a7b:1::6"}
+
+
+def _vm(machine_id: str) -> str:
+    return f"{machine_id}.vm.{APP}.internal"
+
+
+def _start(server: DnsServer, started: dict[str, str], stopped: tuple[str, ...] = ()) -> None:
+    """``started``: Machine id -> group; the group record holds the web Machines' addresses."""
+    server.set_txt(VMS, ",".join(f"{m} ams" for m in started))
+    server.set_txt(ALL, ",".join(f"{m} ams" for m in (*started, *stopped)))
+    for m in ADDR:
+        if m in started:
+            server.set_aaaa(_vm(m), ADDR[m])
+        else:
+            server.set_nxdomain(_vm(m))
+    server.set_aaaa(GROUP, *(ADDR[m] for m, g in started.items() if g == "web"))
+
+
+async def test_process_group_keeps_only_that_groups_machines(dns_server: DnsServer) -> None:
+    """A worker is started: its address is not in ``web.process``, so it is left out. A stopped
+    Machine nobody saw started is kept with weight 0 (its pins stay, no new ones)."""
+    _start(dns_server, {LOCAL: "web", WEB2: "web", WORKER: "worker"}, stopped=(STOPPED_WEB,))
+    src = source(dns_server, process_group="web")
+    found = {i.id: (i.state, i.weight) for i in await src.fetch()}
+    assert found == {LOCAL: (InstanceState.UP, 1), WEB2: (InstanceState.UP, 1),
+                     STOPPED_WEB: (InstanceState.STOPPED, 0)}
+    assert dns_server.query_count(GROUP) == 1
+    assert all(dns_server.query_count(_vm(m)) == 1 for m in (LOCAL, WEB2, WORKER))
+    assert dns_server.query_count(_vm(STOPPED_WEB)) == 0, "a stopped Machine has no address to look up"
+    # a second round looks nothing up again per Machine: addresses are cached
+    await src.fetch()
+    assert all(dns_server.query_count(_vm(m)) == 1 for m in (LOCAL, WEB2, WORKER))
+
+
+async def test_process_group_remembers_groups_of_machines_seen_started(dns_server: DnsServer) -> None:
+    _start(dns_server, {LOCAL: "web", WEB2: "web", WORKER: "worker"})
+    src = source(dns_server, process_group="web")
+    await src.fetch()
+    _start(dns_server, {LOCAL: "web"}, stopped=(WEB2, WORKER))  # both autostopped
+    found = {i.id: (i.state, i.weight) for i in await src.fetch()}
+    assert found == {LOCAL: (InstanceState.UP, 1), WEB2: (InstanceState.STOPPED, 1)}, "the worker stays out"
+    _start(dns_server, {LOCAL: "web"}, stopped=(WEB2,))  # the worker is destroyed: forgotten
+    await src.fetch()
+    _start(dns_server, {LOCAL: "web", WORKER: "web"}, stopped=(WEB2,))  # a new Machine with that id, in web
+    found = {i.id: (i.state, i.weight) for i in await src.fetch()}
+    assert found[InstanceId(WORKER)] == (InstanceState.UP, 1)
+
+
+async def test_process_group_looks_again_when_a_machine_changes_address(dns_server: DnsServer) -> None:
+    _start(dns_server, {LOCAL: "web", WEB2: "web"})
+    src = source(dns_server, process_group="web")
+    assert {i.id for i in await src.fetch()} == {LOCAL, WEB2}
+    dns_server.set_aaaa(_vm(WEB2), "fdaa:0:1:a7b:1::99")  # rebooted with a new 6PN address
+    dns_server.set_aaaa(GROUP, ADDR[LOCAL], "fdaa:0:1:a7b:1::99")
+    assert {(i.id, i.weight) for i in await src.fetch()} == {(LOCAL, 1), (WEB2, 1)}
+    assert dns_server.query_count(_vm(WEB2)) == 2
+
+
+async def test_process_group_without_addresses_is_an_error(dns_server: DnsServer) -> None:
+    """No address for the group at all (this node's own Machine is started): a wrong group name
+    or a resolver fault, never "no Machine of the group"."""
+    _start(dns_server, {LOCAL: "web", WEB2: "web"})
+    dns_server.set_nxdomain(GROUP)
+    with pytest.raises(DiscoveryError, match="process_group"):
+        await source(dns_server, process_group="web").fetch()
+    dns_server.set_servfail(GROUP)
+    with pytest.raises(DiscoveryError, match="SERVFAIL"):
+        await source(dns_server, process_group="web").fetch()
+
+
+async def test_process_group_per_machine_lookup_failures(dns_server: DnsServer) -> None:
+    _start(dns_server, {LOCAL: "web", WEB2: "web"})
+    dns_server.set_servfail(_vm(WEB2))
+    with pytest.raises(DiscoveryError, match="SERVFAIL"):
+        await source(dns_server, process_group="web").fetch()
+    dns_server.set_nxdomain(_vm(WEB2))  # listed as started but no longer resolves: stopped meanwhile
+    found = {i.id: (i.state, i.weight) for i in await source(dns_server, process_group="web").fetch()}
+    assert found == {LOCAL: (InstanceState.UP, 1), WEB2: (InstanceState.STOPPED, 0)}
+
+
+async def test_process_group_silent_server_times_out(dns_server: DnsServer) -> None:
+    _start(dns_server, {LOCAL: "web"})
+    src = source(dns_server, process_group="web", timeout=0.3)
+    await src.fetch()
+    dns_server.set_txt(VMS, f"{LOCAL} ams,{WEB2} ams")
+    dns_server.set_txt(ALL, f"{LOCAL} ams,{WEB2} ams")
+    dns_server.set_aaaa(GROUP, ADDR[LOCAL], ADDR[WEB2])
+    dns_server.set_silent(_vm(WEB2))  # the TXT and group answers come; one Machine's never does
+    with pytest.raises(DiscoveryError, match="no answer"):
+        await src.fetch()
+    dns_server.set_silent(_vm(WEB2), False)
+    assert {i.id for i in await src.fetch()} == {LOCAL, WEB2}
+
+
+async def test_without_process_group_no_aaaa_is_asked(dns_server: DnsServer) -> None:
+    _start(dns_server, {LOCAL: "web", WORKER: "worker"})
+    assert {i.id for i in await source(dns_server, process_group=None).fetch()} == {LOCAL, WORKER}
+    assert not any(q[1] == "AAAA" for q in dns_server.queries)

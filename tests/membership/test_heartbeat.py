@@ -64,6 +64,43 @@ def test_local_reports_cover_probed_instances_only() -> None:
                    B: HeartbeatInfo("draining", "http://b", "", "n1", NOW)}
 
 
+def test_process_group_keeps_only_machines_reported_in_that_group() -> None:
+    """``fly.discovery: redis`` with ``fly.process_group``: a Machine whose node publishes another
+    group (a worker running the proxy too), or no group at all, is not listed."""
+    def tagged(node: str, group: str) -> HeartbeatInfo:
+        return HeartbeatInfo("up", f"http://{node}", "ams", node, NOW, group)
+
+    reports = {A: [tagged("n1", "web")], B: [tagged("n2", "worker")], C: [tagged("n3", "")]}
+    assert [i.id for i in instances_from_heartbeats(reports, NOW, group="web")] == [A]
+    assert [i.id for i in instances_from_heartbeats(reports, NOW, group="worker")] == [B]
+    assert [i.id for i in instances_from_heartbeats(reports, NOW)] == [A, B, C], "no group: every Machine"
+    # one instance reported in two groups (a misconfigured node): only the matching report counts
+    mixed = {A: [HeartbeatInfo("down", "http://old", "", "n1", NOW, "web"), tagged("n2", "worker")]}
+    (only,) = instances_from_heartbeats(mixed, NOW, group="web")
+    assert (only.state, only.url) == (InstanceState.DOWN, "http://old")
+
+
+@pytest.mark.parametrize(
+    ("raw", "group"),
+    [
+        ('{"state":"up","url":"u","region":"r","node":"n","seen_at":1}', ""),  # a node without groups
+        ('{"state":"up","url":"u","region":"r","node":"n","seen_at":1,"group":"web"}', "web"),
+        ('{"state":"up","url":"u","region":"r","node":"n","seen_at":1,"group":7}', ""),
+        ('{"state":"up","url":"u","region":"r","node":"n","seen_at":1,"group":null}', ""),
+    ],
+)
+def test_heartbeat_group_on_the_wire(raw: str, group: str) -> None:
+    info = HeartbeatInfo.from_json(raw)
+    assert info.group == group
+    assert HeartbeatInfo.from_json(info.to_json()) == info
+    assert ('"group"' in info.to_json()) is bool(group), "no group: the report as nodes without groups write it"
+
+
+def test_local_reports_carry_the_group() -> None:
+    m = Membership([Instance(A, "http://a")])
+    assert local_reports(m.current(), "n1", NOW, "web") == {A: HeartbeatInfo("up", "http://a", "", "n1", NOW, "web")}
+
+
 def test_refresh_interval_is_capped_at_one_second() -> None:
     assert refresh_interval(5.0) == 1.0
     assert refresh_interval(0.3) == 0.3
@@ -123,3 +160,27 @@ async def test_outage_keeps_drains_and_logs_once_per_streak(private_redis: Redis
         assert sum("reachable again" in rec.getMessage() for rec in caplog.records) == 1
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_heartbeat_source_keeps_its_process_group(backend: str, redis_url: str) -> None:
+    """Two web nodes and a worker node (the proxy runs in every group) publish through the shared
+    state; a web node's discovery lists the web Machines only."""
+    from affinity_proxy.membership.heartbeat import HeartbeatSource
+
+    store = RedisPinStore(redis_url, key_prefix="hbgroup:", pin_ttl=30.0, timeout=2.0) if backend == "redis" else None
+    shared = RedisSharedState(store) if store is not None else MemorySharedState()
+    try:
+        for node, machine, group in (("n1", "w1", "web"), ("n2", "w2", "web"), ("n3", "k1", "worker")):
+            refresher = MembershipRefresher(Membership([Instance(InstanceId(machine), f"http://{machine}")]), shared,
+                                            node=node, interval=0.5, group=group)
+            await refresher.refresh_once()
+        reports = await shared.heartbeats()
+        assert {i: [r.group for r in v] for i, v in reports.items()} == {"w1": ["web"], "w2": ["web"], "k1": ["worker"]}
+        web = HeartbeatSource(shared, lambda i: f"http://{i}.vm.demo.internal:8080", group="web")
+        assert sorted(i.id for i in await web.fetch()) == ["w1", "w2"]
+        every = HeartbeatSource(shared, lambda i: f"http://{i}.vm.demo.internal:8080")
+        assert sorted(i.id for i in await every.fetch()) == ["k1", "w1", "w2"]
+    finally:
+        if store is not None:
+            await store.close()

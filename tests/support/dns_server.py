@@ -1,4 +1,4 @@
-"""A tiny real DNS server for tests: UDP and TCP on 127.0.0.1, one free port, TXT records only.
+"""A tiny real DNS server for tests: UDP and TCP on 127.0.0.1, one free port, TXT and AAAA records.
 
 Built on dnspython's message parsing (``dns.message.from_wire``/``make_response``), so what the
 client under test sees is real DNS on the wire: multi-string TXT data, NXDOMAIN, SERVFAIL, answers
@@ -23,6 +23,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.TXT
+import dns.rdtypes.IN.AAAA
 import dns.rrset
 
 UDP_LIMIT_NO_EDNS = 512
@@ -34,8 +35,9 @@ def _key(name: str | dns.name.Name) -> dns.name.Name:
 
 @dataclass
 class DnsServer:
-    """TXT-only authoritative stand-in. A name with records answers them; a name in ``servfail``
-    answers SERVFAIL; any other name is NXDOMAIN (or NOERROR with no data, see ``set_empty``).
+    """TXT and AAAA authoritative stand-in. A name with records answers them (NOERROR with no data
+    for a type it has none of); a name in ``servfail`` answers SERVFAIL; any other name is NXDOMAIN
+    (or NOERROR with no data, see ``set_empty``).
     With ``silent`` set, queries are read (and recorded) and never answered."""
 
     host: str = "127.0.0.1"
@@ -44,8 +46,10 @@ class DnsServer:
     drop: int = 0  # leave this many more queries unanswered (a lost packet), then answer again
     queries: list[tuple[str, str, str]] = field(default_factory=list)  # (name, type, "udp"|"tcp")
     _txt: dict[dns.name.Name, list[tuple[bytes, ...]]] = field(default_factory=dict)
+    _aaaa: dict[dns.name.Name, list[str]] = field(default_factory=dict)
     _empty: set[dns.name.Name] = field(default_factory=set)
     _servfail: set[dns.name.Name] = field(default_factory=set)
+    _silent: set[dns.name.Name] = field(default_factory=set)
     _udp: asyncio.DatagramTransport | None = None
     _tcp: asyncio.Server | None = None
     port: int = 0
@@ -64,9 +68,17 @@ class DnsServer:
             out.append(tuple(p.encode() if isinstance(p, str) else p for p in parts))
         self._txt[key] = out
 
+    def set_aaaa(self, name: str, *addresses: str) -> None:
+        """Serve these AAAA records for ``name`` (IPv6 addresses as text)."""
+        key = _key(name)
+        self._servfail.discard(key)
+        self._empty.discard(key)
+        self._aaaa[key] = list(addresses)
+
     def set_nxdomain(self, name: str) -> None:
         key = _key(name)
         self._txt.pop(key, None)
+        self._aaaa.pop(key, None)
         self._empty.discard(key)
         self._servfail.discard(key)
 
@@ -78,6 +90,10 @@ class DnsServer:
     def set_servfail(self, name: str) -> None:
         self.set_nxdomain(name)
         self._servfail.add(_key(name))
+
+    def set_silent(self, name: str, silent: bool = True) -> None:
+        """Never answer queries for ``name`` (its records, if any, stay for when this is undone)."""
+        (self._silent.add if silent else self._silent.discard)(_key(name))
 
     def query_count(self, name: str) -> int:
         key = _key(name).to_text()
@@ -95,7 +111,7 @@ class DnsServer:
             return None
         question = query.question[0]
         self.queries.append((question.name.to_text(), dns.rdatatype.to_text(question.rdtype), transport))
-        if self.silent:
+        if self.silent or question.name in self._silent:
             return None
         if self.drop > 0:
             self.drop -= 1
@@ -105,11 +121,16 @@ class DnsServer:
         key = question.name
         if key in self._servfail:
             response.set_rcode(dns.rcode.SERVFAIL)
-        elif key in self._txt:
-            if question.rdtype in (dns.rdatatype.TXT, dns.rdatatype.ANY) and self._txt[key]:
+        elif key in self._txt or key in self._aaaa:
+            if question.rdtype in (dns.rdatatype.TXT, dns.rdatatype.ANY) and self._txt.get(key):
                 rrset = dns.rrset.RRset(key, dns.rdataclass.IN, dns.rdatatype.TXT)
                 for strings in self._txt[key]:
                     rrset.add(dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, strings), self.ttl)
+                response.answer.append(rrset)
+            if question.rdtype in (dns.rdatatype.AAAA, dns.rdatatype.ANY) and self._aaaa.get(key):
+                rrset = dns.rrset.RRset(key, dns.rdataclass.IN, dns.rdatatype.AAAA)
+                for address in self._aaaa[key]:
+                    rrset.add(dns.rdtypes.IN.AAAA.AAAA(dns.rdataclass.IN, dns.rdatatype.AAAA, address), self.ttl)
                 response.answer.append(rrset)
         elif key not in self._empty:
             response.set_rcode(dns.rcode.NXDOMAIN)
