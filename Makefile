@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 
 .PHONY: demo test test-all lint install bench bench-scaling chaos clean redis-server test-deps
 
-# Debian packages the suite needs (redis-server, chromium, prometheus's promtool, nginx, openssl),
-# installed with apt-get when missing; the list is in .ci/install-deps, which CI uses too.
+# Debian packages the suite needs (redis-server, chromium, prometheus's promtool, nginx, openssl,
+# slowhttptest), installed with apt-get when missing; the list is in .ci/install-deps, which CI
+# uses too.
 test-deps:
 	@.ci/install-deps
 

@@ -1,0 +1,101 @@
+"""slowhttptest (Debian's package) against the proxy, on both engines, with a real aiohttp backend.
+
+Three attacks of 400 connections each, 4 s long: slow headers (slowloris, ``-H``), slow request
+bodies (R-U-Dead-Yet, ``-B``: a 4 KiB body trickled, within ``limits.request_buffer``) and slow
+reads of a response (``-X``). While each runs, a normal client is served every half second, and
+the backend's accepted connections are sampled from /proc: slow headers and slow bodies hold none
+(before ``limits.request_buffer`` a slow body held one backend connection each: 400), slow
+readers of a 32 KiB response only briefly (the proxy takes the whole response and frees the
+backend). After each run every attack connection is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import replace
+
+import aiohttp
+import pytest
+
+from affinity_proxy.config import LimitsConfig
+from tests.functional.conftest import Backends, make_config
+from tests.robustness.conftest import assert_served
+from tests.security.conftest import backend_connections
+from tests.support.engine import proxy_factory
+from tests.support.waiting import wait_until
+
+CONNECTIONS = 400
+SECONDS = 4
+
+ATTACKS = {
+    # mode: (slowhttptest arguments after the common ones, path, most backend connections allowed)
+    "slow-headers": (["-H", "-x", "24"], "/", 10),
+    "slow-body": (["-B", "-s", "4096", "-x", "10"], "/upload", 10),
+    # slow readers: a backend connection lives as long as one 32 KiB response (they overlap while
+    # 400 requests arrive within a second), never as long as the slow reader
+    "slow-read": (["-X", "-k", "1", "-n", "1", "-w", "512", "-y", "1024", "-z", "32"], "/stream?bytes=32768", 150),
+}
+
+
+@pytest.mark.parametrize("engine", ["fast", "aiohttp"])
+@pytest.mark.parametrize("attack", list(ATTACKS))
+async def test_slowhttptest_attack(slowhttptest: str, engine: str, attack: str) -> None:
+    flags, path, max_backend = ATTACKS[attack]
+    backends = Backends()
+    await backends.start("a")
+    try:
+        async with proxy_factory(engine) as start, aiohttp.ClientSession() as http:
+            config = make_config(backends)
+            server = await start(replace(config, limits=replace(config.limits, client_timeout=60.0)))
+            assert isinstance(server.config.limits, LimitsConfig) and server.config.engine == engine
+            port, backend_port = server.main_port, backends.ports["a"]
+            await assert_served(http, port, f"{engine} {attack}: before")
+            args = [slowhttptest, *flags, "-c", str(CONNECTIONS), "-r", "400", "-i", "1", "-l", str(SECONDS),
+                    "-p", "3", "-u", f"http://127.0.0.1:{port}{path}"]
+            proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.STDOUT)
+            peak_backend = peak_clients = served = 0
+            started = time.monotonic()
+            try:
+                while proc.returncode is None:
+                    peak_backend = max(peak_backend, backend_connections(backend_port))
+                    peak_clients = max(peak_clients, backend_connections(port))
+                    await assert_served(http, port, f"{engine} {attack}: during")
+                    served += 1
+                    try:
+                        await asyncio.wait_for(proc.wait(), 0.5)
+                    except TimeoutError:
+                        pass
+                    assert time.monotonic() - started < SECONDS + 30, "slowhttptest did not end"
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                output = (await proc.communicate())[0].decode(errors="replace")
+            print(f"{engine} {attack}: {peak_clients} attack connections at once, peak backend connections "
+                  f"{peak_backend}, normal client served {served} times during the attack")
+            assert proc.returncode == 0, output[-2000:]
+            assert peak_clients >= CONNECTIONS // 2, f"the attack never got going:\n{output[-2000:]}"
+            assert peak_backend <= max_backend, f"{peak_backend} backend connections held by {attack}"
+            await wait_until(lambda: backend_connections(port) <= 1, timeout=30,
+                             message="every attack connection closed")
+            await assert_served(http, port, f"{engine} {attack}: after")
+    finally:
+        await backends.close()
+
+
+def test_backend_connections_counts_accepted_sockets_only() -> None:
+    """The /proc helper: a listener is not a connection, an accepted socket is."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert backend_connections(port) == 0
+        with socket.create_connection(("127.0.0.1", port)):
+            accepted, _ = listener.accept()
+            with accepted:
+                assert backend_connections(port) == 1
+        assert os.path.exists("/proc/self/fd")
