@@ -198,7 +198,8 @@ def discovery_source(ctx: ProxyContext) -> MembershipSource | None:
         return FlyMachinesApiSource(
             fly.app, api_url=fly.api_url or DEFAULT_API_URL, token=fly.api_token, local_machine_id=fly.machine_id,
             private_url=fly.private_url, private_port=fly.private_port, local_upstream=fly.upstream,
-            session=ctx.client.session, process_group=fly.process_group,
+            session=ctx.client.session, process_group=fly.process_group, shared=ctx.shared,
+            interval=fly.discovery_interval,
         )
     from affinity_proxy.membership.fly_dns import FlyDnsSource
 

@@ -101,6 +101,9 @@ class FlyEdge:
         hard_limit_instance: HardLimitReading = "wait",
         fallback_replay_src: bool = False,
         hard_limit_wait: float = 30.0,
+        api_rate: float | None = None,
+        api_burst: float = 3.0,
+        api_retry_after: int | None = 1,
     ) -> None:
         self.router = EdgeRouter(machines, app=app, region=region, http_group=http_group,
                                  hard_limit_instance=hard_limit_instance, fallback_replay_src=fallback_replay_src)
@@ -127,6 +130,10 @@ class FlyEdge:
         self.served: Counter[str] = Counter()
         self.error_codes: Counter[str] = Counter()
         self.replay_counts: Counter[int] = Counter()
+        self.api_calls = 0  # Machines API list calls answered (200 or not)
+        self.api_limited = 0  # of them answered 429
+        self.api_rate, self.api_burst, self.api_retry_after = api_rate, api_burst, api_retry_after
+        self._api_tokens, self._api_at = api_burst, time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle and machines
 
@@ -253,6 +260,8 @@ class FlyEdge:
             "served": dict(self.served),
             "error_codes": dict(self.error_codes),
             "replay_counts": {str(k): v for k, v in sorted(self.replay_counts.items())},
+            "api_calls": self.api_calls,
+            "api_limited": self.api_limited,
             "machines": {m.id: {"url": m.url, "state": m.state, "app": m.app, "group": m.group,
                                 "hard_limit": m.hard_limit, "load": m.load + m.busy}
                          for m in self.router.machines.values()},
@@ -272,6 +281,11 @@ class FlyEdge:
         ``include_deleted``). Served on the edge's port, so ``fly.api_url`` can point here."""
         if not request.headers.get("Authorization", "").strip():
             return web.json_response({"error": "unauthorized"}, status=401)
+        self.api_calls += 1
+        if not self._api_take():
+            self.api_limited += 1
+            headers = {"Retry-After": str(self.api_retry_after)} if self.api_retry_after is not None else {}
+            return web.json_response({"error": "rate limit exceeded"}, status=429, headers=headers)
         app = request.match_info["app"]
         group = request.query.get("metadata.fly_process_group")
         machines = [m for m in self.router.machines.values() if (m.app or self.app) == app and m.state != "destroyed"]
@@ -282,6 +296,21 @@ class FlyEdge:
              "config": {"metadata": {"fly_process_group": m.group}}}
             for m in machines if group is None or m.group == group
         ])
+
+    def _api_take(self) -> bool:
+        """A token of the list call's bucket (``api_rate`` per second, bursts of ``api_burst``);
+        always True without ``api_rate``. GUESS: Fly documents 1 request/s with bursts of 3 per
+        action and Machine (docs/fly-private-network.md), not a figure for the list call, nor
+        whether a 429 carries ``Retry-After`` (``api_retry_after`` None leaves it out)."""
+        if self.api_rate is None:
+            return True
+        now = time.monotonic()
+        self._api_tokens = min(self.api_burst, self._api_tokens + (now - self._api_at) * self.api_rate)
+        self._api_at = now
+        if self._api_tokens < 1:
+            return False
+        self._api_tokens -= 1
+        return True
 
     async def _machine_state_handler(self, request: web.Request) -> web.Response:
         try:

@@ -19,6 +19,7 @@ hash tag ``{m}``, so every key below is in one Redis Cluster slot):
                        like the hashes.
 - ``P lock:<name>``    string token, ``SET NX PX ttl``; released by a Lua compare-and-delete so only
                        the holder (not a successor after expiry) can release it.
+- ``P val:<name>``     string, ``SET PX ttl``: a small shared value (the Machines API poller's answer).
 
 Scripts compute ``hb:`` key names from ``ARGV``; the shared hash tag keeps them in the slot of
 ``KEYS[1]``, so this works on one Redis, Sentinel and Redis Cluster alike.
@@ -149,6 +150,15 @@ class RedisSharedState:
         key, ttl_ms = self._lock_key(name), max(1, round(ttl * 1000))
         won = await self._store.call("acquire_lock", lambda: self._store.client.set(key, token, nx=True, px=ttl_ms))
         return token if won else None
+
+    async def put_value(self, name: str, value: str, ttl: float) -> None:
+        key, ttl_ms = f"{self._prefix}val:{name}", max(1, round(ttl * 1000))
+        await self._store.call("put_value", lambda: self._store.client.set(key, value, px=ttl_ms))
+
+    async def get_value(self, name: str) -> str | None:
+        key = f"{self._prefix}val:{name}"
+        value = await self._store.call("get_value", lambda: self._store.client.get(key))
+        return None if value is None else str(value)
 
     async def release_lock(self, name: str, token: str) -> bool:
         key = self._lock_key(name)

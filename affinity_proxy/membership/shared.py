@@ -1,8 +1,9 @@
 """SharedState: the state every node must agree on besides pins (drain marks, heartbeats, locks).
 
 Why a seam: session state kept in one process's memory breaks as soon as a second worker or node
-serves the same user. Drain marks, the health verdicts each node publishes (heartbeats) and the
-reaper's lock therefore live behind this Protocol. ``MemorySharedState`` serves one process
+serves the same user. Drain marks, the health verdicts each node publishes (heartbeats), locks (the
+reaper's, the Machines API poller's) and small shared values with a ttl (the Machines API poller's
+last answer) therefore live behind this Protocol. ``MemorySharedState`` serves one process
 (``store.url: memory://``); ``membership.redis_shared.RedisSharedState`` shares them through the Redis
 of the pin store. Every mutation is atomic in the backing store itself (no check-then-act in callers).
 
@@ -96,6 +97,14 @@ class SharedState(Protocol):
         """Release the lock only if ``token`` still holds it (compare-and-delete). True if released."""
         ...
 
+    async def put_value(self, name: str, value: str, ttl: float) -> None:
+        """Store ``value`` under ``name`` for every node, for ``ttl`` seconds (replacing any)."""
+        ...
+
+    async def get_value(self, name: str) -> str | None:
+        """The unexpired value stored under ``name``, else None."""
+        ...
+
 
 def new_token() -> str:
     """An unguessable lock token: a holder whose lock expired cannot release its successor's."""
@@ -113,6 +122,7 @@ class MemorySharedState:
         self._drained: set[InstanceId] = set()
         self._reports: dict[InstanceId, dict[str, tuple[HeartbeatInfo, float]]] = {}
         self._locks: dict[str, tuple[str, float]] = {}
+        self._values: dict[str, tuple[str, float]] = {}
 
     async def drain(self, instance: InstanceId) -> None:
         self._drained.add(instance)
@@ -156,3 +166,15 @@ class MemorySharedState:
             return False
         del self._locks[name]
         return True
+
+    async def put_value(self, name: str, value: str, ttl: float) -> None:
+        self._values[name] = (value, self._clock() + ttl)
+
+    async def get_value(self, name: str) -> str | None:
+        held = self._values.get(name)
+        if held is None:
+            return None
+        if held[1] <= self._clock():
+            del self._values[name]
+            return None
+        return held[0]

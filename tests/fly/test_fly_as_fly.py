@@ -386,3 +386,31 @@ async def test_a_machine_at_its_hard_limit_keeps_its_pins(
             assert (await resp.json())["instance"] == "m3"
     metrics = await fly.metrics(http)
     assert metric_value(metrics, "affinity_requests_total", {"action": "forward", "reason": "fallback"}) == 12
+
+
+# ---------------------------------------------------------------------------- Machines API rate limits
+
+
+async def test_machines_api_polling_stays_within_the_rate_limit(start_fly: StartFly, http) -> None:
+    """3 nodes discover over the Machines API every 0.2 s, the stand-in allows 1 list call a second
+    (bursts of 3) and answers 429 with Retry-After beyond: one node polls per interval for the app
+    (the shared lock), 429s back every node off, and membership still follows the API (a
+    destroyed Machine leaves every node's view; requests see no error)."""
+    fly = await start_fly(fly_keys=API, api_rate=1.0, api_burst=3.0)
+    await _members(fly)
+    loop = asyncio.get_running_loop()
+    started, calls = loop.time(), fly.edge.api_calls
+    fly.edge.set_machine_state("m3", "destroyed")
+    for m in ("m1", "m2"):
+        await wait_until(lambda n=fly.nodes[m]: "m3" not in {i.id for i in n.ctx.membership.current().instances},
+                         timeout=15)
+    for i in range(20):
+        async with http.get(fly.edge.url + "/", headers={"X-User-Id": f"rl-{i}"}) as resp:
+            assert resp.status == 200
+    await wait_until(lambda: fly.edge.api_calls >= calls + 6, timeout=30)  # a few seconds of polling to report
+    elapsed = loop.time() - started
+    stats = fly.edge.stats()
+    print(f"\nMachines API: {stats['api_calls']} calls ({stats['api_limited']} answered 429) from 3 nodes polling "
+          f"every 0.2 s; {stats['api_calls'] - calls} in the last {elapsed:.1f} s (uncoordinated: about "
+          f"{3 * elapsed / 0.2:.0f})")
+    assert stats["error_codes"] == {}

@@ -33,8 +33,11 @@ async def test_key_schema(store: RedisPinStore, redis_server: RedisServer) -> No
     await shared.drain(A)
     await shared.publish_heartbeat("n1", {A: report("n1")}, ttl=30)
     token = await shared.acquire_lock("reaper", ttl=30)
+    await shared.put_value("machines:demo:web", "[]", ttl=30)
     with redis_server.client() as r:  # one hash tag: every shared key is in one cluster slot
-        assert sorted(r.keys("*")) == ["t:{m}drain", "t:{m}hb-instances", "t:{m}hb:a", "t:{m}lock:reaper"]
+        assert sorted(r.keys("*")) == ["t:{m}drain", "t:{m}hb-instances", "t:{m}hb:a", "t:{m}lock:reaper",
+                                       "t:{m}val:machines:demo:web"]
+        assert r.get("t:{m}val:machines:demo:web") == "[]" and 0 < r.pttl("t:{m}val:machines:demo:web") <= 30_000
         assert r.smembers("t:{m}drain") == {"a"}
         assert r.smembers("t:{m}hb-instances") == {"a"}
         stamp, _, payload = r.hget("t:{m}hb:a", "n1").partition("|")

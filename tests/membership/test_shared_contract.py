@@ -106,3 +106,19 @@ async def test_lock_expiry_lets_another_acquire_and_the_old_holder_cannot_releas
     assert await one.release_lock("job", old) is False, "an expired holder must not free its successor's lock"
     assert await one.acquire_lock("job", ttl=30) is None
     assert await two.release_lock("job", new) is True
+
+
+async def test_values_are_shared_replaced_and_expire(shared_harness: SharedHarness) -> None:
+    one, two = shared_harness.peers(2)
+    assert await one.get_value("poll") is None
+    await one.put_value("poll", '{"machines": []}', ttl=30)
+    assert await two.get_value("poll") == '{"machines": []}'
+    await two.put_value("poll", "newer", ttl=0.2)
+    assert await one.get_value("poll") == "newer", "replaced"
+    await one.put_value("other", "kept", ttl=30)
+
+    async def expired() -> bool:
+        return await two.get_value("poll") is None
+
+    await wait_until(expired, timeout=5, message="a value lives for its ttl only")
+    assert await two.get_value("other") == "kept", "values are independent by name"
