@@ -1,8 +1,9 @@
 """open_pin_store: turn ``store.url`` into a PinStore. The one place that knows the URL schemes.
 
 ``memory://`` -> MemoryPinStore (one process); ``redis://``, ``rediss://`` (TLS), ``unix://``,
-``redis+cluster://`` (Redis Cluster) and ``redis+sentinel://`` (Sentinel) -> RedisPinStore. Opening does no I/O: Redis connects lazily on the first call, so a Redis that is
-down at start-up degrades like one that goes down later. Imports only ``pins.*`` and ``_tasks``.
+``redis+cluster://`` (Redis Cluster) and ``redis+sentinel://`` (Sentinel) -> RedisPinStore.
+Opening does no I/O: Redis connects lazily on the first call, so a Redis that is down at start-up
+degrades like one that goes down later. Imports only ``pins.*`` and ``_tasks``.
 """
 
 from __future__ import annotations

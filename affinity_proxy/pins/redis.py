@@ -135,7 +135,7 @@ def open_client(url: str, *, timeout: float, max_connections: int) -> tuple[Redi
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
             username=target.username,
             password=target.password,
-            max_connections=max_connections,
+            max_connections=2 * max_connections,  # per node; RedisPinStore gates at max_connections
             retry=Retry(NoBackoff(), 1),  # one quick retry (MOVED after a failover); then the breaker
             **common,
         )
@@ -204,6 +204,10 @@ class RedisPinStore:
         self._client: Any
         self._client, self._helpers = open_client(url, timeout=timeout, max_connections=max_connections)
         self.cluster = isinstance(self._client, RedisCluster)
+        # Cluster and Sentinel pools raise at max_connections instead of queueing like the single-Redis
+        # BlockingConnectionPool: this gate makes a burst wait (at most ``timeout``) for them too.
+        self._gate = asyncio.Semaphore(max_connections) if self._helpers or self.cluster else None
+        self._timeout = timeout
         self._own_tasks = tasks is None
         self._tasks = tasks if tasks is not None else TaskSet()
         self._on_error = on_error
@@ -255,7 +259,7 @@ class RedisPinStore:
             self._count_error(op)
             raise PinStoreUnavailable(f"redis at {self.where} is unavailable (circuit open)")
         try:
-            result = await fn()
+            result = await self._gated(fn)
         except Exception as exc:
             if not _is_unavailable(exc):
                 self._succeeded(token)  # Redis answered; the error is the caller's, not an outage
@@ -276,6 +280,16 @@ class RedisPinStore:
             raise
         self._succeeded(token)
         return result
+
+    async def _gated(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """``fn()`` once a connection slot is free; builtin TimeoutError (an outage) after ``timeout``."""
+        if self._gate is None:
+            return await fn()
+        await asyncio.wait_for(self._gate.acquire(), self._timeout)
+        try:
+            return await fn()
+        finally:
+            self._gate.release()
 
     def _succeeded(self, token: int) -> None:
         if self._breaker.succeeded(token):

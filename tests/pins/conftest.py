@@ -1,4 +1,5 @@
-"""Pin store fixtures: the same contract suite runs on every store kind (memory, redis)."""
+"""Pin store fixtures: the same contract suite runs on every store kind (memory, one Redis, Redis
+Cluster, Sentinel)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ DEFAULT_TTL = 30.0
 class StoreHarness:
     """Creates stores of one kind and closes them after the test.
 
-    ``peers(n)`` gives n handles on the *same* pins: n RedisPinStores (own pools) on one Redis, or the
-    one MemoryPinStore n times (a memory store is not shared between processes).
+    ``peers(n)`` gives n handles on the *same* pins: n RedisPinStores (own pools) on one Redis (or
+    cluster, or Sentinel set), or the one MemoryPinStore n times (a memory store is not shared
+    between processes).
     """
 
     def __init__(self, kind: str, redis_url: str | None) -> None:
@@ -47,9 +49,13 @@ class StoreHarness:
             await store.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+URL_FIXTURES = {"redis": "redis_url", "cluster": "cluster_url", "sentinel": "sentinel_url"}
+
+
+@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[StoreHarness]:
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    fixture = URL_FIXTURES.get(request.param)
+    url = request.getfixturevalue(fixture) if fixture else None
     h = StoreHarness(request.param, url)
     try:
         yield h
