@@ -55,6 +55,9 @@ if TYPE_CHECKING:
     from affinity_proxy.fastpath import FastServer
 
 log = logging.getLogger("affinity_proxy.app")
+#: Seconds the admin listener waits for its requests (all short: metrics, health, admin calls) on
+#: shutdown, after the main listener has drained; ``runtime.shutdown_budget`` counts it.
+ADMIN_SHUTDOWN_TIMEOUT = 5.0
 
 PIN_COUNT_REFRESH_SECONDS = 5.0
 
@@ -283,7 +286,8 @@ class ProxyServer:
         limits = self.config.limits
         main_runner = ProxyAppRunner(self.main_app, limits=limits, on_response=self.ctx.metrics.response,
                                      access_log=None, shutdown_timeout=limits.client_timeout)
-        admin_runner = ProxyAppRunner(self.admin_app, limits=limits, access_log=None)  # same deadlines and caps
+        admin_runner = ProxyAppRunner(self.admin_app, limits=limits, access_log=None,  # same deadlines and caps
+                                      shutdown_timeout=ADMIN_SHUTDOWN_TIMEOUT)
         await main_runner.setup()
         await admin_runner.setup()
         self._runners = [main_runner, admin_runner]

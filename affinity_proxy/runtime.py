@@ -129,6 +129,34 @@ async def _wait_for_stop(stop: asyncio.Event, app: AppProcess | None) -> int:
     return 0
 
 
+#: aiohttp's wait for a WebSocket's closing handshake; open sockets are closed together on shutdown.
+WS_CLOSE_WAIT = 10.0
+#: Background tasks cancelled (one re-cancel after ``_tasks.RECANCEL_AFTER``), pools and clients closed.
+CLEANUP_MARGIN = 3.0
+
+
+def shutdown_budget(config: Config, *, supervised_app: bool) -> float:
+    """The longest a graceful stop of ``serve`` (one process) may take, in seconds: what a
+    platform's kill timeout (Fly's ``kill_timeout``) must cover so SIGKILL cuts nothing.
+
+    The stages, in order (``serve_until_signal``, ``ProxyServer.stop``): the fast engine drains
+    (``limits.client_timeout``); the aiohttp listener closes open WebSockets (``WS_CLOSE_WAIT``)
+    and drains what it took over from the fast engine (``client_timeout`` again; with the aiohttp
+    engine this is the only drain), then flushes pending pin refreshes (``store.timeout``) and
+    closes its tasks (``CLEANUP_MARGIN``); the admin listener gets ``app.ADMIN_SHUTDOWN_TIMEOUT``;
+    with ``--exec`` (``supervised_app``) the app then gets SIGTERM and up to ``client_timeout``
+    before SIGKILL. A request in flight is cut at the end of its drain, so ``client_timeout`` at
+    least ``upstream_timeout`` lets one that waits on a slow app finish. Pure.
+    """
+    from affinity_proxy.app import ADMIN_SHUTDOWN_TIMEOUT
+
+    limits = config.limits
+    drains = 2 if config.engine == "fast" else 1
+    app = limits.client_timeout if supervised_app else 0.0
+    return (drains * limits.client_timeout + WS_CLOSE_WAIT + config.store.timeout + CLEANUP_MARGIN
+            + ADMIN_SHUTDOWN_TIMEOUT + app)
+
+
 def raise_open_file_limit() -> None:
     """Lift the soft RLIMIT_NOFILE to the hard limit: ``limits.max_connections`` (10,000 by default)
     needs more descriptors than the usual soft limit of 1024 (nginx's ``worker_rlimit_nofile``)."""
