@@ -224,7 +224,10 @@ async def test_fly_node_counts_replays_and_the_loop_guard(http) -> None:
     config = replace(
         make_config(Backends()), mode="fly",
         instances=tuple(InstanceConfig(m, f"http://127.0.0.1:{app_port}") for m in ("m1", "m2", "m3")),
-        fly=FlyConfig(app="demo", machine_id="m1", region="lcl", upstream=f"http://127.0.0.1:{app_port}"),
+        # placement hash: new users are spread over the 3 Machines, so about 2 in 3 are replayed
+        # (with the default `local` every new user would stay on m1 and nothing would be replayed)
+        fly=FlyConfig(app="demo", machine_id="m1", region="lcl", upstream=f"http://127.0.0.1:{app_port}",
+                      placement="hash"),
     )
     node = ProxyServer(config)
     await node.start()
