@@ -204,7 +204,8 @@ class RedisBackend:
 
     def __init__(self, config: Config, *, timeout: float | None = None, clock: Callable[[], float] = time.time) -> None:
         if config.store.kind != "redis":
-            raise ValueError("RedisBackend needs a redis://, rediss:// or unix:// store.url")
+            raise ValueError("RedisBackend needs a redis://, rediss://, unix://, redis+cluster:// or "
+                             "redis+sentinel:// store.url")
         self.config = config
         self.url = config.store.url
         self.where = describe_url(self.url)

@@ -208,6 +208,7 @@ class RedisPinStore:
         # BlockingConnectionPool: this gate makes a burst wait (at most ``timeout``) for them too.
         self._gate = asyncio.Semaphore(max_connections) if self._helpers or self.cluster else None
         self._timeout = timeout
+        self._fanout_width = max(1, min(FANOUT, max_connections))  # per-node pools hold 2 x max_connections
         self._own_tasks = tasks is None
         self._tasks = tasks if tasks is not None else TaskSet()
         self._on_error = on_error
@@ -327,7 +328,7 @@ class RedisPinStore:
                 for call in calls:
                     await call(pipe)
                 return builtins.list(await pipe.execute())
-        gate = asyncio.Semaphore(FANOUT)
+        gate = asyncio.Semaphore(self._fanout_width)
 
         async def one(call: Callable[[Any], Awaitable[Any]]) -> Any:
             async with gate:
