@@ -200,10 +200,6 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(data)
 
-    def write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
-
     def exchange_done(self, ex: Exchange, *, keep_alive: bool) -> None:
         if self.ex is not ex:
             return

@@ -36,6 +36,7 @@ access_log = logging.getLogger("affinity_proxy.access")
 
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("affinity_request_id", str)
 ROUTED: web.RequestKey[tuple[str, str, str]] = web.RequestKey("affinity_routed", tuple)  # action, instance, reason
+FLY_SIGNALS: web.RequestKey[Triage] = web.RequestKey("affinity_fly_signals", Triage)
 REAL_CLIENT: web.RequestKey[RealClient] = web.RequestKey("affinity_real_client", RealClient)
 
 
@@ -52,7 +53,6 @@ def real_client_of(cidrs: tuple[str, ...], request: web.Request) -> RealClient:
             fly_client_ip=headers.get("Fly-Client-IP"), fly_proto=headers.get("Fly-Forwarded-Proto"),
         )
     return found
-FLY_SIGNALS: web.RequestKey[Triage] = web.RequestKey("affinity_fly_signals", Triage)
 
 
 def request_id_of(request: web.Request) -> str:
