@@ -113,8 +113,9 @@ def _pins_sections(p: PinStoreResult) -> tuple[list[str], list[str]]:
     sections = [
         f"## 1. Pin store: Redis memory with {p.pins:,} pins", "",
         "`used_memory` (INFO memory) before and after filling an empty redis-server with N items, each layout "
-        "in turn (FLUSHALL between them). Keys are `<prefix>pin:user-NNNNNNNNNNN` (29 bytes), values an "
-        "instance id (5 bytes); the pin also adds a member to its instance's index (sorted set, score = expiry).",
+        "in turn (FLUSHALL between them). Keys are `<prefix>pin:{pN}user-NNNNNNNNNNN` (33-35 bytes, with the "
+        "bucket's hash tag), values an instance id (5 bytes); the pin also adds a member to its bucket's index "
+        "of its instance (sorted set, score = expiry).",
         "",
         md_table(("layout", "keys in Redis", "used_memory Δ MiB", "bytes per item", "÷ plain SET", "÷ SET PX"),
                  mem_rows),
