@@ -282,3 +282,57 @@ def verdicts(summaries: Sequence[Summary]) -> list[str]:
         if (s := by.get(name)) and s.rps_ratio:
             out.append(f"- {what}: {s.rps_ratio.cell('.2f')} x nginx-proxy req/s (for information)")
     return out
+
+
+# --- against an earlier commit (--compare-ref) -------------------------------------------------
+
+#: Issue #13: after the redesign the benchmark ratio stays within 5 % of the figure before it.
+REF_TOLERANCE = 0.05
+
+
+def ref_pairs(names: Iterable[str]) -> list[tuple[str, str, str]]:
+    """``(target, its twin at a ref, the ref's label)`` for every ``target@label`` in ``names`` whose
+    ``target`` is there too, in the order of ``names``."""
+    present = list(dict.fromkeys(names))
+    out = []
+    for name in present:
+        base, sep, label = name.partition("@")
+        if sep and label and base in present:
+            out.append((base, name, label))
+    return out
+
+
+def same_round_ratio(rounds: Sequence[Sequence[Row]], name: str, other: str) -> Spread | None:
+    """req/s of ``name`` over req/s of ``other`` in each round where both ran (and ``other`` served
+    something), as the median with min-max; None when no round has both."""
+    values = []
+    for rnd in rounds:
+        a, b = _find(rnd, name), _find(rnd, other)
+        if a is not None and b is not None and b.rps > 0:
+            values.append(a.rps / b.rps)
+    return Spread.of(values)
+
+
+def comparison_lines(rounds: Sequence[Sequence[Row]], *, tolerance: float = REF_TOLERANCE) -> list[str]:
+    """One line per target measured beside its twin at a ref: ``current / REF same-round ratio:
+    median (min-max)`` of req/s (and of p99), with issue #13's check that the current code keeps at
+    least ``1 - tolerance`` of the ref's req/s. Errors of either side are named: a ratio over a run
+    with errors is not a like-for-like figure."""
+    names = [r.target for rnd in rounds for r in rnd]
+    out = []
+    for base, twin, label in ref_pairs(names):
+        rps = same_round_ratio(rounds, base, twin)
+        if rps is None:
+            continue
+        p99s = [a.p99_ms / b.p99_ms for rnd in rounds
+                if (a := _find(rnd, base)) and (b := _find(rnd, twin)) and b.p99_ms > 0]
+        p99 = Spread.of(p99s)
+        errors = {n: sum(r.errors for rnd in rounds for r in rnd if r.target == n) for n in (base, twin)}
+        ok = rps.median >= 1 - tolerance and not any(errors.values())
+        line = (f"- {base}: current / {label} same-round ratio: {rps.cell('.3f')} req/s"
+                + (f", p99 {p99.cell('.2f')}" if p99 else "")
+                + f"; within {tolerance:.0%} of {label} (median ≥ {1 - tolerance:.2f}, 0 errors): {_met(ok)}")
+        if any(errors.values()):
+            line += f" ({errors[base]} errors current, {errors[twin]} at {label})"
+        out.append(line)
+    return out

@@ -1,6 +1,6 @@
 """Benchmark affinity-proxy against nginx and HAProxy (issues #6, #16): one command, same-round ratios.
 
-    python -m benchmarks.run [--duration 8] [--rounds 5] [--connections 50] [--quick]
+    python -m benchmarks.run [--duration 8] [--rounds 5] [--connections 50] [--quick] [--compare-ref REF ...]
 
 Starts 3 fast nginx backends, then the targets, each pinned to CPU 1 with taskset (wrk and the
 backends on CPU 0):
@@ -21,6 +21,11 @@ taking CPU meanwhile) is flagged: kept and shown, with separate medians without 
 benchmarks/RESULTS.md from this one run (not with --quick unless --output is given). Installs
 Debian's nginx, wrk and haproxy with apt-get when missing. Loads 127.0.0.1 only; every process it
 starts is stopped by PID at the end, also on error or Ctrl-C.
+
+``--compare-ref REF`` (repeatable) checks REF out in a temporary git worktree and runs its proxy
+beside the current one, in the same rounds: every selected affinity-proxy target gets a twin
+``<target>@REF``, and the report gives ``current / REF same-round ratio`` per pair (issue #13: the
+redesign keeps the figure within 5 % of the one before it). See benchmarks/refs.py.
 """
 
 from __future__ import annotations
@@ -42,13 +47,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from benchmarks import wrk
+from benchmarks.refs import COMPARABLE, RefError, RefTree, Worktrees, check_ref_syntax, describe, mirrored
 from benchmarks.rounds import (
     CEILING,
     NEW_SESSION_REFERENCE,
     OTHER_CPU_LIMIT,
+    REF_TOLERANCE,
     REFERENCE,
     TOLERANCE,
     Row,
+    comparison_lines,
     flag_rounds,
     reference_table,
     round_table,
@@ -180,7 +188,7 @@ def measure(target: Target, procs: Processes, wrk_bin: str, script: Path, *, dur
 
 def results_markdown(info: Mapping[str, str], command: str, args: argparse.Namespace, targets: Sequence[Target],
                      rounds: Sequence[Sequence[Row]], flags: Mapping[int, Sequence[str]], load: tuple[str, str],
-                     started: dt.datetime, minutes: float) -> str:
+                     started: dt.datetime, minutes: float, refs: Sequence[RefTree] = ()) -> str:
     """The whole of RESULTS.md, from this one run."""
     everything = summarize(rounds)
     clean = unflagged(rounds, flags)
@@ -209,6 +217,8 @@ def results_markdown(info: Mapping[str, str], command: str, args: argparse.Names
         f"- machine: {info['nproc']} CPUs, {info['cpu']}, Linux {info['kernel']}",
         f"- versions: {info['versions']}",
         f"- affinity-proxy: commit {info['commit']}",
+        *([f"- compared with (`<target>@REF`, a git worktree run with the same interpreter): {describe(refs)}"]
+          if refs else []),
         f"- command: `{command}`",
         f"- load: wrk -t1 -c{args.connections} -d{args.duration:g}s per target per round, {len(rounds)} rounds "
         f"interleaved (warm-up {args.warmup:g}s per target first); wrk on CPU {args.wrk_cpu}, the backends "
@@ -224,6 +234,10 @@ def results_markdown(info: Mapping[str, str], command: str, args: argparse.Names
         "",
         *verdicts(everything),
         "",
+        *(["## Against earlier commits", "",
+           "Each line is the median of per-round req/s ratios of a target to its twin at the ref, measured in "
+           f"the same round (min-max in parentheses); issue #13 asks for at least {1 - REF_TOLERANCE:.2f}.", "",
+           *comparison_lines(rounds), ""] if refs else []),
         "## Flagged rounds",
         "",
         reference_table(rounds, flags),
@@ -276,6 +290,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--backend-cpu", type=int, default=0)
     p.add_argument("--no-install", action="store_true",
                    help="fail instead of installing nginx/wrk/haproxy with apt-get")
+    p.add_argument("--compare-ref", action="append", default=[], metavar="REF", type=_ref_arg,
+                   help="also run REF's proxy (a git worktree of this repository) as <target>@REF for each selected "
+                        f"target of {','.join(COMPARABLE)}, in the same rounds; repeatable")
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.rounds, args.warmup = 3.0, 1, 1.0
@@ -288,6 +305,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--duration 1..600, --rounds 1..20, --connections 1..10000")
     if not 0 < args.tolerance < 1 or args.other_cpu_limit < 0:
         p.error("--tolerance in (0, 1), --other-cpu-limit ≥ 0")
+    if args.compare_ref and not mirrored(args.targets.split(",")):
+        p.error(f"--compare-ref needs at least one of {','.join(COMPARABLE)} in --targets")
+    if len(set(args.compare_ref)) != len(args.compare_ref):
+        p.error("--compare-ref: the same ref twice")
     cpus = os.cpu_count() or 1
     for name in ("target_cpu", "wrk_cpu", "backend_cpu"):
         if getattr(args, name) >= cpus:
@@ -295,6 +316,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             print(f"warning: only {cpus} CPU(s): {flag} {getattr(args, name)} -> 0", file=sys.stderr)
             setattr(args, name, 0)
     return args
+
+
+def _ref_arg(value: str) -> str:
+    try:
+        return check_ref_syntax(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def count_targets(names: Sequence[str], refs: int) -> int:
+    """How many targets a run loads: the selected ones and a twin of each comparable one per ref."""
+    return len(names) + refs * len(mirrored(names))
 
 
 def estimate_seconds(targets: int, rounds: int, duration: float, warmup: float) -> float:
@@ -313,18 +346,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [n for n in ALL_TARGETS if n in args.targets.split(",")]
     nginx_bin, wrk_bin, haproxy_bin = ensure_tools(install=not args.no_install, haproxy="haproxy-insert" in names)
     info = machine_info(nginx_bin, wrk_bin, haproxy_bin)
-    budget = estimate_seconds(len(names), args.rounds, args.duration, args.warmup)
-    print(f"{len(names)} targets, {args.rounds} rounds, {args.duration:g}s: about {budget / 60:.1f} min", flush=True)
+    count = count_targets(names, len(args.compare_ref))
+    budget = estimate_seconds(count, args.rounds, args.duration, args.warmup)
+    print(f"{count} targets, {args.rounds} rounds, {args.duration:g}s: about {budget / 60:.1f} min", flush=True)
     started, t0 = dt.datetime.now(dt.UTC), time.monotonic()
     load_before = loadavg()
     rounds: list[list[Row]] = []
+    worktrees = Worktrees()  # removed in the finally below (and at exit, should that be skipped)
+    try:
+        refs = [worktrees.add(ref) for ref in args.compare_ref]
+    except RefError as exc:
+        worktrees.remove_all()
+        raise HarnessError(str(exc)) from None
+    if refs:
+        print(f"comparing with {describe(refs)} (git worktrees {', '.join(str(t.path) for t in refs)})", flush=True)
     with tempfile.TemporaryDirectory(prefix="affinity-bench-") as tmp:
         workdir = Path(tmp)
         workdir.chmod(0o755)  # nginx workers run as an unprivileged user when started by root
         procs = Processes(workdir)
         try:
             targets = start_targets(procs, nginx_bin=nginx_bin, haproxy_bin=haproxy_bin, target_cpu=args.target_cpu,
-                                    backend_cpu=args.backend_cpu, only=names)
+                                    backend_cpu=args.backend_cpu, only=names, refs=refs)
             script = workdir / "status.lua"
             script.write_text(wrk.STATUS_LUA)
             load = functools.partial(measure, procs=procs, wrk_bin=wrk_bin, script=script,
@@ -337,27 +379,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                 done = {}
                 for t in targets[shift:] + targets[:shift]:
                     done[t.name] = load(t, duration=args.duration)
-                    print(f"  round {i + 1}: {t.name:20} {done[t.name].rps:10,.0f} req/s, "
+                    print(f"  round {i + 1}: {t.name:28} {done[t.name].rps:10,.0f} req/s, "
                           f"other CPU {done[t.name].other_cpu or 0:.2f}", flush=True)
                 rows = with_ratios([done[t.name] for t in targets])
                 rounds.append(rows)
                 print(f"\nround {i + 1} of {args.rounds}\n{round_table(rows)}\n", flush=True)
+        except RefError as exc:
+            raise HarnessError(str(exc)) from None
         finally:
             left = procs.finish()
+            worktrees.remove_all()
     flags = flag_rounds(rounds, tolerance=args.tolerance, other_cpu_limit=args.other_cpu_limit)
     summaries = summarize(rounds)
     print(f"median (min-max) over {len(rounds)} round(s); vs nginx = {REFERENCE}, vs haproxy = "
           f"{NEW_SESSION_REFERENCE}\n{summary_table(summaries)}\n" + "\n".join(verdicts(summaries)))
     for i, reasons in flags.items():
         print(f"flagged round {i + 1}: {'; '.join(reasons)}")
+    if refs:
+        print("\n" + "\n".join(comparison_lines(rounds)))
     if flags and (clean := unflagged(rounds, flags)):
         print(f"\nwithout the {len(flags)} flagged round(s):\n{summary_table(summarize(clean))}")
+        if refs:
+            print("\n".join(comparison_lines(clean)))
     minutes = (time.monotonic() - t0) / 60
     if flags:
         print(f"\nwarning: {len(flags)} of {len(rounds)} rounds flagged: the machine was not quiet or a reference ran "
               "off its usual speed; do not quote this run", file=sys.stderr)
     if args.output is not None:
-        text = results_markdown(info, command, args, targets, rounds, flags, (load_before, loadavg()), started, minutes)
+        text = results_markdown(info, command, args, targets, rounds, flags, (load_before, loadavg()), started, minutes,
+                                refs)
         args.output.write_text(text)
         print(f"wrote {args.output} ({minutes:.1f} min)")
     return 1 if left else 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import http.client
 import os
+import re
 import secrets
 import signal
 import socket
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from benchmarks import haproxy, nginx
+from benchmarks.refs import SEPARATOR, RefTree, check_imports_from, split_target_name
 from benchmarks.rounds import NEW_SESSION_REFERENCE, REFERENCE
 
 COOKIE = "fly-instance-id"
@@ -43,6 +45,11 @@ Headers = list[tuple[str, str]]
 
 class HarnessError(RuntimeError):
     """A process did not start or answer as expected."""
+
+
+def file_stem(name: str) -> str:
+    """A target's name as a file name in the run's directory (``affinity-proxy@release/1`` has a ``/``)."""
+    return re.sub(r"[^A-Za-z0-9._@-]", "_", name)
 
 
 def free_port() -> int:
@@ -180,7 +187,7 @@ class Processes:
         self._before = set(descendants(os.getpid()))
 
     def start(self, name: str, argv: Sequence[str], *, cpu: int | None, env: dict[str, str] | None = None) -> Started:
-        log = self.workdir / f"{name}.log"
+        log = self.workdir / f"{file_stem(name)}.log"
         full = (["taskset", "-c", str(cpu)] if cpu is not None else []) + list(argv)
         with log.open("wb") as out:
             proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -367,12 +374,61 @@ def static_headers(value: str) -> Callable[[], Headers]:
     return lambda: [("Cookie", f"{COOKIE}={value}"), (USER_HEADER, USER)]
 
 
+#: The affinity-proxy processes a run may start: target name, engine, fly mode.
+AFFINITY_PROCESSES = (("affinity-proxy", "fast", False), ("affinity-aiohttp", "aiohttp", False),
+                      ("affinity-fly", "fast", True), ("affinity-fly-aiohttp", "aiohttp", True))
+
+
+def proxy_configs(want: Sequence[str], *, ports: Sequence[tuple[int, int]], secret: str,
+                  backends: Sequence[tuple[str, int]], fly_upstream: int) -> list[tuple[str, int, str]]:
+    """``(base name, listen port, config YAML)`` of every affinity-proxy process the selection ``want`` needs, one
+    ``(listen, admin)`` pair from ``ports`` each. The proxy-mode fast engine also serves affinity-new.
+    A compared ref gets the very same configs (only the ports differ), so that the comparison
+    measures the code and nothing else; a ref whose schema refuses them fails at start, with its log."""
+    out = []
+    chosen = set(want)
+    free = iter(ports)
+    for name, engine, fly in AFFINITY_PROCESSES:
+        if name not in chosen and not (name == "affinity-proxy" and "affinity-new" in chosen):
+            continue
+        listen, admin = next(free)
+        if fly:
+            text = _proxy_yaml(listen, admin, secret, list(zip(FLY_IDS, [p for _, p in backends], strict=True)),
+                               fly_upstream, engine)
+        else:
+            text = _proxy_yaml(listen, admin, secret, backends, None, engine)
+        out.append((name, listen, text))
+    return out
+
+
+def start_affinity(
+    procs: Processes, want: Sequence[str], *, suffix: str, env: dict[str, str], python: str, target_cpu: int | None,
+    secret: str, backends: Sequence[tuple[str, int]], fly_upstream: int,
+) -> list[tuple[str, int, Started]]:
+    """Start the affinity-proxy processes ``want`` needs (``python -m affinity_proxy serve`` with
+    ``env``: the current tree, or a compared ref's), named with ``suffix``; ``(name, port, process)``
+    once each answers its health check."""
+    ports = [(free_port(), free_port()) for _ in AFFINITY_PROCESSES]
+    out = []
+    for base, port, text in proxy_configs(want, ports=ports, secret=secret, backends=backends,
+                                          fly_upstream=fly_upstream):
+        name = base + suffix
+        conf = procs.workdir / f"{file_stem(name)}.yaml"
+        conf.write_text(text)
+        s = procs.start(name, [python, "-m", "affinity_proxy", "serve", "--config", str(conf)], cpu=target_cpu, env=env)
+        wait_ready(s, port, "/_affinity/health")
+        out.append((name, port, s))
+    return out
+
+
 def start_targets(
     procs: Processes, *, nginx_bin: str, target_cpu: int | None, backend_cpu: int | None,
     python: str = sys.executable, only: Sequence[str] = (), haproxy_bin: str | None = None,
+    refs: Sequence[RefTree] = (),
 ) -> list[Target]:
-    """Start the backends and the targets (all of them, or those named in ``only``), wait until
-    each answers, and return them in table order."""
+    """Start the backends and the targets (all of them, or those named in ``only``), and for each of
+    ``refs`` a twin ``name@label`` of every selected affinity-proxy target run from that ref's
+    worktree; wait until each answers, and return them in table order."""
     work = procs.workdir
     want = set(only) or set(ALL_TARGETS)
     for name in ("backends", "direct", "nginx-proxy"):
@@ -409,31 +465,34 @@ def start_targets(
                                             "connection, bytes copied both ways, no HTTP parsing", port, [s],
                               static_headers("bench-cookie")))
     secret = secrets.token_hex(32)
-    new_session_proxy: tuple[int, Started] | None = None
-    for name, engine in (("affinity-proxy", "fast"), ("affinity-aiohttp", "aiohttp")):
-        if name not in want and not (engine == "fast" and "affinity-new" in want):
-            continue
-        port, admin = free_port(), free_port()
-        conf = work / f"{name}.yaml"
-        conf.write_text(_proxy_yaml(port, admin, secret, backends, None, engine))
-        s = procs.start(name, [python, "-m", "affinity_proxy", "serve", "--config", str(conf)], cpu=target_cpu, env=env)
-        wait_ready(s, port, "/_affinity/health")
-        if engine == "fast":
-            new_session_proxy = (port, s)
-        if name in want:
-            targets.append(Target(name, f"proxy mode, engine {engine}, memory store, signed cookie, 3 backends", port,
-                                  [s], functools.partial(proxy_mode_headers, port)))
-    for name, engine in (("affinity-fly", "fast"), ("affinity-fly-aiohttp", "aiohttp")):
-        if name not in want:
-            continue
-        port, admin = free_port(), free_port()
-        conf = work / f"{name}.yaml"
-        conf.write_text(_proxy_yaml(port, admin, secret, list(zip(FLY_IDS, ports, strict=True)), ports[0], engine))
-        s = procs.start(name, [python, "-m", "affinity_proxy", "serve", "--config", str(conf)], cpu=target_cpu, env=env)
-        wait_ready(s, port, "/_affinity/health")
-        targets.append(Target(name, f"fly mode node {FLY_IDS[0]}, engine {engine}, cookie pinned to {FLY_IDS[1]}: "
-                                    "409 replays", port, [s],
-                              functools.partial(fly_mode_headers, port, secret, FLY_IDS[1]), expected_status=409))
+    new_session_targets: list[Target] = []
+    # The current tree, then every compared ref (``name@label``), each with the same configs.
+    trees: list[tuple[str, dict[str, str], RefTree | None]] = [("", env, None)]
+    trees += [(SEPARATOR + t.label, dict(t.env(), LOG_LEVEL="WARNING"), t) for t in refs]
+    for suffix, tree_env, tree in trees:
+        at = f" at {tree.label} ({tree.sha[:12]})" if tree else ""
+        if tree is not None:
+            check_imports_from(tree, python)
+        started = start_affinity(procs, want, suffix=suffix, env=tree_env, python=python, target_cpu=target_cpu,
+                                 secret=secret, backends=backends, fly_upstream=ports[0])
+        for name, port, s in started:
+            base = name.removesuffix(suffix)
+            if base in ("affinity-proxy", "affinity-aiohttp"):
+                engine = "fast" if base == "affinity-proxy" else "aiohttp"
+                targets.append(Target(name, f"proxy mode, engine {engine}, memory store, signed cookie, 3 backends"
+                                            f"{at}", port, [s], functools.partial(proxy_mode_headers, port)))
+            elif base in ("affinity-fly", "affinity-fly-aiohttp"):
+                engine = "fast" if base == "affinity-fly" else "aiohttp"
+                targets.append(Target(name, f"fly mode node {FLY_IDS[0]}, engine {engine}, cookie pinned to "
+                                            f"{FLY_IDS[1]}: 409 replays{at}", port, [s],
+                                      functools.partial(fly_mode_headers, port, secret, FLY_IDS[1]),
+                                      expected_status=409))
+        if "affinity-new" in want:
+            port, s = next((p, s) for n, p, s in started if n == "affinity-proxy" + suffix)
+            new_session_targets.append(Target(
+                "affinity-new" + suffix, "new sessions: the affinity-proxy (fast engine) process, no cookie and no "
+                f"user key sent: picks an instance and mints a signed cookie{at}", port, [s],
+                functools.partial(new_session_headers, port), reference=NEW_SESSION_REFERENCE))
     if "naive-aiohttp" in want:
         port = free_port()
         s = procs.start("naive-aiohttp", [python, "-m", "benchmarks.naive_proxy", "--listen", f"127.0.0.1:{port}",
@@ -452,13 +511,9 @@ def start_targets(
         targets.append(Target("haproxy-insert", "new sessions: HAProxy 1 thread, roundrobin, `cookie ... insert "
                                                 "indirect nocache httponly`, no cookie sent", port, [s],
                               functools.partial(new_session_headers, port), reference=NEW_SESSION_REFERENCE))
-    if "affinity-new" in want:
-        assert new_session_proxy is not None
-        port, s = new_session_proxy
-        targets.append(Target("affinity-new", "new sessions: the affinity-proxy (fast engine) process, no cookie "
-                                              "and no user key sent: picks an instance and mints a signed cookie",
-                              port, [s], functools.partial(new_session_headers, port),
-                              reference=NEW_SESSION_REFERENCE))
+    targets += new_session_targets
+    # Table order: ALL_TARGETS, each ref's twin right after its target (a stable sort keeps the refs' order).
+    targets.sort(key=lambda t: ALL_TARGETS.index(split_target_name(t.name)[0]))
     for t in targets:  # every target answers as expected before any load
         status, _, body = http_get(t.port, "/", t.headers())
         if status != (t.expected_status or 200):
