@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def main() -> None:
-    from affinity_proxy.cli import main as cli_main
+    from affinity_proxy.cli.main import main as cli_main
 
     cli_main()
 

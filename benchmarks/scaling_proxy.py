@@ -77,10 +77,10 @@ def start_backends(procs: Processes, nginx_bin: str | None) -> tuple[list[tuple[
         wait_ready(s, backends[0][1])
         return backends, "one nginx (1 worker) serving 3 `return 200` backends"
     for i, port in backends:
-        s = procs.start(f"backend-{i}", [sys.executable, "-m", "affinity_proxy.demo.backend", "--id", i,
+        s = procs.start(f"backend-{i}", [sys.executable, "-m", "affinity_proxy.devtools.demo.backend", "--id", i,
                                          "--port", str(port)], cpu=None)
         wait_ready(s, port, "/healthz")
-    return backends, "3 aiohttp demo backends (`affinity_proxy.demo.backend`; nginx not installed)"
+    return backends, "3 aiohttp demo backends (`affinity_proxy.devtools.demo.backend`; nginx not installed)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from affinity_proxy.web.admin import FLY_PRIVATE_SUFFIXES, _own_origin, browser_guard, host_allowed, split_host
+from affinity_proxy.admin.api import FLY_PRIVATE_SUFFIXES, _own_origin, browser_guard, host_allowed, split_host
 
 
 @pytest.mark.parametrize(("value", "expected"), [

@@ -23,7 +23,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from affinity_proxy.app import ProxyServer
+from affinity_proxy.serve.app import ProxyServer
 from tests.functional.conftest import Backends, make_config
 
 ROOT = Path(__file__).resolve().parent.parent

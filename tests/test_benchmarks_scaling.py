@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from affinity_proxy.config import config_from_mapping
-from affinity_proxy.config_load import read_yaml_file
+from affinity_proxy.config.load import read_yaml_file
 from affinity_proxy.pins import redis_scripts as lua
 from affinity_proxy.pins.redis import RedisPinStore, bucket_of, pin_key
 from affinity_proxy.routing.model import InstanceId

@@ -22,8 +22,8 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner, Result
 
-from affinity_proxy.cli import main
-from affinity_proxy.cli_output import duration, pin_stats, table
+from affinity_proxy.cli.main import main
+from affinity_proxy.cli.output import duration, pin_stats, table
 
 T = TypeVar("T")
 
@@ -82,11 +82,11 @@ class AdminListener:
     """Only an admin application over a real ProxyContext (no health checker, so states stay put)."""
 
     def __init__(self, lt: LoopThread, config_path: Path) -> None:
-        from affinity_proxy.app import build_context
+        from affinity_proxy.admin.api import REAPER, add_admin_routes, token_middleware
         from affinity_proxy.config import load_config
         from affinity_proxy.pins.reaper import Reaper
-        from affinity_proxy.web.admin import REAPER, add_admin_routes, token_middleware
-        from affinity_proxy.web.context import CONTEXT
+        from affinity_proxy.proxy.context import CONTEXT
+        from affinity_proxy.serve.app import build_context
 
         self.lt = lt
         config = load_config(config_path, environ={})
@@ -427,8 +427,8 @@ def test_subprocess_entry_point_one_line_error() -> None:
 @pytest.fixture
 def proxy(lt: LoopThread, tmp_path: Path) -> Iterator[Any]:
     """A full ProxyServer (main + admin listeners) in front of three live backends."""
-    from affinity_proxy.app import ProxyServer
     from affinity_proxy.config import load_config
+    from affinity_proxy.serve.app import ProxyServer
 
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -492,8 +492,8 @@ def test_check_of_another_user_on_the_main_listener_points_to_the_admin_listener
 
 def test_check_sends_the_token_to_the_admin_listener_only(lt: LoopThread, tmp_path: Path) -> None:
     """A guarded admin listener needs --token (or $AFFINITY_ADMIN_TOKEN); a main-listener URL never gets it."""
-    from affinity_proxy.app import ProxyServer
     from affinity_proxy.config import load_config
+    from affinity_proxy.serve.app import ProxyServer
 
     config = load_config(write(tmp_path / "t.yaml", config_yaml(DEAD, token=ADMIN_TOKEN)), environ={})
 
@@ -509,7 +509,7 @@ def test_check_sends_the_token_to_the_admin_listener_only(lt: LoopThread, tmp_pa
         assert refused.exit_code == 1 and ADMIN_TOKEN not in refused.output
         assert ok("check", endpoint, "--user", "alice", "--token", ADMIN_TOKEN).stdout.startswith("user alice: not")
         assert ok("check", endpoint, "--user", "bob", env={"AFFINITY_ADMIN_TOKEN": ADMIN_TOKEN}).exit_code == 0
-        from affinity_proxy.cli import is_admin_session_check
+        from affinity_proxy.cli.main import is_admin_session_check
 
         assert is_admin_session_check(endpoint)
         assert not is_admin_session_check(f"http://127.0.0.1:{server.main_port}/_affinity/session-check")

@@ -22,8 +22,8 @@ import aiohttp
 import pytest
 from click.testing import CliRunner, Result
 
-from affinity_proxy.cli import main
-from affinity_proxy.cli_redis import Configured, Snapshot
+from affinity_proxy.cli.main import main
+from affinity_proxy.cli.redis_backend import Configured, Snapshot
 from affinity_proxy.config import StoreConfig
 from affinity_proxy.membership.redis_shared import RedisSharedState
 from affinity_proxy.membership.shared import HeartbeatInfo
@@ -378,9 +378,9 @@ async def test_explicit_admin_url_wins_over_redis(conf: str, state: State) -> No
 
 
 def test_make_backend_chooses_redis_unless_admin_is_given(tmp_path: Path, redis_url: str) -> None:
-    from affinity_proxy.cli_admin import AdminApiBackend, resolve_admin_target
-    from affinity_proxy.cli_base import make_backend
-    from affinity_proxy.cli_redis import RedisBackend
+    from affinity_proxy.cli.admin import AdminApiBackend, resolve_admin_target
+    from affinity_proxy.cli.base import make_backend
+    from affinity_proxy.cli.redis_backend import RedisBackend
 
     conf = write_config(tmp_path, redis_url)
     assert isinstance(make_backend(resolve_admin_target(conf, None, None)), RedisBackend)
@@ -536,7 +536,7 @@ async def backends() -> AsyncIterator[Backends]:
 
 async def test_proxy_obeys_pins_and_drains_set_by_the_cli(tmp_path: Path, redis_url: str,
                                                           backends: Backends) -> None:
-    from affinity_proxy.app import ProxyServer
+    from affinity_proxy.serve.app import ProxyServer
 
     config = make_config(backends, store=StoreConfig(url=redis_url, timeout=0.25))
     server = ProxyServer(config)

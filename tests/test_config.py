@@ -36,8 +36,8 @@ from affinity_proxy.config import (
     parse_hostport,
     parse_size,
 )
-from affinity_proxy.config_load import field_kind, read_yaml_file
-from affinity_proxy.config_parse import EnvText, redact_url
+from affinity_proxy.config.load import field_kind, read_yaml_file
+from affinity_proxy.config.parse import EnvText, redact_url
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "config"

@@ -23,12 +23,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import AdminConfig, FlyConfig, InstanceConfig
-from affinity_proxy.demo.backend import start_backend
+from affinity_proxy.devtools.demo.backend import start_backend
 from affinity_proxy.observability.events import RecentEvents
 from affinity_proxy.routing.decide import DecisionReason, RepinReason, Route
 from affinity_proxy.routing.model import InstanceId
+from affinity_proxy.serve.app import ProxyServer
 from tests.functional.conftest import Backends, make_config
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -168,7 +168,7 @@ async def test_dashboard_data_needs_the_token_and_the_page_does_not(proxy: Proxy
 
 
 def test_the_page_loads_nothing_from_other_hosts() -> None:
-    static = files("affinity_proxy.web") / "static"
+    static = files("affinity_proxy.admin") / "static"
     for name in ("dashboard.html", "dashboard.js", "dashboard.css"):
         text = (static / name).read_text()
         urls = set(re.findall(r"""(?:https?:)?//[A-Za-z0-9.-]+\.[A-Za-z]{2,}[^\s"')]*""", text))

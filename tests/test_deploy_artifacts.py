@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from affinity_proxy.config import load_config, parse_duration
-from affinity_proxy.runtime import shutdown_budget
+from affinity_proxy.serve.runtime import shutdown_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,10 +203,10 @@ def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
     rules = dockerignore(ROOT)
     for path in (".venv/bin/python", ".git/HEAD", ".pytest_cache/v/x", ".ruff_cache/x", ".hypothesis/x",
                  "affinity_proxy/__pycache__/app.cpython-311.pyc", "affinity_proxy.egg-info/PKG-INFO",
-                 "tests/test_config.py", "tests/.pytest_cache/x", "affinity_proxy/web/x.pyc", ".env", "config/.env"):
+                 "tests/test_config.py", "tests/.pytest_cache/x", "affinity_proxy/proxy/x.pyc", ".env", "config/.env"):
         assert ignored(path, rules), path
-    for path in ("pyproject.toml", "README.md", "affinity_proxy/app.py", "affinity_proxy/web/static/dashboard.js",
-                 "config/fly.yaml", "examples/fly/affinity.yaml"):
+    for path in ("pyproject.toml", "README.md", "affinity_proxy/serve/app.py",
+                 "affinity_proxy/admin/static/dashboard.js", "config/fly.yaml", "examples/fly/affinity.yaml"):
         assert not ignored(path, rules), path
 
 
@@ -289,7 +289,7 @@ def test_docker_compose_example_runs_the_proxy_on_its_services() -> None:
     apps = {}
     for name, service in services.items():
         argv = service.get("entrypoint") or []
-        if argv[1:3] == ["-m", "affinity_proxy.demo.backend"]:
+        if argv[1:3] == ["-m", "affinity_proxy.devtools.demo.backend"]:
             apps[argv[argv.index("--id") + 1]] = f"http://{name}:{argv[argv.index('--port') + 1]}"
     assert {i.id: i.url for i in config.instances} == apps
     assert set(proxy["depends_on"]) == {"redis", *(name for name in services if name.startswith("app-"))}

@@ -144,7 +144,7 @@ def test_serve_without_the_variables_exits_2_naming_them(name: str, tmp_path: Pa
 
 
 def test_demo_generates_its_own_secret_and_says_so() -> None:
-    from affinity_proxy.demo.runner import _banner, demo_config
+    from affinity_proxy.devtools.demo.runner import _banner, demo_config
 
     first, second = demo_config([9001], 0, 0), demo_config([9001], 0, 0)
     assert first.cookie.secret and len(first.cookie.secret) >= 32 and first.cookie.secret != second.cookie.secret

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import Config
+from affinity_proxy.serve.app import ProxyServer
 from tests.functional.conftest import make_config
 from tests.functional.helpers import base
 

@@ -40,8 +40,8 @@ from http.cookies import SimpleCookie
 
 import aiohttp
 
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import CookieConfig, HealthConfig, LimitsConfig, StoreConfig
+from affinity_proxy.serve.app import ProxyServer
 from tests.functional.conftest import Backends, make_config
 from tests.support.redis_server import RedisServer
 

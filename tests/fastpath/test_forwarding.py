@@ -14,7 +14,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from affinity_proxy.config import LimitsConfig
-from affinity_proxy.demo.backend import BACKEND_STATE, PATTERN_CHUNK
+from affinity_proxy.devtools.demo.backend import BACKEND_STATE, PATTERN_CHUNK
 from tests.fastpath.raw import exchange
 from tests.functional.conftest import make_config
 from tests.functional.helpers import base, metric_value

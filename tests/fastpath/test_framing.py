@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from affinity_proxy.config import LimitsConfig
-from affinity_proxy.demo.backend import BACKEND_STATE
+from affinity_proxy.devtools.demo.backend import BACKEND_STATE
 from tests.fastpath.raw import RawResponse, exchange
 from tests.functional.conftest import Backends, make_config
 

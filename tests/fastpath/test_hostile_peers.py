@@ -16,10 +16,10 @@ from dataclasses import replace
 
 import pytest
 
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import Config, CookieConfig, InstanceConfig, LimitsConfig
-from affinity_proxy.fastpath import FastServer
-from affinity_proxy.fastpath.head import RequestHead
+from affinity_proxy.engines.fast import FastServer
+from affinity_proxy.engines.fast.head import RequestHead
+from affinity_proxy.serve.app import ProxyServer
 from tests.fastpath.raw import RawResponse, exchange, parse_responses
 from tests.support.raw_instance import Handler, raw_instances
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp.http import SERVER_SOFTWARE
 
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import Config, CookieConfig, FlyConfig, InstanceConfig, LimitsConfig
 from affinity_proxy.routing.cookie import CookieCodec
 from affinity_proxy.routing.model import InstanceId
+from affinity_proxy.serve.app import ProxyServer
 from tests.fastpath.raw import RawResponse, exchange, parse_responses
 
 BOTH_ENGINES = True

@@ -14,8 +14,8 @@ from typing import Any
 
 import aiohttp
 
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.routing.cookie import CookieCodec
+from affinity_proxy.serve.app import ProxyServer
 from tests.fastpath.raw import exchange
 from tests.functional.conftest import make_config
 from tests.functional.helpers import COOKIE, affinity_cookie, base

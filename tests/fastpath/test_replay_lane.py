@@ -21,11 +21,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import Config, CookieConfig, FlyConfig, InstanceConfig, LimitsConfig, UserKeySourceConfig
-from affinity_proxy.demo.backend import start_backend
+from affinity_proxy.devtools.demo.backend import start_backend
 from affinity_proxy.routing.cookie import CookieCodec
 from affinity_proxy.routing.model import InstanceId
+from affinity_proxy.serve.app import ProxyServer
 from tests.fastpath.raw import RawResponse, exchange, parse_responses
 from tests.functional.helpers import COOKIE, metric_value
 

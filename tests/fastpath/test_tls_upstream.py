@@ -27,9 +27,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import Config, CookieConfig, HealthConfig, InstanceConfig, LimitsConfig
-from affinity_proxy.demo.backend import build_backend_app
+from affinity_proxy.devtools.demo.backend import build_backend_app
+from affinity_proxy.serve.app import ProxyServer
 from tests.fastpath.raw import exchange
 
 BOTH_ENGINES = True
@@ -203,6 +203,6 @@ async def test_an_untrusted_certificate_is_refused_alike(tls_backend: TlsBackend
 
 
 def build_count(backend: TlsBackend) -> int:
-    from affinity_proxy.demo.backend import BACKEND_STATE
+    from affinity_proxy.devtools.demo.backend import BACKEND_STATE
 
     return int(backend.runner.app[BACKEND_STATE].count)  # type: ignore[union-attr]

@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from affinity_proxy.app import build_context
 from affinity_proxy.config import Config, CookieConfig, InstanceConfig, UserKeySourceConfig
-from affinity_proxy.fastpath.hot import HotRoutes
-from affinity_proxy.fastpath.response import ResponseCache, ResponseHead
-from affinity_proxy.fastpath.route import RequestHead
-from affinity_proxy.fastpath.wire import ChunkedEnd, RequestIds, connection_tokens, error_response
+from affinity_proxy.engines.fast.hot import HotRoutes
+from affinity_proxy.engines.fast.response import ResponseCache, ResponseHead
+from affinity_proxy.engines.fast.route import RequestHead
+from affinity_proxy.engines.fast.wire import ChunkedEnd, RequestIds, connection_tokens, error_response
 from affinity_proxy.routing.decide import DecidePolicy, DecisionReason, Route, RouteInput, decide
 from affinity_proxy.routing.model import InstanceId, InstanceState
+from affinity_proxy.serve.app import build_context
 
 # --------------------------------------------------------------------------- ChunkedEnd
 

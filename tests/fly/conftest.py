@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from affinity_proxy.fly import FlyEdge
+from affinity_proxy.devtools.fly import FlyEdge
 
 
 @dataclass

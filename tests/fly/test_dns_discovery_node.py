@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import Config, CookieConfig, FlyConfig, HealthConfig, UserKeySourceConfig
-from affinity_proxy.demo.backend import start_backend
+from affinity_proxy.devtools.demo.backend import start_backend
 from affinity_proxy.routing.model import InstanceState
+from affinity_proxy.serve.app import ProxyServer
 from tests.functional.helpers import metric_value
 from tests.support.dns_server import DnsServer
 from tests.support.waiting import wait_until

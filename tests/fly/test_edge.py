@@ -14,7 +14,7 @@ import time
 import aiohttp
 import pytest
 
-from affinity_proxy.fly import FlyEdge
+from affinity_proxy.devtools.fly import FlyEdge
 from affinity_proxy.routing.replay import parse_replay_failed, parse_replay_src
 from tests.fly.conftest import StartEdge, StartMachine
 from tests.support.waiting import wait_until

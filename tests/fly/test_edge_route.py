@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import re
 
-from affinity_proxy.fly.edge_route import PA03, PA04, PR02, PR02_FORCED, PR03, PR04, EdgeRouter, Hop, new_request_id
+from affinity_proxy.devtools.fly.edge_route import (
+    PA03,
+    PA04,
+    PR02,
+    PR02_FORCED,
+    PR03,
+    PR04,
+    EdgeRouter,
+    Hop,
+    new_request_id,
+)
 from affinity_proxy.routing.replay import parse_replay_failed, parse_replay_src
 
 

@@ -20,13 +20,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from affinity_proxy.app import ProxyServer
-from affinity_proxy.demo.backend import start_backend
-from affinity_proxy.fly import FlyEdge
-from affinity_proxy.fly.edge_route import EdgeError, Hop
+from affinity_proxy.devtools.demo.backend import start_backend
+from affinity_proxy.devtools.fly import FlyEdge
+from affinity_proxy.devtools.fly.edge_route import EdgeError, Hop
 from affinity_proxy.membership.shared import MemorySharedState
 from affinity_proxy.pins.memory import MemoryPinStore
 from affinity_proxy.routing.model import InstanceId
+from affinity_proxy.serve.app import ProxyServer
 from tests.fly.test_fly_mode import MACHINES, _free_port, fly_config
 from tests.functional.helpers import COOKIE, affinity_cookie, metric_value
 from tests.support.dns_server import DnsServer

@@ -17,7 +17,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import (
     Config,
     CookieConfig,
@@ -27,11 +26,12 @@ from affinity_proxy.config import (
     LimitsConfig,
     UserKeySourceConfig,
 )
-from affinity_proxy.demo.backend import start_backend
-from affinity_proxy.fly import FlyEdge
+from affinity_proxy.devtools.demo.backend import start_backend
+from affinity_proxy.devtools.fly import FlyEdge
 from affinity_proxy.membership.shared import MemorySharedState
 from affinity_proxy.pins.memory import MemoryPinStore
 from affinity_proxy.routing.model import InstanceId, InstanceState
+from affinity_proxy.serve.app import ProxyServer
 from tests.functional.helpers import COOKIE, affinity_cookie, metric_value
 
 MACHINES = ("m1", "m2", "m3")

@@ -9,14 +9,14 @@ from dataclasses import replace
 import aiohttp
 import pytest
 
-from affinity_proxy.app import ProxyServer
+from affinity_proxy.admin.api import REAPER
 from affinity_proxy.config import ReaperConfig
-from affinity_proxy.demo.backend import start_backend
-from affinity_proxy.fly import FlyEdge
+from affinity_proxy.devtools.demo.backend import start_backend
+from affinity_proxy.devtools.fly import FlyEdge
 from affinity_proxy.membership.shared import MemorySharedState
 from affinity_proxy.pins.memory import MemoryPinStore
 from affinity_proxy.routing.model import InstanceId, InstanceState
-from affinity_proxy.web.admin import REAPER
+from affinity_proxy.serve.app import ProxyServer
 from tests.fly.test_fly_mode import _free_port, fly_config
 from tests.functional.helpers import metric_value
 from tests.support.waiting import wait_until

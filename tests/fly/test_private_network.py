@@ -1,4 +1,4 @@
-"""Private-network forwards through the stand-in 6PN (``affinity_proxy.fly.network``): bodies Fly
+"""Private-network forwards through the stand-in 6PN (``affinity_proxy.devtools.fly.network``): bodies Fly
 cannot replay reach the pinned Machine over IPv6, also when that Machine was stopped.
 
 The demo cluster runs 3 Machines behind the local edge; each node listens on ``[::]`` (as the
@@ -21,8 +21,8 @@ import aiohttp
 import pytest
 
 from affinity_proxy.config import FlyConfig
-from affinity_proxy.demo.fly_cluster import FlyCluster, start_fly_cluster
-from affinity_proxy.fly.network import FlyNetwork
+from affinity_proxy.devtools.demo.fly_cluster import FlyCluster, start_fly_cluster
+from affinity_proxy.devtools.fly.network import FlyNetwork
 from affinity_proxy.membership.private_net import NotStarted, PrivateNameError, PrivateNet, PrivateNetResolver, probe
 from affinity_proxy.routing.model import InstanceId
 

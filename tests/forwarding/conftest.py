@@ -16,11 +16,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from affinity_proxy.demo.backend import BACKEND_STATE, BackendState, start_backend
-from affinity_proxy.forwarding.client import BodyTooLarge, UpstreamClient, UpstreamError
-from affinity_proxy.forwarding.headers import upstream_request_headers
-from affinity_proxy.forwarding.http import forward_http
-from affinity_proxy.forwarding.websocket import relay_websocket
+from affinity_proxy.devtools.demo.backend import BACKEND_STATE, BackendState, start_backend
+from affinity_proxy.engines.aiohttp.client import BodyTooLarge, UpstreamClient, UpstreamError
+from affinity_proxy.engines.aiohttp.forward import forward_http
+from affinity_proxy.engines.aiohttp.websocket import relay_websocket
+from affinity_proxy.proxy.headers import upstream_request_headers
 
 FORCE_HEADER = "fly-force-instance-id"
 

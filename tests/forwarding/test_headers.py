@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from affinity_proxy.forwarding.headers import (
+from affinity_proxy.proxy.headers import (
     HOP_BY_HOP,
     connection_tokens,
     downstream_response_headers,

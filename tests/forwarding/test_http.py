@@ -12,8 +12,8 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from affinity_proxy.demo.backend import pattern_bytes
-from affinity_proxy.forwarding.client import BodyTooLarge, UpstreamClient, UpstreamError
+from affinity_proxy.devtools.demo.backend import pattern_bytes
+from affinity_proxy.engines.aiohttp.client import BodyTooLarge, UpstreamClient, UpstreamError
 from tests.forwarding.conftest import Backend, ProxyFactory
 from tests.support.waiting import wait_until
 

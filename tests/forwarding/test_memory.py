@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from affinity_proxy.demo.backend import PATTERN_CHUNK
+from affinity_proxy.devtools.demo.backend import PATTERN_CHUNK
 from tests.forwarding.conftest import Backend, ProxyFactory
 
 TOTAL = 64 * 1024 * 1024

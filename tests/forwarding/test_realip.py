@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from affinity_proxy.forwarding.headers import is_chunked_only, is_coding_error, upstream_request_headers
-from affinity_proxy.forwarding.realip import (
+from affinity_proxy.proxy.headers import is_chunked_only, is_coding_error, upstream_request_headers
+from affinity_proxy.proxy.realip import (
     TrustedProxies,
     canonical_address,
     client_address,

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import Config, CookieConfig, InstanceConfig, LimitsConfig
+from affinity_proxy.serve.app import ProxyServer
 from tests.fastpath.raw import exchange, parse_responses
 from tests.fastpath.test_hostile_peers import flood
 from tests.support.raw_instance import Handler, raw_instances

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
-from affinity_proxy.forwarding.client import UpstreamError
+from affinity_proxy.engines.aiohttp.client import UpstreamError
 from tests.forwarding.conftest import Backend, ProxyFactory
 from tests.support.waiting import wait_until
 

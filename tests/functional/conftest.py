@@ -10,9 +10,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import Config, CookieConfig, HealthConfig, InstanceConfig, LimitsConfig, UserKeySourceConfig
-from affinity_proxy.demo.backend import start_backend
+from affinity_proxy.devtools.demo.backend import start_backend
+from affinity_proxy.serve.app import ProxyServer
 
 
 class Backends:

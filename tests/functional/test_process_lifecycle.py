@@ -147,7 +147,7 @@ async def test_sighup_reloads_the_config(served, http, backends) -> None:
 
 async def test_exec_supervises_the_app(tmp_path, backends, http) -> None:
     app_port = _free_port()
-    cmd = f"{sys.executable} -m affinity_proxy.demo.backend --id execd --port {app_port}"
+    cmd = f"{sys.executable} -m affinity_proxy.devtools.demo.backend --id execd --port {app_port}"
     s = _start(tmp_path, backends, "--exec", cmd)
     try:
         await _ready(http, s)

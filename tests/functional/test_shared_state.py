@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from affinity_proxy.app import ProxyServer
+from affinity_proxy.admin.api import REAPER
 from affinity_proxy.config import ReaperConfig, StoreConfig
 from affinity_proxy.membership.heartbeat import refresh_interval
-from affinity_proxy.web.admin import REAPER
+from affinity_proxy.serve.app import ProxyServer
 from tests.functional.conftest import make_config
 from tests.functional.helpers import admin, base, metric_value
 from tests.support.redis_server import RedisServer

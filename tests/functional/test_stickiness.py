@@ -116,7 +116,7 @@ async def test_stored_pin_wins_over_hash_after_scale_up(backends, start_proxy, h
     pinned = await _instances_of(http, server, users)
     await backends.start("d")
     # hot swap the membership in the running process (what a reload does)
-    from affinity_proxy.app import instances_from_config
+    from affinity_proxy.serve.app import instances_from_config
 
     server.ctx.membership.set_instances(
         instances_from_config(replace(config, instances=backends.instance_configs(["a", "b", "c", "d"])))

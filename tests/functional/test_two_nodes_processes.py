@@ -8,7 +8,7 @@ import asyncio
 import redis.asyncio as aioredis
 from click.testing import CliRunner
 
-from affinity_proxy.cli import main as cli_main
+from affinity_proxy.cli.main import main as cli_main
 from affinity_proxy.pins.redis import pin_key
 from tests.functional.test_workers import get_instance
 from tests.support.waiting import wait_until

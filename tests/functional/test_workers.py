@@ -306,7 +306,8 @@ def test_port_in_use_exits_1_before_starting_workers(tmp_path: Path, backends: B
 
 
 def spawn_backend(name: str, port: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "affinity_proxy.demo.backend", "--id", name, "--port", str(port)],
+    argv = [sys.executable, "-m", "affinity_proxy.devtools.demo.backend", "--id", name, "--port", str(port)]
+    return subprocess.Popen(argv,
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

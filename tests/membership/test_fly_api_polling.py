@@ -1,7 +1,7 @@
 """Machines API polling within Fly's rate limits: one poller per app through the shared state, and
 back-off on 429 (``Retry-After``, else exponential with jitter).
 
-The API is the stand-in edge's slice of the list call (``affinity_proxy.fly.FlyEdge``, which
+The API is the stand-in edge's slice of the list call (``affinity_proxy.devtools.fly.FlyEdge``, which
 counts every call and can rate limit it); the shared state is a real ``MemorySharedState`` or a
 ``RedisSharedState`` on a real redis-server. Rounds are driven by hand with an injected clock (the
 same one the memory lock expires on), so call counts are exact, never timing-dependent.
@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from affinity_proxy.fly import FlyEdge
+from affinity_proxy.devtools.fly import FlyEdge
 from affinity_proxy.membership.fly_api import MAX_BACKOFF, FlyMachinesApiSource, backoff_delay, retry_after
 from affinity_proxy.membership.redis_shared import RedisSharedState
 from affinity_proxy.membership.shared import MemorySharedState, SharedState

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from affinity_proxy.config import config_from_mapping
-from affinity_proxy.config_parse import ConfigError
+from affinity_proxy.config.parse import ConfigError
 from affinity_proxy.pins.redis import describe_url
 from affinity_proxy.pins.redis_url import RedisTarget, parse_distributed_url
 

@@ -25,7 +25,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import (
     Config,
     ConfigError,
@@ -38,8 +37,8 @@ from affinity_proxy.config import (
     config_from_mapping,
     load_config,
 )
-from affinity_proxy.demo.backend import start_backend
-from affinity_proxy.forwarding.headers import (
+from affinity_proxy.devtools.demo.backend import start_backend
+from affinity_proxy.proxy.headers import (
     HOP_BY_HOP,
     downstream_response_headers,
     is_safe_header,
@@ -47,6 +46,7 @@ from affinity_proxy.forwarding.headers import (
 )
 from affinity_proxy.routing.cookie import CookieCodec, set_cookie_value
 from affinity_proxy.routing.model import is_valid_instance_id
+from affinity_proxy.serve.app import ProxyServer
 
 COOKIE = "fly-instance-id"
 KNOWN = {"a", "b", "c", "m1", "m2", "m3"}

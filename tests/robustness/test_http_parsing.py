@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import Config, CookieConfig, HealthConfig, InstanceConfig, LimitsConfig, UserKeySourceConfig
+from affinity_proxy.serve.app import ProxyServer
 from tests.robustness.conftest import RecordingBackend, assert_served
 from tests.robustness.rawhttp import (
     Hang,

@@ -17,7 +17,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from affinity_proxy.demo.backend import BACKEND_STATE
+from affinity_proxy.devtools.demo.backend import BACKEND_STATE
 from tests.functional.conftest import Backends
 from tests.robustness.conftest import ServeFactory, ServeProcess, assert_served, instance_urls
 from tests.robustness.rawhttp import close, read_head, request

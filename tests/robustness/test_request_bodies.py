@@ -13,8 +13,8 @@ import asyncio
 
 import pytest
 
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import InstanceConfig, LimitsConfig
+from affinity_proxy.serve.app import ProxyServer
 from tests.functional.conftest import Backends
 from tests.robustness.conftest import RecordingBackend, assert_served, make_config
 from tests.robustness.rawhttp import close, read_response, request, wait_closed

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import (
     AdminConfig,
     Config,
@@ -32,6 +31,7 @@ from affinity_proxy.config import (
     UserKeySourceConfig,
     config_from_mapping,
 )
+from affinity_proxy.serve.app import ProxyServer
 from tests.functional.conftest import Backends
 from tests.functional.helpers import COOKIE, affinity_cookie
 from tests.robustness.conftest import RecordingBackend, make_config
@@ -133,7 +133,7 @@ async def test_every_admin_route_needs_the_token(guarded: ProxyServer, backends:
 def test_admin_token_is_compared_in_constant_time() -> None:
     import inspect
 
-    from affinity_proxy.web.admin import token_middleware
+    from affinity_proxy.admin.api import token_middleware
 
     source = inspect.getsource(token_middleware)
     assert "hmac.compare_digest" in source and "==" not in source.split("compare_digest", 1)[1].split("\n", 2)[0]
@@ -392,7 +392,7 @@ def test_docker_images_run_as_non_root(dockerfile: str) -> None:
 
 def test_parse_errors_echo_nothing() -> None:
     """The protocol-level error bodies are fixed text (no request bytes, no parser message)."""
-    from affinity_proxy.web.limits import refusal_bytes
+    from affinity_proxy.proxy.limits import refusal_bytes
 
     for per_ip in (False, True):
         assert b"127.0.0.1" not in refusal_bytes(per_ip)

@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 
 from affinity_proxy.config import LimitsConfig
-from affinity_proxy.demo.backend import BACKEND_STATE
-from affinity_proxy.web.limits import ConnectionLimiter
+from affinity_proxy.devtools.demo.backend import BACKEND_STATE
+from affinity_proxy.proxy.limits import ConnectionLimiter
 from tests.functional.conftest import Backends
 from tests.robustness.conftest import (
     RecordingBackend,

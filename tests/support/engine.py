@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from affinity_proxy import reload as reload_module
-from affinity_proxy.app import ProxyServer
 from affinity_proxy.config import Config
+from affinity_proxy.serve import reload as reload_module
+from affinity_proxy.serve.app import ProxyServer
 
 ProxyFactory = Callable[..., Any]
 

@@ -1,0 +1,148 @@
+"""The HTTP path of the local Fly edge: buffer the body, deliver, follow fly-replay, relay.
+
+The request body is buffered up to ``max_replay_body`` bytes so it can be replayed; a larger body
+is streamed through (buffered prefix, then the rest of the socket) and a fly-replay asked for it
+is answered with PA01. A fly-replay answer is discarded unread (its connection released) and the
+original request goes to the next hop. The final answer is streamed to the client 64 KiB at a time
+with ``Fly-Request-Id`` added. Imports aiohttp, ``fly.edge_route`` and ``forwarding.headers``
+(``FlyEdge`` is a type hint).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from affinity_proxy.devtools.fly.edge_route import EdgeError, Hop
+from affinity_proxy.proxy.headers import downstream_response_headers
+from affinity_proxy.routing.replay import REPLAY_HEADER
+
+if TYPE_CHECKING:
+    from affinity_proxy.devtools.fly.edge import FlyEdge
+
+log = logging.getLogger("affinity_proxy.fly.edge")
+
+CHUNK = 64 * 1024
+_RAW_BYTES_MAX = 1024 * 1024  # aiohttp warns about raw bytes bodies above this
+_SKIP_AUTO = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+@dataclass(slots=True)
+class _Body:
+    """The request body as far as it was buffered; ``complete`` False: more is still on the socket."""
+
+    data: bytes
+    complete: bool
+    present: bool
+
+
+async def serve_http(edge: FlyEdge, request: web.Request, request_id: str) -> web.StreamResponse:
+    """Serve one HTTP request: deliver it, follow fly-replay answers, relay the final answer."""
+    body = await _read_body(request, edge.max_replay_body)
+    base = edge.edge_headers(request, request_id)
+    if body.complete:
+        base.popall("Content-Length", None)
+    hop: Hop | EdgeError = edge.router.initial(request.headers)
+    replays = 0
+    failed: set[str] = set()
+    while True:
+        if isinstance(hop, EdgeError):
+            return edge.error_response(hop, request_id)
+        woke = await edge.prepare_hop(hop) or await edge.wait_for_slot(hop)
+        if woke is not None:
+            hop = woke
+            continue
+        headers = CIMultiDict(base)
+        headers.update(hop.headers)
+        machine = hop.machine
+        edge.enter(machine)
+        try:
+            try:
+                upstream = await _send(edge, request, hop, headers, body)
+            except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+                hop = edge.after_connect_failure(hop, exc, failed)
+                continue
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.info("machine %s failed mid-request: %r", hop.machine.id, exc)
+                return edge.error_response(EdgeError(502, "PR03", "Machine connection failed"), request_id)
+            edge.hits[hop.machine.id] += 1
+            value = upstream.headers.get(REPLAY_HEADER)
+            if value is None:
+                return await _relay(edge, request, upstream, hop, request_id, replays)
+            upstream.release()
+        finally:
+            edge.leave(machine)
+        replays += 1
+        edge.replays += 1
+        hop = edge.next_after_replay(hop, value, replays, body.complete)
+
+
+async def _read_body(request: web.Request, limit: int) -> _Body:
+    """Buffer the body up to ``limit`` bytes (Fly buffers for replay); stop reading past it."""
+    if not request.body_exists:
+        return _Body(b"", True, False)
+    buf = bytearray()
+    while len(buf) <= limit:
+        chunk = await request.content.readany()
+        if not chunk:
+            return _Body(bytes(buf), True, True)
+        buf += chunk
+    return _Body(bytes(buf), False, True)
+
+
+async def _send(
+    edge: FlyEdge, request: web.Request, hop: Hop, headers: CIMultiDict[str], body: _Body
+) -> aiohttp.ClientResponse:
+    data: bytes | io.BytesIO | AsyncIterator[bytes] | None = None
+    if not body.complete:
+        data = _stream(body.data, request.content)
+    elif body.present:
+        data = body.data if len(body.data) <= _RAW_BYTES_MAX else io.BytesIO(body.data)
+    kwargs: dict[str, Any] = {}
+    if hop.timeout:
+        kwargs["timeout"] = aiohttp.ClientTimeout(total=None, connect=hop.timeout)
+    return await edge.client.request(
+        request.method,
+        edge.machine_url(hop.machine, request),
+        headers=headers,
+        data=data,
+        allow_redirects=False,
+        skip_auto_headers=_SKIP_AUTO,
+        auto_decompress=False,
+        **kwargs,
+    )
+
+
+async def _relay(
+    edge: FlyEdge, request: web.Request, upstream: aiohttp.ClientResponse, hop: Hop, request_id: str, replays: int
+) -> web.StreamResponse:
+    edge.served[hop.machine.id] += 1
+    edge.replay_counts[replays] += 1
+    async with upstream:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(downstream_response_headers(upstream.headers))
+        response.headers["Fly-Request-Id"] = request_id
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+            log.info("relaying the answer of %s failed: %r", hop.machine.id, exc)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+    return response
+
+
+async def _stream(prefix: bytes, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    yield prefix
+    async for chunk in content.iter_any():
+        yield chunk

@@ -1,0 +1,1 @@
+"""The aiohttp engine (``engine: aiohttp``): request handler, connection guards, upstream client."""

@@ -1,0 +1,275 @@
+"""One request on the fast engine: route it, then answer it, forward it or replay it.
+
+``Exchange`` is ``web.proxy_handler.ProxyHandler`` for one parsed request, driven by callbacks
+instead of a coroutine: the client connection feeds it the request body, the upstream connection
+feeds it the response, and it writes to the client. Decisions, metrics, Set-Cookie rules, fly
+plans, the loop guard, health reports and the retry-once of idempotent requests are the handler's
+(same functions, same order, same labels). Only store I/O (a pin look-up or write, a loop-guard
+re-pin, a retry's re-decision) runs as a task; a cookie hit runs start to end in callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from affinity_proxy.pins.store import PinStoreUnavailable
+from affinity_proxy.proxy.fly import PRIVATE_FORWARD_SRC
+from affinity_proxy.proxy.resolve import resolve
+from affinity_proxy.routing.decide import Decision, DecisionReason, Refuse, RepinReason, Route, RouteInput
+from affinity_proxy.routing.model import InstanceId
+from affinity_proxy.routing.replay import (
+    NO_SIGNALS,
+    REPLAY_SRC_HEADER,
+    LocalForward,
+    Plan,
+    PrivateForward,
+    Replay,
+    ReplaySource,
+    Triage,
+)
+
+from . import lane, wire
+from .forward import Forwarding
+from .head import RequestHead
+
+if TYPE_CHECKING:
+    from .protocol import ClientConnection
+    from .server import FastServer
+
+log = logging.getLogger("affinity_proxy.proxy")
+access_log = logging.getLogger("affinity_proxy.access")
+
+_REPLAY_SRC = REPLAY_SRC_HEADER.encode()
+_FORWARD = "forward"
+
+
+class Exchange(Forwarding):
+    """One request from routing to the end of its answer. Never raises out of a callback."""
+
+    __slots__ = ("attempt", "request_id", "routed", "signals", "src", "started")
+
+    def __init__(self, conn: ClientConnection, head: RequestHead, server: FastServer, body_done: bool) -> None:
+        super().__init__(conn, head, server, body_done)
+        self.started = time.perf_counter()
+        self.request_id: bytes | None = None
+        self.routed: tuple[str, str, str] = ("refuse", "", "")
+        self.src: ReplaySource | None = None
+        self.signals: Triage = NO_SIGNALS
+        self.attempt = 0
+
+    # ------------------------------------------------------------------ routing
+
+    def begin(self) -> None:
+        server = self.server
+        router = server.router
+        head = self.head
+        hot = server.hot
+        key = head.hot_key if head.hot_sources is server.ctx.user_key_sources else hot.key(head)
+        if key is not None:
+            entry = hot.get(key, time.time())
+            if entry is not None:
+                self.hot = entry
+                counted = entry.counted
+                if counted is not None and counted[0] == _FORWARD and entry.forward is not None:
+                    # seen before: dispatch() would count it and forward it, as below
+                    route = entry.decision
+                    self.routed = (_FORWARD, route.instance, route.reason)
+                    server.counts.inc(counted[1])
+                    self._forward(route, entry.inp)
+                    return
+                self.dispatch(entry.decision, entry.inp, entry.plan)
+                return
+        if router.fly:
+            self.src = router.replay_source(head)
+            self.signals = router.repin_signals(head)
+            inp = router.route_input(head, dict(self.signals.avoid))
+            adopted = router.adopted(inp, self.src)
+            if adopted is not None:
+                self.dispatch(adopted, inp)
+                return
+        else:
+            inp = router.route_input(head, {})
+        decision = router.quick(inp)
+        if decision is None:
+            server.spawn(self._resolve(inp), "fastpath-resolve")
+            return
+        step = None
+        if router.fly and isinstance(decision, Route):
+            step = router.plan(head, decision, self.src, self.signals)
+        if key is not None:
+            hot.put(key, decision, inp, step)
+        self.dispatch(decision, inp, step)
+
+    async def _resolve(self, inp: RouteInput) -> None:
+        try:
+            decision, inp = await resolve(self.server.ctx, inp)
+        except Exception:
+            log.exception("routing failed")
+            self._respond_error(500, "internal error", "internal_error", close=True)
+            return
+        if not self.finished:
+            self.dispatch(decision, inp)
+
+    def dispatch(self, decision: Decision, inp: RouteInput, step: Plan | None = None) -> None:
+        """``ProxyHandler._dispatch`` (``step``: the fly plan when already known)."""
+        router = self.server.router
+        if isinstance(decision, Refuse):
+            self.server.counts.count_refuse(decision)
+            self._respond_error(503, "no instance can serve this request", decision.reason,
+                                headers=((b"Retry-After", b"5"),))
+            return
+        assert isinstance(decision, Route)
+        if not router.fly:
+            self._count(decision, "forward")
+            self._forward(decision, inp)
+            return
+        if step is None:
+            step = router.plan(self.head, decision, self.src, self.signals)
+        if isinstance(step, Replay):
+            self._count(decision, "replay")
+            counts = self.server.counts
+            replays = counts.child(self.server.ctx.metrics.replays, decision.reason)
+            counts.inc(replays)
+            status = self._replay(step.instance, step.header)
+            hot = self.hot
+            if hot is not None and hot.plan is step and hot.counted is not None:  # repeats take the lane
+                lane.remember(self.server, self.head, hot, decision, step.instance, step.header, status,
+                              (hot.counted[1], replays, counts.response_child(status)))
+            return
+        extra: tuple[bytes, bytes] | None = None
+        if isinstance(step, PrivateForward):
+            assert router.local is not None
+            extra = (_REPLAY_SRC, PRIVATE_FORWARD_SRC.format(id=router.local).encode())
+        if isinstance(step, LocalForward) and step.keep_pin:
+            decision = Route(step.instance, DecisionReason.FALLBACK)  # the pin and the cookie stay
+        elif isinstance(step, LocalForward) and step.loop_guard:
+            self.server.counts.inc(self.server.ctx.metrics.replay_loops_prevented)
+            log.warning("replay loop prevented; serving locally", extra={"fields": {
+                "decided": decision.instance, "local": step.instance, "reason": decision.reason.value}})
+            if inp.user_key is not None:
+                self.server.spawn(self._repin_here(decision, inp, step.instance), "fastpath-loop-guard")
+                return
+            decision = Route(step.instance, DecisionReason.LOOP_GUARD, set_cookie=True)
+        self._count(decision, "forward")
+        self._forward(decision, inp, extra)
+
+    async def _repin_here(self, route: Route, inp: RouteInput, local: InstanceId) -> None:
+        assert inp.user_key is not None
+        try:
+            await self.server.ctx.store.repin(inp.user_key, route.instance, local)
+        except PinStoreUnavailable:
+            counts = self.server.counts
+            counts.inc(counts.child(self.server.ctx.metrics.store_errors, "repin"))
+        if self.finished:
+            return
+        here = Route(local, DecisionReason.LOOP_GUARD, set_cookie=True)
+        self._count(here, "forward")
+        self._forward(here, inp)
+
+    def _count(self, route: Route, action: str) -> None:
+        self.routed = (action, route.instance, route.reason)
+        counts = self.server.counts
+        hot = self.hot
+        if hot is None or hot.decision is not route:
+            counts.count(route, action)
+            return
+        counted = hot.counted
+        if counted is None or counted[0] != action:  # a cached route counts requests{action, reason} only
+            counted = hot.counted = (action, counts.child(self.server.ctx.metrics.requests, action, route.reason))
+        counts.inc(counted[1])
+        if action == "replay":  # RecentEvents.route records nothing else for a cookie or forced route
+            self.server.ctx.events.route(action, route)
+
+    # ------------------------------------------------------------------ local answers
+
+    def _replay(self, instance: InstanceId, header: str) -> int:
+        status = self.server.ctx.config.fly.replay_status
+        head = self.head
+        self._write_answer(self.server.replay_bytes(instance, header, status, head.version, self._keep_alive(),
+                                                    head.method == "HEAD"), status)
+        return status
+
+    def _respond_error(self, status: int, message: str, code: str, *, close: bool = False,
+                       headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        if self.finished:
+            return
+        if self.responded:  # too late for an answer: cut the response short
+            self._finish(status, close=True)
+            return
+        if close:
+            self.close_after = True
+        body = wire.error_response(status, message, code, version=self.head.version,
+                                   keep_alive=self._keep_alive(), headers=headers,
+                                   head_only=self.head.method == "HEAD")
+        self._write_answer(body, status)
+
+    def _write_answer(self, data: bytes, status: int) -> None:
+        self.responded = True
+        self.conn.write(data)
+        self._finish(status)
+
+    def _keep_alive(self) -> bool:
+        return self.head.keep_alive and not self.close_after and not self.server.closing
+
+    def rid_bytes(self) -> bytes:
+        """``request_id_of``: Fly's or the client's sane id, else a cheap process-unique one."""
+        rid = self.request_id
+        if rid is None:
+            rid = self.request_id = self.head.client_request_id() or self.server.ids()
+        return rid
+
+    def rid(self) -> str:
+        return self.rid_bytes().decode("ascii", "replace")
+
+    def _failed(self, kind: str, status: int) -> None:
+        """The instance failed before the response started: report, retry once or answer."""
+        server = self.server
+        ctx = server.ctx
+        head = self.head
+        assert self.instance is not None and self.inp is not None
+        instance = self.instance
+        log.warning("upstream failed", extra={"fields": {
+            "instance": instance.id, "kind": kind, "attempt": self.attempt, "path": head.path}})
+        retryable = kind == "connect"
+        if retryable and ctx.health is not None and instance.local:
+            ctx.health.report_failure(instance.id, kind)
+        if retryable and self.attempt == 0 and self._retryable_request():
+            self.attempt = 1
+            retry = replace(self.inp, now=time.time(), avoid={**self.inp.avoid, instance.id: RepinReason.DEAD})
+            self.route = self.instance = None
+            self.up_head = b""
+            server.spawn(self._resolve(retry), "fastpath-retry")
+            return
+        message = "upstream timed out" if kind == "timeout" else "upstream unreachable"
+        self._respond_error(status, message, f"upstream_{kind}")
+
+    # ------------------------------------------------------------------ the end
+
+    def _finish(self, status: int, *, close: bool = False) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        ctx = self.server.ctx
+        self.server.counts.count_response(status)
+        ctx.events.response(status == ctx.config.fly.replay_status)
+        if access_log.isEnabledFor(logging.INFO):
+            self._log_access(status)
+        if close:
+            self.close_after = True
+            self._drop_upstream()
+        self.conn.exchange_done(self, keep_alive=not close and self._keep_alive())
+
+    def _log_access(self, status: int) -> None:
+        action, instance, reason = self.routed
+        head = self.head
+        fields: dict[str, Any] = {
+            "method": head.method, "path": head.path, "status": status,
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 2), "action": action,
+            "instance": instance or None, "reason": reason or None,
+            "replay_target": instance if action == "replay" else None, "request_id": self.rid(),
+            "remote": self.conn.real_client(head).ip,
+        }
+        access_log.info("request", extra={"fields": fields})

@@ -1,0 +1,174 @@
+"""The fast engine's routing adapter: a parsed request head -> ``RouteInput`` -> decision.
+
+A thin shell over the pure core (``routing.decide``, ``routing.replay``) and ``web.resolve`` (the
+store look-up and store operations), doing what ``web.resolve.route_input`` and ``web.fly`` do for
+aiohttp requests, from raw header bytes. ``quick`` answers without I/O whenever ``decide`` needs no
+store call (a fresh cookie, a forced instance, a new anonymous session): the hot path then never
+creates a coroutine. Also the affinity Set-Cookie value. No sockets here.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Any
+
+from aiohttp._cookie_helpers import parse_cookie_header
+
+from affinity_proxy.proxy.context import ProxyContext, cookie_attributes
+from affinity_proxy.proxy.fly import replayed_new_session
+from affinity_proxy.routing.cookie import set_cookie_value
+from affinity_proxy.routing.decide import (
+    Decision,
+    NeedPin,
+    RepinReason,
+    Route,
+    RouteInput,
+    decide,
+)
+from affinity_proxy.routing.model import InstanceId
+from affinity_proxy.routing.replay import (
+    NO_SIGNALS,
+    PREFERRED_UNAVAILABLE_HEADER,
+    REPLAY_FAILED_HEADER,
+    REPLAY_SRC_HEADER,
+    BodyInfo,
+    Plan,
+    ReplaySource,
+    Triage,
+    parse_replay_failed,
+    parse_replay_src,
+    parse_unavailable,
+    plan,
+    triage,
+)
+from affinity_proxy.routing.userkey import extract_user_key
+
+from .head import Query, RequestHead, text
+
+log = logging.getLogger("affinity_proxy.proxy")
+
+_CACHE_SIZE = 4096
+_FORCE = b"fly-force-instance-id"
+_SRC = REPLAY_SRC_HEADER.encode()
+_UNAVAILABLE = PREFERRED_UNAVAILABLE_HEADER.encode()
+_FAILED = REPLAY_FAILED_HEADER.encode()
+
+
+class Router:
+    """Per-process routing state of the fast engine (caches, metric children). One event loop."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.fly = ctx.config.mode == "fly"
+        self.local = InstanceId(ctx.config.fly.machine_id or "") if self.fly else None
+        self._cookies: dict[bytes, dict[str, str]] = {}
+        self._digests: dict[str, str] = {}
+        self._digest_codec: object = None
+        self._set_cookie_config: object = None
+        self._set_cookie_attrs: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ request -> RouteInput
+
+    def cookies(self, head: RequestHead) -> dict[str, str]:
+        raw = head.first.get(b"cookie")
+        if raw is None:
+            return {}
+        jar = self._cookies.get(raw)
+        if jar is None:
+            jar = {name: morsel.value for name, morsel in parse_cookie_header(text(raw))}
+            if len(self._cookies) >= _CACHE_SIZE:
+                self._cookies.clear()
+            self._cookies[raw] = jar
+        return jar
+
+    def user_digest(self, user_key: str | None) -> str:
+        codec = self.ctx.codec
+        if user_key is None:
+            return ""
+        if codec is not self._digest_codec:
+            self._digests.clear()
+            self._digest_codec = codec
+        digest = self._digests.get(user_key)
+        if digest is None:
+            digest = codec.user_digest(user_key)
+            if len(self._digests) >= _CACHE_SIZE:
+                self._digests.clear()
+            self._digests[user_key] = digest
+        return digest
+
+    def route_input(self, head: RequestHead, avoid: dict[InstanceId, RepinReason]) -> RouteInput:
+        """``web.resolve.route_input`` for a raw head. No I/O; HMACs are cached."""
+        ctx = self.ctx
+        now = time.time()
+        jar = self.cookies(head)
+        cookie, problem = ctx.codec.read(jar.get(ctx.config.cookie.name), now)
+        user_key = extract_user_key(ctx.user_key_sources, head, Query(head.target), jar)  # type: ignore[arg-type]
+        force = head.first.get(_FORCE)
+        anonymous = ""
+        if user_key is None and (cookie is None or cookie.instance in avoid
+                                 or not ctx.membership.current().is_routable(cookie.instance)):
+            anonymous = secrets.token_urlsafe(12)  # only a new anonymous session is hashed on it
+        return RouteInput(
+            user_key=user_key, user_digest=self.user_digest(user_key), cookie=cookie, cookie_problem=problem,
+            force_instance=text(force) if force is not None else None, now=now, avoid=avoid,
+            anonymous_key=anonymous,
+        )
+
+    def quick(self, inp: RouteInput) -> Decision | None:
+        """The decision when it needs no store call (what ``web.resolve.resolve`` would return),
+        else None: the caller then awaits ``resolve``."""
+        decision = decide(inp, self.ctx.membership.current(), self.ctx.policy)
+        if isinstance(decision, NeedPin):
+            return None
+        if isinstance(decision, Route) and (decision.store_op is not None or
+                                            (decision.touch and inp.user_key is not None and inp.store_ok)):
+            return None
+        return decision
+
+    # ------------------------------------------------------------------ fly mode
+
+    def replay_source(self, head: RequestHead) -> ReplaySource | None:
+        raw = head.first.get(_SRC)
+        if raw is None:
+            return None
+        return parse_replay_src(text(raw)) or ReplaySource(instance=None, region=None, t=None, state=None)
+
+    def repin_signals(self, head: RequestHead) -> Triage:
+        """``web.fly.repin_signals`` for a raw head."""
+        first = head.first
+        raw_unavailable, raw_failed = first.get(_UNAVAILABLE), first.get(_FAILED)
+        if raw_unavailable is None and raw_failed is None:
+            return NO_SIGNALS
+        unavailable = parse_unavailable(text(raw_unavailable)) if raw_unavailable is not None else None
+        failed = parse_replay_failed(text(raw_failed)) if raw_failed is not None else None
+        return triage(unavailable, failed, self.ctx.membership.current(),
+                      static_membership=self.ctx.config.fly.discovery == "static")
+
+    def adopted(self, inp: RouteInput, src: ReplaySource | None) -> Route | None:
+        assert self.local is not None
+        return replayed_new_session(inp, src, self.local)
+
+    def plan(self, head: RequestHead, route: Route, src: ReplaySource | None, signals: Triage = NO_SIGNALS) -> Plan:
+        fly = self.ctx.config.fly
+        assert self.local is not None
+        te = head.first.get(b"transfer-encoding", b"")
+        body = BodyInfo(method=head.method, content_length=head.content_length, chunked=b"chunked" in te.lower())
+        return plan(route.instance, local_instance=self.local, replay_src=src, body=body, is_websocket=False,
+                    fallback_request=_FAILED in head.first, unreachable=signals.unreachable,
+                    prefer_instance=fly.prefer_instance, timeout=fly.replay_timeout, fallback=fly.replay_fallback)
+
+    # ------------------------------------------------------------------ cookies
+
+    def set_cookie(self, instance: InstanceId, route: Route, inp: RouteInput) -> bytes | None:
+        """The affinity Set-Cookie value when ``ProxyHandler._response_headers`` would send one."""
+        codec = self.ctx.codec
+        if not (route.set_cookie or (inp.cookie is not None and codec.needs_reissue(inp.cookie))):
+            return None
+        config = self.ctx.config  # read per request: a reload may replace it
+        if config is not self._set_cookie_config:
+            self._set_cookie_attrs = cookie_attributes(config)
+            self._set_cookie_config = config
+        value = codec.encode(instance, int(inp.now), inp.user_digest)
+        return set_cookie_value(config.cookie.name, value, **self._set_cookie_attrs).encode()

@@ -1,0 +1,139 @@
+"""Fly mode on the request path: re-pin signals from Fly's headers, the replay plan, replay answers.
+
+The pure parts (header formats, the plan) live in ``routing.replay``; this module reads them off an
+aiohttp request and builds the responses. Fly's headers only ever steer a user *away* from an
+instance or keep a request here; they are never a security signal (a client can send them too).
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlsplit
+
+from aiohttp import hdrs, web
+
+from affinity_proxy.membership.private_net import PrivateNet, is_private_name, probe
+from affinity_proxy.proxy.context import ProxyContext
+from affinity_proxy.proxy.upstream_errors import UpstreamError
+from affinity_proxy.routing.decide import DecisionReason, Route, RouteInput
+from affinity_proxy.routing.model import InstanceId
+from affinity_proxy.routing.replay import (
+    NO_SIGNALS,
+    PREFERRED_UNAVAILABLE_HEADER,
+    REPLAY_FAILED_HEADER,
+    REPLAY_HEADER,
+    REPLAY_SRC_HEADER,
+    BodyInfo,
+    Plan,
+    ReplaySource,
+    Triage,
+    parse_replay_failed,
+    parse_replay_src,
+    parse_unavailable,
+    plan,
+    triage,
+)
+
+#: Sent on private-network forwards so the target node serves the request and never replays it.
+PRIVATE_FORWARD_SRC = "instance={id};state=affinity:private"
+
+
+def repin_signals(ctx: ProxyContext, request: web.Request) -> Triage:
+    """What ``fly-preferred-instance-unavailable`` and ``fly-replay-failed`` mean for this request:
+    Machines to re-pin away from (gone) and Machines only unreachable just now (``triage``)."""
+    headers = request.headers
+    raw_unavailable, raw_failed = headers.get(PREFERRED_UNAVAILABLE_HEADER), headers.get(REPLAY_FAILED_HEADER)
+    if raw_unavailable is None and raw_failed is None:
+        return NO_SIGNALS
+    return triage(parse_unavailable(raw_unavailable), parse_replay_failed(raw_failed), ctx.membership.current(),
+                  static_membership=ctx.config.fly.discovery == "static")
+
+
+def is_fallback(request: web.Request) -> bool:
+    """A fallback request: Fly sends ``fly-replay-failed`` with it (docs/fly-protocol.md §1), parsable or not."""
+    return REPLAY_FAILED_HEADER in request.headers
+
+
+def replay_source(request: web.Request) -> ReplaySource | None:
+    """The parsed ``fly-replay-src``; a present but unparsable header still counts as replayed."""
+    raw = request.headers.get(REPLAY_SRC_HEADER)
+    if raw is None:
+        return None
+    return parse_replay_src(raw) or ReplaySource(instance=None, region=None, t=None, state=None)
+
+
+def replayed_new_session(inp: RouteInput, src: ReplaySource | None, local: InstanceId) -> Route | None:
+    """An anonymous request replayed here by one of our nodes: that node chose this instance for a
+    new session (by hashing a random id), so adopt it instead of hashing again."""
+    if src is not None and src.ours and inp.user_key is None and inp.cookie is None:
+        return Route(local, DecisionReason.NEW, set_cookie=True)
+    return None
+
+
+def body_info(request: web.Request) -> BodyInfo:
+    chunked = "chunked" in request.headers.get(hdrs.TRANSFER_ENCODING, "").lower()
+    return BodyInfo(method=request.method, content_length=request.content_length, chunked=chunked)
+
+
+def fly_plan(ctx: ProxyContext, request: web.Request, route: Route, src: ReplaySource | None,
+             is_websocket: bool, signals: Triage = NO_SIGNALS) -> Plan:
+    fly = ctx.config.fly
+    assert fly.machine_id is not None
+    return plan(
+        route.instance,
+        local_instance=InstanceId(fly.machine_id),
+        replay_src=src,
+        body=body_info(request),
+        is_websocket=is_websocket,
+        fallback_request=is_fallback(request),
+        unreachable=signals.unreachable,
+        prefer_instance=fly.prefer_instance,
+        timeout=fly.replay_timeout,
+        fallback=fly.replay_fallback,
+    )
+
+
+def replay_response(ctx: ProxyContext, instance: InstanceId, header: str) -> web.Response:
+    """The answer Fly's edge turns into a replay; the client never sees it."""
+    body = {"message": f"replaying to instance {instance}", "instance": instance}
+    return web.Response(
+        status=ctx.config.fly.replay_status,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        headers={REPLAY_HEADER: header},
+    )
+
+
+def private_forward_headers(local: str) -> list[tuple[str, str]]:
+    return [(REPLAY_SRC_HEADER, PRIVATE_FORWARD_SRC.format(id=local))]
+
+
+async def reach_private(net: PrivateNet, url: str, connect_timeout: float) -> None:
+    """Before a private forward on the aiohttp engine: make sure the Machine behind ``url`` takes
+    connections (``PrivateNet.open`` with a probe connection: a stopped Machine is started and
+    waited for, a stale address looked up again), so the forward's own connect then succeeds
+    within ``connect_timeout``. Names outside ``*.internal`` are left to the connector. Raises
+    ``UpstreamError("connect")`` (nothing was sent). The fast engine does the same in its pool."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if not is_private_name(host):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        await net.open(host, port, lambda address: probe(address, port), connect_timeout)
+    except (OSError, TimeoutError) as exc:
+        raise UpstreamError("connect", f"{host}: {exc or type(exc).__name__}") from exc
+
+
+__all__ = [
+    "REPLAY_SRC_HEADER",
+    "body_info",
+    "fly_plan",
+    "is_fallback",
+    "private_forward_headers",
+    "reach_private",
+    "repin_signals",
+    "replay_response",
+    "replay_source",
+    "replayed_new_session",
+]

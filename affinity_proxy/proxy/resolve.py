@@ -1,0 +1,169 @@
+"""From an aiohttp request to a routing decision: build ``RouteInput``, consult the store when the
+pure core asks for it (``NeedPin``), and carry out the atomic store operation it returns.
+
+This is the only place the request path touches the pin store. A valid, fresh cookie never gets
+here with a store call: ``decide`` answers it directly. Store failures degrade to the ring and are
+counted; they never fail the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import replace
+
+from aiohttp import web
+
+from affinity_proxy.pins.store import PinStoreUnavailable
+from affinity_proxy.proxy.context import ProxyContext
+from affinity_proxy.routing.decide import (
+    ClaimPin,
+    Decision,
+    DecisionReason,
+    NeedPin,
+    RepinReason,
+    Route,
+    RouteInput,
+    decide,
+)
+from affinity_proxy.routing.model import InstanceId, MembershipView
+from affinity_proxy.routing.userkey import extract_user_key
+
+log = logging.getLogger("affinity_proxy.resolve")
+
+FORCE_HEADER = "fly-force-instance-id"
+
+
+def route_input(
+    ctx: ProxyContext,
+    request: web.Request,
+    *,
+    user_key_override: str | None = None,
+    avoid: dict[InstanceId, RepinReason] | None = None,
+) -> RouteInput:
+    """Everything ``decide`` needs from the request. No I/O; the cookie HMAC is cached by the codec."""
+    now = time.time()
+    cookie, problem = ctx.codec.read(request.cookies.get(ctx.config.cookie.name), now)
+    if user_key_override is not None:
+        user_key: str | None = user_key_override or None
+    else:
+        user_key = extract_user_key(ctx.user_key_sources, request.headers, request.query, request.cookies)
+    return RouteInput(
+        user_key=user_key,
+        user_digest=ctx.codec.user_digest(user_key),
+        cookie=cookie,
+        cookie_problem=problem,
+        force_instance=request.headers.get(FORCE_HEADER),
+        now=now,
+        avoid=avoid or {},
+        anonymous_key=secrets.token_urlsafe(12),
+    )
+
+
+def _store_down(ctx: ProxyContext, inp: RouteInput, op: str) -> RouteInput:
+    """The look-up failed: count it and keep the user where it was last pinned (near cache), else
+    mark the store as failed so ``decide`` degrades to the ring."""
+    assert inp.user_key is not None
+    ctx.metrics.store_errors.labels(op=op).inc()
+    remembered = ctx.pin_cache.recall(inp.user_key)
+    if remembered is not None:
+        return replace(inp, pin_looked_up=True, stored_pin=remembered, store_ok=True)
+    return replace(inp, pin_looked_up=True, stored_pin=None, store_ok=False)
+
+
+async def lookup_pin(ctx: ProxyContext, inp: RouteInput) -> RouteInput:
+    """Fill in the stored pin (or mark the store as failed). One store round trip."""
+    assert inp.user_key is not None
+    try:
+        pin = await ctx.store.get(inp.user_key)
+    except PinStoreUnavailable:
+        return _store_down(ctx, inp, "get")
+    if pin is None:
+        ctx.pin_cache.forget(inp.user_key)
+    else:
+        ctx.pin_cache.remember(inp.user_key, pin.instance)
+    return replace(inp, pin_looked_up=True, stored_pin=pin.instance if pin else None, store_ok=True)
+
+
+async def resolve(ctx: ProxyContext, inp: RouteInput, *, apply: bool = True) -> tuple[Decision, RouteInput]:
+    """Decide, asking the store at most once, then (``apply``) perform the decision's store op."""
+    view = ctx.membership.current()
+    decision = decide(inp, view, ctx.policy)
+    if isinstance(decision, NeedPin):
+        claimed = await claim_or_get(ctx, inp, view) if apply else None
+        if claimed is not None:
+            decision, inp, applied = claimed
+            if applied:
+                return decision, inp  # a new pin, claimed in the round trip that looked for an old one
+        else:
+            inp = await lookup_pin(ctx, inp)
+            decision = decide(inp, view, ctx.policy)
+    if apply and isinstance(decision, Route):
+        if decision.store_op is not None:
+            decision = await apply_store_op(ctx, decision, view, inp)
+        elif decision.touch and inp.user_key is not None and inp.store_ok:
+            await touch(ctx, inp.user_key, decision.instance)
+    return decision, inp
+
+
+async def claim_or_get(
+    ctx: ProxyContext, inp: RouteInput, view: MembershipView
+) -> tuple[Decision, RouteInput, bool] | None:
+    """One store round trip for the common case of ``NeedPin``: decide as if no pin were stored and,
+    when that claims a pin, run the claim at once. ``claim`` is SET-if-absent and answers with the
+    pin already there, so a lost claim is exactly a look-up: decide again with that pin (first writer
+    wins, as before). Returns None when the no-pin decision would not claim (the caller then looks the
+    pin up); otherwise the decision, the input it was made on, and whether its store op is already
+    applied (True: the claim was won and nothing is left to do)."""
+    assert inp.user_key is not None
+    guess_inp = replace(inp, pin_looked_up=True, stored_pin=None, store_ok=True)
+    guess = decide(guess_inp, view, ctx.policy)
+    if not isinstance(guess, Route) or not isinstance(guess.store_op, ClaimPin):
+        return None
+    op = guess.store_op
+    try:
+        result = await ctx.store.claim(op.user_key, op.instance)
+    except PinStoreUnavailable:
+        inp = _store_down(ctx, inp, "claim")
+        return decide(inp, view, ctx.policy), inp, False
+    winner = result.pin.instance
+    ctx.pin_cache.remember(op.user_key, winner)
+    if result.won:
+        return guess, guess_inp, True
+    inp = replace(inp, pin_looked_up=True, stored_pin=winner, store_ok=True)
+    return decide(inp, view, ctx.policy), inp, False
+
+
+async def touch(ctx: ProxyContext, user_key: str, instance: InstanceId) -> None:
+    try:
+        await ctx.store.touch(user_key, instance)
+    except PinStoreUnavailable:
+        ctx.metrics.store_errors.labels(op="touch").inc()
+
+
+async def apply_store_op(ctx: ProxyContext, route: Route, view: MembershipView, inp: RouteInput) -> Route:
+    """Claim (SET NX) or compare-and-set the pin. When another worker or node won the race, route
+    to the winner so every racer ends on the same instance."""
+    op = route.store_op
+    assert op is not None
+    op_name = "claim" if isinstance(op, ClaimPin) else "repin"
+    try:
+        if isinstance(op, ClaimPin):
+            result = await ctx.store.claim(op.user_key, op.instance)
+        else:
+            result = await ctx.store.repin(op.user_key, op.expected, op.instance)
+    except PinStoreUnavailable:
+        ctx.metrics.store_errors.labels(op=op_name).inc()
+        return route
+    winner = result.pin.instance
+    ctx.pin_cache.remember(op.user_key, winner)
+    if result.won or winner == route.instance:
+        return route
+    if view.is_routable(winner) and winner not in inp.avoid:
+        return Route(winner, DecisionReason.PIN, set_cookie=True)
+    log.warning(
+        "lost a pin race to an unroutable instance; serving unpinned",
+        extra={"fields": {"instance": route.instance, "winner": winner, "op": op_name}},
+    )
+    return route
