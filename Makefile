@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-all lint install bench bench-scaling chaos clean redis-server test-deps
+.PHONY: demo test test-all lint install bench bench-compare bench-scaling chaos clean redis-server test-deps
 
 # Debian packages the suite needs (redis-server, chromium, prometheus's promtool, nginx, openssl,
 # slowhttptest), installed with apt-get when missing; the list is in .ci/install-deps, which CI
@@ -37,6 +37,14 @@ test-all: install test-deps
 # interleaved rounds, about 9 min on a quiet machine; writes benchmarks/RESULTS.md from this one run.
 bench: install
 	$(BIN)/python -m benchmarks.run --duration 8 --rounds 5
+
+# The same benchmark with REF's proxy beside the current one (REF checked out in a temporary git worktree,
+# run with this venv) in the same rounds: prints "current / REF same-round ratio" per target and writes
+# benchmarks/COMPARE.md (issue #13: within 5 % of the figure before). REF defaults to the commit before the
+# redesign; about 9 min.
+REF ?= 9c433204caeeab6bd4a67be0fcb9f174ad14047a
+bench-compare: install
+	$(BIN)/python -m benchmarks.run --duration 8 --rounds 5 --compare-ref $(REF) --output benchmarks/COMPARE.md --targets nginx-proxy,direct,byte-relay,affinity-proxy,affinity-fly,haproxy-insert,affinity-new
 
 # 1M pins in Redis, proxy memory with 100k users, --workers 2 vs 1 (about 3 min): writes benchmarks/SCALING.md.
 bench-scaling: install redis-server

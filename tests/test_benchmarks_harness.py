@@ -20,16 +20,31 @@ from pathlib import Path
 import pytest
 
 from benchmarks import byte_relay, haproxy, nginx
+from benchmarks.refs import (
+    COMPARABLE,
+    RefError,
+    Worktrees,
+    check_imports_from,
+    check_ref_syntax,
+    mirrored,
+    ref_label,
+    ref_target_name,
+    resolve,
+    split_target_name,
+)
 from benchmarks.rounds import (
     CEILING,
     NEW_SESSION_REFERENCE,
     REFERENCE,
     Row,
     Spread,
+    comparison_lines,
     flag_rounds,
     per_core,
+    ref_pairs,
     reference_table,
     round_table,
+    same_round_ratio,
     summarize,
     summary_table,
     unflagged,
@@ -37,7 +52,8 @@ from benchmarks.rounds import (
     with_ratios,
 )
 from benchmarks.rounds import DIRECT as DIRECT_TARGET
-from benchmarks.run import estimate_seconds, parse_args
+from benchmarks.run import count_targets, estimate_seconds, parse_args
+from benchmarks.targets import Processes, proxy_configs, start_targets
 from benchmarks.wrk import STATUS_LUA, WrkParseError, parse_wrk_output, to_ms, wrk_argv
 
 # Captured from Debian's wrk 4.1.0 with benchmarks/wrk.py's Lua script, against an nginx backend.
@@ -586,3 +602,167 @@ def test_byte_relay_closes_the_client_when_the_upstream_refuses() -> None:
 def test_byte_relay_refuses_bad_arguments(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         byte_relay.main(argv)
+
+
+# --- against an earlier commit (--compare-ref) ---------------------------------------------------
+
+SHA = "9c433204caeeab6bd4a67be0fcb9f174ad14047a"
+
+
+def test_ref_target_names() -> None:
+    assert ref_target_name("affinity-proxy", "pre-redesign") == "affinity-proxy@pre-redesign"
+    assert split_target_name("affinity-fly@v1.2") == ("affinity-fly", "v1.2")
+    assert split_target_name("affinity-fly") == ("affinity-fly", None)
+    assert ref_label("pre-redesign", SHA) == "pre-redesign"  # a name stays as given
+    assert ref_label(SHA, SHA) == "9c433204caee" and ref_label(SHA.upper(), SHA) == "9c433204caee"
+    assert ref_label("9c433204caee", SHA) == "9c433204caee"
+    for name in ("nginx-proxy", "byte-relay", "haproxy-insert"):
+        with pytest.raises(ValueError):
+            ref_target_name(name, "x")  # only affinity-proxy targets have a twin
+    assert mirrored(["nginx-proxy", "affinity-new", "affinity-proxy", "direct"]) == ["affinity-proxy", "affinity-new"]
+    assert count_targets(["nginx-proxy", "affinity-proxy", "affinity-fly"], refs=2) == 7
+    assert count_targets(["nginx-proxy"], refs=0) == 1
+
+
+@pytest.mark.parametrize("ref", ["", "-x", "--output=/tmp/x", "a b", "a@b", "a,b", "x|y", "a\nb", "x" * 101])
+def test_bad_refs_are_refused(ref: str) -> None:
+    with pytest.raises(ValueError):
+        check_ref_syntax(ref)
+    with pytest.raises(SystemExit):
+        parse_args(["--compare-ref", ref])
+
+
+def test_compare_ref_arguments() -> None:
+    args = parse_args(["--compare-ref", "pre-redesign", "--compare-ref", "HEAD~3"])
+    assert args.compare_ref == ["pre-redesign", "HEAD~3"]
+    assert parse_args([]).compare_ref == []
+    for argv in (["--compare-ref", "a", "--compare-ref", "a"],  # the same ref twice
+                 ["--compare-ref", "a", "--targets", "nginx-proxy,direct"]):  # nothing to compare
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+
+
+def test_resolve_refuses_what_is_not_a_commit_here() -> None:
+    with pytest.raises(RefError):
+        resolve("no-such-ref-in-this-repository")
+    with pytest.raises(ValueError):
+        resolve("-h")
+
+
+def _pair_rounds(pairs: list[tuple[float, float]], *, twin_errors: int = 0) -> list[list[Row]]:
+    return [with_ratios([_row(REFERENCE, 50_000), _row("affinity-proxy", cur, p99=2.0),
+                         _row("affinity-proxy@old", old, p99=4.0, errors=twin_errors)]) for cur, old in pairs]
+
+
+def test_same_round_ratio_is_the_median_of_per_round_ratios() -> None:
+    rounds = _pair_rounds([(30_000, 30_000), (20_000, 25_000), (33_000, 30_000)])
+    assert same_round_ratio(rounds, "affinity-proxy", "affinity-proxy@old") == Spread(1.0, 0.8, 1.1)
+    rounds.append(with_ratios([_row("affinity-proxy", 10_000)]))  # a round without the twin: left out
+    assert same_round_ratio(rounds, "affinity-proxy", "affinity-proxy@old") == Spread(1.0, 0.8, 1.1)
+    assert same_round_ratio(rounds, "affinity-proxy", "affinity-fly@old") is None
+    assert same_round_ratio(_pair_rounds([(1.0, 0.0)]), "affinity-proxy", "affinity-proxy@old") is None  # no ÷ 0
+
+
+def test_ref_pairs_need_both_sides() -> None:
+    names = ["nginx-proxy", "affinity-proxy", "affinity-proxy@a", "affinity-proxy@b", "affinity-fly@a", "x@"]
+    assert ref_pairs(names) == [("affinity-proxy", "affinity-proxy@a", "a"),
+                                ("affinity-proxy", "affinity-proxy@b", "b")]
+
+
+def test_the_comparison_line() -> None:
+    lines = comparison_lines(_pair_rounds([(29_000, 30_000), (28_000, 30_000), (30_000, 30_000)]))
+    assert lines == ["- affinity-proxy: current / old same-round ratio: 0.967 (0.933-1.000) req/s, p99 0.50; "
+                     "within 5% of old (median ≥ 0.95, 0 errors): **met**"]
+    slower = comparison_lines(_pair_rounds([(27_000, 30_000)]))
+    assert slower[0].startswith("- affinity-proxy: current / old same-round ratio: 0.900 req/s")
+    assert slower[0].endswith("**not met**")
+    errors = comparison_lines(_pair_rounds([(30_000, 30_000)], twin_errors=3))
+    assert errors[0].endswith("**not met** (0 errors current, 3 at old)")  # errors make it not like for like
+    assert comparison_lines(_round() and [_round()]) == []  # no twin, no line
+    assert comparison_lines(_pair_rounds([(28_000, 30_000)]), tolerance=0.10)[0].endswith("**met**")
+
+
+def test_a_ref_gets_the_same_configs_as_the_current_tree() -> None:
+    backends = [("app-1", 9001), ("app-2", 9002), ("app-3", 9003)]
+    want = ["nginx-proxy", "affinity-proxy", "affinity-fly", "affinity-new"]
+
+    def configs(first_port: int) -> list[tuple[str, int, str]]:
+        ports = [(first_port + 2 * i, first_port + 2 * i + 1) for i in range(4)]
+        return proxy_configs(want, ports=ports, secret="s" * 64, backends=backends, fly_upstream=9001)
+
+    current, ref = configs(20000), configs(30000)
+    assert [(n, p) for n, p, _ in current] == [("affinity-proxy", 20000), ("affinity-fly", 20002)]
+    for (_, port, text), (_, ref_port, ref_text) in zip(current, ref, strict=True):
+        # Only the ports differ: listen and admin_listen.
+        assert ref_text.replace(f":{ref_port}", ":L").replace(f":{ref_port + 1}", ":A") == \
+            text.replace(f":{port}", ":L").replace(f":{port + 1}", ":A")
+    proxy, fly = current[0][2], current[1][2]
+    assert "mode: proxy" in proxy and "engine: fast" in proxy and "secret: " + "s" * 64 in proxy
+    assert "mode: fly" in fly and "machine_id: m1" in fly and "upstream: http://127.0.0.1:9001" in fly
+    assert re.findall(r"id: (m\d), url: 'http://127.0.0.1:(\d+)'", fly) == [("m1", "9001"), ("m2", "9002"),
+                                                                         ("m3", "9003")]
+    # affinity-new alone still needs the proxy-mode fast engine process (it loads that one).
+    only_new = proxy_configs(["affinity-new"], ports=[(1, 2)], secret="s", backends=backends, fly_upstream=9001)
+    assert [n for n, _, _ in only_new] == ["affinity-proxy"]
+    assert set(COMPARABLE) >= {"affinity-proxy", "affinity-fly", "affinity-new"}
+
+
+def test_make_bench_compare_passes_the_ref() -> None:
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    line = next(ln for ln in makefile.splitlines() if "--compare-ref" in ln)
+    argv = line.split("-m benchmarks.run", 1)[1].replace("$(REF)", "pre-redesign").split()
+    args = parse_args(argv)
+    assert args.compare_ref == ["pre-redesign"] and args.rounds >= 5
+    names = args.targets.split(",")
+    assert {"affinity-proxy", "affinity-fly", "nginx-proxy"} <= set(names)
+    assert estimate_seconds(count_targets(names, 1), args.rounds, args.duration, args.warmup) < 720
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx not installed (make test installs it: .ci/install-deps)")
+def test_a_ref_runs_from_its_worktree_and_answers(tmp_path: Path) -> None:
+    """HEAD checked out beside the tree: its proxy and fly node start from the worktree's code (not
+    the editable install), answer as the current ones do, and everything is gone afterwards."""
+    assert NGINX is not None
+    worktrees = Worktrees()
+    try:
+        tree = worktrees.add("HEAD")
+        with pytest.raises(RefError):
+            worktrees.add("HEAD")  # twice: refused
+        assert tree.label == "HEAD" and tree.path.is_dir()
+        assert check_imports_from(tree).is_relative_to(tree.path)
+        procs = Processes(tmp_path)
+        try:
+            targets = start_targets(procs, nginx_bin=NGINX, target_cpu=None, backend_cpu=None,
+                                    only=["affinity-proxy", "affinity-fly"], refs=[tree])
+        finally:
+            assert procs.finish() == []
+        # start_targets had each one answer as expected (200 with its own cookie; 409 replays).
+        assert [t.name for t in targets] == ["affinity-proxy", "affinity-proxy@HEAD", "affinity-fly",
+                                             "affinity-fly@HEAD"]
+        assert "worktree" not in targets[0].what and f"at HEAD ({tree.sha[:12]})" in targets[1].what
+    finally:
+        assert worktrees.remove_all() == []
+    assert not tree.path.exists() and not tree.path.parent.exists()
+    listed = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent.parent), "worktree", "list"],
+                            capture_output=True, text=True, timeout=30, check=True).stdout
+    assert str(tree.path) not in listed
+
+
+def test_results_markdown_has_the_comparison_section(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from benchmarks.refs import RefTree
+    from benchmarks.run import results_markdown
+    from benchmarks.targets import Target
+
+    args = parse_args(["--compare-ref", "old", "--output", str(tmp_path / "r.md")])
+    info = {"nproc": "2", "cpu": "x", "kernel": "6", "versions": "python 3", "commit": "abc"}
+    targets = [Target(n, "t", 1, [], list) for n in (REFERENCE, "affinity-proxy", "affinity-proxy@old")]
+    rounds = _pair_rounds([(29_000, 30_000)])
+    tree = RefTree("old", SHA, "old", tmp_path)
+    text = results_markdown(info, "cmd", args, targets, rounds, {}, ("0", "0"), dt.datetime.now(dt.UTC), 1.0, [tree])
+    assert "- compared with (`<target>@REF`, a git worktree run with the same interpreter): old = 9c433204caee" in text
+    section = text.split("## Against earlier commits", 1)[1].split("## Flagged rounds", 1)[0]
+    assert "- affinity-proxy: current / old same-round ratio: 0.967 req/s" in section
+    assert "## Against earlier commits" not in results_markdown(info, "cmd", args, targets, rounds, {}, ("0", "0"),
+                                                                dt.datetime.now(dt.UTC), 1.0)
