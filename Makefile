@@ -41,7 +41,7 @@ bench: install
 # The same benchmark with REF's proxy beside the current one (REF checked out in a temporary git worktree,
 # run with this venv) in the same rounds: prints "current / REF same-round ratio" per target and writes
 # benchmarks/COMPARE.md (issue #13: within 5 % of the figure before). REF defaults to the commit before the
-# redesign; about 9 min.
+# redesign; about 8 min.
 REF ?= 9c433204caeeab6bd4a67be0fcb9f174ad14047a
 bench-compare: install
 	$(BIN)/python -m benchmarks.run --duration 8 --rounds 5 --compare-ref $(REF) --output benchmarks/COMPARE.md --targets nginx-proxy,direct,byte-relay,affinity-proxy,affinity-fly,haproxy-insert,affinity-new

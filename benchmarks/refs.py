@@ -163,5 +163,5 @@ def check_imports_from(tree: RefTree, python: str = sys.executable) -> Path:
 
 
 def describe(trees: Sequence[RefTree]) -> str:
-    """``label = sha`` for the report."""
-    return ", ".join(f"{t.label} = {t.sha[:12]}" for t in trees)
+    """``label = sha`` for the report (the sha alone when it is the label)."""
+    return ", ".join(t.label if t.label == t.sha[:12] else f"{t.label} = {t.sha[:12]}" for t in trees)
