@@ -56,7 +56,7 @@ def serve(config_path: str | None, workers: int, app_command: str | None) -> Non
         config.require_admin_token()
     except ConfigError as exc:
         raise config_error(exc) from None
-    from affinity_proxy.serve.runtime import run_serve
+    from affinity_proxy.serve.main import run_serve
 
     raise SystemExit(run_serve(config, workers, config_path=str(path), app_command=app_command))
 

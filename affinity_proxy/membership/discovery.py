@@ -32,6 +32,14 @@ def private_url(config: Config, instance_id: str) -> str:
     return fly.private_url.format(id=instance_id, app=fly.app or "", port=fly.private_port, region="").rstrip("/")
 
 
+def instances_from_config(config: Config) -> list[Instance]:
+    """The starting membership: every configured instance (proxy mode), or in fly mode this node's
+    Machine (local, forwarding to ``fly.upstream``) plus the configured ones as remote Machines."""
+    if config.mode == "fly":
+        return fly_static_instances(config)
+    return [Instance(InstanceId(i.id), i.url.rstrip("/"), i.weight) for i in config.instances]
+
+
 def fly_static_instances(config: Config) -> list[Instance]:
     """``fly.discovery: static``: the configured instances are the Machines; the local one forwards
     to ``fly.upstream``, the others are reached by replay (their ``url`` is for private forwards)."""

@@ -31,7 +31,7 @@ from affinity_proxy.engines.aiohttp.client import UpstreamClient
 from affinity_proxy.engines.aiohttp.middlewares import header_size_guard
 from affinity_proxy.engines.aiohttp.proxy_handler import ProxyHandler
 from affinity_proxy.engines.aiohttp.server import ProxyAppRunner, handler_args
-from affinity_proxy.membership.discovery import fly_static_instances, local_instance, private_url, run_discovery
+from affinity_proxy.membership.discovery import instances_from_config, local_instance, private_url, run_discovery
 from affinity_proxy.membership.health import HealthChecker, HealthSettings
 from affinity_proxy.membership.heartbeat import HeartbeatSource, MembershipRefresher, refresh_interval
 from affinity_proxy.membership.private_net import PrivateNet, PrivateNetResolver
@@ -47,7 +47,6 @@ from affinity_proxy.pins.store import PinStore, PinStoreUnavailable
 from affinity_proxy.proxy.context import CONTEXT, ProxyContext, decide_policy
 from affinity_proxy.proxy.errors import json_error
 from affinity_proxy.routing.cookie import CookieCodec
-from affinity_proxy.routing.model import Instance, InstanceId
 from affinity_proxy.routing.userkey import UserKeySource
 from affinity_proxy.serve.listeners import dual_stack_socket, host_port, is_dual_stack
 
@@ -60,14 +59,6 @@ log = logging.getLogger("affinity_proxy.app")
 ADMIN_SHUTDOWN_TIMEOUT = 5.0
 
 PIN_COUNT_REFRESH_SECONDS = 5.0
-
-
-def instances_from_config(config: Config) -> list[Instance]:
-    """The starting membership: every configured instance (proxy mode), or in fly mode this node's
-    Machine (local, forwarding to ``fly.upstream``) plus the configured ones as remote Machines."""
-    if config.mode == "fly":
-        return fly_static_instances(config)
-    return [Instance(InstanceId(i.id), i.url.rstrip("/"), i.weight) for i in config.instances]
 
 
 def open_shared_state(store: PinStore) -> SharedState:
@@ -308,7 +299,7 @@ class ProxyServer:
         log.info("listening", extra={"fields": {
             "listen": host_port(self.config.listen_host, self.main_port),
             "admin": host_port(self.config.admin_host, self.admin_port), "store": self.ctx.store.kind,
-            "instances": len(self.config.instances)}})
+            "instances": len(self.config.instances), "engine": self.config.engine}})
 
     async def stop(self) -> None:
         """Graceful: the main listener stops accepting and drains first, while the admin listener

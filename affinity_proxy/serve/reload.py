@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field, replace
 
 from affinity_proxy.config import Config, ConfigError, load_config
+from affinity_proxy.membership.discovery import instances_from_config
 from affinity_proxy.proxy.context import ProxyContext, decide_policy
 from affinity_proxy.routing.cookie import CookieCodec
 from affinity_proxy.routing.userkey import UserKeySource
@@ -50,8 +51,6 @@ def _merge(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
 
 def apply_config(ctx: ProxyContext, new: Config) -> ReloadResult:
     """Swap ``new`` in (minus restart-only keys). Runs on the event loop; no I/O."""
-    from affinity_proxy.serve.app import instances_from_config  # app wires; this module is called by it
-
     old = ctx.config
     merged, changed, needs_restart = _merge(old, new)
     c = merged.cookie

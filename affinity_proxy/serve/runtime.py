@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection
@@ -169,37 +168,6 @@ def raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError) as exc:
             log.warning("could not raise the open-file limit from %s: %s", soft, exc)
-
-
-def run_serve(config: Config, workers: int, *, config_path: str | None = None,
-              app_command: str | None = None) -> int:
-    """Entry point of ``affinity-proxy serve``. Returns the process exit code."""
-    configure_logging(config.log.level, config.log.format)
-    raise_open_file_limit()  # inherited by workers
-    if workers != 1 and app_command:
-        print("error: --exec runs one app beside one proxy process; use it with --workers 1", file=sys.stderr)
-        return 2
-    if workers != 1:
-        if config.store.url.startswith("memory:"):
-            print(
-                "error: --workers > 1 needs a shared pin store (store.url: redis://...); the memory store "
-                "lives in one process",
-                file=sys.stderr,
-            )
-            return 2
-        from affinity_proxy.serve.workers import Supervisor
-
-        return Supervisor(config, workers, config_path=config_path).run()
-    loop = new_event_loop()
-    try:
-        return loop.run_until_complete(serve_until_signal(config, config_path=config_path, app_command=app_command))
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
 
 
 def worker_main(config: Config, index: int, conn: Connection, config_path: str | None = None) -> None:

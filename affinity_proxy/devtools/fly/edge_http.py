@@ -5,7 +5,7 @@ is streamed through (buffered prefix, then the rest of the socket) and a fly-rep
 is answered with PA01. A fly-replay answer is discarded unread (its connection released) and the
 original request goes to the next hop. The final answer is streamed to the client 64 KiB at a time
 with ``Fly-Request-Id`` added. Imports aiohttp, ``fly.edge_route`` and ``forwarding.headers``
-(``FlyEdge`` is a type hint).
+(``edge_route.Edge``, the protocol ``FlyEdge`` meets, is a type hint).
 """
 
 from __future__ import annotations
@@ -14,18 +14,15 @@ import io
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from affinity_proxy.devtools.fly.edge_route import EdgeError, Hop
+from affinity_proxy.devtools.fly.edge_route import Edge, EdgeError, Hop
 from affinity_proxy.proxy.headers import downstream_response_headers
 from affinity_proxy.routing.replay import REPLAY_HEADER
-
-if TYPE_CHECKING:
-    from affinity_proxy.devtools.fly.edge import FlyEdge
 
 log = logging.getLogger("affinity_proxy.fly.edge")
 
@@ -43,7 +40,7 @@ class _Body:
     present: bool
 
 
-async def serve_http(edge: FlyEdge, request: web.Request, request_id: str) -> web.StreamResponse:
+async def serve_http(edge: Edge, request: web.Request, request_id: str) -> web.StreamResponse:
     """Serve one HTTP request: deliver it, follow fly-replay answers, relay the final answer."""
     body = await _read_body(request, edge.max_replay_body)
     base = edge.edge_headers(request, request_id)
@@ -98,7 +95,7 @@ async def _read_body(request: web.Request, limit: int) -> _Body:
 
 
 async def _send(
-    edge: FlyEdge, request: web.Request, hop: Hop, headers: CIMultiDict[str], body: _Body
+    edge: Edge, request: web.Request, hop: Hop, headers: CIMultiDict[str], body: _Body
 ) -> aiohttp.ClientResponse:
     data: bytes | io.BytesIO | AsyncIterator[bytes] | None = None
     if not body.complete:
@@ -121,7 +118,7 @@ async def _send(
 
 
 async def _relay(
-    edge: FlyEdge, request: web.Request, upstream: aiohttp.ClientResponse, hop: Hop, request_id: str, replays: int
+    edge: Edge, request: web.Request, upstream: aiohttp.ClientResponse, hop: Hop, request_id: str, replays: int
 ) -> web.StreamResponse:
     edge.served[hop.machine.id] += 1
     edge.replay_counts[replays] += 1

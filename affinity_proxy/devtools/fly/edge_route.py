@@ -30,9 +30,10 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from affinity_proxy.routing.model import is_valid_instance_id
 from affinity_proxy.routing.replay import (
@@ -44,6 +45,12 @@ from affinity_proxy.routing.replay import (
     ReplayInstruction,
     parse_replay_instruction,
 )
+
+if TYPE_CHECKING:
+    import aiohttp
+    from aiohttp import web
+    from multidict import CIMultiDict
+    from yarl import URL
 
 MachineState = Literal["started", "stopped", "destroyed"]
 HardLimitReading = Literal["wait", "no_candidate"]
@@ -270,3 +277,39 @@ class EdgeRouter:
         if self.fallback_replay_src:
             headers[REPLAY_SRC_HEADER] = self._replay_src(replayer, instr)
         return Hop(machine, headers, replayer=replayer, instruction=instr, is_fallback=True, started=started)
+
+
+class Edge(Protocol):
+    """What the HTTP and WebSocket relays (``edge_http``, ``edge_ws``) use of ``edge.FlyEdge``.
+
+    A protocol here, below all three, so the relays do not import the edge that imports them."""
+
+    router: EdgeRouter
+    max_replay_body: int
+    sockets: set[web.WebSocketResponse]
+    replays: int
+    hits: Counter[str]
+    served: Counter[str]
+    replay_counts: Counter[int]
+
+    @property
+    def client(self) -> aiohttp.ClientSession: ...
+
+    def enter(self, machine: Machine) -> None: ...
+
+    def leave(self, machine: Machine) -> None: ...
+
+    async def wait_for_slot(self, hop: Hop) -> Hop | EdgeError | None: ...
+
+    def edge_headers(self, request: web.Request, request_id: str) -> CIMultiDict[str]: ...
+
+    async def prepare_hop(self, hop: Hop) -> EdgeError | None: ...
+
+    def after_connect_failure(self, hop: Hop, exc: aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError,
+                              failed: set[str]) -> Hop | EdgeError: ...
+
+    def next_after_replay(self, hop: Hop, value: str, replays: int, replayable: bool) -> Hop | EdgeError: ...
+
+    def error_response(self, error: EdgeError, request_id: str) -> web.Response: ...
+
+    def machine_url(self, machine: Machine, request: web.Request) -> URL: ...

@@ -6,25 +6,21 @@ carries ``fly-replay`` (docs/fly-protocol.md §2 "Web Socket Considerations"); t
 the original handshake plus ``fly-replay-src``. Only once a machine accepts (101) is the client's
 upgrade accepted. A non-101 answer without ``fly-replay`` is passed to the client as its status and
 headers (the body is not kept by aiohttp's client). Imports aiohttp and ``fly.edge_route`` only
-(``FlyEdge`` is a type hint).
+(``edge_route.Edge``, the protocol ``FlyEdge`` meets, is a type hint).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 
-from affinity_proxy.devtools.fly.edge_route import EdgeError, Hop
+from affinity_proxy.devtools.fly.edge_route import Edge, EdgeError, Hop
 from affinity_proxy.proxy.headers import downstream_response_headers
 from affinity_proxy.routing.replay import REPLAY_HEADER
-
-if TYPE_CHECKING:
-    from affinity_proxy.devtools.fly.edge import FlyEdge
 
 log = logging.getLogger("affinity_proxy.fly.edge")
 
@@ -49,7 +45,7 @@ def is_upgrade(request: web.BaseRequest) -> bool:
     )
 
 
-async def relay_websocket(edge: FlyEdge, request: web.Request, request_id: str) -> web.StreamResponse:
+async def relay_websocket(edge: Edge, request: web.Request, request_id: str) -> web.StreamResponse:
     """Serve one upgrade request: find the accepting machine (following replays), then relay."""
     base = edge.edge_headers(request, request_id)
     for name in _HANDSHAKE:

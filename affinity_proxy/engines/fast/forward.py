@@ -28,9 +28,9 @@ from .response import ResponseHead
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
-    from .pool import Origin
     from .protocol import ClientConnection
     from .server import FastServer
+    from .upstream import Origin
 
 forward_log = logging.getLogger("affinity_proxy.forwarding.http")
 

@@ -16,45 +16,15 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from urllib.parse import urlsplit
 
 from affinity_proxy._tasks import TaskSet
-from affinity_proxy.membership.private_net import PrivateNet, is_private_name
+from affinity_proxy.membership.private_net import PrivateNet
 
 from .response import ResponseCache
-from .upstream import Relay, UpstreamConnection
+from .upstream import Origin, Relay, UpstreamConnection, tls_context
 
 KEEPALIVE_SECONDS = 15.0
 MAX_IDLE_PER_ORIGIN = 256
-
-
-def tls_context() -> ssl.SSLContext:
-    """The client TLS context for ``https://`` instances: what aiohttp's client (the aiohttp engine)
-    uses by default, so both engines accept the same certificates: the system's trust store (which
-    honours ``SSL_CERT_FILE``/``SSL_CERT_DIR``), hostname checked, ALPN ``http/1.1``."""
-    context = ssl.create_default_context()
-    context.set_alpn_protocols(("http/1.1",))
-    return context
-
-
-class Origin:
-    """Where one instance URL points: host, port, TLS (with SNI and the certificate checked for
-    ``server_hostname``), and the path prefix to put before targets."""
-
-    __slots__ = ("host", "host_header", "key", "port", "prefix", "private", "server_hostname", "ssl")
-
-    def __init__(self, url: str, tls: ssl.SSLContext | None = None) -> None:
-        parts = urlsplit(url)
-        self.key = url
-        self.ssl: ssl.SSLContext | None = (tls or tls_context()) if parts.scheme == "https" else None
-        self.host = parts.hostname or "127.0.0.1"
-        self.private = is_private_name(self.host)  # Fly's 6PN: resolved by ``PrivateNet``
-        self.server_hostname = self.host.rstrip(".") if self.ssl else None  # as aiohttp's client sends it
-        self.port = parts.port or (443 if self.ssl else 80)
-        self.prefix = parts.path.rstrip("/").encode()
-        default_port = 443 if self.ssl else 80
-        netloc = parts.netloc.rsplit("@", 1)[-1]
-        self.host_header = (netloc if parts.port != default_port else parts.hostname or netloc).encode("idna")
 
 
 class UpstreamPool:

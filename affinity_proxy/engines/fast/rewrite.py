@@ -19,8 +19,8 @@ from affinity_proxy.proxy.realip import RealClient
 
 from . import wire
 from .head import RequestHead
-from .pool import Origin
 from .response import ResponseHead
+from .upstream import Origin
 
 _NO_BODY_STATUS = (204, 304)
 _STATUS_LINES: dict[tuple[bytes, int, bytes], bytes] = {}

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
+from urllib.parse import urlsplit
 
 import httptools
 
-from .response import ResponseHead
+from affinity_proxy.membership.private_net import is_private_name
 
-if TYPE_CHECKING:
-    from .pool import Origin, UpstreamPool
+from .response import ResponseCache, ResponseHead
 
 log = logging.getLogger("affinity_proxy.fastpath.upstream")
 
@@ -33,6 +34,46 @@ MAX_HEAD_BYTES = MAX_FIELDS * (32 * 1024 + 4) + 8192
 #: the next one, so a client that stops reading held ~340 KiB of RSS each; with 64 KiB, ~150 KiB.
 READ_SIZE = 64 * 1024
 _read_buffer = memoryview(bytearray(READ_SIZE))  # shared: each read is copied out before the next
+
+
+def tls_context() -> ssl.SSLContext:
+    """The client TLS context for ``https://`` instances: what aiohttp's client (the aiohttp engine)
+    uses by default, so both engines accept the same certificates: the system's trust store (which
+    honours ``SSL_CERT_FILE``/``SSL_CERT_DIR``), hostname checked, ALPN ``http/1.1``."""
+    context = ssl.create_default_context()
+    context.set_alpn_protocols(("http/1.1",))
+    return context
+
+
+class Origin:
+    """Where one instance URL points: host, port, TLS (with SNI and the certificate checked for
+    ``server_hostname``), and the path prefix to put before targets."""
+
+    __slots__ = ("host", "host_header", "key", "port", "prefix", "private", "server_hostname", "ssl")
+
+    def __init__(self, url: str, tls: ssl.SSLContext | None = None) -> None:
+        parts = urlsplit(url)
+        self.key = url
+        self.ssl: ssl.SSLContext | None = (tls or tls_context()) if parts.scheme == "https" else None
+        self.host = parts.hostname or "127.0.0.1"
+        self.private = is_private_name(self.host)  # Fly's 6PN: resolved by ``PrivateNet``
+        self.server_hostname = self.host.rstrip(".") if self.ssl else None  # as aiohttp's client sends it
+        self.port = parts.port or (443 if self.ssl else 80)
+        self.prefix = parts.path.rstrip("/").encode()
+        default_port = 443 if self.ssl else 80
+        netloc = parts.netloc.rsplit("@", 1)[-1]
+        self.host_header = (netloc if parts.port != default_port else parts.hostname or netloc).encode("idna")
+
+class Pool(Protocol):
+    """What a connection needs of its pool (``pool.UpstreamPool``): the shared response cache and
+    the way back. A protocol so that this module does not import the pool that imports it."""
+
+    responses: ResponseCache
+
+    def release(self, conn: UpstreamConnection) -> None: ...
+
+    def discard(self, conn: UpstreamConnection) -> None: ...
+
 
 class Relay(Protocol):
     """What an upstream connection reports to the request it carries (``exchange.Exchange``)."""
@@ -59,7 +100,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
                  "idle_since", "last_rx", "origin", "paused", "relay", "reused", "sent_all", "stalled_since", "started",
                  "transport")
 
-    def __init__(self, pool: UpstreamPool, origin: Origin) -> None:
+    def __init__(self, pool: Pool, origin: Origin) -> None:
         self._pool = pool
         self.origin = origin
         self.transport: asyncio.Transport | None = None
