@@ -33,6 +33,11 @@ HOP_BY_HOP: frozenset[str] = frozenset(
 #: Request headers that make claims about the client, dropped unless the peer is a trusted proxy:
 #: apps and frameworks believe them, so a client could otherwise choose its own address or scheme.
 CLIENT_CLAIMS: frozenset[str] = frozenset({"forwarded", "x-real-ip", "fly-client-ip", "fly-forwarded-proto"})
+#: The response header naming the instance that answered (set by the proxy on every forwarded answer).
+INSTANCE_HEADER = "X-Fly-Instance"
+#: RFC 9110 9.2.2: methods a client may repeat, so a request that failed after it was sent may be retried
+#: (when it has no body). Both engines' retry rule reads this one set.
+IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 #: What both engines answer to a request body framed by a coding other than ``chunked`` alone
 #: (``gzip, chunked``, ``identity``...): nginx's 501; the body cannot be framed, so the connection ends.

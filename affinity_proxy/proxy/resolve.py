@@ -28,11 +28,12 @@ from affinity_proxy.routing.decide import (
     decide,
 )
 from affinity_proxy.routing.model import InstanceId, MembershipView
+from affinity_proxy.routing.replay import FORCE_INSTANCE_HEADER
 from affinity_proxy.routing.userkey import extract_user_key
 
 log = logging.getLogger("affinity_proxy.resolve")
 
-FORCE_HEADER = "fly-force-instance-id"
+FORCE_HEADER = FORCE_INSTANCE_HEADER
 
 
 def route_input(

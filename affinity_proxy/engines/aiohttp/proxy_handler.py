@@ -23,7 +23,7 @@ from affinity_proxy.pins.store import PinStoreUnavailable
 from affinity_proxy.proxy import fly
 from affinity_proxy.proxy.context import ProxyContext, cookie_attributes
 from affinity_proxy.proxy.errors import json_error
-from affinity_proxy.proxy.headers import upstream_request_headers
+from affinity_proxy.proxy.headers import IDEMPOTENT_METHODS, INSTANCE_HEADER, upstream_request_headers
 from affinity_proxy.proxy.realip import RealClient, real_client, trusted_proxies
 from affinity_proxy.proxy.resolve import FORCE_HEADER, resolve, route_input
 from affinity_proxy.routing.cookie import set_cookie_value
@@ -76,8 +76,6 @@ def log_access(request: web.Request, response: web.StreamResponse, duration: flo
         "request_id": request.get(REQUEST_ID), "remote": client.ip if client else request.remote,
     }})
 
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-INSTANCE_HEADER = "X-Fly-Instance"
 Headers = list[tuple[str, str]]
 
 

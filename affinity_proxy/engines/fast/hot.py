@@ -21,6 +21,7 @@ from affinity_proxy.routing.decide import Decision, DecisionReason, Route, Route
 from affinity_proxy.routing.replay import PREFERRED_UNAVAILABLE_HEADER, REPLAY_FAILED_HEADER, REPLAY_SRC_HEADER, Plan
 
 from .head import RequestHead
+from .wire import FORCE_INSTANCE_B
 
 MAX_ENTRIES = 4096
 #: Bytes of keys kept (the Cookie header is part of a key: 4096 distinct 16 KiB ones held 64 MB).
@@ -84,7 +85,7 @@ class HotRoutes:
             self._plan = tuple((s.kind, s.name.lower().encode("latin-1", "replace"))
                                for s in self.ctx.user_key_sources)
             self._sources = sources
-        parts: list[Any] = [first.get(b"cookie"), first.get(b"fly-force-instance-id")]
+        parts: list[Any] = [first.get(b"cookie"), first.get(FORCE_INSTANCE_B)]
         for kind, name in self._plan:
             if kind == "header":
                 parts.append(first.get(name))

@@ -46,11 +46,12 @@ from affinity_proxy.routing.replay import (
 from affinity_proxy.routing.userkey import extract_user_key
 
 from .head import Query, RequestHead, text
+from .wire import FORCE_INSTANCE_B
 
 log = logging.getLogger("affinity_proxy.proxy")
 
 _CACHE_SIZE = 4096
-_FORCE = b"fly-force-instance-id"
+_FORCE = FORCE_INSTANCE_B
 _SRC = REPLAY_SRC_HEADER.encode()
 _UNAVAILABLE = PREFERRED_UNAVAILABLE_HEADER.encode()
 _FAILED = REPLAY_FAILED_HEADER.encode()

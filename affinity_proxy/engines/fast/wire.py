@@ -20,25 +20,28 @@ from http import HTTPStatus
 from aiohttp.http import SERVER_SOFTWARE
 
 from affinity_proxy.proxy.headers import CLIENT_CLAIMS as _CLAIMS
-from affinity_proxy.proxy.headers import HOP_BY_HOP, UNSUPPORTED_CODING
+from affinity_proxy.proxy.headers import HOP_BY_HOP, INSTANCE_HEADER, UNSUPPORTED_CODING
+from affinity_proxy.proxy.headers import IDEMPOTENT_METHODS as IDEMPOTENT_METHODS
 from affinity_proxy.proxy.headers import is_coding_error as is_coding_error
+from affinity_proxy.routing.replay import FORCE_INSTANCE_HEADER
 
 Header = tuple[bytes, bytes]
 
 HOP_BY_HOP_B: frozenset[bytes] = frozenset(h.encode() for h in HOP_BY_HOP)
+#: ``fly-force-instance-id`` as the lower-case bytes llhttp heads are keyed by.
+FORCE_INSTANCE_B = FORCE_INSTANCE_HEADER.encode()
 #: Request headers never copied upstream as received: recomputed (framing, X-Forwarded-*),
 #: answered here (Expect) or meant for the proxy only (fly-force-instance-id).
 REQUEST_REPLACED: frozenset[bytes] = HOP_BY_HOP_B | {
     b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-    b"fly-force-instance-id",
+    FORCE_INSTANCE_B,
 }
 #: ``forwarding.headers.CLIENT_CLAIMS``: not forwarded from an untrusted peer.
 CLIENT_CLAIMS: frozenset[bytes] = frozenset(h.encode() for h in _CLAIMS)
 #: Response headers the proxy replaces with its own value.
-RESPONSE_REPLACED: frozenset[bytes] = HOP_BY_HOP_B | {b"x-fly-instance"}
+RESPONSE_REPLACED: frozenset[bytes] = HOP_BY_HOP_B | {INSTANCE_HEADER.lower().encode()}
 #: aiohttp's client sends ``Content-Length: 0`` for a body-less request of any other method.
 NO_BODY_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 #: Fields a request may carry once (aiohttp's parser rejects repeats, RFC 9110 5.3).
 SINGLETON_HEADERS: frozenset[bytes] = frozenset({
     b"content-length", b"content-location", b"content-range", b"content-type", b"etag", b"host",
