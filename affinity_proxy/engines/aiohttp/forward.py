@@ -285,7 +285,10 @@ async def _relay_response(
             except ConnectionError:
                 log.debug("client left during the response of %s", request.path)
                 return response
+        # The instance's answer is complete: give its connection back before waiting for a slow
+        # client to take the rest (write_eof drains), as nginx frees the upstream once buffered.
         reusable = True
+        upstream.release()
         try:
             await response.write_eof()
         except ConnectionError:
