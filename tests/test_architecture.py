@@ -105,8 +105,6 @@ def test_type_checking_imports_are_edges(tmp_path: Path) -> None:
     assert _imports("affinity_proxy.x", path) == {"affinity_proxy.routing.model"}
 
 
-@pytest.mark.xfail(strict=True, reason="engines/fast: 8 modules still tied by FastServer/ClientConnection "
-                   "back-pointers (TYPE_CHECKING imports); remove this mark when they are broken")
 def test_no_import_circles() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle or ())

@@ -19,7 +19,7 @@ from . import wire
 
 if TYPE_CHECKING:
     from .exchange import Exchange
-    from .server import FastServer
+    from .ports import ServerPort
 
 log = logging.getLogger("affinity_proxy.http")
 
@@ -31,7 +31,7 @@ class Closing:
 
     __slots__ = ()
 
-    server: FastServer
+    server: ServerPort
     transport: asyncio.Transport | None
     ex: Exchange | None
     buf: bytes

@@ -36,8 +36,7 @@ from .forward import Forwarding
 from .head import RequestHead
 
 if TYPE_CHECKING:
-    from .protocol import ClientConnection
-    from .server import FastServer
+    from .ports import ConnectionPort, ServerPort
 
 log = logging.getLogger("affinity_proxy.proxy")
 access_log = logging.getLogger("affinity_proxy.access")
@@ -51,7 +50,7 @@ class Exchange(Forwarding):
 
     __slots__ = ("attempt", "request_id", "routed", "signals", "src", "started")
 
-    def __init__(self, conn: ClientConnection, head: RequestHead, server: FastServer, body_done: bool) -> None:
+    def __init__(self, conn: ConnectionPort, head: RequestHead, server: ServerPort, body_done: bool) -> None:
         super().__init__(conn, head, server, body_done)
         self.started = time.perf_counter()
         self.request_id: bytes | None = None

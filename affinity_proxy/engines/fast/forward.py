@@ -28,8 +28,7 @@ from .response import ResponseHead
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
-    from .protocol import ClientConnection
-    from .server import FastServer
+    from .ports import ConnectionPort, ServerPort
     from .upstream import Origin
 
 forward_log = logging.getLogger("affinity_proxy.forwarding.http")
@@ -48,7 +47,7 @@ class Forwarding:
                  "head", "hot", "inp", "instance", "out", "pending", "pending_size", "responded", "route", "server",
                  "status", "up_head", "up_started", "upstream")
 
-    def __init__(self, conn: ClientConnection, head: RequestHead, server: FastServer, body_done: bool) -> None:
+    def __init__(self, conn: ConnectionPort, head: RequestHead, server: ServerPort, body_done: bool) -> None:
         self.conn = conn
         self.head = head
         self.server = server

@@ -36,7 +36,7 @@ from .handoff import hand_off
 from .head import RequestHead, for_aiohttp
 
 if TYPE_CHECKING:
-    from .server import FastServer
+    from .ports import ServerPort
 
 log = logging.getLogger("affinity_proxy.http")
 
@@ -53,7 +53,7 @@ class RequestFraming:
     __slots__ = ()
 
     BUFFER: int  # the ``read_pause`` reason for piled-up pipelined bytes (``ClientConnection``)
-    server: FastServer
+    server: ServerPort
     parser: httptools.HttpRequestParser
     buf: bytes
     ex: Exchange | None

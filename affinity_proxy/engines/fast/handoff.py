@@ -18,10 +18,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .protocol import ClientConnection
+    from .ports import ConnectionPort
 
 
-def hand_off(conn: ClientConnection, data: bytes) -> None:
+def hand_off(conn: ConnectionPort, data: bytes) -> None:
     """Give ``conn``'s socket to a fresh aiohttp handler, starting with ``data`` (the request head
     that was not served and everything after it). The connection is forgotten by the server."""
     transport = conn.transport

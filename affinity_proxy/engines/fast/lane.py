@@ -30,8 +30,7 @@ from .hot import HotRoute
 
 if TYPE_CHECKING:
     from .head import RequestHead
-    from .protocol import ClientConnection
-    from .server import FastServer
+    from .ports import ConnectionPort, ServerPort
 
 access_log = logging.getLogger("affinity_proxy.access")
 _INFO = logging.INFO
@@ -66,7 +65,7 @@ class ReplayLane:
         self.second = -1
         self.data = b""
 
-    def answer(self, conn: ClientConnection, head: RequestHead) -> bool:
+    def answer(self, conn: ConnectionPort, head: RequestHead) -> bool:
         """Write the replay answer for ``head`` and count it; False (nothing done) when the full
         path must answer instead."""
         server = conn.server
@@ -96,7 +95,7 @@ class ReplayLane:
         return True
 
 
-def remember(server: FastServer, head: RequestHead, entry: HotRoute, route: Route, instance: str, header: str,
+def remember(server: ServerPort, head: RequestHead, entry: HotRoute, route: Route, instance: str, header: str,
              status: int, counters: tuple[Any, ...]) -> None:
     """Keep a lane on ``head`` after an exchange answered it with the replay ``entry`` planned.
     Only for keep-alive heads answered with ``fly.replay_status`` while the cache holds."""

@@ -32,7 +32,7 @@ from .head import RequestHead, text
 
 if TYPE_CHECKING:
     from .exchange import Exchange
-    from .server import FastServer
+    from .ports import ServerPort
 
 log = logging.getLogger("affinity_proxy.http")
 
@@ -72,7 +72,7 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
         "write_paused_since",
     )
 
-    def __init__(self, server: FastServer) -> None:
+    def __init__(self, server: ServerPort) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
