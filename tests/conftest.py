@@ -1,15 +1,24 @@
 """Shared fixtures: a real redis-server per session (flushed per test) and a private one per test;
-a Redis Cluster and a Sentinel set, each started once per session when a test asks for it.
+a Redis Cluster and a Sentinel set, each started once per session when a test asks for it; demo
+backends, proxies in the test's loop (``start_proxy``) and a cookie-less HTTP client, used by most
+test packages.
 
 Keep this file small and generic; feature-specific fixtures belong in their own test packages.
+The ``engine`` fixture is in ``tests/support/engine.py`` (the suites that run on both engines
+import it into their conftest).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
 
+from affinity_proxy.config import Config
+from affinity_proxy.serve.app import ProxyServer
+from tests.support.backends import Backends
+from tests.support.engine import ProxyFactory
 from tests.support.redis_server import RedisServer, RedisServerMissing
 from tests.support.redis_topologies import RedisClusterSet, RedisSentinelSet
 
@@ -82,3 +91,42 @@ def sentinel_url(redis_sentinel: RedisSentinelSet) -> str:
     """``redis+sentinel://`` URL of the shared Sentinel set, its master emptied before the test."""
     redis_sentinel.flushall()
     return redis_sentinel.url
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[Backends]:
+    """Three running demo backends, ``a``, ``b`` and ``c``."""
+    b = Backends()
+    for name in ("a", "b", "c"):
+        await b.start(name)
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+async def start_proxy(request: pytest.FixtureRequest) -> AsyncIterator[ProxyFactory]:
+    """``await start_proxy(config, **kwargs)``: a started ``ProxyServer``, stopped after the test.
+    In a test that runs under the ``engine`` fixture the config must name that engine (so a test
+    that forgot ``engine=engine`` fails instead of running the default engine twice)."""
+    engine = request.getfixturevalue("engine") if "engine" in request.fixturenames else None
+    servers: list[ProxyServer] = []
+
+    async def factory(config: Config, **kwargs: object) -> ProxyServer:
+        assert engine is None or config.engine == engine, (
+            f"this test runs on the {engine} engine but its config says engine={config.engine!r}: "
+            "build it with engine=engine")
+        server = ProxyServer(config, **kwargs)  # type: ignore[arg-type]
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client with no cookie jar (tests manage cookies explicitly)."""
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        yield session

@@ -24,7 +24,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from affinity_proxy.serve.app import ProxyServer
-from tests.functional.conftest import Backends, make_config
+from tests.support.backends import Backends, make_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "examples" / "prometheus"
@@ -147,15 +147,6 @@ def test_grafana_dashboard_is_valid_and_covers_the_metrics() -> None:
 
 
 # --- against a live proxy -----------------------------------------------------------------------------
-
-@pytest.fixture
-async def backends() -> AsyncIterator[Backends]:
-    b = Backends()
-    for name in ("a", "b", "c"):
-        await b.start(name)
-    yield b
-    await b.close()
-
 
 @pytest.fixture
 async def live_metrics(backends: Backends) -> AsyncIterator[tuple[str, ProxyServer]]:

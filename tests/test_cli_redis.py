@@ -29,7 +29,7 @@ from affinity_proxy.membership.redis_shared import RedisSharedState
 from affinity_proxy.membership.shared import HeartbeatInfo
 from affinity_proxy.pins.redis import RedisPinStore, pin_key
 from affinity_proxy.routing.model import InstanceId, InstanceState
-from tests.functional.conftest import Backends, make_config
+from tests.support.backends import Backends, make_config
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_until
 
@@ -523,15 +523,6 @@ def test_state_and_due_of_unconfigured_instances() -> None:
 
 
 # --- end to end: a real proxy obeys the CLI ------------------------------------------------------
-
-
-@pytest.fixture
-async def backends() -> AsyncIterator[Backends]:
-    b = Backends()
-    for name in ("a", "b", "c"):
-        await b.start(name)
-    yield b
-    await b.close()
 
 
 async def test_proxy_obeys_pins_and_drains_set_by_the_cli(tmp_path: Path, redis_url: str,

@@ -42,7 +42,7 @@ import aiohttp
 
 from affinity_proxy.config import CookieConfig, HealthConfig, LimitsConfig, StoreConfig
 from affinity_proxy.serve.app import ProxyServer
-from tests.functional.conftest import Backends, make_config
+from tests.support.backends import Backends, make_config
 from tests.support.redis_server import RedisServer
 
 COOKIE = "fly-instance-id"

@@ -25,10 +25,10 @@ async def dns() -> AsyncIterator[DnsServer]:
         yield server
 
 
-async def test_node_follows_dns_discovery(dns) -> None:
+async def test_node_follows_dns_discovery(engine: str, dns) -> None:
     runner, app_port = await start_backend("m1")
     config = Config(
-        mode="fly", listen="127.0.0.1:0", admin_listen="127.0.0.1:0",
+        engine=engine, mode="fly", listen="127.0.0.1:0", admin_listen="127.0.0.1:0",
         cookie=CookieConfig(secret="dns-test-secret-0123456789"),
         user_key=(UserKeySourceConfig("header", "X-User-Id"),),
         fly=FlyConfig(app="shop", machine_id="m1", region="ams", upstream=f"http://127.0.0.1:{app_port}",

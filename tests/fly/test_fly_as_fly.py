@@ -52,7 +52,7 @@ StartFly = Callable[..., Awaitable[Fly]]
 
 
 @pytest.fixture
-async def start_fly() -> AsyncIterator[StartFly]:
+async def start_fly(engine: str) -> AsyncIterator[StartFly]:
     """``start_fly(placement=..., fly_keys={...}, workers=(...), **edge_kwargs)``: the 3 web
     Machines of app ``demo`` behind one edge; ``workers`` are extra Machines of group ``worker``
     (a demo app each, no proxy: a worker does not serve HTTP; with ``worker_nodes`` a proxy node
@@ -78,7 +78,7 @@ async def start_fly() -> AsyncIterator[StartFly]:
         nodes: dict[str, ProxyServer] = {}
         keys = {k: (v.format(edge=edge.url) if isinstance(v, str) else v) for k, v in (fly_keys or {}).items()}
         for m in node_ports:
-            config = fly_config(m, app_ports[m], node_ports, placement)
+            config = fly_config(m, app_ports[m], node_ports, placement, engine=engine)
             group = {"process_group": "worker"} if m in workers else {}
             config = replace(config, fly=replace(config.fly, **{**keys, **group}))
             nodes[m] = ProxyServer(config, store=store, shared=shared)
@@ -94,12 +94,6 @@ async def start_fly() -> AsyncIterator[StartFly]:
             await node.stop()
         for runner in fly.runners:
             await runner.cleanup()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
-        yield session
 
 
 #: Membership from the Machines API slice the edge serves (so it follows the edge's Machines).

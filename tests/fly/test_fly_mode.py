@@ -74,8 +74,10 @@ class Cluster:
             node.ctx.membership.set_instances(members)
 
 
-def fly_config(machine: str, app_port: int, node_ports: dict[str, int], placement: str = "local") -> Config:
+def fly_config(machine: str, app_port: int, node_ports: dict[str, int], placement: str = "local", *,
+               engine: str) -> Config:
     return Config(
+        engine=engine,
         mode="fly",
         listen=f"127.0.0.1:{node_ports[machine]}",
         admin_listen="127.0.0.1:0",
@@ -96,7 +98,7 @@ def placement() -> str:
 
 
 @pytest.fixture
-async def cluster(placement: str) -> AsyncIterator[Cluster]:
+async def cluster(placement: str, engine: str) -> AsyncIterator[Cluster]:
     store = MemoryPinStore(pin_ttl=3600)
     shared = MemorySharedState()  # drain marks shared like Redis would
     apps: dict[str, web.AppRunner] = {}
@@ -106,7 +108,8 @@ async def cluster(placement: str) -> AsyncIterator[Cluster]:
     node_ports = {m: _free_port() for m in MACHINES}
     nodes: dict[str, ProxyServer] = {}
     for m in MACHINES:
-        nodes[m] = ProxyServer(fly_config(m, app_ports[m], node_ports, placement), store=store, shared=shared)
+        config = fly_config(m, app_ports[m], node_ports, placement, engine=engine)
+        nodes[m] = ProxyServer(config, store=store, shared=shared)
         await nodes[m].start()
     edge = FlyEdge({m: f"http://127.0.0.1:{node_ports[m]}" for m in MACHINES})
     await edge.start()
@@ -116,12 +119,6 @@ async def cluster(placement: str) -> AsyncIterator[Cluster]:
         await node.stop()
     for runner in apps.values():
         await runner.cleanup()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
-        yield session
 
 
 @pytest.mark.parametrize("placement", ["hash"])

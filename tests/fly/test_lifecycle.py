@@ -25,7 +25,8 @@ from tests.support.waiting import wait_until
 class Fleet:
     """Machines (node + app each) that share one pin store and shared state, behind one edge."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: str) -> None:
+        self.engine = engine
         self.store = MemoryPinStore(pin_ttl=3600)
         self.shared = MemorySharedState()
         self.edge = FlyEdge({})
@@ -37,7 +38,8 @@ class Fleet:
         for m in ids:
             runner, app_port = await start_backend(m)
             self.apps[m] = runner
-            config = replace(fly_config(m, app_port, ports), reaper=ReaperConfig(interval=0.2, grace=0.5))
+            config = fly_config(m, app_port, ports, engine=self.engine)
+            config = replace(config, reaper=ReaperConfig(interval=0.2, grace=0.5))
             node = ProxyServer(config, store=self.store, shared=self.shared)
             await node.start()
             self.nodes[m] = node
@@ -55,8 +57,8 @@ class Fleet:
 
 
 @pytest.fixture
-async def fleet() -> AsyncIterator[Fleet]:
-    f = Fleet()
+async def fleet(engine: str) -> AsyncIterator[Fleet]:
+    f = Fleet(engine)
     await f.edge.start()
     yield f
     await f.close()

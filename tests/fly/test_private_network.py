@@ -34,8 +34,8 @@ USERS = 30
 
 
 @pytest.fixture
-async def cluster() -> AsyncIterator[FlyCluster]:
-    c = await start_fly_cluster()
+async def cluster(engine: str) -> AsyncIterator[FlyCluster]:
+    c = await start_fly_cluster(engine=engine)
     yield c
     await c.stop()
 
@@ -111,8 +111,8 @@ async def test_30_users_reach_their_machine_over_ipv6_also_when_it_was_stopped(c
           f"after stopping {len(others)} Machines {woken:.2f}s, start calls {cluster.network.start_calls}")
 
 
-async def test_an_ipv4_only_listener_cannot_be_reached_over_the_private_network(http) -> None:
-    cluster = await start_fly_cluster(ipv4_only={"2875d0e1a45e18"})
+async def test_an_ipv4_only_listener_cannot_be_reached_over_the_private_network(engine: str, http) -> None:
+    cluster = await start_fly_cluster(ipv4_only={"2875d0e1a45e18"}, engine=engine)
     try:
         entry, target, _ = list(cluster.nodes)
         await cluster.store.set("v4", InstanceId(target))

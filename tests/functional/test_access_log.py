@@ -6,13 +6,13 @@ import json
 import logging
 
 from affinity_proxy.observability.logs import JsonFormatter
-from tests.functional.conftest import make_config
 from tests.functional.helpers import COOKIE, affinity_cookie, base
+from tests.support.backends import make_config
 
 
-async def test_one_access_line_per_request_with_decision_and_request_id(backends, start_proxy, http,
+async def test_one_access_line_per_request_with_decision_and_request_id(engine: str, backends, start_proxy, http,
                                                                         caplog) -> None:
-    server = await start_proxy(make_config(backends))
+    server = await start_proxy(make_config(backends, engine=engine))
     caplog.set_level(logging.INFO, logger="affinity_proxy.access")
     async with http.get(base(server) + "/hello?x=1", headers={"X-User-Id": "logged-user"}) as resp:
         cookie = affinity_cookie(resp)
@@ -36,8 +36,8 @@ async def test_one_access_line_per_request_with_decision_and_request_id(backends
     assert cookie not in rendered and "logged-user" not in rendered
 
 
-async def test_bogus_request_id_is_replaced(backends, start_proxy, http, caplog) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_bogus_request_id_is_replaced(engine: str, backends, start_proxy, http, caplog) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     caplog.set_level(logging.INFO, logger="affinity_proxy.access")
     async with http.get(base(server) + "/", headers={"X-Request-Id": "x" * 500}) as resp:
         assert resp.status == 200

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tests.functional.conftest import make_config
 from tests.functional.helpers import COOKIE, admin, affinity_cookie, base, metric_value
+from tests.support.backends import make_config
 from tests.support.waiting import wait_until
 
 
-async def test_health_reports_ok_with_checks(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_health_reports_ok_with_checks(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     async with http.get(base(server) + "/_affinity/health") as resp:
         doc = await resp.json()
         assert resp.status == 200
@@ -21,8 +21,8 @@ async def test_health_reports_ok_with_checks(backends, start_proxy, http) -> Non
         assert resp.status == 200
 
 
-async def test_session_check_explains_and_changes_nothing(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_session_check_explains_and_changes_nothing(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     async with http.get(base(server) + "/_affinity/session-check", params={"userId": "carol"}) as resp:
         doc = await resp.json()
     assert doc["user_key"] == "carol"
@@ -46,8 +46,8 @@ async def test_session_check_explains_and_changes_nothing(backends, start_proxy,
     assert doc["decision"]["reason"] == "cookie"
 
 
-async def test_session_check_post_tests_affinity_and_pins(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_session_check_post_tests_affinity_and_pins(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     body = {"userId": "dave", "testAffinity": True, "pin": True}
     async with http.post(base(server) + "/_affinity/session-check", json=body, headers={"X-User-Id": "dave"}) as resp:
         doc = await resp.json()
@@ -62,8 +62,8 @@ async def test_session_check_post_tests_affinity_and_pins(backends, start_proxy,
             assert resp.status == 400
 
 
-async def test_admin_pins_and_instances_api(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_admin_pins_and_instances_api(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     a = admin(server)
     async with http.put(a + "/pins/erin", json={"instance": "b"}) as resp:
         assert resp.status == 200
@@ -86,8 +86,8 @@ async def test_admin_pins_and_instances_api(backends, start_proxy, http) -> None
     assert metric_value(metrics, "affinity_repins_total", {"repin_reason": "operator"}) == 1
 
 
-async def test_drain_keeps_pinned_users_and_sends_new_ones_elsewhere(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_drain_keeps_pinned_users_and_sends_new_ones_elsewhere(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     a = admin(server)
     pinned = {}
     for i in range(60):
@@ -107,11 +107,11 @@ async def test_drain_keeps_pinned_users_and_sends_new_ones_elsewhere(backends, s
         assert resp.status == 404
 
 
-async def test_reaper_removes_pins_of_dead_instance(backends, start_proxy, http) -> None:
+async def test_reaper_removes_pins_of_dead_instance(engine: str, backends, start_proxy, http) -> None:
 
     from affinity_proxy.config import ReaperConfig
 
-    server = await start_proxy(make_config(backends, reaper=ReaperConfig(interval=0.2, grace=0.3)))
+    server = await start_proxy(make_config(backends, engine=engine, reaper=ReaperConfig(interval=0.2, grace=0.3)))
     for i in range(30):
         async with http.get(base(server) + "/", headers={"X-User-Id": f"r{i}"}):
             pass
@@ -131,10 +131,10 @@ async def test_reaper_removes_pins_of_dead_instance(backends, start_proxy, http)
     assert metric_value(metrics, "affinity_orphaned_pins_reaped_total") == on_c
 
 
-async def test_admin_token_is_required_when_set(backends, start_proxy, http) -> None:
+async def test_admin_token_is_required_when_set(engine: str, backends, start_proxy, http) -> None:
     from affinity_proxy.config import AdminConfig
 
-    server = await start_proxy(make_config(backends, admin=AdminConfig(token="s3cret-token")))
+    server = await start_proxy(make_config(backends, engine=engine, admin=AdminConfig(token="s3cret-token")))
     async with http.get(admin(server) + "/instances") as resp:
         assert resp.status == 401
     async with http.get(admin(server) + "/instances", headers={"Authorization": "Bearer wrong"}) as resp:
@@ -143,10 +143,10 @@ async def test_admin_token_is_required_when_set(backends, start_proxy, http) -> 
         assert resp.status == 200
 
 
-async def test_public_session_check_cannot_pin_someone_else(backends, start_proxy, http) -> None:
+async def test_public_session_check_cannot_pin_someone_else(engine: str, backends, start_proxy, http) -> None:
     from affinity_proxy.config import SessionCheckConfig
 
-    server = await start_proxy(make_config(backends))
+    server = await start_proxy(make_config(backends, engine=engine))
     body = {"userId": "victim", "pin": True}
     async with http.post(base(server) + "/_affinity/session-check", json=body) as resp:
         assert resp.status == 403
@@ -164,10 +164,11 @@ async def test_public_session_check_cannot_pin_someone_else(backends, start_prox
     assert await server.ctx.store.get("other") is not None
 
 
-async def test_public_metrics_opens_only_metrics_and_health(backends, start_proxy, http) -> None:
+async def test_public_metrics_opens_only_metrics_and_health(engine: str, backends, start_proxy, http) -> None:
     from affinity_proxy.config import AdminConfig
 
-    server = await start_proxy(make_config(backends, admin=AdminConfig(token="tok-123", public_metrics=True)))
+    server = await start_proxy(make_config(backends, engine=engine,
+                                           admin=AdminConfig(token="tok-123", public_metrics=True)))
     for path in ("/metrics", "/health"):
         async with http.get(admin(server) + path) as resp:
             assert resp.status == 200, path

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from affinity_proxy.routing.cookie import AffinityCookie, CookieCodec
-from tests.functional.conftest import make_config
 from tests.functional.helpers import COOKIE, admin, affinity_cookie, base, metric_value
+from tests.support.backends import make_config
 
 HOSTILE = [
     "",
@@ -27,8 +27,8 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize("value", HOSTILE)
-async def test_hostile_cookie_values(backends, start_proxy, http, value: str) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_hostile_cookie_values(engine: str, backends, start_proxy, http, value: str) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     codec = CookieCodec(server.config.cookie.secret)
     async with http.get(base(server) + "/", headers={"Cookie": f"{COOKIE}={value}"}) as resp:
         assert resp.status == 200
@@ -41,8 +41,8 @@ async def test_hostile_cookie_values(backends, start_proxy, http, value: str) ->
         assert parsed.instance == (await resp.json())["instance"]
 
 
-async def test_forged_cookie_with_other_secret_is_replaced(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_forged_cookie_with_other_secret_is_replaced(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     forged = CookieCodec("attacker-secret").encode("c", int(time.time()), "")
     async with http.get(base(server) + "/", headers={"Cookie": f"{COOKIE}={forged}"}) as resp:
         assert resp.status == 200
@@ -51,8 +51,8 @@ async def test_forged_cookie_with_other_secret_is_replaced(backends, start_proxy
     assert metric_value(metrics, "affinity_repins_total", {"repin_reason": "invalid_cookie"}) == 1
 
 
-async def test_cookie_naming_unknown_instance_is_repinned(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_cookie_naming_unknown_instance_is_repinned(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     codec = CookieCodec(server.config.cookie.secret)
     ghost = codec.encode("ghost", int(time.time()), "")
     async with http.get(base(server) + "/", headers={"Cookie": f"{COOKIE}={ghost}"}) as resp:
@@ -63,14 +63,14 @@ async def test_cookie_naming_unknown_instance_is_repinned(backends, start_proxy,
     assert metric_value(metrics, "affinity_repins_total", {"repin_reason": "gone"}) == 1
 
 
-async def test_oversized_cookie_header_is_431_not_5xx(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_oversized_cookie_header_is_431_not_5xx(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     async with http.get(base(server) + "/", headers={"Cookie": f"{COOKIE}=" + "x" * 40000}) as resp:
         assert resp.status in (400, 431)
 
 
-async def test_cookie_of_another_user_is_ignored(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_cookie_of_another_user_is_ignored(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     async with http.get(base(server) + "/", headers={"X-User-Id": "alice"}) as resp:
         alice_cookie = affinity_cookie(resp)
         alice_instance = (await resp.json())["instance"]

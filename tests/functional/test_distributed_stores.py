@@ -47,9 +47,9 @@ async def test_race_for_first_pin_over_two_nodes_and_four_workers(start_serve, f
     assert counts == {answers[0]: 1}
 
 
-async def test_two_nodes_route_users_identically(backends, start_proxy, http, redis_url) -> None:
-    n1 = await start_proxy(redis_config(backends, redis_url))
-    n2 = await start_proxy(redis_config(backends, redis_url))
+async def test_two_nodes_route_users_identically(engine: str, backends, start_proxy, http, redis_url) -> None:
+    n1 = await start_proxy(redis_config(backends, redis_url, engine=engine))
+    n2 = await start_proxy(redis_config(backends, redis_url, engine=engine))
     seen = {}
     for i in range(40):
         user = f"shared{i}"
@@ -79,14 +79,14 @@ def _replicated(topology: RedisClusterSet | RedisSentinelSet) -> bool:
 
 
 @pytest.mark.parametrize("kind", ["cluster", "sentinel"])
-async def test_master_failover_under_load(backends, start_proxy, http, kind: str) -> None:
+async def test_master_failover_under_load(engine: str, backends, start_proxy, http, kind: str) -> None:
     """Kill (SIGKILL) a master under load: cookie clients see no error, user-key clients are
     served, health says degraded while the store fails, and pins written before the crash are read
     back through the promoted replica. A private topology: the session's stays intact."""
     topology = RedisClusterSet() if kind == "cluster" else RedisSentinelSet()
     await asyncio.to_thread(topology.start)
     try:
-        node = await start_proxy(redis_config(backends, topology.url))
+        node = await start_proxy(redis_config(backends, topology.url, engine=engine))
         cookies, before = [], {}
         for i in range(20):
             async with http.get(base(node) + "/", headers={"X-User-Id": f"early-{i}"}) as resp:

@@ -16,8 +16,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.functional.conftest import Backends, make_config
 from tests.functional.test_workers import Supervised, spawn_serve
+from tests.support.backends import Backends, make_config
+from tests.support.engine import engine_line
 from tests.support.redis_server import free_port
 from tests.support.waiting import wait_until
 
@@ -35,22 +36,23 @@ async def status_of(http: aiohttp.ClientSession, url: str) -> int | str:
 
 
 @pytest.mark.parametrize("wildcard", [":0", "[::]:0"])
-async def test_wildcard_listeners_take_ipv4_and_ipv6(backends: Backends, start_proxy, http, wildcard: str) -> None:  # type: ignore[no-untyped-def]
-    proxy = await start_proxy(make_config(backends, listen=wildcard, admin_listen=wildcard))
+async def test_wildcard_listeners_take_ipv4_and_ipv6(engine: str, backends: Backends, start_proxy, http,  # type: ignore[no-untyped-def]
+                                                     wildcard: str) -> None:
+    proxy = await start_proxy(make_config(backends, engine=engine, listen=wildcard, admin_listen=wildcard))
     for host in (V4, V6):
         assert await status_of(http, f"http://{host}:{proxy.main_port}/") == 200, host
         assert await status_of(http, f"http://{host}:{proxy.admin_port}/health") == 200, host
 
 
-async def test_ipv4_wildcard_stays_ipv4_only(backends: Backends, start_proxy, http) -> None:  # type: ignore[no-untyped-def]
-    proxy = await start_proxy(make_config(backends, listen="0.0.0.0:0", admin_listen="0.0.0.0:0"))
+async def test_ipv4_wildcard_stays_ipv4_only(engine: str, backends: Backends, start_proxy, http) -> None:  # type: ignore[no-untyped-def]
+    proxy = await start_proxy(make_config(backends, engine=engine, listen="0.0.0.0:0", admin_listen="0.0.0.0:0"))
     for port in (proxy.main_port, proxy.admin_port):
         assert await status_of(http, f"http://{V4}:{port}/health") != "ConnectionRefusedError"
         assert await status_of(http, f"http://{V6}:{port}/health") == "ConnectionRefusedError"
 
 
-async def test_loopback_hosts_are_bound_as_given(backends: Backends, start_proxy, http) -> None:  # type: ignore[no-untyped-def]
-    proxy = await start_proxy(make_config(backends, listen="[::1]:0", admin_listen="127.0.0.1:0"))
+async def test_loopback_hosts_are_bound_as_given(engine: str, backends: Backends, start_proxy, http) -> None:  # type: ignore[no-untyped-def]
+    proxy = await start_proxy(make_config(backends, engine=engine, listen="[::1]:0", admin_listen="127.0.0.1:0"))
     assert await status_of(http, f"http://{V6}:{proxy.main_port}/") == 200
     assert await status_of(http, f"http://{V4}:{proxy.main_port}/") == "ConnectionRefusedError"
     assert await status_of(http, f"http://{V4}:{proxy.admin_port}/health") == 200
@@ -59,11 +61,12 @@ async def test_loopback_hosts_are_bound_as_given(backends: Backends, start_proxy
 
 @pytest.mark.parametrize("port_given", [True, False], ids=["fixed-port", "port-0"])
 async def test_workers_listen_on_both_families(  # type: ignore[no-untyped-def]
-    tmp_path: Path, backends: Backends, redis_url: str, port_given: bool,
+    engine: str, tmp_path: Path, backends: Backends, redis_url: str, port_given: bool,
 ) -> None:
     main, admin = (free_port(), free_port()) if port_given else (0, 0)
     config = tmp_path / "dual.yaml"
     config.write_text("\n".join([
+        engine_line(engine),
         f'listen: ":{main}"',
         f'admin_listen: "[::]:{admin}"',
         "admin: {token: dual-stack-admin-token, public_metrics: true}",  # /health without the token
@@ -82,6 +85,7 @@ async def test_workers_listen_on_both_families(  # type: ignore[no-untyped-def]
         assert sup.proc.poll() is None, sup.log()
         bound = set(re.findall(r"listening .*?listen=\[::\]:(\d+) admin=\[::\]:(\d+)", sup.log()))
         assert len(bound) == 1, sup.log()  # both workers on the same ports
+        assert len(re.findall(rf"listening .*engine={engine}\b", sup.log())) == 2, sup.log()
         main_port, admin_port = (int(p) for p in bound.pop())
         if port_given:
             assert (main_port, admin_port) == (main, admin)

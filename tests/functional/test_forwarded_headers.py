@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.functional.conftest import make_config
 from tests.functional.helpers import base
+from tests.support.backends import make_config
 
 #: What a client may claim about itself; only a trusted proxy's claims reach the instance.
 CLAIMS = [
@@ -42,9 +42,9 @@ async def seen_upstream(http: aiohttp.ClientSession, server: Any,
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-async def test_an_untrusted_client_cannot_claim_an_address_or_a_scheme(backends, start_proxy, http,
+async def test_an_untrusted_client_cannot_claim_an_address_or_a_scheme(engine: str, backends, start_proxy, http,
                                                                       shape: str) -> None:
-    server = await start_proxy(make_config(backends))  # trusted_proxies: [] (proxy mode default)
+    server = await start_proxy(make_config(backends, engine=engine))  # trusted_proxies: [] (proxy mode default)
     for attempt in range(2):  # the second is the same head again (the fast engine's cached head)
         seen = await seen_upstream(http, server, CLAIMS + UNDERSCORED + SHAPES[shape])
         assert seen["x-forwarded-proto"] == ["http"], (attempt, seen)
@@ -57,9 +57,9 @@ async def test_an_untrusted_client_cannot_claim_an_address_or_a_scheme(backends,
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-async def test_a_trusted_proxy_sets_the_scheme_and_passes_its_headers(backends, start_proxy, http,
+async def test_a_trusted_proxy_sets_the_scheme_and_passes_its_headers(engine: str, backends, start_proxy, http,
                                                                      shape: str) -> None:
-    server = await start_proxy(make_config(backends, trusted_proxies=("127.0.0.1/32",)))
+    server = await start_proxy(make_config(backends, engine=engine, trusted_proxies=("127.0.0.1/32",)))
     for attempt in range(2):
         seen = await seen_upstream(http, server, CLAIMS + UNDERSCORED + SHAPES[shape])
         assert seen["x-forwarded-proto"] == ["https"], (attempt, seen)
@@ -79,9 +79,9 @@ async def test_a_trusted_proxy_sets_the_scheme_and_passes_its_headers(backends, 
     ([("X-Forwarded-Proto", "http"), ("Fly-Forwarded-Proto", "https")], "https"),
     ([], "http"),
 ])
-async def test_the_scheme_from_a_trusted_proxy(backends, start_proxy, http, sent: list[tuple[str, str]],
+async def test_the_scheme_from_a_trusted_proxy(engine: str, backends, start_proxy, http, sent: list[tuple[str, str]],
                                                expected: str) -> None:
-    server = await start_proxy(make_config(backends, trusted_proxies=("127.0.0.0/8", "::1")))
+    server = await start_proxy(make_config(backends, engine=engine, trusted_proxies=("127.0.0.0/8", "::1")))
     seen = await seen_upstream(http, server, sent)
     assert seen["x-forwarded-proto"] == [expected], seen
 
@@ -95,10 +95,10 @@ async def test_the_scheme_from_a_trusted_proxy(backends, start_proxy, http, sent
     (("127.0.0.1/32",), [("X-Forwarded-For", "2001:db8::7")], "2001:db8::7"),
     (("127.0.0.1/32",), [("X-Forwarded-For", "not-an-address")], "127.0.0.1"),
 ])
-async def test_the_access_log_records_the_real_client(backends, start_proxy, http, caplog,
+async def test_the_access_log_records_the_real_client(engine: str, backends, start_proxy, http, caplog,
                                                       trusted: tuple[str, ...], sent: list[tuple[str, str]],
                                                       remote: str) -> None:
-    server = await start_proxy(make_config(backends, trusted_proxies=trusted))
+    server = await start_proxy(make_config(backends, engine=engine, trusted_proxies=trusted))
     caplog.set_level(logging.INFO, logger="affinity_proxy.access")
     async with http.get(base(server) + "/logged", headers=sent) as resp:
         assert resp.status == 200

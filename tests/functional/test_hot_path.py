@@ -5,8 +5,8 @@ from __future__ import annotations
 from affinity_proxy.pins.memory import MemoryPinStore
 from affinity_proxy.pins.store import ClaimResult, Pin
 from affinity_proxy.routing.model import InstanceId
-from tests.functional.conftest import make_config
 from tests.functional.helpers import COOKIE, affinity_cookie, base
+from tests.support.backends import make_config
 
 
 class CountingStore(MemoryPinStore):
@@ -32,9 +32,9 @@ class CountingStore(MemoryPinStore):
         await super().touch(user_key, instance)
 
 
-async def test_valid_cookie_costs_no_store_call(backends, start_proxy, http) -> None:
+async def test_valid_cookie_costs_no_store_call(engine: str, backends, start_proxy, http) -> None:
     store = CountingStore()
-    server = await start_proxy(make_config(backends), store=store)
+    server = await start_proxy(make_config(backends, engine=engine), store=store)
     async with http.get(base(server) + "/", headers={"X-User-Id": "hot"}) as resp:
         cookie = affinity_cookie(resp)
     assert store.calls == {"claim": 1}  # a new user costs one round trip: claim-or-get

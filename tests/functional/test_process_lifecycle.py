@@ -15,13 +15,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.functional.conftest import Backends
 from tests.functional.test_streaming import _free_port
+from tests.support.backends import Backends
+from tests.support.engine import engine_line
 from tests.support.waiting import wait_until
 
 
-def _write(path: Path, backends: Backends, ids: list[str], port: int, admin_port: int) -> None:
+def _write(path: Path, backends: Backends, ids: list[str], port: int, admin_port: int, engine: str) -> None:
     lines = [
+        engine_line(engine),
         f"listen: 127.0.0.1:{port}",
         f"admin_listen: 127.0.0.1:{admin_port}",
         "cookie: {secret: lifecycle-secret-0123456789}",
@@ -34,27 +36,27 @@ def _write(path: Path, backends: Backends, ids: list[str], port: int, admin_port
 
 
 class Served:
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, admin_port: int, config: Path) -> None:
-        self.proc, self.port, self.admin_port, self.config = proc, port, admin_port, config
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, admin_port: int, config: Path, engine: str) -> None:
+        self.proc, self.port, self.admin_port, self.config, self.engine = proc, port, admin_port, config, engine
 
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
 
-def _start(tmp_path: Path, backends: Backends, *extra: str) -> Served:
+def _start(tmp_path: Path, backends: Backends, engine: str, *extra: str) -> Served:
     port, admin_port = _free_port(), _free_port()
     cfg = tmp_path / "proxy.yaml"
-    _write(cfg, backends, ["a", "b", "c"], port, admin_port)
+    _write(cfg, backends, ["a", "b", "c"], port, admin_port, engine)
     command = [sys.executable, "-m", "affinity_proxy", "serve", "--config", str(cfg), *extra]
     env = {**os.environ, "LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    return Served(proc, port, admin_port, cfg)
+    return Served(proc, port, admin_port, cfg, engine)
 
 
 @pytest.fixture
-def served(tmp_path: Path, backends: Backends) -> Iterator[Served]:
-    s = _start(tmp_path, backends)
+def served(tmp_path: Path, backends: Backends, engine: str) -> Iterator[Served]:
+    s = _start(tmp_path, backends, engine)
     yield s
     if s.proc.poll() is None:
         s.proc.kill()
@@ -128,7 +130,7 @@ async def test_sighup_reloads_the_config(served, http, backends) -> None:
     await ws.send_str("whoami")
     ws_instance = (await ws.receive(timeout=5)).data
     await backends.start("d")
-    _write(served.config, backends, ["a", "b", "c", "d"], served.port, served.admin_port)
+    _write(served.config, backends, ["a", "b", "c", "d"], served.port, served.admin_port, served.engine)
     served.proc.send_signal(signal.SIGHUP)
 
     async def has_d() -> bool:
@@ -145,10 +147,10 @@ async def test_sighup_reloads_the_config(served, http, backends) -> None:
             assert (await resp.json())["instance"] == instance, "cookie-pinned users stay in place"
 
 
-async def test_exec_supervises_the_app(tmp_path, backends, http) -> None:
+async def test_exec_supervises_the_app(engine: str, tmp_path, backends, http) -> None:
     app_port = _free_port()
     cmd = f"{sys.executable} -m affinity_proxy.devtools.demo.backend --id execd --port {app_port}"
-    s = _start(tmp_path, backends, "--exec", cmd)
+    s = _start(tmp_path, backends, engine, "--exec", cmd)
     try:
         await _ready(http, s)
 
@@ -171,8 +173,8 @@ async def test_exec_supervises_the_app(tmp_path, backends, http) -> None:
         s.proc.stderr.close()
 
 
-async def test_exec_app_exit_stops_the_proxy(tmp_path, backends, http) -> None:
-    s = _start(tmp_path, backends, "--exec", "sleep 1; exit 3")
+async def test_exec_app_exit_stops_the_proxy(engine: str, tmp_path, backends, http) -> None:
+    s = _start(tmp_path, backends, engine, "--exec", "sleep 1; exit 3")
     try:
         assert await asyncio.to_thread(s.proc.wait, 30) == 1
     finally:

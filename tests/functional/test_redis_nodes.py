@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 from affinity_proxy.config import CookieConfig, StoreConfig
 from affinity_proxy.pins.redis import pin_key
 from affinity_proxy.pins.store import PinStoreUnavailable
-from tests.functional.conftest import make_config
 from tests.functional.helpers import COOKIE, admin, affinity_cookie, base, metric_value
+from tests.support.backends import make_config
 from tests.support.waiting import wait_until
 
 
@@ -20,9 +20,9 @@ def redis_config(backends, url: str, **overrides):  # type: ignore[no-untyped-de
     return make_config(backends, store=StoreConfig(url=url, timeout=0.25), **overrides)
 
 
-async def test_two_nodes_route_users_identically(backends, start_proxy, http, redis_url) -> None:
-    n1 = await start_proxy(redis_config(backends, redis_url))
-    n2 = await start_proxy(redis_config(backends, redis_url))
+async def test_two_nodes_route_users_identically(engine: str, backends, start_proxy, http, redis_url) -> None:
+    n1 = await start_proxy(redis_config(backends, redis_url, engine=engine))
+    n2 = await start_proxy(redis_config(backends, redis_url, engine=engine))
     for i in range(100):
         user = f"shared{i}"
         node_a, node_b = (n1, n2) if i % 2 else (n2, n1)
@@ -32,11 +32,11 @@ async def test_two_nodes_route_users_identically(backends, start_proxy, http, re
             assert (await resp.json())["instance"] == first
 
 
-async def test_operator_pin_is_obeyed_by_both_nodes_within_revalidation(backends, start_proxy, http,
+async def test_operator_pin_is_obeyed_by_both_nodes_within_revalidation(engine: str, backends, start_proxy, http,
                                                                          redis_url) -> None:
     cookie_cfg = CookieConfig(secret="test-secret-" + "x" * 20, revalidate_after=1.0)
-    n1 = await start_proxy(redis_config(backends, redis_url, cookie=cookie_cfg))
-    n2 = await start_proxy(redis_config(backends, redis_url, cookie=cookie_cfg))
+    n1 = await start_proxy(redis_config(backends, redis_url, engine=engine, cookie=cookie_cfg))
+    n2 = await start_proxy(redis_config(backends, redis_url, engine=engine, cookie=cookie_cfg))
     async with http.get(base(n1) + "/", headers={"X-User-Id": "mallory"}) as resp:
         cookie = affinity_cookie(resp)
         old = (await resp.json())["instance"]
@@ -59,11 +59,11 @@ async def test_operator_pin_is_obeyed_by_both_nodes_within_revalidation(backends
     assert metric_value(metrics, "affinity_pin_conflicts_total") >= 1
 
 
-async def test_race_for_first_pin_across_two_nodes(backends, start_proxy, redis_url) -> None:
+async def test_race_for_first_pin_across_two_nodes(engine: str, backends, start_proxy, redis_url) -> None:
     import aiohttp
 
-    n1 = await start_proxy(redis_config(backends, redis_url))
-    n2 = await start_proxy(redis_config(backends, redis_url))
+    n1 = await start_proxy(redis_config(backends, redis_url, engine=engine))
+    n2 = await start_proxy(redis_config(backends, redis_url, engine=engine))
     results: list[str] = []
     connector = aiohttp.TCPConnector(limit=200)
     async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as http:
@@ -84,11 +84,11 @@ async def test_race_for_first_pin_across_two_nodes(backends, start_proxy, redis_
     assert set(results) == {stored}, collections.Counter(results)
 
 
-async def test_redis_outage_under_load(backends, start_proxy, http, private_redis) -> None:
+async def test_redis_outage_under_load(engine: str, backends, start_proxy, http, private_redis) -> None:
     """Kill redis-server for a while under steady load: cookie clients see no error, everyone is
     served (users needing a pin fall back to the ring), and pins work again after the restart."""
-    n1 = await start_proxy(redis_config(backends, private_redis.url))
-    n2 = await start_proxy(redis_config(backends, private_redis.url))
+    n1 = await start_proxy(redis_config(backends, private_redis.url, engine=engine))
+    n2 = await start_proxy(redis_config(backends, private_redis.url, engine=engine))
     nodes = [n1, n2]
     cookies: list[str] = []
     for _ in range(20):
@@ -178,12 +178,12 @@ async def _store_commands_for(redis_url: str, marker: str, action) -> list[str]:
         await poker.aclose()
 
 
-async def test_first_visit_with_a_user_key_costs_one_store_round_trip(backends, start_proxy, http,
+async def test_first_visit_with_a_user_key_costs_one_store_round_trip(engine: str, backends, start_proxy, http,
                                                                       redis_url) -> None:
     """Claim-or-get: a new user is pinned by the one script call that would also have found an old
     pin; a returning user without a cookie gets the old pin from that same call (plus the batched,
     background TTL refresh, which is not on the request path)."""
-    node = await start_proxy(redis_config(backends, redis_url))
+    node = await start_proxy(redis_config(backends, redis_url, engine=engine))
     served: list[str] = []
 
     async def visit() -> None:

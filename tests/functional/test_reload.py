@@ -6,13 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from affinity_proxy.config import load_config
-from tests.functional.conftest import Backends
 from tests.functional.helpers import COOKIE, admin, affinity_cookie, base
+from tests.support.backends import Backends
+from tests.support.engine import engine_line
 
 
-def write_config(path: Path, backends: Backends, ids: list[str], *, secret: str = "reload-secret-0123456789",
-                 previous: list[str] | None = None, extra: str = "") -> None:
+def write_config(path: Path, backends: Backends, ids: list[str], *, engine: str,
+                 secret: str = "reload-secret-0123456789", previous: list[str] | None = None, extra: str = "") -> None:
+    """The proxy's config file (re-read by every reload), on the test's engine."""
     lines = [
+        engine_line(engine),
         "listen: 127.0.0.1:0",
         "admin_listen: 127.0.0.1:0",
         f"cookie: {{secret: {secret}, previous_secrets: {previous or []}}}",
@@ -24,9 +27,9 @@ def write_config(path: Path, backends: Backends, ids: list[str], *, secret: str 
     path.write_text("\n".join(lines) + "\n" + extra)
 
 
-async def test_reload_adds_an_instance_and_keeps_sessions(backends, start_proxy, http, tmp_path) -> None:
+async def test_reload_adds_an_instance_and_keeps_sessions(engine: str, backends, start_proxy, http, tmp_path) -> None:
     cfg = tmp_path / "proxy.yaml"
-    write_config(cfg, backends, ["a", "b", "c"])
+    write_config(cfg, backends, ["a", "b", "c"], engine=engine)
     server = await start_proxy(load_config(cfg), config_path=str(cfg))
     cookies = {}
     for i in range(60):
@@ -37,7 +40,7 @@ async def test_reload_adds_an_instance_and_keeps_sessions(backends, start_proxy,
     ws_instance = (await ws.receive(timeout=5)).data
 
     await backends.start("d")
-    write_config(cfg, backends, ["a", "b", "c", "d"])
+    write_config(cfg, backends, ["a", "b", "c", "d"], engine=engine)
     async with http.post(admin(server) + "/reload") as resp:
         doc = await resp.json()
         assert resp.status == 200, doc
@@ -57,9 +60,9 @@ async def test_reload_adds_an_instance_and_keeps_sessions(backends, start_proxy,
     assert "d" in seen, "new users reach the new instance"
 
 
-async def test_invalid_reload_keeps_the_running_config(backends, start_proxy, http, tmp_path) -> None:
+async def test_invalid_reload_keeps_the_running_config(engine: str, backends, start_proxy, http, tmp_path) -> None:
     cfg = tmp_path / "proxy.yaml"
-    write_config(cfg, backends, ["a", "b", "c"])
+    write_config(cfg, backends, ["a", "b", "c"], engine=engine)
     server = await start_proxy(load_config(cfg), config_path=str(cfg))
     before = server.ctx.config
     cfg.write_text(cfg.read_text() + "cookie_colour: blue\n")
@@ -72,15 +75,15 @@ async def test_invalid_reload_keeps_the_running_config(backends, start_proxy, ht
         assert resp.status == 200
 
 
-async def test_reload_rotates_the_cookie_secret_without_logging_anyone_out(backends, start_proxy, http,
+async def test_reload_rotates_the_cookie_secret_without_logging_anyone_out(engine: str, backends, start_proxy, http,
                                                                            tmp_path) -> None:
     cfg = tmp_path / "proxy.yaml"
-    write_config(cfg, backends, ["a", "b", "c"], secret="old-secret-0123456789")
+    write_config(cfg, backends, ["a", "b", "c"], engine=engine, secret="old-secret-0123456789")
     server = await start_proxy(load_config(cfg), config_path=str(cfg))
     async with http.get(base(server) + "/") as resp:
         cookie = affinity_cookie(resp)
         instance = (await resp.json())["instance"]
-    write_config(cfg, backends, ["a", "b", "c"], secret="new-secret-0123456789",
+    write_config(cfg, backends, ["a", "b", "c"], engine=engine, secret="new-secret-0123456789",
                  previous=["old-secret-0123456789"])
     async with http.post(admin(server) + "/reload") as resp:
         assert (await resp.json())["changed"] == ["cookie"]
@@ -90,18 +93,18 @@ async def test_reload_rotates_the_cookie_secret_without_logging_anyone_out(backe
         assert reissued and reissued != cookie, "re-signed with the new secret"
 
 
-async def test_reload_without_config_file_is_refused(backends, start_proxy, http) -> None:
-    from tests.functional.conftest import make_config
+async def test_reload_without_config_file_is_refused(engine: str, backends, start_proxy, http) -> None:
+    from tests.support.backends import make_config
 
-    server = await start_proxy(make_config(backends))
+    server = await start_proxy(make_config(backends, engine=engine))
     async with http.post(admin(server) + "/reload") as resp:
         assert resp.status == 400
         assert "config file" in (await resp.json())["error"]
 
 
-async def test_reload_reports_keys_that_need_a_restart(backends, start_proxy, http, tmp_path) -> None:
+async def test_reload_reports_keys_that_need_a_restart(engine: str, backends, start_proxy, http, tmp_path) -> None:
     cfg = tmp_path / "proxy.yaml"
-    write_config(cfg, backends, ["a", "b", "c"])
+    write_config(cfg, backends, ["a", "b", "c"], engine=engine)
     server = await start_proxy(load_config(cfg), config_path=str(cfg))
     cfg.write_text(cfg.read_text().replace("listen: 127.0.0.1:0\n", "listen: 127.0.0.1:1\n", 1))
     async with http.post(admin(server) + "/reload") as resp:

@@ -12,8 +12,8 @@ from dataclasses import replace
 import pytest
 
 from affinity_proxy.config import AdminConfig, SessionCheckConfig, UserKeySourceConfig
-from tests.functional.conftest import make_config
 from tests.functional.helpers import admin, base
+from tests.support.backends import make_config
 
 HEADER_KEY = (UserKeySourceConfig("header", "X-User-Id"),)  # no query source: ?userId= is a lookup
 
@@ -25,9 +25,9 @@ def _state(server, instance: str) -> str:  # type: ignore[no-untyped-def]
 # --- admin listener: cross-site requests and DNS rebinding -------------------------------------------
 
 
-async def test_the_csrf_request_from_the_issue_is_refused(backends, start_proxy, http) -> None:
+async def test_the_csrf_request_from_the_issue_is_refused(engine: str, backends, start_proxy, http) -> None:
     """No token (the default): a page on evil.example posting a drain through the operator's browser."""
-    server = await start_proxy(make_config(backends))
+    server = await start_proxy(make_config(backends, engine=engine))
     port = server.admin_port
     attacks = [
         {"Origin": "http://evil.example", "Host": "evil.example"},  # the request from the issue
@@ -53,8 +53,8 @@ async def test_the_csrf_request_from_the_issue_is_refused(backends, start_proxy,
     assert await server.ctx.store.get("victim") is None
 
 
-async def test_the_admin_listeners_own_origin_and_tools_are_served(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_the_admin_listeners_own_origin_and_tools_are_served(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     port = server.admin_port
     fine = [
         {},  # curl, the CLI, Prometheus: no Origin, no Sec-Fetch-*
@@ -75,8 +75,8 @@ async def test_the_admin_listeners_own_origin_and_tools_are_served(backends, sta
     "evil.example", "evil.example:{port}", "EVIL.example", "localhost.evil.example", "127.0.0.1.nip.io:{port}",
     "admin.internal", "", "127.0.0.1:notaport", "::1", "[::1", "a b",
 ])  # fmt: skip
-async def test_a_rebinding_host_gets_421(backends, start_proxy, http, host: str) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_a_rebinding_host_gets_421(engine: str, backends, start_proxy, http, host: str) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     await server.ctx.store.set("victim-user", "a")  # type: ignore[arg-type]
     for method, path in (("GET", "/pins"), ("GET", "/metrics"), ("GET", "/dashboard"), ("POST", "/reap")):
         async with http.request(method, admin(server) + path,
@@ -91,17 +91,20 @@ async def test_a_rebinding_host_gets_421(backends, start_proxy, http, host: str)
     "127.0.0.1", "127.0.0.1:{port}", "10.1.2.3:9091", "[::1]:{port}", "[fdaa:0:1::3]:9091", "[::1]",
     "localhost", "LOCALHOST:{port}", "localhost.:{port}", "admin.internal:{port}", "Admin.Internal.",
 ])  # fmt: skip
-async def test_ip_literals_localhost_and_allowed_hosts_are_served(backends, start_proxy, http, host: str) -> None:
-    server = await start_proxy(make_config(backends, admin=AdminConfig(allowed_hosts=("admin.internal",))))
+async def test_ip_literals_localhost_and_allowed_hosts_are_served(engine: str, backends, start_proxy, http,
+                                                                  host: str) -> None:
+    server = await start_proxy(make_config(backends, engine=engine,
+                                           admin=AdminConfig(allowed_hosts=("admin.internal",))))
     async with http.get(admin(server) + "/metrics", headers={"Host": host.format(port=server.admin_port)}) as resp:
         assert resp.status == 200, host
     async with http.get(admin(server) + "/pins", headers={"Host": "other.internal"}) as resp:
         assert resp.status == 421, "only the listed names"
 
 
-async def test_changes_need_a_token_when_the_admin_listener_is_not_on_loopback(backends, start_proxy, http) -> None:
+async def test_changes_need_a_token_when_the_admin_listener_is_not_on_loopback(engine: str, backends, start_proxy,
+                                                                               http) -> None:
     """``serve`` refuses such a config (exit 2); a server built in code still refuses every change."""
-    server = await start_proxy(make_config(backends, admin_listen="0.0.0.0:0"))
+    server = await start_proxy(make_config(backends, engine=engine, admin_listen="0.0.0.0:0"))
     assert not server.config.admin_on_loopback
     for method, path in (("POST", "/instances/b/drain"), ("PUT", "/pins/u"), ("DELETE", "/pins/u"),
                          ("POST", "/reap"), ("POST", "/reload"), ("POST", "/session-check")):
@@ -112,15 +115,16 @@ async def test_changes_need_a_token_when_the_admin_listener_is_not_on_loopback(b
     assert _state(server, "b") == "up" and await server.ctx.store.get("u") is None
     async with http.get(admin(server) + "/instances") as resp:  # reads stay open (as the contract says)
         assert resp.status == 200
-    guarded = await start_proxy(make_config(backends, admin_listen="0.0.0.0:0", admin=AdminConfig(token="tk-1")))
+    guarded = await start_proxy(make_config(backends, engine=engine, admin_listen="0.0.0.0:0",
+                                            admin=AdminConfig(token="tk-1")))
     async with http.post(admin(guarded) + "/instances/b/drain", headers={"Authorization": "Bearer tk-1"}) as resp:
         assert resp.status == 200
 
 
-async def test_the_guard_runs_before_the_token(backends, start_proxy, http) -> None:
+async def test_the_guard_runs_before_the_token(engine: str, backends, start_proxy, http) -> None:
     """A cross-site request is refused even when it carries a valid token (a browser would attach none,
     but an exfiltrated dashboard tab could)."""
-    server = await start_proxy(make_config(backends, admin=AdminConfig(token="tk-2")))
+    server = await start_proxy(make_config(backends, engine=engine, admin=AdminConfig(token="tk-2")))
     headers = {"Authorization": "Bearer tk-2", "Origin": "http://evil.example"}
     async with http.post(admin(server) + "/instances/b/drain", headers=headers) as resp:
         assert resp.status == 403
@@ -133,8 +137,8 @@ async def test_the_guard_runs_before_the_token(backends, start_proxy, http) -> N
 # --- public session-check: the caller's own request only ---------------------------------------------
 
 
-async def test_public_session_check_does_not_look_up_other_users(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends, user_key=HEADER_KEY))
+async def test_public_session_check_does_not_look_up_other_users(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine, user_key=HEADER_KEY))
     await server.ctx.store.set("alice", "b")  # type: ignore[arg-type]
     url = base(server) + "/_affinity/session-check"
     for request in (http.get(url, params={"userId": "alice"}),
@@ -149,8 +153,8 @@ async def test_public_session_check_does_not_look_up_other_users(backends, start
 
 
 async def test_public_session_check_explains_the_callers_own_request_without_activity_data(
-        backends, start_proxy, http) -> None:  # fmt: skip
-    server = await start_proxy(make_config(backends, user_key=HEADER_KEY))
+        engine: str, backends, start_proxy, http) -> None:  # fmt: skip
+    server = await start_proxy(make_config(backends, engine=engine, user_key=HEADER_KEY))
     await server.ctx.store.set("alice", "b")  # type: ignore[arg-type]
     await server.ctx.store.set("carol", "a")  # type: ignore[arg-type]
     url = base(server) + "/_affinity/session-check"
@@ -173,8 +177,8 @@ async def test_public_session_check_explains_the_callers_own_request_without_act
         assert {i["id"]: i["pins"] for i in doc["instances"]} == {"a": 1, "b": 1, "c": 0}
 
 
-async def test_lookup_public_restores_the_full_public_answer(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends, user_key=HEADER_KEY,
+async def test_lookup_public_restores_the_full_public_answer(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine, user_key=HEADER_KEY,
                                            session_check=SessionCheckConfig(lookup="public")))
     await server.ctx.store.set("alice", "b")  # type: ignore[arg-type]
     async with http.get(base(server) + "/_affinity/session-check", params={"userId": "alice"}) as resp:
@@ -186,18 +190,18 @@ async def test_lookup_public_restores_the_full_public_answer(backends, start_pro
         assert resp.status == 403 and (await resp.json())["error"] == "pin_forbidden"
 
 
-async def test_the_query_user_key_counts_as_the_callers_own(backends, start_proxy, http) -> None:
+async def test_the_query_user_key_counts_as_the_callers_own(engine: str, backends, start_proxy, http) -> None:
     """With ``user_key: [{query: userId}]`` the request itself carries ?userId=: routing it reveals the
     same instance, so it is explained, still without expiry or counts."""
-    server = await start_proxy(make_config(backends))  # header X-User-Id, then query userId
+    server = await start_proxy(make_config(backends, engine=engine))  # header X-User-Id, then query userId
     await server.ctx.store.set("dora", "c")  # type: ignore[arg-type]
     async with http.get(base(server) + "/_affinity/session-check", params={"userId": "dora"}) as resp:
         doc = await resp.json()
         assert resp.status == 200 and doc["pin"] == {"instance": "c"}
 
 
-async def test_session_check_lookup_is_hot_reloadable_config(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends, user_key=HEADER_KEY))
+async def test_session_check_lookup_is_hot_reloadable_config(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine, user_key=HEADER_KEY))
     url = base(server) + "/_affinity/session-check"
     async with http.get(url, params={"userId": "zed"}) as resp:
         assert resp.status == 403

@@ -11,8 +11,8 @@ from affinity_proxy.admin.api import REAPER
 from affinity_proxy.config import ReaperConfig, StoreConfig
 from affinity_proxy.membership.heartbeat import refresh_interval
 from affinity_proxy.serve.app import ProxyServer
-from tests.functional.conftest import make_config
 from tests.functional.helpers import admin, base, metric_value
+from tests.support.backends import make_config
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_until
 
@@ -31,9 +31,9 @@ async def owner(http, server: ProxyServer, user: str) -> str:  # type: ignore[no
         return str((await resp.json())["instance"])
 
 
-async def test_drain_on_one_node_is_honoured_by_another_within_one_refresh(backends, start_proxy, http,
+async def test_drain_on_one_node_is_honoured_by_another_within_one_refresh(engine: str, backends, start_proxy, http,
                                                                            redis_url) -> None:
-    config = shared_config(backends, redis_url)
+    config = shared_config(backends, redis_url, engine=engine)
     n1 = await start_proxy(config, node="n1")
     n2 = await start_proxy(config, node="n2")
     refresh = refresh_interval(config.health.interval)
@@ -63,10 +63,10 @@ async def test_drain_on_one_node_is_honoured_by_another_within_one_refresh(backe
 
 
 async def test_drain_while_redis_is_down_answers_503_and_keeps_the_last_known_set(
-    backends, start_proxy, http, private_redis: RedisServer, caplog: pytest.LogCaptureFixture,
+    engine: str, backends, start_proxy, http, private_redis: RedisServer, caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="affinity_proxy.membership.heartbeat")
-    node = await start_proxy(shared_config(backends, private_redis.url), node="n1")
+    node = await start_proxy(shared_config(backends, private_redis.url, engine=engine), node="n1")
     async with http.post(admin(node) + "/instances/a/drain") as resp:
         assert resp.status == 200
     private_redis.stop()
@@ -84,8 +84,8 @@ async def test_drain_while_redis_is_down_answers_503_and_keeps_the_last_known_se
     assert sum("shared membership state unreachable" in r.getMessage() for r in caplog.records) == 1
 
 
-async def test_three_nodes_reap_each_orphan_exactly_once(backends, start_proxy, http, redis_url) -> None:
-    config = shared_config(backends, redis_url, reaper=ReaperConfig(interval=0.2, grace=0.5))
+async def test_three_nodes_reap_each_orphan_exactly_once(engine: str, backends, start_proxy, http, redis_url) -> None:
+    config = shared_config(backends, redis_url, engine=engine, reaper=ReaperConfig(interval=0.2, grace=0.5))
     nodes = [await start_proxy(config, node=f"n{i}") for i in range(3)]
     for i in range(90):
         await owner(http, nodes[i % 3], f"r{i}")
@@ -116,10 +116,11 @@ async def test_three_nodes_reap_each_orphan_exactly_once(backends, start_proxy, 
     assert sum(r.passes for r in reapers) >= 1
 
 
-async def test_reaper_survives_a_redis_outage_and_logs_once(backends, start_proxy, http, private_redis: RedisServer,
+async def test_reaper_survives_a_redis_outage_and_logs_once(engine: str, backends, start_proxy, http,
+                                                            private_redis: RedisServer,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="affinity_proxy.reaper")
-    config = shared_config(backends, private_redis.url, reaper=ReaperConfig(interval=0.2, grace=0.3))
+    config = shared_config(backends, private_redis.url, engine=engine, reaper=ReaperConfig(interval=0.2, grace=0.3))
     node = await start_proxy(config, node="n1")
     reaper = node.admin_app[REAPER]
     for i in range(30):
@@ -151,8 +152,8 @@ async def test_reaper_survives_a_redis_outage_and_logs_once(backends, start_prox
     assert sum("reaper cannot reach" in r.getMessage() for r in caplog.records) == 1
 
 
-async def test_each_node_sees_the_others_heartbeat_reports(backends, start_proxy, http, redis_url) -> None:
-    config = shared_config(backends, redis_url)
+async def test_each_node_sees_the_others_heartbeat_reports(engine: str, backends, start_proxy, http, redis_url) -> None:
+    config = shared_config(backends, redis_url, engine=engine)
     n1 = await start_proxy(config, node="n1")
     await start_proxy(config, node="n2")
 

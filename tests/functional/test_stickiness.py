@@ -8,14 +8,14 @@ from dataclasses import replace
 
 import aiohttp
 
-from tests.functional.conftest import make_config
 from tests.functional.helpers import COOKIE, admin, affinity_cookie, base, metric_value
+from tests.support.backends import make_config
 
 
-async def test_cookie_clients_are_fully_sticky(backends, start_proxy, http) -> None:
+async def test_cookie_clients_are_fully_sticky(engine: str, backends, start_proxy, http) -> None:
     # A cookie older than revalidate_after is legitimately re-sent; keep the whole run well inside it
     # however slow the machine is, so "a valid cookie is not re-sent" is exact.
-    config = make_config(backends)
+    config = make_config(backends, engine=engine)
     server = await start_proxy(replace(config, cookie=replace(config.cookie, revalidate_after=3600.0)))
     clients, rounds = 40, 60
 
@@ -46,8 +46,8 @@ async def test_cookie_clients_are_fully_sticky(backends, start_proxy, http) -> N
     assert metric_value(metrics, "affinity_responses_total", {"code": "200"}) == total
 
 
-async def test_anonymous_sessions_spread_evenly(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_anonymous_sessions_spread_evenly(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     counts: collections.Counter[str] = collections.Counter()
     sem = asyncio.Semaphore(50)
 
@@ -72,20 +72,21 @@ async def _instances_of(http: aiohttp.ClientSession, server, users: list[str]) -
     return out
 
 
-async def test_user_key_lands_on_same_instance_across_restarts(backends, start_proxy, http) -> None:
+async def test_user_key_lands_on_same_instance_across_restarts(engine: str, backends, start_proxy, http) -> None:
     users = [f"user-{i}" for i in range(200)]
-    first = await start_proxy(make_config(backends))
+    first = await start_proxy(make_config(backends, engine=engine))
     before = await _instances_of(http, first, users)
     await first.stop()
-    second = await start_proxy(make_config(backends))  # a new process state: fresh memory store
+    second = await start_proxy(make_config(backends, engine=engine))  # a new process state: fresh memory store
     after = await _instances_of(http, second, users)
     assert before == after
     assert len(set(before.values())) == 3
 
 
-async def test_scale_up_moves_about_a_quarter_of_hash_users_and_no_cookie_user(backends, start_proxy, http) -> None:
+async def test_scale_up_moves_about_a_quarter_of_hash_users_and_no_cookie_user(engine: str, backends, start_proxy,
+                                                                               http) -> None:
     users = [f"u{i}" for i in range(1200)]
-    three = await start_proxy(make_config(backends))
+    three = await start_proxy(make_config(backends, engine=engine))
     hashed3 = await _instances_of(http, three, users)
     # cookie clients pinned while there were three instances
     cookies: dict[str, tuple[str, str]] = {}
@@ -95,7 +96,7 @@ async def test_scale_up_moves_about_a_quarter_of_hash_users_and_no_cookie_user(b
     await three.stop()
 
     await backends.start("d")
-    four_config = make_config(backends, instances=backends.instance_configs(["a", "b", "c", "d"]))
+    four_config = make_config(backends, engine=engine, instances=backends.instance_configs(["a", "b", "c", "d"]))
     four = await start_proxy(four_config)
     hashed4 = await _instances_of(http, four, users)  # fresh store: pure hash choices
     moved = [u for u in users if hashed3[u] != hashed4[u]]
@@ -109,8 +110,8 @@ async def test_scale_up_moves_about_a_quarter_of_hash_users_and_no_cookie_user(b
             assert affinity_cookie(resp) is None
 
 
-async def test_stored_pin_wins_over_hash_after_scale_up(backends, start_proxy, http) -> None:
-    config = make_config(backends)
+async def test_stored_pin_wins_over_hash_after_scale_up(engine: str, backends, start_proxy, http) -> None:
+    config = make_config(backends, engine=engine)
     server = await start_proxy(config)
     users = [f"p{i}" for i in range(300)]
     pinned = await _instances_of(http, server, users)

@@ -14,7 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.functional.conftest import Backends
+from tests.support.backends import Backends
+from tests.support.engine import engine_line
 from tests.support.waiting import wait_until
 
 CHUNK = b"0123456789abcdef" * 4096  # 64 KiB
@@ -35,9 +36,10 @@ def _rss_kib(pid: int) -> int:
 
 
 @pytest.fixture
-def proxy_process(tmp_path: Path, backends: Backends) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def proxy_process(tmp_path: Path, backends: Backends, engine: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port, admin_port = _free_port(), _free_port()
     lines = [
+        engine_line(engine),
         f"listen: 127.0.0.1:{port}",
         f"admin_listen: 127.0.0.1:{admin_port}",
         "cookie: {secret: streaming-test-secret}",

@@ -6,12 +6,13 @@ import asyncio
 
 import aiohttp
 
-from tests.functional.conftest import make_config
 from tests.functional.helpers import COOKIE, admin, affinity_cookie, base, metric_value
+from tests.support.backends import make_config
 
 
-async def test_fifty_concurrent_websockets_stay_on_their_pinned_instances(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_fifty_concurrent_websockets_stay_on_their_pinned_instances(engine: str, backends, start_proxy,
+                                                                          http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
 
     async def session(i: int) -> tuple[str, list[str]]:
         async with http.get(base(server) + "/") as resp:
@@ -35,8 +36,8 @@ async def test_fifty_concurrent_websockets_stay_on_their_pinned_instances(backen
     assert metric_value(metrics, "affinity_websocket_connections") == 0
 
 
-async def test_websocket_close_code_is_relayed(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_websocket_close_code_is_relayed(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     async with http.ws_connect(base(server) + "/ws") as ws:
         await ws.send_str("close:4001")
         msg = await ws.receive(timeout=5)
@@ -44,8 +45,8 @@ async def test_websocket_close_code_is_relayed(backends, start_proxy, http) -> N
         assert ws.close_code == 4001
 
 
-async def test_websocket_gauge_counts_open_sessions(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_websocket_gauge_counts_open_sessions(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     async with http.ws_connect(base(server) + "/ws") as ws:
         await ws.send_str("whoami")
         instance = (await ws.receive(timeout=5)).data
@@ -53,8 +54,8 @@ async def test_websocket_gauge_counts_open_sessions(backends, start_proxy, http)
         assert metric_value(metrics, "affinity_websocket_connections", {"instance": instance}) == 1
 
 
-async def test_websocket_to_dead_instance_is_repinned(backends, start_proxy, http) -> None:
-    server = await start_proxy(make_config(backends))
+async def test_websocket_to_dead_instance_is_repinned(engine: str, backends, start_proxy, http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     async with http.get(base(server) + "/", headers={"X-User-Id": "wsuser"}) as resp:
         owner = (await resp.json())["instance"]
     await backends.stop(owner)

@@ -27,8 +27,9 @@ import redis.asyncio as aioredis
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from affinity_proxy.pins.redis import bucket_of, pin_key
-from tests.functional.conftest import Backends
 from tests.functional.helpers import metric_value
+from tests.support.backends import Backends
+from tests.support.engine import engine_line
 from tests.support.redis_server import free_port
 from tests.support.waiting import wait_until
 
@@ -88,9 +89,11 @@ class Supervised:
 
 
 def write_config(
-    tmp_path: Path, instances: dict[str, int], store_url: str, port: int, admin_port: int, name: str = "proxy.yaml",
+    tmp_path: Path, instances: dict[str, int], store_url: str, port: int, admin_port: int, name: str = "proxy.yaml", *,
+    engine: str,
 ) -> Path:
     lines = [
+        engine_line(engine),
         f"listen: 127.0.0.1:{port}",
         f"admin_listen: 127.0.0.1:{admin_port}",
         "cookie: {secret: workers-test-secret-xxxxxxxxxx}",
@@ -118,7 +121,9 @@ StartFn = Callable[..., Awaitable[Supervised]]
 
 
 @pytest.fixture
-async def start_serve(tmp_path: Path, backends: Backends, redis_url: str) -> AsyncIterator[StartFn]:
+async def start_serve(tmp_path: Path, backends: Backends, redis_url: str, engine: str) -> AsyncIterator[StartFn]:
+    """``await start_serve(workers, port=, admin_port=, instances=)``: ``serve --workers N`` on the
+    test's engine over Redis; every worker is checked to have started on that engine."""
     started: list[Supervised] = []
 
     async def start(
@@ -127,7 +132,8 @@ async def start_serve(tmp_path: Path, backends: Backends, redis_url: str) -> Asy
     ) -> Supervised:
         n = len(started)
         config = write_config(tmp_path, instances or backends.ports, redis_url, free_port() if port is None else port,
-                              free_port() if admin_port is None else admin_port, name=f"proxy-{n}.yaml")
+                              free_port() if admin_port is None else admin_port, name=f"proxy-{n}.yaml",
+                              engine=engine)
         log_path = tmp_path / f"serve-{n}.log"
         sup = Supervised(spawn_serve(config, workers, log_path), log_path)
         started.append(sup)
@@ -137,6 +143,7 @@ async def start_serve(tmp_path: Path, backends: Backends, redis_url: str) -> Asy
         assert sup.proc.poll() is None, sup.log()
         bound = re.findall(r"listening .*?listen=127\.0\.0\.1:(\d+) admin=127\.0\.0\.1:(\d+)", sup.log())
         assert len(bound) == workers and len(set(bound)) == 1, sup.log()  # every worker on the same ports
+        assert len(re.findall(rf"listening .*engine={engine}\b", sup.log())) == workers, sup.log()
         sup.port, sup.admin_port = (int(p) for p in bound[0])
         return sup
 
@@ -278,8 +285,8 @@ async def test_crashed_worker_is_replaced_and_its_counts_kept(
     assert code == 0, sup.log()
 
 
-def test_memory_store_refuses_more_than_one_worker(tmp_path: Path, backends: Backends) -> None:
-    config = write_config(tmp_path, backends.ports, "memory://", free_port(), free_port())
+def test_memory_store_refuses_more_than_one_worker(engine: str, tmp_path: Path, backends: Backends) -> None:
+    config = write_config(tmp_path, backends.ports, "memory://", free_port(), free_port(), engine=engine)
     done = subprocess.run(
         [sys.executable, "-m", "affinity_proxy", "serve", "--config", str(config), "--workers", "2"],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
@@ -290,11 +297,12 @@ def test_memory_store_refuses_more_than_one_worker(tmp_path: Path, backends: Bac
     )
 
 
-def test_port_in_use_exits_1_before_starting_workers(tmp_path: Path, backends: Backends, redis_url: str) -> None:
+def test_port_in_use_exits_1_before_starting_workers(engine: str, tmp_path: Path, backends: Backends,
+                                                     redis_url: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        config = write_config(tmp_path, backends.ports, redis_url, taken.getsockname()[1], free_port())
+        config = write_config(tmp_path, backends.ports, redis_url, taken.getsockname()[1], free_port(), engine=engine)
         done = subprocess.run(
             [sys.executable, "-m", "affinity_proxy", "serve", "--config", str(config), "--workers", "2"],
             capture_output=True, text=True, cwd=ROOT, timeout=60,

@@ -1,6 +1,7 @@
-"""Fixtures for the robustness tests: the functional fixtures (demo backends, in-process proxy, an
-HTTP client), a raw recording backend, a real ``affinity-proxy serve`` subprocess whose memory is
-read from /proc, and a check that a normal client is still served while an abuse runs.
+"""Fixtures for the robustness tests: a raw recording backend, a real ``affinity-proxy serve``
+subprocess whose memory is read from /proc, and a check that a normal client is still served while
+an abuse runs (demo backends, in-process proxies and an HTTP client are in ``tests/conftest.py``).
+Every test here runs once per engine (the autouse ``engine`` fixture, ``tests/support/engine.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.functional.conftest import Backends, backends, http, make_config, start_proxy  # noqa: F401
+from tests.support.backends import Backends, make_config
+from tests.support.engine import engine_line, every_engine  # noqa: F401  (the autouse `engine` fixture)
 from tests.support.waiting import wait_until
 
 HEALTH_PATH = "/healthz"
@@ -212,6 +214,7 @@ class ServeProcess:
     port: int
     admin_port: int
     log_path: Path
+    engine: str
 
     @property
     def base(self) -> str:
@@ -244,8 +247,9 @@ def _spawn_serve(cfg: Path, log_path: Path, env: dict[str, str]) -> subprocess.P
 
 
 @pytest.fixture
-async def serve_process(tmp_path: Path) -> AsyncIterator[ServeFactory]:
-    """Start ``affinity-proxy serve`` in a subprocess with the given instances and extra YAML lines."""
+async def serve_process(tmp_path: Path, engine: str) -> AsyncIterator[ServeFactory]:
+    """Start ``affinity-proxy serve`` on the test's engine in a subprocess with the given instances
+    and extra YAML lines."""
     procs: list[ServeProcess] = []
 
     async def factory(instances: dict[str, str], extra: list[str] = (), **env: str) -> ServeProcess:  # type: ignore[assignment]
@@ -256,6 +260,7 @@ async def serve_process(tmp_path: Path) -> AsyncIterator[ServeFactory]:
             "cookie: {secret: robustness-test-secret}",
             "user_key: [{header: X-User-Id}]",
             "health: {interval: 0.5s, timeout: 0.5s, unhealthy_after: 1, healthy_after: 1}",
+            engine_line(engine),
             *extra,
             "instances:",
             *(f"  - {{id: {i}, url: '{u}'}}" for i, u in instances.items()),
@@ -264,7 +269,7 @@ async def serve_process(tmp_path: Path) -> AsyncIterator[ServeFactory]:
         cfg.write_text("\n".join(lines) + "\n")
         log_path = tmp_path / f"proxy-{len(procs)}.log"
         proc = _spawn_serve(cfg, log_path, env)
-        served = ServeProcess(proc, port, admin_port, log_path)
+        served = ServeProcess(proc, port, admin_port, log_path, engine)
         procs.append(served)
 
         async def ready() -> bool:

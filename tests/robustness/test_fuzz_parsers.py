@@ -87,7 +87,7 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live() -> Iterator[Live]:
+def live(engine: str) -> Iterator[Live]:
     lt = LoopThread()
     runners: list[Any] = []
     servers: list[ProxyServer] = []
@@ -98,7 +98,7 @@ def live() -> Iterator[Live]:
             runner, ports[name] = await start_backend(name)
             runners.append(runner)
         common = dict(
-            listen="127.0.0.1:0", admin_listen="127.0.0.1:0",
+            engine=engine, listen="127.0.0.1:0", admin_listen="127.0.0.1:0",
             cookie=CookieConfig(secret="fuzz-secret-" + "f" * 20),
             user_key=(UserKeySourceConfig("header", "X-User-Id"), UserKeySourceConfig("query", "userId"),
                       UserKeySourceConfig("cookie", "uid")),

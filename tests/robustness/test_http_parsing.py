@@ -49,10 +49,11 @@ class Setup:
 
 
 @pytest.fixture
-async def setup(recording_backend, start_proxy) -> AsyncIterator[Setup]:  # type: ignore[no-untyped-def]
+async def setup(engine: str, recording_backend, start_proxy) -> AsyncIterator[Setup]:  # type: ignore[no-untyped-def]
     backend = await recording_backend()
     trap = await recording_backend()
     config = Config(
+        engine=engine,
         listen="127.0.0.1:0",
         admin_listen="127.0.0.1:0",
         instances=(InstanceConfig("rec", backend.url),),

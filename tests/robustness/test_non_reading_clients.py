@@ -6,7 +6,7 @@ high-water mark, so what it holds per client is about one upstream read plus tha
 rest waits in the kernel's socket buffers and at the instance). RSS is read from /proc.
 
 Measured with 40 clients (KiB of RSS per client): fast engine 340 with the event loop's 256 KiB
-upstream reads, about 195 with 64 KiB reads (``fastpath.upstream.READ_SIZE``); aiohttp engine 830
+upstream reads, about 195 with 64 KiB reads (``engines.fast.upstream.READ_SIZE``); aiohttp engine 830
 with aiohttp's default client read buffer and 64 KiB relay chunks, about 305 with a 16 KiB read
 buffer and 32 KiB chunks (``forwarding``). The bounds below sit between before and after.
 """
@@ -15,25 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 from affinity_proxy.devtools.demo.backend import BACKEND_STATE
-from tests.functional.conftest import Backends
-from tests.robustness.conftest import ServeFactory, ServeProcess, assert_served, instance_urls
+from tests.robustness.conftest import ServeFactory, assert_served, instance_urls
 from tests.robustness.rawhttp import close, read_head, request
 from tests.robustness.test_slow_clients import _warm_up, open_small_buffer
+from tests.support.backends import Backends
 
 MiB = 1024 * 1024
 CLIENTS = 40
 #: KiB of proxy RSS allowed per non-reading client, per engine (see the module docstring).
 BOUND_KIB = {"fast": 270, "aiohttp": 450}
-
-
-def _engine(proxy: ServeProcess) -> str:
-    """The engine the serve process runs (the aiohttp twin appends ``engine: aiohttp`` to its file)."""
-    args = [str(a) for a in proxy.proc.args]  # type: ignore[union-attr]
-    text = Path(args[args.index("--config") + 1]).read_text()
-    return "aiohttp" if "\nengine: aiohttp" in "\n" + text else "fast"
 
 
 async def _settled_rss(proxy_rss, stable_for: int = 10) -> int:  # type: ignore[no-untyped-def]
@@ -68,7 +60,7 @@ async def test_memory_per_non_reading_client_is_bounded(backends: Backends, serv
         conns.append((reader, writer))
     peak = await _settled_rss(proxy.rss_kib)
     per_client = (peak - baseline) / CLIENTS
-    engine = _engine(proxy)
+    engine = proxy.engine
     print(f"{engine} engine, {CLIENTS} non-reading clients of a 256 MiB download: proxy RSS {baseline} -> "
           f"{peak} KiB, {per_client:.0f} KiB per client")
     await assert_served(http, proxy.port, f"with {CLIENTS} non-reading clients")

@@ -15,18 +15,18 @@ import pytest
 
 from affinity_proxy.config import InstanceConfig, LimitsConfig
 from affinity_proxy.serve.app import ProxyServer
-from tests.functional.conftest import Backends
 from tests.robustness.conftest import RecordingBackend, assert_served, make_config
 from tests.robustness.rawhttp import close, read_response, request, wait_closed
+from tests.support.backends import Backends
 from tests.support.waiting import wait_until
 
 KiB = 1024
 BUFFER = 1 * KiB  # a small request_buffer keeps the bodies of these tests small
 
 
-async def _proxy(start_proxy, recording_backend, **limits: object) -> tuple[ProxyServer, RecordingBackend]:  # type: ignore[no-untyped-def]
+async def _proxy(start_proxy, recording_backend, engine: str, **limits: object) -> tuple[ProxyServer, RecordingBackend]:  # type: ignore[no-untyped-def]
     backend: RecordingBackend = await recording_backend()
-    config = make_config(Backends(), instances=(InstanceConfig("rec", backend.url),),
+    config = make_config(Backends(), engine=engine, instances=(InstanceConfig("rec", backend.url),),
                          limits=LimitsConfig(**{"upstream_timeout": 30.0, **limits}))  # type: ignore[arg-type]
     return await start_proxy(config), backend
 
@@ -46,13 +46,13 @@ def _part(framing: str, data: bytes) -> bytes:
 
 @pytest.mark.parametrize(("framing", "length"), [("content-length", 100_000), ("content-length", 1000),
                                                  ("chunked", 0)])
-async def test_abandoned_bodies_leave_every_new_client_served(start_proxy, recording_backend, http,  # type: ignore[no-untyped-def]
+async def test_abandoned_bodies_leave_every_new_client_served(engine: str, start_proxy, recording_backend, http,  # type: ignore[no-untyped-def]
                                                               framing: str, length: int) -> None:
     """60 clients each send a head, 3 body bytes and a FIN (the issue's attack) against
     ``max_connections: 50``: each connection is dropped at once (not held half-closed until
     client_timeout), no instance connection stays half-written, and 50 new clients are then
     served at the same time. A body within request_buffer never reaches the instance at all."""
-    server, backend = await _proxy(start_proxy, recording_backend, max_connections=50, client_timeout=60.0,
+    server, backend = await _proxy(start_proxy, recording_backend, engine, max_connections=50, client_timeout=60.0,
                                    request_buffer=64 * KiB)
     conns = []
     for i in range(60):
@@ -79,12 +79,13 @@ async def test_abandoned_bodies_leave_every_new_client_served(start_proxy, recor
 
 @pytest.mark.parametrize(("framing", "sent"), [("content-length", 10), ("content-length", BUFFER - 1),
                                                ("chunked", 10), ("chunked", BUFFER)])
-async def test_slow_body_within_the_buffer_holds_no_instance_connection(start_proxy, recording_backend, http,  # type: ignore[no-untyped-def]
+async def test_slow_body_within_the_buffer_holds_no_instance_connection(engine: str, start_proxy, recording_backend,  # type: ignore[no-untyped-def]
+                                                                        http,
                                                                         framing: str, sent: int) -> None:
     """A body within request_buffer that stops arriving: the instance never sees its head (no
     connection is taken for it) and the proxy closes the client after client_timeout. The
     Content-Length case declares exactly the buffer size; the chunked one has sent up to it."""
-    server, backend = await _proxy(start_proxy, recording_backend, client_timeout=1.0, request_buffer=BUFFER)
+    server, backend = await _proxy(start_proxy, recording_backend, engine, client_timeout=1.0, request_buffer=BUFFER)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.main_port)
     writer.write(_head("/slow", framing, BUFFER) + _part(framing, b"x" * sent))
     await writer.drain()
@@ -96,10 +97,10 @@ async def test_slow_body_within_the_buffer_holds_no_instance_connection(start_pr
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
-async def test_slow_body_within_the_buffer_is_forwarded_whole(start_proxy, recording_backend,  # type: ignore[no-untyped-def]
+async def test_slow_body_within_the_buffer_is_forwarded_whole(engine: str, start_proxy, recording_backend,  # type: ignore[no-untyped-def]
                                                               framing: str) -> None:
     """A buffered body sent in many small pieces arrives at the instance intact, as one request."""
-    server, backend = await _proxy(start_proxy, recording_backend, client_timeout=10.0, request_buffer=BUFFER)
+    server, backend = await _proxy(start_proxy, recording_backend, engine, client_timeout=10.0, request_buffer=BUFFER)
     body = bytes(range(256)) * 3
     reader, writer = await asyncio.open_connection("127.0.0.1", server.main_port)
     writer.write(_head("/pieces", framing, len(body)))
@@ -119,11 +120,11 @@ async def test_slow_body_within_the_buffer_is_forwarded_whole(start_proxy, recor
     ("chunked", BUFFER, BUFFER + 1),  # streams once more than BUFFER bytes came
     ("content-length", 0, 10),  # request_buffer: 0 streams every body
 ])
-async def test_body_beyond_the_buffer_streams(start_proxy, recording_backend, framing: str, buffer: int,  # type: ignore[no-untyped-def]
+async def test_body_beyond_the_buffer_streams(engine: str, start_proxy, recording_backend, framing: str, buffer: int,  # type: ignore[no-untyped-def]
                                               first: int) -> None:
     """Bodies larger than request_buffer stream as before: the instance gets the head while the
     client is still sending, and the whole body in the end."""
-    server, backend = await _proxy(start_proxy, recording_backend, client_timeout=30.0, request_buffer=buffer)
+    server, backend = await _proxy(start_proxy, recording_backend, engine, client_timeout=30.0, request_buffer=buffer)
     total = BUFFER + 1 + 500
     body = b"y" * total
     reader, writer = await asyncio.open_connection("127.0.0.1", server.main_port)

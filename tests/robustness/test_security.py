@@ -32,10 +32,10 @@ from affinity_proxy.config import (
     config_from_mapping,
 )
 from affinity_proxy.serve.app import ProxyServer
-from tests.functional.conftest import Backends
 from tests.functional.helpers import COOKIE, affinity_cookie
 from tests.robustness.conftest import RecordingBackend, make_config
 from tests.robustness.rawhttp import exchange, request
+from tests.support.backends import Backends
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "admin-" + secrets.token_hex(16)
@@ -77,8 +77,8 @@ def _admin_requests(server: ProxyServer) -> list[tuple[str, str, bool]]:
 
 
 @pytest.fixture
-async def guarded(backends: Backends, start_proxy, http) -> ProxyServer:  # type: ignore[no-untyped-def]
-    server = await start_proxy(make_config(backends, admin=AdminConfig(token=TOKEN),
+async def guarded(engine: str, backends: Backends, start_proxy, http) -> ProxyServer:  # type: ignore[no-untyped-def]
+    server = await start_proxy(make_config(backends, engine=engine, admin=AdminConfig(token=TOKEN),
                                            cookie=CookieConfig(secret=SECRET)))
     # some data worth stealing: pins with recognisable user keys
     for i in range(3):
@@ -187,9 +187,9 @@ HOSTILE_IDS = [
 
 
 @pytest.fixture
-async def with_trap(backends: Backends, recording_backend, start_proxy):  # type: ignore[no-untyped-def]
+async def with_trap(engine: str, backends: Backends, recording_backend, start_proxy):  # type: ignore[no-untyped-def]
     trap: RecordingBackend = await recording_backend()
-    server = await start_proxy(make_config(backends, cookie=CookieConfig(secret=SECRET)))
+    server = await start_proxy(make_config(backends, engine=engine, cookie=CookieConfig(secret=SECRET)))
     yield server, trap
     assert trap.connections == 0, "the proxy connected to an address a client named"
 
@@ -232,10 +232,10 @@ async def test_forged_and_unknown_cookies_are_ignored(with_trap, http) -> None: 
         assert cookie.startswith(f"{COOKIE}=1~{resp.headers['X-Fly-Instance']}~"), (value, cookie)
 
 
-async def test_unsigned_cookies_still_only_name_known_instances(backends: Backends, recording_backend,  # type: ignore[no-untyped-def]
+async def test_unsigned_cookies_still_only_name_known_instances(engine: str, backends: Backends, recording_backend,  # type: ignore[no-untyped-def]
                                                                 start_proxy) -> None:
     trap: RecordingBackend = await recording_backend()
-    server = await start_proxy(make_config(backends, cookie=CookieConfig(signed=False)))
+    server = await start_proxy(make_config(backends, engine=engine, cookie=CookieConfig(signed=False)))
     trap_addr = f"127.0.0.1:{trap.port}"
     for value in ["evil", trap_addr, f"1~{trap_addr}~1~~", "1~evil~1~~", "localhost", "a.b", "b"]:
         head = f"GET /c HTTP/1.1\r\nHost: proxy.test\r\nCookie: {COOKIE}={value}\r\nConnection: close\r\n\r\n"
@@ -246,8 +246,9 @@ async def test_unsigned_cookies_still_only_name_known_instances(backends: Backen
     assert trap.connections == 0
 
 
-async def test_admin_cannot_pin_a_user_to_an_unknown_instance(backends: Backends, start_proxy, http) -> None:  # type: ignore[no-untyped-def]
-    server = await start_proxy(make_config(backends))
+async def test_admin_cannot_pin_a_user_to_an_unknown_instance(engine: str, backends: Backends, start_proxy,  # type: ignore[no-untyped-def]
+                                                              http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine))
     for instance in ("evil", "http://127.0.0.1:1", "", None, 5):
         async with http.put(f"http://127.0.0.1:{server.admin_port}/pins/u1", json={"instance": instance}) as resp:
             assert resp.status == 400
@@ -270,9 +271,10 @@ COOKIE_RE = re.compile(
     r"Max-Age=\d+; Path=/; HttpOnly; SameSite=Lax")
 
 
-def _fly_config(backends: Backends) -> Config:
+def _fly_config(backends: Backends, engine: str) -> Config:
     urls = {m: f"http://127.0.0.1:{backends.ports[b]}" for m, b in (("m1", "a"), ("m2", "b"), ("m3", "c"))}
     return Config(
+        engine=engine,
         mode="fly",
         listen="127.0.0.1:0",
         admin_listen="127.0.0.1:0",
@@ -304,9 +306,9 @@ def _assert_nothing_echoed(resp_headers, body: bytes, hostile: str) -> None:  # 
 
 
 @pytest.mark.parametrize("prefer", [False, True])
-async def test_client_values_are_never_echoed_into_replay_or_cookies(backends: Backends, start_proxy, http,  # type: ignore[no-untyped-def]
+async def test_client_values_are_never_echoed_into_replay_or_cookies(engine: str, backends: Backends, start_proxy, http,  # type: ignore[no-untyped-def]
                                                                      prefer: bool) -> None:
-    config = _fly_config(backends)
+    config = _fly_config(backends, engine=engine)
     config = replace(config, fly=replace(config.fly, prefer_instance=prefer, replay_timeout=5.0))
     server = await start_proxy(config)
     base = f"http://127.0.0.1:{server.main_port}"
@@ -344,14 +346,15 @@ async def test_client_values_are_never_echoed_into_replay_or_cookies(backends: B
 # --------------------------------------------------------------------------- secret rotation
 
 
-async def test_cookie_secret_rotation_logs_nobody_out(backends: Backends, start_proxy, http) -> None:  # type: ignore[no-untyped-def]
+async def test_cookie_secret_rotation_logs_nobody_out(engine: str, backends: Backends, start_proxy, http) -> None:  # type: ignore[no-untyped-def]
     old, new = "old-secret-" + "o" * 20, "new-secret-" + "n" * 20
-    first = await start_proxy(make_config(backends, cookie=CookieConfig(secret=old)))
+    first = await start_proxy(make_config(backends, engine=engine, cookie=CookieConfig(secret=old)))
     cookies = {}
     for i in range(12):
         async with http.get(f"http://127.0.0.1:{first.main_port}/") as resp:
             cookies[i] = (affinity_cookie(resp), resp.headers["X-Fly-Instance"])
-    rotated = await start_proxy(make_config(backends, cookie=CookieConfig(secret=new, previous_secrets=(old,))))
+    rotated = await start_proxy(make_config(backends, engine=engine,
+                                            cookie=CookieConfig(secret=new, previous_secrets=(old,))))
     for value, instance in cookies.values():
         async with http.get(f"http://127.0.0.1:{rotated.main_port}/", headers={"Cookie": f"{COOKIE}={value}"}) as resp:
             assert resp.headers["X-Fly-Instance"] == instance  # still on its instance
@@ -360,7 +363,7 @@ async def test_cookie_secret_rotation_logs_nobody_out(backends: Backends, start_
         async with http.get(f"http://127.0.0.1:{rotated.main_port}/",
                             headers={"Cookie": f"{COOKIE}={reissued}"}) as resp:
             assert resp.headers["X-Fly-Instance"] == instance and affinity_cookie(resp) is None
-    dropped = await start_proxy(make_config(backends, cookie=CookieConfig(secret=new)))
+    dropped = await start_proxy(make_config(backends, engine=engine, cookie=CookieConfig(secret=new)))
     value, _ = cookies[0]
     async with http.get(f"http://127.0.0.1:{dropped.main_port}/", headers={"Cookie": f"{COOKIE}={value}"}) as resp:
         assert affinity_cookie(resp) is not None  # old secret retired: the cookie is re-issued, never trusted
@@ -398,8 +401,8 @@ def test_parse_errors_echo_nothing() -> None:
         assert b"127.0.0.1" not in refusal_bytes(per_ip)
 
 
-async def test_malformed_request_answer_contains_no_request_bytes(backends: Backends, start_proxy) -> None:  # type: ignore[no-untyped-def]
-    server = await start_proxy(make_config(backends))
+async def test_malformed_request_answer_contains_no_request_bytes(engine: str, backends: Backends, start_proxy) -> None:  # type: ignore[no-untyped-def]
+    server = await start_proxy(make_config(backends, engine=engine))
     marker = "Z" + secrets.token_hex(8)
     for data in (f"GET /{marker} HTTP/1.1 x\r\nHost: h\r\n\r\n".encode(),
                  f"GET / HTTP/1.1\r\nHost: h\r\nX-{marker}: a\x00\r\n\r\n".encode(),

@@ -20,7 +20,6 @@ from aiohttp import web
 from affinity_proxy.config import LimitsConfig
 from affinity_proxy.devtools.demo.backend import BACKEND_STATE
 from affinity_proxy.proxy.limits import ConnectionLimiter
-from tests.functional.conftest import Backends
 from tests.robustness.conftest import (
     RecordingBackend,
     ServeFactory,
@@ -29,6 +28,7 @@ from tests.robustness.conftest import (
     make_config,
 )
 from tests.robustness.rawhttp import Hang, close, read_head, read_response, request, wait_closed
+from tests.support.backends import Backends
 from tests.support.waiting import wait_until
 
 MiB = 1024 * 1024
@@ -58,8 +58,8 @@ async def is_closed_by_peer(reader: asyncio.StreamReader) -> bool:
 # --------------------------------------------------------------------------- idle and slowloris
 
 
-async def test_connection_that_never_sends_is_closed(backends: Backends, start_proxy, http) -> None:  # type: ignore[no-untyped-def]
-    server = await start_proxy(make_config(backends, limits=LimitsConfig(client_timeout=1.0)))
+async def test_connection_that_never_sends_is_closed(engine: str, backends: Backends, start_proxy, http) -> None:  # type: ignore[no-untyped-def]
+    server = await start_proxy(make_config(backends, engine=engine, limits=LimitsConfig(client_timeout=1.0)))
     reader, writer = await asyncio.open_connection("127.0.0.1", server.main_port)
     started = time.perf_counter()
     assert await wait_closed(reader, within=30) == b""  # closed, and nothing was sent
@@ -68,10 +68,10 @@ async def test_connection_that_never_sends_is_closed(backends: Backends, start_p
     await assert_served(http, server.main_port, "after a silent connection")
 
 
-async def test_slowloris_headers_trickled_are_cut_off(backends: Backends, start_proxy, http) -> None:  # type: ignore[no-untyped-def]
+async def test_slowloris_headers_trickled_are_cut_off(engine: str, backends: Backends, start_proxy, http) -> None:  # type: ignore[no-untyped-def]
     """Headers sent one byte at a time never complete: each connection is closed about
     client_timeout after it opened, without an answer, however steadily bytes keep coming."""
-    server = await start_proxy(make_config(backends, limits=LimitsConfig(client_timeout=1.0)))
+    server = await start_proxy(make_config(backends, engine=engine, limits=LimitsConfig(client_timeout=1.0)))
     head = request("GET", "/slowloris", [("X-Padding", "p" * 2000)])
 
     async def slowloris() -> tuple[int, float]:
@@ -104,8 +104,9 @@ async def test_slowloris_headers_trickled_are_cut_off(backends: Backends, start_
     await assert_served(http, server.main_port, "after slowloris")
 
 
-async def test_trickled_next_request_on_a_keepalive_connection_is_cut_off(backends: Backends, start_proxy) -> None:  # type: ignore[no-untyped-def]
-    server = await start_proxy(make_config(backends, limits=LimitsConfig(client_timeout=1.0)))
+async def test_trickled_next_request_on_a_keepalive_connection_is_cut_off(engine: str, backends: Backends,  # type: ignore[no-untyped-def]
+                                                                          start_proxy) -> None:
+    server = await start_proxy(make_config(backends, engine=engine, limits=LimitsConfig(client_timeout=1.0)))
     reader, writer = await asyncio.open_connection("127.0.0.1", server.main_port)
     writer.write(request("GET", "/first"))
     assert (await read_response(reader)).status == 200
@@ -128,11 +129,11 @@ async def test_trickled_next_request_on_a_keepalive_connection_is_cut_off(backen
 
 
 @pytest.fixture
-async def recorded_proxy(recording_backend, start_proxy):  # type: ignore[no-untyped-def]
+async def recorded_proxy(engine: str, recording_backend, start_proxy):  # type: ignore[no-untyped-def]
     backend: RecordingBackend = await recording_backend()
     from affinity_proxy.config import InstanceConfig
 
-    config = make_config(Backends(), instances=(InstanceConfig("rec", backend.url),),
+    config = make_config(Backends(), engine=engine, instances=(InstanceConfig("rec", backend.url),),
                          limits=LimitsConfig(client_timeout=1.0, upstream_timeout=1.0, max_body_bytes=MiB))
     server = await start_proxy(config)
     return server, backend
@@ -238,7 +239,7 @@ async def test_slow_reader_of_a_large_response(backends: Backends, serve_process
 
 
 async def test_unread_response_below_the_pause_threshold_does_not_keep_the_connection(
-    backends: Backends, start_proxy, http,  # type: ignore[no-untyped-def]
+    engine: str, backends: Backends, start_proxy, http,  # type: ignore[no-untyped-def]
 ) -> None:
     """A response small enough to sit in the proxy's write buffer without ever pausing the
     writer (so no write stall is seen) to a client that never reads: a graceful close() would
@@ -246,7 +247,8 @@ async def test_unread_response_below_the_pause_threshold_does_not_keep_the_conne
 
     The pause threshold is raised on the accepted socket so the case does not depend on this
     machine's kernel buffer sizes."""
-    server = await start_proxy(make_config(backends, limits=LimitsConfig(client_timeout=1.0, max_connections=10)))
+    server = await start_proxy(make_config(backends, engine=engine,
+                                           limits=LimitsConfig(client_timeout=1.0, max_connections=10)))
     limiter = server._runners[0].limiter  # the fast engine counts its connections on the same one
     _reader, writer = await open_small_buffer(server.main_port)
     try:
@@ -425,8 +427,10 @@ async def _served_again(port: int) -> bool:
         await close(writer)
 
 
-async def test_max_connections_refuses_extra_connections_with_503(backends: Backends, start_proxy, http) -> None:  # type: ignore[no-untyped-def]
-    server = await start_proxy(make_config(backends, limits=LimitsConfig(max_connections=5, client_timeout=30)))
+async def test_max_connections_refuses_extra_connections_with_503(engine: str, backends: Backends, start_proxy,  # type: ignore[no-untyped-def]
+                                                                  http) -> None:
+    server = await start_proxy(make_config(backends, engine=engine,
+                                           limits=LimitsConfig(max_connections=5, client_timeout=30)))
     held = await _open_served(server.main_port, 5)
     doc = await _refused(server.main_port)
     assert doc == {"error": "too_many_connections", "message": "too many connections", "status": 503}
@@ -444,10 +448,10 @@ async def test_max_connections_refuses_extra_connections_with_503(backends: Back
         assert 'affinity_responses_total{code="503"}' in await resp.text()
 
 
-async def test_max_connections_per_ip(backends: Backends, start_proxy) -> None:  # type: ignore[no-untyped-def]
-    server = await start_proxy(make_config(backends, limits=LimitsConfig(max_connections=100,
-                                                                         max_connections_per_ip=3,
-                                                                         client_timeout=30)))
+async def test_max_connections_per_ip(engine: str, backends: Backends, start_proxy) -> None:  # type: ignore[no-untyped-def]
+    server = await start_proxy(make_config(backends, engine=engine,
+                                           limits=LimitsConfig(max_connections=100, max_connections_per_ip=3,
+                                                               client_timeout=30)))
     held = await _open_served(server.main_port, 3)
     doc = await _refused(server.main_port)
     assert doc["message"] == "too many connections from this address"
@@ -458,9 +462,10 @@ async def test_max_connections_per_ip(backends: Backends, start_proxy) -> None: 
         await close(w)
 
 
-async def test_refused_connections_hold_nothing(backends: Backends, start_proxy, http) -> None:  # type: ignore[no-untyped-def]
+async def test_refused_connections_hold_nothing(engine: str, backends: Backends, start_proxy, http) -> None:  # type: ignore[no-untyped-def]
     """A burst of refused connections (that even keep sending) leaves the count where it was."""
-    server = await start_proxy(make_config(backends, limits=LimitsConfig(max_connections=3, client_timeout=30)))
+    server = await start_proxy(make_config(backends, engine=engine,
+                                           limits=LimitsConfig(max_connections=3, client_timeout=30)))
     held = await _open_served(server.main_port, 3)
     for _ in range(3):
         await asyncio.gather(*(_refused(server.main_port) for _ in range(30)))

@@ -20,9 +20,9 @@ import aiohttp
 import pytest
 
 from affinity_proxy.config import LimitsConfig
-from tests.functional.conftest import Backends, make_config
 from tests.robustness.conftest import assert_served
 from tests.security.conftest import backend_connections
+from tests.support.backends import Backends, make_config
 from tests.support.engine import proxy_factory
 from tests.support.waiting import wait_until
 

@@ -24,9 +24,9 @@ from contextlib import AsyncExitStack
 import pytest
 
 from affinity_proxy.config import InstanceConfig
-from tests.functional.conftest import Backends, make_config
 from tests.robustness.conftest import RecordingBackend
 from tests.robustness.rawhttp import Hang, RawResponse, close, read_response, wait_closed
+from tests.support.backends import Backends, make_config
 from tests.support.engine import proxy_factory
 
 END_CHUNK = "0\r\n\r\n"

@@ -90,9 +90,10 @@ class FlyCluster:
 
 
 async def start_fly_cluster(edge_port: int = 0, machines: int = 3, app: str = "demo",
-                            ipv4_only: Collection[str] = ()) -> FlyCluster:
+                            ipv4_only: Collection[str] = (), engine: str = "fast") -> FlyCluster:
     """Start the private network, ``machines`` apps and nodes, then the edge on ``edge_port`` (0 = any
-    free port). Nodes in ``ipv4_only`` listen on 127.0.0.1 only (unreachable over 6PN)."""
+    free port). Nodes in ``ipv4_only`` listen on 127.0.0.1 only (unreachable over 6PN); every node
+    runs on ``engine`` (the tests run the cluster on each)."""
     ids = MACHINE_IDS[:machines]
     secret = secrets.token_urlsafe(32)
     network = FlyNetwork(app, token=secrets.token_urlsafe(16))
@@ -111,6 +112,7 @@ async def start_fly_cluster(edge_port: int = 0, machines: int = 3, app: str = "d
             cluster.apps[m], cluster.app_ports[m] = runner, app_port
             host = "127.0.0.1" if m in ipv4_only else "[::]"
             cluster.configs[m] = Config(
+                engine=engine,
                 mode="fly",
                 listen=f"{host}:{node_ports[m]}",
                 admin_listen="127.0.0.1:0",
