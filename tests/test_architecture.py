@@ -117,6 +117,43 @@ def test_no_import_circles_outside_the_fast_engine() -> None:
     assert cycle is None, "import circle: " + " -> ".join(cycle or ())
 
 
+#: Engine-neutral layers: the request-handling rules both engines share and what they stand on.
+NEUTRAL_LAYERS = ("proxy", "routing", "pins", "membership", "observability")
+#: The one product module that may import ``devtools/``: the ``demo`` CLI command (a lazy import).
+DEVTOOLS_USERS = ("affinity_proxy.cli.main",)
+
+
+def _under(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+@pytest.mark.parametrize("layer", NEUTRAL_LAYERS)
+def test_neutral_layers_name_no_engine_and_no_devtools(layer: str) -> None:
+    bad = {m: sorted(t for t in deps if _under(t, "affinity_proxy.engines") or _under(t, "affinity_proxy.devtools"))
+           for m, deps in import_graph().items() if _under(m, f"affinity_proxy.{layer}")}
+    assert {m: t for m, t in bad.items() if t} == {}
+
+
+@pytest.mark.parametrize(("engine", "other"), [("fast", "aiohttp"), ("aiohttp", "fast")])
+def test_engines_do_not_import_each_other(engine: str, other: str) -> None:
+    bad = {m: sorted(t for t in deps if _under(t, f"affinity_proxy.engines.{other}"))
+           for m, deps in import_graph().items() if _under(m, f"affinity_proxy.engines.{engine}")}
+    assert {m: t for m, t in bad.items() if t} == {}
+
+
+def test_the_product_never_imports_devtools() -> None:
+    bad = {m: sorted(t for t in deps if _under(t, "affinity_proxy.devtools"))
+           for m, deps in import_graph().items()
+           if not _under(m, "affinity_proxy.devtools") and m not in DEVTOOLS_USERS}
+    assert {m: t for m, t in bad.items() if t} == {}
+
+
+def test_the_layer_checks_see_a_forbidden_import(tmp_path: Path) -> None:
+    path = tmp_path / "x.py"
+    path.write_text("def f():\n    from affinity_proxy.engines.aiohttp import client\n")
+    assert _imports("affinity_proxy.proxy.x", path) == {"affinity_proxy.engines.aiohttp.client"}
+
+
 def test_package_root_is_small() -> None:
     root = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(root) <= ROOT_MODULES_MAX, root
@@ -133,8 +170,6 @@ def _imported_names(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.xfail(strict=True, reason="engines/fast/route.py parses Cookie with aiohttp._cookie_helpers; "
-                   "engines/aiohttp/server.py types with aiohttp.web_protocol._ErrInfo")
 def test_no_private_aiohttp_imports() -> None:
     private = {m: sorted(n for n in _imported_names(p) if n.startswith("aiohttp.") and "._" in n[len("aiohttp"):])
                for m, p in MODULES.items()}

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import aiohttp
 from aiohttp import web
 
 from affinity_proxy._tasks import TaskSet
 from affinity_proxy.config import Config
-from affinity_proxy.engines.aiohttp.client import UpstreamClient
 from affinity_proxy.membership.health import HealthChecker
 from affinity_proxy.membership.private_net import PrivateNet
 from affinity_proxy.membership.registry import Membership
@@ -30,6 +30,17 @@ from affinity_proxy.routing.model import InstanceId
 from affinity_proxy.routing.userkey import UserKeySource
 
 
+class OutboundClient(Protocol):
+    """The process's outgoing HTTP client as the shared parts see it: its aiohttp session (Fly API,
+    private-network look-ups) and its lifecycle. The aiohttp engine's ``UpstreamClient`` is one;
+    a Protocol so that ``proxy/`` names no engine."""
+
+    @property
+    def session(self) -> aiohttp.ClientSession: ...
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
 @dataclass(slots=True)
 class ProxyContext:
     config: Config
@@ -41,7 +52,7 @@ class ProxyContext:
     policy: DecidePolicy
     user_key_sources: tuple[UserKeySource, ...]
     shared: SharedState  # drain marks, heartbeats, locks: Redis with a Redis store, else in memory
-    client: UpstreamClient | None = None
+    client: OutboundClient | None = None  # engines.aiohttp.client.UpstreamClient, made by serve.app
     private_net: PrivateNet | None = None  # fly mode: 6PN names and waking stopped Machines
     health: HealthChecker | None = None
     node: str = field(default_factory=lambda: os.environ.get("FLY_MACHINE_ID") or socket.gethostname())

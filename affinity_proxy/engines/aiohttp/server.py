@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import HttpVersion10, web
+from aiohttp.http import RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
@@ -52,11 +53,6 @@ from affinity_proxy.engines.aiohttp.middlewares import preflight
 from affinity_proxy.proxy.errors import json_error
 from affinity_proxy.proxy.headers import UNSUPPORTED_CODING, is_coding_error
 from affinity_proxy.proxy.limits import ConnectionLimiter, refusal_bytes
-
-try:  # how aiohttp queues a parse error as a message; private, so tolerate its absence
-    from aiohttp.web_protocol import _ErrInfo
-except ImportError:  # pragma: no cover - a future aiohttp
-    _ErrInfo = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger("affinity_proxy.http")
 
@@ -189,7 +185,9 @@ class GuardedRequestHandler(RequestHandler):  # type: ignore[misc]
             self._end_unparsable_bodies()
 
     def _parse_failed(self) -> bool:
-        return _ErrInfo is not None and isinstance(self._messages[-1][0], _ErrInfo)
+        """aiohttp queues a parsed request as a ``RawRequestMessage`` (public, ``aiohttp.http``) and a
+        parse error as anything else (its private ``_ErrInfo``): test the public class, not the private one."""
+        return not isinstance(self._messages[-1][0], RawRequestMessage)
 
     def _end_unparsable_bodies(self) -> None:
         """aiohttp's parser drops the body it was filling when the rest of the stream is malformed

@@ -14,11 +14,10 @@ import secrets
 import time
 from typing import Any
 
-from aiohttp._cookie_helpers import parse_cookie_header
-
 from affinity_proxy.proxy.context import ProxyContext, cookie_attributes
 from affinity_proxy.proxy.fly import replayed_new_session
 from affinity_proxy.routing.cookie import set_cookie_value
+from affinity_proxy.routing.cookie_header import parse_cookie_header
 from affinity_proxy.routing.decide import (
     Decision,
     NeedPin,
@@ -78,7 +77,7 @@ class Router:
             return {}
         jar = self._cookies.get(raw)
         if jar is None:
-            jar = {name: morsel.value for name, morsel in parse_cookie_header(text(raw))}
+            jar = parse_cookie_header(text(raw))
             if len(self._cookies) >= _CACHE_SIZE:
                 self._cookies.clear()
             self._cookies[raw] = jar
