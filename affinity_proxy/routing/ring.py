@@ -6,7 +6,7 @@ request. ``choose`` is a bisect on the continuum: no I/O, no allocation beyond t
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 from uhashring import HashRing as _UHashRing
 
@@ -34,6 +34,12 @@ class HashRing:
             if node not in exclude:
                 return node
         return None
+
+    def walk(self, key: str) -> Iterator[str]:
+        """Instances in ring order for ``key``, lazily: a bounded-load walk usually stops at the first."""
+        if self._ring is None:
+            return iter(())
+        return iter(self._ring.iterate_nodes(key, distinct=True))
 
     def preference(self, key: str) -> list[str]:
         """All instances in ring order for ``key`` (the fallback order a bounded-load walk uses)."""

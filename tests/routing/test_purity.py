@@ -10,7 +10,7 @@ from pathlib import Path
 
 import affinity_proxy.routing
 
-MODULES = ["model", "ring", "cookie", "userkey", "decide"]
+MODULES = ["model", "ring", "cookie", "userkey", "decide", "placement", "rebalance"]
 FORBIDDEN_LOADED = ["aiohttp", "redis", "asyncio", "yaml", "prometheus_client", "click"]
 # I/O, clocks and randomness must come in as arguments, never be imported by the pure core.
 FORBIDDEN_IMPORTS = {
