@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -73,13 +73,6 @@ def decide_policy(config: Config) -> DecidePolicy:
     local = fly.machine_id if config.mode == "fly" and fly.placement == "local" and fly.machine_id else None
     return DecidePolicy(revalidate_after=config.cookie.revalidate_after,
                         local_instance=InstanceId(local) if local else None)
-
-
-def cookie_attributes(config: Config) -> dict[str, Any]:
-    """Set-Cookie attributes from ``cookie.*`` (computed once per config, not per request)."""
-    c = config.cookie
-    return {"max_age": c.max_age, "path": c.path, "domain": c.domain, "secure": c.secure,
-            "http_only": c.http_only, "same_site": c.same_site}
 
 
 CONTEXT: web.AppKey[ProxyContext] = web.AppKey("affinity_context", ProxyContext)

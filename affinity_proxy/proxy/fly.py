@@ -7,12 +7,12 @@ instance or keep a request here; they are never a security signal (a client can 
 
 from __future__ import annotations
 
-import json
 from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
 
 from affinity_proxy.membership.private_net import PrivateNet, is_private_name, probe
+from affinity_proxy.proxy.act import replay_body
 from affinity_proxy.proxy.context import ProxyContext
 from affinity_proxy.proxy.upstream_errors import UpstreamError
 from affinity_proxy.routing.decide import DecisionReason, Route, RouteInput
@@ -33,9 +33,6 @@ from affinity_proxy.routing.replay import (
     plan,
     triage,
 )
-
-#: Sent on private-network forwards so the target node serves the request and never replays it.
-PRIVATE_FORWARD_SRC = "instance={id};state=affinity:private"
 
 
 def repin_signals(ctx: ProxyContext, request: web.Request) -> Triage:
@@ -95,17 +92,12 @@ def fly_plan(ctx: ProxyContext, request: web.Request, route: Route, src: ReplayS
 
 def replay_response(ctx: ProxyContext, instance: InstanceId, header: str) -> web.Response:
     """The answer Fly's edge turns into a replay; the client never sees it."""
-    body = {"message": f"replaying to instance {instance}", "instance": instance}
     return web.Response(
         status=ctx.config.fly.replay_status,
-        body=json.dumps(body).encode(),
+        body=replay_body(instance),
         content_type="application/json",
         headers={REPLAY_HEADER: header},
     )
-
-
-def private_forward_headers(local: str) -> list[tuple[str, str]]:
-    return [(REPLAY_SRC_HEADER, PRIVATE_FORWARD_SRC.format(id=local))]
 
 
 async def reach_private(net: PrivateNet, url: str, connect_timeout: float) -> None:
@@ -130,7 +122,6 @@ __all__ = [
     "body_info",
     "fly_plan",
     "is_fallback",
-    "private_forward_headers",
     "reach_private",
     "repin_signals",
     "replay_response",

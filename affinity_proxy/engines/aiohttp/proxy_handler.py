@@ -1,10 +1,9 @@
 """ProxyHandler: the catch-all request handler of the main listener.
 
-request -> ``resolve`` (pure decision, at most one store look-up) -> carry it out -> metrics.
-Proxy mode forwards every decision. Fly mode first asks ``routing.replay.plan``: serve here,
-answer with ``fly-replay`` (no upstream call), or forward over the private network when Fly cannot
-replay the body. Upstream connect failures are reported to health; idempotent requests are retried
-once on the instance the re-decision picks. Everything the proxy refuses gets a JSON error.
+request -> ``resolve`` (pure decision, at most one store look-up) -> ``proxy.act`` (what to do
+about it: refuse, replay answer, forward with these headers and this cookie, re-pin; counting;
+after a failure, retry once or which error) -> this module performs it with aiohttp responses,
+``forward_http`` and ``relay_websocket``. Fly mode adds ``routing.replay.plan`` (``proxy.fly``).
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import replace
 
 from aiohttp import hdrs, web
 
@@ -20,16 +18,19 @@ from affinity_proxy.engines.aiohttp.client import UpstreamError
 from affinity_proxy.engines.aiohttp.forward import BodyTooLarge, forward_http
 from affinity_proxy.engines.aiohttp.websocket import relay_websocket
 from affinity_proxy.pins.store import PinStoreUnavailable
-from affinity_proxy.proxy import fly
-from affinity_proxy.proxy.context import ProxyContext, cookie_attributes
-from affinity_proxy.proxy.errors import json_error
-from affinity_proxy.proxy.headers import IDEMPOTENT_METHODS, INSTANCE_HEADER, upstream_request_headers
+from affinity_proxy.proxy import act, fly
+from affinity_proxy.proxy.context import ProxyContext
+from affinity_proxy.proxy.headers import (
+    FLY_CLIENT_IP_HEADER,
+    FLY_FORWARDED_PROTO_HEADER,
+    FLY_REQUEST_ID_HEADER,
+    upstream_request_headers,
+)
 from affinity_proxy.proxy.realip import RealClient, real_client, trusted_proxies
 from affinity_proxy.proxy.resolve import FORCE_HEADER, resolve, route_input
-from affinity_proxy.routing.cookie import set_cookie_value
-from affinity_proxy.routing.decide import Decision, DecisionReason, Refuse, RepinReason, Route, RouteInput
+from affinity_proxy.routing.decide import Decision, Route, RouteInput
 from affinity_proxy.routing.model import Instance, InstanceId
-from affinity_proxy.routing.replay import NO_SIGNALS, LocalForward, PrivateForward, Replay, ReplaySource, Triage
+from affinity_proxy.routing.replay import NO_SIGNALS, ReplaySource, Triage
 
 log = logging.getLogger("affinity_proxy.proxy")
 access_log = logging.getLogger("affinity_proxy.access")
@@ -50,7 +51,7 @@ def real_client_of(cidrs: tuple[str, ...], request: web.Request) -> RealClient:
             trusted_proxies(cidrs), request.remote, request.scheme,
             forwarded_for=headers.getall("X-Forwarded-For", ()),
             forwarded_proto=headers.getall("X-Forwarded-Proto", ()),
-            fly_client_ip=headers.get("Fly-Client-IP"), fly_proto=headers.get("Fly-Forwarded-Proto"),
+            fly_client_ip=headers.get(FLY_CLIENT_IP_HEADER), fly_proto=headers.get(FLY_FORWARDED_PROTO_HEADER),
         )
     return found
 
@@ -58,7 +59,7 @@ def real_client_of(cidrs: tuple[str, ...], request: web.Request) -> RealClient:
 def request_id_of(request: web.Request) -> str:
     """Fly's request id when present (so logs correlate with Fly's), else the client's
     X-Request-Id when sane, else a fresh one. Passed upstream as X-Request-Id."""
-    for name in ("Fly-Request-Id", "X-Request-Id"):
+    for name in (FLY_REQUEST_ID_HEADER, "X-Request-Id"):
         value = request.headers.get(name)
         if value and len(value) <= 128 and value.isascii() and value.isprintable() and " " not in value:
             return value
@@ -76,7 +77,10 @@ def log_access(request: web.Request, response: web.StreamResponse, duration: flo
         "request_id": request.get(REQUEST_ID), "remote": client.ip if client else request.remote,
     }})
 
-Headers = list[tuple[str, str]]
+def answer(a: act.Answer) -> web.Response:
+    """An ``act.Answer`` as an aiohttp response."""
+    return web.Response(status=a.status, body=a.body, content_type="application/json",
+                        headers=dict(a.headers) if a.headers else None)
 
 
 def is_websocket_upgrade(request: web.Request) -> bool:
@@ -94,6 +98,7 @@ class ProxyHandler:
         self.ctx = ctx
         self._fly = ctx.config.mode == "fly"
         self._local = InstanceId(ctx.config.fly.machine_id or "") if self._fly else None
+        self._cookies = act.CookieWriter()
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         ctx = self.ctx
@@ -126,59 +131,44 @@ class ProxyHandler:
 
     async def _dispatch(self, request: web.Request, decision: Decision, inp: RouteInput,
                         src: ReplaySource | None, attempt: int, signals: Triage = NO_SIGNALS) -> web.StreamResponse:
+        """Carry out ``act.act`` for the decision (and, in fly mode, its replay plan)."""
         ctx = self.ctx
-        if isinstance(decision, Refuse):
-            ctx.metrics.requests.labels(action="refuse", reason=decision.reason).inc()
-            return json_error(503, "no instance can serve this request", code=decision.reason,
-                              headers={"Retry-After": "5"})
-        assert isinstance(decision, Route)
-        if not self._fly:
-            self._count(decision, "forward", request)
-            return await self._forward(request, decision, inp, src, attempt)
-        step = fly.fly_plan(ctx, request, decision, src, is_websocket_upgrade(request), signals)
-        if isinstance(step, Replay):
-            self._count(decision, "replay", request)
-            ctx.metrics.replays.labels(reason=decision.reason.value).inc()
-            return fly.replay_response(ctx, step.instance, step.header)
-        if isinstance(step, LocalForward) and step.keep_pin:
-            decision = Route(step.instance, DecisionReason.FALLBACK)  # the pin and the cookie stay
-        elif isinstance(step, LocalForward) and step.loop_guard:
+        step = None
+        if self._fly and isinstance(decision, Route):
+            step = fly.fly_plan(ctx, request, decision, src, is_websocket_upgrade(request), signals)
+        action = act.act(decision, step, inp, self._local)
+        if isinstance(action, act.Refused):
+            self._tally(act.refuse_counts(action.decision))
+            return answer(action.answer)
+        if isinstance(action, act.ReplayTo):
+            self._count(action.route, act.REPLAY, request)
+            return fly.replay_response(ctx, action.instance, action.header)
+        if action.loop_prevented:
             ctx.metrics.replay_loops_prevented.inc()
-            decision = await self._repin_here(decision, inp, step.instance)
-        extra: Headers = []
-        if isinstance(step, PrivateForward):
-            assert self._local is not None
-            extra = fly.private_forward_headers(self._local)
-        self._count(decision, "forward", request)
-        return await self._forward(request, decision, inp, src, attempt, upstream_extra=extra)
+            assert action.decided is not None
+            log.warning("replay loop prevented; serving locally", extra={"fields": {
+                "decided": action.decided.instance, "local": action.route.instance,
+                "reason": action.decided.reason.value}})
+        if action.repin is not None:
+            await self._repin(action.repin)
+        self._count(action.route, act.FORWARD, request)
+        return await self._forward(request, action.route, inp, src, attempt, upstream_extra=action.upstream_headers)
 
-    async def _repin_here(self, route: Route, inp: RouteInput, local: InstanceId) -> Route:
-        """Loop guard: the request was already replayed, so it is served here and the user is
-        re-pinned here (compare-and-set against what this node believed)."""
-        log.warning("replay loop prevented; serving locally", extra={"fields": {
-            "decided": route.instance, "local": local, "reason": route.reason.value}})
-        if inp.user_key is not None:
-            try:
-                await self.ctx.store.repin(inp.user_key, route.instance, local)
-            except PinStoreUnavailable:
-                self.ctx.metrics.store_errors.labels(op="repin").inc()
-        return Route(local, DecisionReason.LOOP_GUARD, set_cookie=True)
-
-    def _response_headers(self, instance: Instance, route: Route, inp: RouteInput) -> Headers:
-        extra: Headers = [(INSTANCE_HEADER, instance.id)]
-        if route.set_cookie or (inp.cookie is not None and self.ctx.codec.needs_reissue(inp.cookie)):
-            value = self.ctx.codec.encode(instance.id, int(inp.now), inp.user_digest)
-            config = self.ctx.config  # read per request: a reload may replace it
-            extra.append((hdrs.SET_COOKIE, set_cookie_value(config.cookie.name, value, **cookie_attributes(config))))
-        return extra
+    async def _repin(self, repin: act.Repin) -> None:
+        """Loop guard: re-pin the user here (compare-and-set against what this node believed)."""
+        try:
+            await self.ctx.store.repin(repin.user_key, repin.expected, repin.to)
+        except PinStoreUnavailable:
+            self.ctx.metrics.store_errors.labels(op="repin").inc()
 
     async def _forward(self, request: web.Request, route: Route, inp: RouteInput, src: ReplaySource | None,
-                       attempt: int, upstream_extra: Headers = ()) -> web.StreamResponse:  # type: ignore[assignment]
+                       attempt: int, upstream_extra: tuple[act.Header, ...] = ()) -> web.StreamResponse:
         ctx = self.ctx
         instance = ctx.membership.current().get(route.instance)
         if instance is None or not instance.url:
-            return json_error(502, "chosen instance has no address", code="no_upstream")
-        extra = self._response_headers(instance, route, inp)
+            return answer(act.NO_UPSTREAM)
+        cookie = self._cookies.value(ctx.codec, ctx.config, instance.id, route, inp)
+        extra = list(act.response_headers(instance.id, cookie))
         client = real_client_of(ctx.config.trusted_proxy_cidrs, request)
         headers = upstream_request_headers(
             request.headers, client_ip=request.remote, scheme=client.scheme, host=request.host,
@@ -211,7 +201,7 @@ class ProxyHandler:
             ctx.metrics.upstream_duration.labels(instance=instance.id).observe(time.perf_counter() - started)
             return response
         except BodyTooLarge:
-            return json_error(413, f"request body exceeds {limits.max_body_bytes} bytes", code="body_too_large")
+            return answer(act.body_too_large(limits.max_body_bytes))
         except UpstreamError as exc:
             return await self._upstream_failed(request, route, inp, src, attempt, instance, exc)
 
@@ -219,33 +209,32 @@ class ProxyHandler:
                                src: ReplaySource | None, attempt: int, instance: Instance,
                                exc: UpstreamError) -> web.StreamResponse:
         ctx = self.ctx
-        ctx.metrics.upstream_errors.labels(instance=instance.id, kind=exc.kind).inc()
+        self._tally(act.failure_counts(instance.id, exc.kind))
         if exc.response_started:  # already logged by forwarding; the client connection is closed
             return web.Response(status=exc.status)
         log.warning("upstream failed", extra={"fields": {
             "instance": instance.id, "kind": exc.kind, "attempt": attempt, "path": request.path}})
-        if exc.retryable and ctx.health is not None and instance.local:
+        then = act.after_failure(exc.kind, exc.status, retryable=exc.retryable, attempt=attempt,
+                                 method=request.method, has_body=request.body_exists, local=instance.local,
+                                 health=ctx.health is not None)
+        if then.report_health:
+            assert ctx.health is not None
             ctx.health.report_failure(instance.id, exc.kind)
-        if exc.retryable and attempt == 0 and self._may_retry(request):
-            retry_inp = replace(inp, avoid={**inp.avoid, instance.id: RepinReason.DEAD})
-            decision, retry_inp = await resolve(ctx, retry_inp)
+        if then.retry:
+            decision, retry_inp = await resolve(ctx, act.retry_input(inp, instance.id))
             return await self._dispatch(request, decision, retry_inp, src, attempt=1,
                                         signals=request.get(FLY_SIGNALS, NO_SIGNALS))
-        message = "upstream timed out" if exc.kind == "timeout" else "upstream unreachable"
-        return json_error(exc.status, message, code=f"upstream_{exc.kind}")
+        assert then.answer is not None
+        return answer(then.answer)
 
-    @staticmethod
-    def _may_retry(request: web.Request) -> bool:
-        """Retry only requests that are idempotent and whose body (if any) was not consumed."""
-        return request.method in IDEMPOTENT_METHODS and not request.body_exists
+    def _tally(self, counts: tuple[act.Count, ...]) -> None:
+        m = self.ctx.metrics
+        for name, labels in counts:
+            metric = getattr(m, name)
+            (metric.labels(*labels) if labels else metric).inc()
 
     def _count(self, route: Route, action: str, request: web.Request | None = None) -> None:
         if request is not None:
             request[ROUTED] = (action, route.instance, route.reason.value)
-        m = self.ctx.metrics
-        m.requests.labels(action=action, reason=route.reason.value).inc()
-        if route.reason is DecisionReason.REPIN and route.repin_reason is not None:
-            m.repins.labels(repin_reason=route.repin_reason.value).inc()
-        if route.conflict:
-            m.pin_conflicts.inc()
+        self._tally(act.counts(action, route))
         self.ctx.events.route(action, route)

@@ -1,11 +1,10 @@
-"""Metrics of the fast engine: the aiohttp engine's counters, updated in batches.
+"""Metrics of the fast engine: the counters ``proxy.act`` names, updated in batches.
 
-``ProxyHandler`` increments ``affinity_requests_total`` and friends once per request, each time
-taking the counter's lock. ``Counts`` collects the increments (and upstream-duration
-observations) of the current event-loop burst in a dict and applies them right after the
-callbacks that produced them (``loop.call_soon``), so a /metrics scrape, which always runs in a
-later callback, sees exactly the aiohttp engine's values. Label children are looked up once.
-Imports only ``observability``-facing values through the context; no I/O.
+Which counters a request adds to is ``proxy.act``'s to say (``act.counts``, ``act.refuse_counts``,
+``act.failure_counts``). ``Counts`` collects the increments (and upstream-duration observations)
+of the current event-loop burst in a dict and applies them right after the callbacks that produced
+them (``loop.call_soon``), so a burst takes each counter's lock once and a /metrics scrape, which
+always runs in a later callback, sees every one. Label children are looked up once. No I/O.
 """
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ import asyncio
 from bisect import bisect_left
 from typing import Any
 
+from affinity_proxy.proxy import act
 from affinity_proxy.proxy.context import ProxyContext
-from affinity_proxy.routing.decide import DecisionReason, Refuse, Route
+from affinity_proxy.routing.decide import Route
 
 
 def _observe_all(histogram: Any, values: list[float]) -> None:
@@ -102,19 +102,19 @@ class Counts:
         for histogram, values in observed.items():
             _observe_all(histogram, values)
 
-    def count(self, route: Route, action: str) -> None:
-        """``ProxyHandler._count``: requests, re-pins, conflicts, recent events."""
+    def children(self, counts: tuple[act.Count, ...]) -> tuple[Any, ...]:
+        """The counters (labelled children) named by ``act.counts`` and its siblings."""
         m = self.ctx.metrics
-        reason = route.reason
-        self.inc(self.child(m.requests, action, reason))
-        if reason is DecisionReason.REPIN and route.repin_reason is not None:
-            self.inc(self.child(m.repins, route.repin_reason))
-        if route.conflict:
-            self.inc(m.pin_conflicts)
-        self.ctx.events.route(action, route)
+        return tuple(self.child(getattr(m, name), *labels) if labels else getattr(m, name) for name, labels in counts)
 
-    def count_refuse(self, refuse: Refuse) -> None:
-        self.inc(self.child(self.ctx.metrics.requests, "refuse", refuse.reason))
+    def tally(self, counts: tuple[act.Count, ...]) -> None:
+        """Count one on each counter ``counts`` names."""
+        self.inc_all(self.children(counts))
+
+    def count(self, route: Route, action: str) -> None:
+        """One routed request: the counters of ``act.counts`` and the recent events."""
+        self.tally(act.counts(action, route))
+        self.ctx.events.route(action, route)
 
     def observe_duration(self, instance: str, seconds: float) -> None:
         """``affinity_upstream_request_duration_seconds{instance}``."""

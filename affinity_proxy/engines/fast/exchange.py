@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from affinity_proxy.pins.store import PinStoreUnavailable
-from affinity_proxy.proxy.fly import PRIVATE_FORWARD_SRC
+from affinity_proxy.proxy import act
 from affinity_proxy.proxy.resolve import resolve
-from affinity_proxy.routing.decide import Decision, DecisionReason, Refuse, RepinReason, Route, RouteInput
+from affinity_proxy.routing.decide import Decision, Route, RouteInput
 from affinity_proxy.routing.model import InstanceId
 from affinity_proxy.routing.replay import (
     NO_SIGNALS,
-    REPLAY_SRC_HEADER,
-    LocalForward,
     Plan,
-    PrivateForward,
-    Replay,
     ReplaySource,
     Triage,
 )
@@ -41,8 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("affinity_proxy.proxy")
 access_log = logging.getLogger("affinity_proxy.access")
 
-_REPLAY_SRC = REPLAY_SRC_HEADER.encode()
-_FORWARD = "forward"
 
 
 class Exchange(Forwarding):
@@ -72,11 +65,11 @@ class Exchange(Forwarding):
             if entry is not None:
                 self.hot = entry
                 counted = entry.counted
-                if counted is not None and counted[0] == _FORWARD and entry.forward is not None:
+                if counted is not None and counted[0] == act.FORWARD and entry.forward is not None:
                     # seen before: dispatch() would count it and forward it, as below
                     route = entry.decision
-                    self.routed = (_FORWARD, route.instance, route.reason)
-                    server.counts.inc(counted[1])
+                    self.routed = (act.FORWARD, route.instance, route.reason)
+                    server.counts.inc_all(counted[1])
                     self._forward(route, entry.inp)
                     return
                 self.dispatch(entry.decision, entry.inp, entry.plan)
@@ -107,80 +100,72 @@ class Exchange(Forwarding):
             decision, inp = await resolve(self.server.ctx, inp)
         except Exception:
             log.exception("routing failed")
-            self._respond_error(500, "internal error", "internal_error", close=True)
+            self._answer(act.error(500, "internal error", "internal_error"), close=True)
             return
         if not self.finished:
             self.dispatch(decision, inp)
 
     def dispatch(self, decision: Decision, inp: RouteInput, step: Plan | None = None) -> None:
-        """``ProxyHandler._dispatch`` (``step``: the fly plan when already known)."""
-        router = self.server.router
-        if isinstance(decision, Refuse):
-            self.server.counts.count_refuse(decision)
-            self._respond_error(503, "no instance can serve this request", decision.reason,
-                                headers=((b"Retry-After", b"5"),))
-            return
-        assert isinstance(decision, Route)
-        if not router.fly:
-            self._count(decision, "forward")
-            self._forward(decision, inp)
-            return
-        if step is None:
+        """Carry out ``act.act`` for the decision (``step``: the fly plan when already known)."""
+        server = self.server
+        router = server.router
+        if router.fly and step is None and isinstance(decision, Route):
             step = router.plan(self.head, decision, self.src, self.signals)
-        if isinstance(step, Replay):
-            self._count(decision, "replay")
-            counts = self.server.counts
-            replays = counts.child(self.server.ctx.metrics.replays, decision.reason)
-            counts.inc(replays)
-            status = self._replay(step.instance, step.header)
-            hot = self.hot
-            if hot is not None and hot.plan is step and hot.counted is not None:  # repeats take the lane
-                lane.remember(self.server, self.head, hot, decision, step.instance, step.header, status,
-                              (hot.counted[1], replays, counts.response_child(status)))
+        action = act.act(decision, step, inp, router.local)
+        if isinstance(action, act.Refused):
+            server.counts.tally(act.refuse_counts(action.decision))
+            self._answer(action.answer)
             return
-        extra: tuple[bytes, bytes] | None = None
-        if isinstance(step, PrivateForward):
-            assert router.local is not None
-            extra = (_REPLAY_SRC, PRIVATE_FORWARD_SRC.format(id=router.local).encode())
-        if isinstance(step, LocalForward) and step.keep_pin:
-            decision = Route(step.instance, DecisionReason.FALLBACK)  # the pin and the cookie stay
-        elif isinstance(step, LocalForward) and step.loop_guard:
-            self.server.counts.inc(self.server.ctx.metrics.replay_loops_prevented)
+        if isinstance(action, act.ReplayTo):
+            counted = self._count(action.route, act.REPLAY)
+            status = self._replay(action.instance, action.header)
+            hot = self.hot
+            if hot is not None and hot.plan is step and counted is not None:  # repeats take the lane
+                lane.remember(server, self.head, hot, action.route, action.instance, action.header, status,
+                              (*counted, server.counts.response_child(status)))
+            return
+        if action.loop_prevented:
+            server.counts.inc(server.ctx.metrics.replay_loops_prevented)
+            assert action.decided is not None
             log.warning("replay loop prevented; serving locally", extra={"fields": {
-                "decided": decision.instance, "local": step.instance, "reason": decision.reason.value}})
-            if inp.user_key is not None:
-                self.server.spawn(self._repin_here(decision, inp, step.instance), "fastpath-loop-guard")
-                return
-            decision = Route(step.instance, DecisionReason.LOOP_GUARD, set_cookie=True)
-        self._count(decision, "forward")
-        self._forward(decision, inp, extra)
+                "decided": action.decided.instance, "local": action.route.instance,
+                "reason": action.decided.reason.value}})
+        if action.repin is not None:
+            server.spawn(self._repin(action, inp), "fastpath-loop-guard")
+            return
+        self._count(action.route, act.FORWARD)
+        self._forward(action.route, inp, action.upstream_headers)
 
-    async def _repin_here(self, route: Route, inp: RouteInput, local: InstanceId) -> None:
-        assert inp.user_key is not None
+    async def _repin(self, action: act.Forward, inp: RouteInput) -> None:
+        """The loop guard's re-pin (``act.Repin``), then the forward."""
+        repin = action.repin
+        assert repin is not None
         try:
-            await self.server.ctx.store.repin(inp.user_key, route.instance, local)
+            await self.server.ctx.store.repin(repin.user_key, repin.expected, repin.to)
         except PinStoreUnavailable:
             counts = self.server.counts
             counts.inc(counts.child(self.server.ctx.metrics.store_errors, "repin"))
         if self.finished:
             return
-        here = Route(local, DecisionReason.LOOP_GUARD, set_cookie=True)
-        self._count(here, "forward")
-        self._forward(here, inp)
+        self._count(action.route, act.FORWARD)
+        self._forward(action.route, inp, action.upstream_headers)
 
-    def _count(self, route: Route, action: str) -> None:
+    def _count(self, route: Route, action: str) -> tuple[Any, ...] | None:
+        """Count one routed request (``act.counts``); a hot-route entry keeps the counters it
+        derived. Returns them when cached (the replay lane reuses them), else None."""
         self.routed = (action, route.instance, route.reason)
         counts = self.server.counts
         hot = self.hot
         if hot is None or hot.decision is not route:
             counts.count(route, action)
-            return
+            return None
         counted = hot.counted
-        if counted is None or counted[0] != action:  # a cached route counts requests{action, reason} only
-            counted = hot.counted = (action, counts.child(self.server.ctx.metrics.requests, action, route.reason))
-        counts.inc(counted[1])
-        if action == "replay":  # RecentEvents.route records nothing else for a cookie or forced route
+        if counted is None or counted[0] != action:
+            counted = hot.counted = (action, counts.children(act.counts(action, route)))
+        counts.inc_all(counted[1])
+        if action == act.REPLAY:  # RecentEvents.route records nothing else for a cookie or forced route
             self.server.ctx.events.route(action, route)
+        return counted[1]
 
     # ------------------------------------------------------------------ local answers
 
@@ -191,19 +176,17 @@ class Exchange(Forwarding):
                                                     head.method == "HEAD"), status)
         return status
 
-    def _respond_error(self, status: int, message: str, code: str, *, close: bool = False,
-                       headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    def _answer(self, answer: act.Answer, *, close: bool = False) -> None:
+        """Write the proxy's own answer (``act.Answer``); cut the response short if one started."""
         if self.finished:
             return
         if self.responded:  # too late for an answer: cut the response short
-            self._finish(status, close=True)
+            self._finish(answer.status, close=True)
             return
         if close:
             self.close_after = True
-        body = wire.error_response(status, message, code, version=self.head.version,
-                                   keep_alive=self._keep_alive(), headers=headers,
-                                   head_only=self.head.method == "HEAD")
-        self._write_answer(body, status)
+        self._write_answer(wire.answer_bytes(answer, version=self.head.version, keep_alive=self._keep_alive(),
+                                             head_only=self.head.method == "HEAD"), answer.status)
 
     def _write_answer(self, data: bytes, status: int) -> None:
         self.responded = True
@@ -224,7 +207,8 @@ class Exchange(Forwarding):
         return self.rid_bytes().decode("ascii", "replace")
 
     def _failed(self, kind: str, status: int) -> None:
-        """The instance failed before the response started: report, retry once or answer."""
+        """The instance failed before the response started: ``act.after_failure`` says whether to
+        report it to health, retry once elsewhere or answer."""
         server = self.server
         ctx = server.ctx
         head = self.head
@@ -232,18 +216,21 @@ class Exchange(Forwarding):
         instance = self.instance
         log.warning("upstream failed", extra={"fields": {
             "instance": instance.id, "kind": kind, "attempt": self.attempt, "path": head.path}})
-        retryable = kind == "connect"
-        if retryable and ctx.health is not None and instance.local:
+        then = act.after_failure(kind, status, retryable=kind == "connect", attempt=self.attempt,
+                                 method=head.method, has_body=head.has_body, local=instance.local,
+                                 health=ctx.health is not None)
+        if then.report_health:
+            assert ctx.health is not None
             ctx.health.report_failure(instance.id, kind)
-        if retryable and self.attempt == 0 and self._retryable_request():
+        if then.retry:
             self.attempt = 1
-            retry = replace(self.inp, now=time.time(), avoid={**self.inp.avoid, instance.id: RepinReason.DEAD})
+            retry = act.retry_input(self.inp, instance.id, now=time.time())
             self.route = self.instance = None
             self.up_head = b""
             server.spawn(self._resolve(retry), "fastpath-retry")
             return
-        message = "upstream timed out" if kind == "timeout" else "upstream unreachable"
-        self._respond_error(status, message, f"upstream_{kind}")
+        assert then.answer is not None
+        self._answer(then.answer)
 
     # ------------------------------------------------------------------ the end
 

@@ -18,6 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from affinity_proxy.proxy import act
 from affinity_proxy.routing.decide import Route, RouteInput
 from affinity_proxy.routing.model import Instance
 
@@ -40,7 +41,7 @@ PENDING_LIMIT = 256 * 1024
 
 class Forwarding:
     """Per-request forwarding state. Subclasses supply routing, answers and the end of the
-    exchange (``_respond_error``, ``_finish``, ``_failed``, ``rid_bytes``). Never raises out of
+    exchange (``_answer``, ``_finish``, ``_failed``, ``rid_bytes``). Never raises out of
     a callback."""
 
     __slots__ = ("_resp_extra", "body_done", "body_out", "buffering", "chunked_out", "close_after", "conn", "finished",
@@ -73,8 +74,7 @@ class Forwarding:
 
     # ------------------------------------------------------------------ provided by the exchange
 
-    def _respond_error(self, status: int, message: str, code: str, *, close: bool = False,
-                       headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    def _answer(self, answer: act.Answer, *, close: bool = False) -> None:
         raise NotImplementedError
 
     def _finish(self, status: int, *, close: bool = False) -> None:
@@ -91,8 +91,9 @@ class Forwarding:
 
     # ------------------------------------------------------------------ to the instance
 
-    def _forward(self, route: Route, inp: RouteInput, extra: tuple[bytes, bytes] | None = None) -> None:
-        """``ProxyHandler._forward`` for plain HTTP (upgrades never reach the fast engine)."""
+    def _forward(self, route: Route, inp: RouteInput, upstream_headers: tuple[act.Header, ...] = ()) -> None:
+        """Forward plain HTTP (upgrades never reach the fast engine) to ``route.instance`` with
+        ``act``'s response headers and ``upstream_headers`` (at most one: fly-replay-src)."""
         server = self.server
         hot = self.hot
         if hot is not None and hot.forward is not None and hot.decision is route:
@@ -100,16 +101,17 @@ class Forwarding:
         else:
             instance = server.ctx.membership.current().get(route.instance)
             if instance is None or not instance.url:
-                self._respond_error(502, "chosen instance has no address", "no_upstream")
+                self._answer(act.NO_UPSTREAM)
                 return
-            fly_instance = b"X-Fly-Instance: %s\r\n" % instance.id.encode()
-            cookie = server.router.set_cookie(instance.id, route, inp)
-            resp = (fly_instance,) if cookie is None else (fly_instance, b"Set-Cookie: %s\r\n" % cookie)
+            cookie = server.router.cookies_out.value(server.ctx.codec, server.ctx.config, instance.id, route, inp)
+            resp = tuple(b"%s: %s\r\n" % (name.encode(), value.encode())
+                         for name, value in act.response_headers(instance.id, cookie))
             self._resp_extra = resp
             origin = server.pool.origin(instance.url)
             if hot is not None and hot.decision is route and cookie is None:
                 hot.forward = (instance, origin, resp)
         self.route, self.inp, self.instance = route, inp, instance
+        extra = (upstream_headers[0][0].encode(), upstream_headers[0][1].encode()) if upstream_headers else None
         self.up_head = rewrite.upstream_head(self.head, origin, self.conn.peer, self.rid_bytes, server.fqdn, extra,
                                              self.conn.real_client(self.head))
         if not self.body_done and self._buffers(server.ctx.config.limits.request_buffer):
@@ -196,13 +198,13 @@ class Forwarding:
         yet, else the response is cut. The connection is closed either way."""
         self._drop_upstream()
         limit = self.server.ctx.config.limits.max_body_bytes
-        self._respond_error(413, f"request body exceeds {limit} bytes", "body_too_large", close=True)
+        self._answer(act.body_too_large(limit), close=True)
 
     def malformed_body(self) -> None:
         """llhttp rejected the request body (a bad chunk): 400 if nothing was answered yet, else
         the response is cut. The connection is closed either way."""
         self._drop_upstream()
-        self._respond_error(*wire.MALFORMED, close=True)
+        self._answer(act.error(*wire.MALFORMED), close=True)
 
     def client_lost(self) -> None:
         """The client connection went away: drop the instance's connection (not reusable). A
@@ -287,7 +289,9 @@ class Forwarding:
             self.conn.pause_reading(self.conn.UPSTREAM)
 
     def upstream_failed(self, kind: str, message: str, *, sent: bool) -> None:
-        """``ProxyHandler._upstream_failed`` (and ``forward_http``'s mid-body handling)."""
+        """The instance failed: a stale pooled socket is resent on another; otherwise counted, and
+        a failure before the response is the exchange's (``_failed``: ``act.after_failure``), one
+        after it cuts the client's response short."""
         self.upstream = None
         if self.finished:
             return
@@ -307,8 +311,7 @@ class Forwarding:
         server = self.server
         assert self.instance is not None and self.route is not None and self.inp is not None
         instance = self.instance
-        ctx = server.ctx
-        server.counts.inc(server.counts.child(ctx.metrics.upstream_errors, instance.id, kind))
+        server.counts.tally(act.failure_counts(instance.id, kind))
         status = 504 if kind == "timeout" else 502
         self.flush()
         if self.responded:
@@ -319,4 +322,4 @@ class Forwarding:
         self._failed(kind, status)
 
     def _retryable_request(self) -> bool:
-        return self.head.method in wire.IDEMPOTENT_METHODS and not self.head.has_body
+        return act.may_retry(self.head.method, self.head.has_body)

@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from typing import Any
 
-from affinity_proxy.proxy.context import ProxyContext, cookie_attributes
+from affinity_proxy.proxy.act import CookieWriter
+from affinity_proxy.proxy.context import ProxyContext
 from affinity_proxy.proxy.fly import replayed_new_session
-from affinity_proxy.routing.cookie import set_cookie_value
 from affinity_proxy.routing.cookie_header import parse_cookie_header
 from affinity_proxy.routing.decide import (
     Decision,
@@ -66,8 +65,7 @@ class Router:
         self._cookies: dict[bytes, dict[str, str]] = {}
         self._digests: dict[str, str] = {}
         self._digest_codec: object = None
-        self._set_cookie_config: object = None
-        self._set_cookie_attrs: dict[str, Any] = {}
+        self.cookies_out = CookieWriter()  # the affinity Set-Cookie rule (``proxy.act``)
 
     # ------------------------------------------------------------------ request -> RouteInput
 
@@ -158,17 +156,3 @@ class Router:
         return plan(route.instance, local_instance=self.local, replay_src=src, body=body, is_websocket=False,
                     fallback_request=_FAILED in head.first, unreachable=signals.unreachable,
                     prefer_instance=fly.prefer_instance, timeout=fly.replay_timeout, fallback=fly.replay_fallback)
-
-    # ------------------------------------------------------------------ cookies
-
-    def set_cookie(self, instance: InstanceId, route: Route, inp: RouteInput) -> bytes | None:
-        """The affinity Set-Cookie value when ``ProxyHandler._response_headers`` would send one."""
-        codec = self.ctx.codec
-        if not (route.set_cookie or (inp.cookie is not None and codec.needs_reissue(inp.cookie))):
-            return None
-        config = self.ctx.config  # read per request: a reload may replace it
-        if config is not self._set_cookie_config:
-            self._set_cookie_attrs = cookie_attributes(config)
-            self._set_cookie_config = config
-        value = codec.encode(instance, int(inp.now), inp.user_digest)
-        return set_cookie_value(config.cookie.name, value, **self._set_cookie_attrs).encode()

@@ -11,7 +11,6 @@ CR, LF or NUL), so the only safety check left is UTF-8 for values with non-ASCII
 from __future__ import annotations
 
 import itertools
-import json
 import secrets
 import time
 from email.utils import formatdate
@@ -19,6 +18,8 @@ from http import HTTPStatus
 
 from aiohttp.http import SERVER_SOFTWARE
 
+from affinity_proxy.proxy.act import Answer, error
+from affinity_proxy.proxy.act import replay_body as act_replay_body
 from affinity_proxy.proxy.headers import CLIENT_CLAIMS as _CLAIMS
 from affinity_proxy.proxy.headers import HOP_BY_HOP, INSTANCE_HEADER, UNSUPPORTED_CODING
 from affinity_proxy.proxy.headers import IDEMPOTENT_METHODS as IDEMPOTENT_METHODS
@@ -123,11 +124,6 @@ def connection_header(keep_alive: bool, version: bytes) -> bytes:
     return b"Connection: keep-alive\r\n" if version == b"1.0" else b""
 
 
-def json_body(status: int, message: str, code: str) -> bytes:
-    """The body of ``web.errors.json_error``: same keys, same order, same encoder."""
-    return json.dumps({"error": code, "message": message, "status": status}).encode()
-
-
 def canned_response(
     status: int, body: bytes, *, version: bytes = b"1.1", keep_alive: bool = True,
     headers: list[Header] | tuple[Header, ...] = (), content_type: bytes = b"application/json",
@@ -146,11 +142,17 @@ def canned_response(
     return b"".join(parts)
 
 
+def answer_bytes(answer: Answer, *, version: bytes = b"1.1", keep_alive: bool = True, head_only: bool = False) -> bytes:
+    """An ``act.Answer`` (the proxy's own JSON answer) on the wire."""
+    headers = tuple((name.encode(), value.encode()) for name, value in answer.headers)
+    return canned_response(answer.status, answer.body, version=version, keep_alive=keep_alive, headers=headers,
+                           head_only=head_only)
+
+
 def error_response(status: int, message: str, code: str, *, version: bytes = b"1.1", keep_alive: bool = True,
-                   headers: tuple[Header, ...] = (), head_only: bool = False) -> bytes:
-    """``web.errors.json_error`` on the wire."""
-    return canned_response(status, json_body(status, message, code), version=version, keep_alive=keep_alive,
-                           headers=headers, head_only=head_only)
+                   head_only: bool = False) -> bytes:
+    """``act.error`` on the wire."""
+    return answer_bytes(error(status, message, code), version=version, keep_alive=keep_alive, head_only=head_only)
 
 
 #: What the aiohttp protocol answers to a request it cannot parse (``web.server``), connection closed.
@@ -163,9 +165,7 @@ def protocol_error(status: int, message: str, code: str) -> bytes:
     return error_response(status, message, code, keep_alive=False)
 
 
-def replay_body(instance: str) -> bytes:
-    """The body of ``web.fly.replay_response``."""
-    return json.dumps({"message": f"replaying to instance {instance}", "instance": instance}).encode()
+replay_body = act_replay_body
 
 
 def chunk(data: bytes) -> bytes:

@@ -14,7 +14,8 @@ from affinity_proxy.config import Config, CookieConfig, InstanceConfig, UserKeyS
 from affinity_proxy.engines.fast.hot import HotRoutes
 from affinity_proxy.engines.fast.response import ResponseCache, ResponseHead
 from affinity_proxy.engines.fast.route import RequestHead
-from affinity_proxy.engines.fast.wire import ChunkedEnd, RequestIds, connection_tokens, error_response
+from affinity_proxy.engines.fast.wire import ChunkedEnd, RequestIds, answer_bytes, connection_tokens
+from affinity_proxy.proxy import act
 from affinity_proxy.routing.decide import DecidePolicy, DecisionReason, Route, RouteInput, decide
 from affinity_proxy.routing.model import InstanceId, InstanceState
 from affinity_proxy.serve.app import build_context
@@ -69,9 +70,9 @@ def test_connection_tokens_ignore_the_standard_ones() -> None:
     assert connection_tokens([b"keep-alive, X-Secret", b" x-other "]) == {b"x-secret", b"x-other"}
 
 
-def test_error_response_matches_json_error() -> None:
-    data = error_response(503, "no instance can serve this request", "no_routable_instance",
-                          headers=((b"Retry-After", b"5"),))
+def test_answer_bytes_frame_the_shared_answer() -> None:
+    data = answer_bytes(act.error(503, "no instance can serve this request", "no_routable_instance",
+                                  (("Retry-After", "5"),)))
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\n")
     assert body == b'{"error": "no_routable_instance", "message": "no instance can serve this request", "status": 503}'
