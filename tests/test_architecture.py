@@ -19,6 +19,7 @@ ROOT_MODULES_MAX = 5
 SINGLE_DEFINITION_LITERALS = (
     "fly-replay", "fly-replay-src", "fly-replay-failed", "fly-preferred-instance-unavailable",
     "fly-force-instance-id", "fly-prefer-instance-id", "x-fly-instance",
+    "fly-client-ip", "fly-forwarded-proto", "fly-request-id",
 )
 SINGLE_DEFINITION_NAMES = ("IDEMPOTENT_METHODS",)
 

@@ -30,9 +30,15 @@ HOP_BY_HOP: frozenset[str] = frozenset(
     }
 )
 
+#: Fly's edge sets these on every request (docs/fly-protocol.md): the client's address, its scheme,
+#: and the request id that Fly's own logs carry (both engines forward it as X-Request-Id).
+FLY_CLIENT_IP_HEADER = "Fly-Client-IP"
+FLY_FORWARDED_PROTO_HEADER = "Fly-Forwarded-Proto"
+FLY_REQUEST_ID_HEADER = "Fly-Request-Id"
 #: Request headers that make claims about the client, dropped unless the peer is a trusted proxy:
 #: apps and frameworks believe them, so a client could otherwise choose its own address or scheme.
-CLIENT_CLAIMS: frozenset[str] = frozenset({"forwarded", "x-real-ip", "fly-client-ip", "fly-forwarded-proto"})
+CLIENT_CLAIMS: frozenset[str] = frozenset(
+    {"forwarded", "x-real-ip", FLY_CLIENT_IP_HEADER.lower(), FLY_FORWARDED_PROTO_HEADER.lower()})
 #: The response header naming the instance that answered (set by the proxy on every forwarded answer).
 INSTANCE_HEADER = "X-Fly-Instance"
 #: RFC 9110 9.2.2: methods a client may repeat, so a request that failed after it was sent may be retried

@@ -55,7 +55,7 @@ from affinity_proxy.devtools.fly.edge_route import (
     new_request_id,
 )
 from affinity_proxy.devtools.fly.edge_ws import is_upgrade, relay_websocket
-from affinity_proxy.proxy.headers import upstream_request_headers
+from affinity_proxy.proxy.headers import FLY_CLIENT_IP_HEADER, FLY_REQUEST_ID_HEADER, upstream_request_headers
 from affinity_proxy.routing.replay import (
     MAX_REPLAY_BODY,
     MAX_REPLAYS,
@@ -69,7 +69,8 @@ __all__ = ["FlyEdge"]
 log = logging.getLogger("affinity_proxy.fly.edge")
 
 # Headers only Fly's edge sets: a client's copies are dropped (see strip_client_fly_headers for the rest).
-_EDGE_SET = ("fly-client-ip", "fly-region", "fly-request-id", "fly-forwarded-port", "x-forwarded-ssl", "via", "expect")
+_EDGE_SET = (FLY_CLIENT_IP_HEADER.lower(), "fly-region", FLY_REQUEST_ID_HEADER.lower(), "fly-forwarded-port",
+             "x-forwarded-ssl", "via", "expect")
 _SPOOFABLE = (REPLAY_SRC_HEADER, REPLAY_FAILED_HEADER, PREFERRED_UNAVAILABLE_HEADER)
 
 WakeCallback = Callable[[str], Awaitable[None]]
@@ -331,9 +332,9 @@ class FlyEdge:
             request.headers, client_ip=request.remote, scheme=request.scheme, host=None, drop=drop
         )
         if request.remote:
-            headers["Fly-Client-IP"] = request.remote
+            headers[FLY_CLIENT_IP_HEADER] = request.remote
         headers["Fly-Region"] = self.region
-        headers["Fly-Request-Id"] = request_id
+        headers[FLY_REQUEST_ID_HEADER] = request_id
         headers["X-Forwarded-SSL"] = "on" if request.scheme == "https" else "off"
         if self.port is not None:
             headers["Fly-Forwarded-Port"] = str(self.port)
@@ -384,7 +385,7 @@ class FlyEdge:
         return web.Response(
             status=error.status,
             text=error.text + "\n",
-            headers={"Fly-Request-Id": request_id, "Fly-Error": error.code},
+            headers={FLY_REQUEST_ID_HEADER: request_id, "Fly-Error": error.code},
         )
 
     def machine_url(self, machine: Machine, request: web.Request) -> URL:

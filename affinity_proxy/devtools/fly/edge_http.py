@@ -21,7 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from affinity_proxy.devtools.fly.edge_route import Edge, EdgeError, Hop
-from affinity_proxy.proxy.headers import downstream_response_headers
+from affinity_proxy.proxy.headers import FLY_REQUEST_ID_HEADER, downstream_response_headers
 from affinity_proxy.routing.replay import REPLAY_HEADER
 
 log = logging.getLogger("affinity_proxy.fly.edge")
@@ -125,7 +125,7 @@ async def _relay(
     async with upstream:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(downstream_response_headers(upstream.headers))
-        response.headers["Fly-Request-Id"] = request_id
+        response.headers[FLY_REQUEST_ID_HEADER] = request_id
         await response.prepare(request)
         try:
             async for chunk in upstream.content.iter_chunked(CHUNK):

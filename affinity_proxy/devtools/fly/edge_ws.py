@@ -19,7 +19,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 
 from affinity_proxy.devtools.fly.edge_route import Edge, EdgeError, Hop
-from affinity_proxy.proxy.headers import downstream_response_headers
+from affinity_proxy.proxy.headers import FLY_REQUEST_ID_HEADER, downstream_response_headers
 from affinity_proxy.routing.replay import REPLAY_HEADER
 
 log = logging.getLogger("affinity_proxy.fly.edge")
@@ -107,7 +107,7 @@ async def relay_websocket(edge: Edge, request: web.Request, request_id: str) -> 
         compress=False,
         timeout=_CLOSE_TIMEOUT,
     )
-    ws.headers["Fly-Request-Id"] = request_id
+    ws.headers[FLY_REQUEST_ID_HEADER] = request_id
     try:
         await ws.prepare(request)
         edge.sockets.add(ws)
@@ -125,7 +125,7 @@ async def relay_websocket(edge: Edge, request: web.Request, request_id: str) -> 
 def _refused(exc: aiohttp.WSServerHandshakeError, request_id: str) -> web.Response:
     headers = downstream_response_headers(exc.headers) if exc.headers is not None else CIMultiDict()
     headers.popall("Content-Length", None)
-    headers["Fly-Request-Id"] = request_id
+    headers[FLY_REQUEST_ID_HEADER] = request_id
     return web.Response(status=exc.status, headers=headers)
 
 

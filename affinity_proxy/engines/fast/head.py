@@ -11,6 +11,9 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from affinity_proxy.proxy.context import ProxyContext
+from affinity_proxy.proxy.headers import FLY_REQUEST_ID_HEADER
+
+_REQUEST_IDS = (FLY_REQUEST_ID_HEADER.lower().encode(), b"x-request-id")  # Fly's first
 
 _AFFINITY_PREFIX = b"/_affinity/"
 #: Methods the aiohttp preflight refuses (405): CONNECT (no tunnels) and TRACE (never forwarded: it
@@ -71,7 +74,7 @@ class RequestHead:
         rid = self._rid
         if rid is False:
             rid = None
-            for name in (b"fly-request-id", b"x-request-id"):
+            for name in _REQUEST_IDS:
                 raw = self.first.get(name)
                 if raw:
                     value = text(raw)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from affinity_proxy.proxy.headers import FLY_CLIENT_IP_HEADER, FLY_FORWARDED_PROTO_HEADER
 from affinity_proxy.proxy.realip import RealClient, real_client, trusted_proxies
 
 from . import wire
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
     from .ports import ServerPort
 
 log = logging.getLogger("affinity_proxy.http")
+
+_FLY_IP = FLY_CLIENT_IP_HEADER.lower().encode()
+_FLY_PROTO = FLY_FORWARDED_PROTO_HEADER.lower().encode()
 
 
 class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
@@ -185,7 +189,7 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
         if hmemo is not None and hmemo[0] is proxies and hmemo[1] == self.peer and hmemo[2] == self.scheme:
             return hmemo[3]  # type: ignore[no-any-return]
         first = head.first
-        fly_ip, fly_proto = first.get(b"fly-client-ip"), first.get(b"fly-forwarded-proto")
+        fly_ip, fly_proto = first.get(_FLY_IP), first.get(_FLY_PROTO)
         found = real_client(
             proxies, self.peer, self.scheme,
             forwarded_for=[text(v) for v in head.all(b"x-forwarded-for")] if b"x-forwarded-for" in first else (),
