@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-all lint install bench bench-compare bench-scaling chaos clean redis-server test-deps
+.PHONY: demo test test-all lint install bench bench-compare bench-scaling bench-placement chaos clean redis-server test-deps
 
 # Debian packages the suite needs (redis-server, chromium, prometheus's promtool, nginx, openssl,
 # slowhttptest), installed with apt-get when missing; the list is in .ci/install-deps, which CI
@@ -51,6 +51,12 @@ bench-scaling: install redis-server
 	$(BIN)/python -m benchmarks.scaling
 
 # Long chaos run (about 6 min): writes tests/chaos/RESULTS.md.
+# Placement at scale (#14): 1M users, 50 weighted instances, ketama vs in-flight-bounded vs ours (about 2 min);
+# writes benchmarks/PLACEMENT.md and benchmarks/placement.png (needs the bench extra: matplotlib).
+bench-placement: install
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m benchmarks.placement_sim
+
 chaos: install redis-server
 	$(BIN)/python -m tests.chaos --long
 
