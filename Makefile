@@ -54,7 +54,7 @@ bench-scaling: install redis-server
 # Placement at scale (#14): 1M users, 50 weighted instances, ketama vs in-flight-bounded vs ours (about 2 min);
 # writes benchmarks/PLACEMENT.md and benchmarks/placement.png (needs the bench extra: matplotlib).
 bench-placement: install
-	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/pip install -q 'matplotlib>=3.7'
 	$(BIN)/python -m benchmarks.placement_sim
 
 chaos: install redis-server
