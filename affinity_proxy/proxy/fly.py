@@ -35,28 +35,43 @@ from affinity_proxy.routing.replay import (
 )
 
 
-def repin_signals(ctx: ProxyContext, request: web.Request) -> Triage:
-    """What ``fly-preferred-instance-unavailable`` and ``fly-replay-failed`` mean for this request:
-    Machines to re-pin away from (gone) and Machines only unreachable just now (``triage``)."""
-    headers = request.headers
-    raw_unavailable, raw_failed = headers.get(PREFERRED_UNAVAILABLE_HEADER), headers.get(REPLAY_FAILED_HEADER)
+def signals(ctx: ProxyContext, raw_unavailable: str | None, raw_failed: str | None) -> Triage:
+    """What ``fly-preferred-instance-unavailable`` and ``fly-replay-failed`` (raw values, None when
+    absent) mean for this request: Machines to re-pin away from (gone) and Machines only
+    unreachable just now (``triage``)."""
     if raw_unavailable is None and raw_failed is None:
         return NO_SIGNALS
     return triage(parse_unavailable(raw_unavailable), parse_replay_failed(raw_failed), ctx.membership.current(),
                   static_membership=ctx.config.fly.discovery == "static")
 
 
-def is_fallback(request: web.Request) -> bool:
-    """A fallback request: Fly sends ``fly-replay-failed`` with it (docs/fly-protocol.md §1), parsable or not."""
-    return REPLAY_FAILED_HEADER in request.headers
-
-
-def replay_source(request: web.Request) -> ReplaySource | None:
-    """The parsed ``fly-replay-src``; a present but unparsable header still counts as replayed."""
-    raw = request.headers.get(REPLAY_SRC_HEADER)
+def source(raw: str | None) -> ReplaySource | None:
+    """The parsed ``fly-replay-src`` (raw value, None when absent); a present but unparsable
+    header still counts as replayed."""
     if raw is None:
         return None
     return parse_replay_src(raw) or ReplaySource(instance=None, region=None, t=None, state=None)
+
+
+def plan_for(ctx: ProxyContext, route: Route, local: InstanceId, *, src: ReplaySource | None, body: BodyInfo,
+             is_websocket: bool, fallback_request: bool, signals: Triage = NO_SIGNALS) -> Plan:
+    """``routing.replay.plan`` with this node's fly settings. ``fallback_request``: Fly sent
+    ``fly-replay-failed`` with it (docs/fly-protocol.md §1), parsable or not."""
+    fly = ctx.config.fly
+    return plan(route.instance, local_instance=local, replay_src=src, body=body, is_websocket=is_websocket,
+                fallback_request=fallback_request, unreachable=signals.unreachable,
+                prefer_instance=fly.prefer_instance, timeout=fly.replay_timeout, fallback=fly.replay_fallback)
+
+
+def repin_signals(ctx: ProxyContext, request: web.Request) -> Triage:
+    """``signals`` for an aiohttp request."""
+    headers = request.headers
+    return signals(ctx, headers.get(PREFERRED_UNAVAILABLE_HEADER), headers.get(REPLAY_FAILED_HEADER))
+
+
+def replay_source(request: web.Request) -> ReplaySource | None:
+    """``source`` for an aiohttp request."""
+    return source(request.headers.get(REPLAY_SRC_HEADER))
 
 
 def replayed_new_session(inp: RouteInput, src: ReplaySource | None, local: InstanceId) -> Route | None:
@@ -74,20 +89,12 @@ def body_info(request: web.Request) -> BodyInfo:
 
 def fly_plan(ctx: ProxyContext, request: web.Request, route: Route, src: ReplaySource | None,
              is_websocket: bool, signals: Triage = NO_SIGNALS) -> Plan:
+    """``plan_for`` for an aiohttp request."""
     fly = ctx.config.fly
     assert fly.machine_id is not None
-    return plan(
-        route.instance,
-        local_instance=InstanceId(fly.machine_id),
-        replay_src=src,
-        body=body_info(request),
-        is_websocket=is_websocket,
-        fallback_request=is_fallback(request),
-        unreachable=signals.unreachable,
-        prefer_instance=fly.prefer_instance,
-        timeout=fly.replay_timeout,
-        fallback=fly.replay_fallback,
-    )
+    return plan_for(ctx, route, InstanceId(fly.machine_id), src=src, body=body_info(request),
+                    is_websocket=is_websocket, fallback_request=REPLAY_FAILED_HEADER in request.headers,
+                    signals=signals)
 
 
 def replay_response(ctx: ProxyContext, instance: InstanceId, header: str) -> web.Response:
@@ -121,10 +128,12 @@ __all__ = [
     "REPLAY_SRC_HEADER",
     "body_info",
     "fly_plan",
-    "is_fallback",
+    "plan_for",
     "reach_private",
     "repin_signals",
     "replay_response",
     "replay_source",
     "replayed_new_session",
+    "signals",
+    "source",
 ]

@@ -1,4 +1,5 @@
-"""From an aiohttp request to a routing decision: build ``RouteInput``, consult the store when the
+"""From a request to a routing decision: build ``RouteInput`` (``make_route_input``, from facts
+either engine reads off a request; ``route_input`` for an aiohttp request), consult the store when the
 pure core asks for it (``NeedPin``), and carry out the atomic store operation it returns.
 
 This is the only place the request path touches the pin store. A valid, fresh cookie never gets
@@ -43,22 +44,31 @@ def route_input(
     user_key_override: str | None = None,
     avoid: dict[InstanceId, RepinReason] | None = None,
 ) -> RouteInput:
-    """Everything ``decide`` needs from the request. No I/O; the cookie HMAC is cached by the codec."""
-    now = time.time()
-    cookie, problem = ctx.codec.read(request.cookies.get(ctx.config.cookie.name), now)
+    """``make_route_input`` for an aiohttp request. No I/O; the cookie HMAC is cached by the codec."""
     if user_key_override is not None:
         user_key: str | None = user_key_override or None
     else:
         user_key = extract_user_key(ctx.user_key_sources, request.headers, request.query, request.cookies)
+    return make_route_input(ctx, cookie_value=request.cookies.get(ctx.config.cookie.name), user_key=user_key,
+                            user_digest=ctx.codec.user_digest(user_key),
+                            force=request.headers.get(FORCE_HEADER), avoid=avoid or {})
+
+
+def make_route_input(ctx: ProxyContext, *, cookie_value: str | None, user_key: str | None, user_digest: str,
+                     force: str | None, avoid: dict[InstanceId, RepinReason], now: float | None = None) -> RouteInput:
+    """Everything ``decide`` needs, from the facts an engine read off the request: the affinity
+    cookie's raw value, the user key (``routing.userkey``) and its digest, the raw
+    ``fly-force-instance-id``. No I/O. A random anonymous key is drawn only when ``decide`` may
+    hash on it: no user key and no cookie naming a routable instance outside ``avoid``."""
+    now = time.time() if now is None else now
+    cookie, problem = ctx.codec.read(cookie_value, now)
+    anonymous = ""
+    if user_key is None and (cookie is None or cookie.instance in avoid
+                             or not ctx.membership.current().is_routable(cookie.instance)):
+        anonymous = secrets.token_urlsafe(12)
     return RouteInput(
-        user_key=user_key,
-        user_digest=ctx.codec.user_digest(user_key),
-        cookie=cookie,
-        cookie_problem=problem,
-        force_instance=request.headers.get(FORCE_HEADER),
-        now=now,
-        avoid=avoid or {},
-        anonymous_key=secrets.token_urlsafe(12),
+        user_key=user_key, user_digest=user_digest, cookie=cookie, cookie_problem=problem,
+        force_instance=force, now=now, avoid=avoid, anonymous_key=anonymous,
     )
 
 

@@ -1,21 +1,20 @@
 """The fast engine's routing adapter: a parsed request head -> ``RouteInput`` -> decision.
 
-A thin shell over the pure core (``routing.decide``, ``routing.replay``) and ``web.resolve`` (the
-store look-up and store operations), doing what ``web.resolve.route_input`` and ``web.fly`` do for
-aiohttp requests, from raw header bytes. ``quick`` answers without I/O whenever ``decide`` needs no
-store call (a fresh cookie, a forced instance, a new anonymous session): the hot path then never
-creates a coroutine. Also the affinity Set-Cookie value. No sockets here.
+Reads the facts off raw header bytes (cookie jar, user key, ``fly-force-instance-id``, fly
+signals, body framing) and hands them to the engine-neutral code: ``proxy.resolve.make_route_input``
+and ``resolve`` (store look-ups and operations), ``proxy.fly`` (signals, replay source, plan).
+``quick`` answers without I/O whenever ``decide`` needs no store call (a fresh cookie, a forced
+instance, a new anonymous session): the hot path then never creates a coroutine. No sockets here.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
-import time
 
+from affinity_proxy.proxy import fly
 from affinity_proxy.proxy.act import CookieWriter
 from affinity_proxy.proxy.context import ProxyContext
-from affinity_proxy.proxy.fly import replayed_new_session
+from affinity_proxy.proxy.resolve import make_route_input
 from affinity_proxy.routing.cookie_header import parse_cookie_header
 from affinity_proxy.routing.decide import (
     Decision,
@@ -35,11 +34,6 @@ from affinity_proxy.routing.replay import (
     Plan,
     ReplaySource,
     Triage,
-    parse_replay_failed,
-    parse_replay_src,
-    parse_unavailable,
-    plan,
-    triage,
 )
 from affinity_proxy.routing.userkey import extract_user_key
 
@@ -97,22 +91,14 @@ class Router:
         return digest
 
     def route_input(self, head: RequestHead, avoid: dict[InstanceId, RepinReason]) -> RouteInput:
-        """``web.resolve.route_input`` for a raw head. No I/O; HMACs are cached."""
+        """``resolve.make_route_input`` for a raw head. No I/O; HMACs are cached."""
         ctx = self.ctx
-        now = time.time()
         jar = self.cookies(head)
-        cookie, problem = ctx.codec.read(jar.get(ctx.config.cookie.name), now)
         user_key = extract_user_key(ctx.user_key_sources, head, Query(head.target), jar)  # type: ignore[arg-type]
         force = head.first.get(_FORCE)
-        anonymous = ""
-        if user_key is None and (cookie is None or cookie.instance in avoid
-                                 or not ctx.membership.current().is_routable(cookie.instance)):
-            anonymous = secrets.token_urlsafe(12)  # only a new anonymous session is hashed on it
-        return RouteInput(
-            user_key=user_key, user_digest=self.user_digest(user_key), cookie=cookie, cookie_problem=problem,
-            force_instance=text(force) if force is not None else None, now=now, avoid=avoid,
-            anonymous_key=anonymous,
-        )
+        return make_route_input(ctx, cookie_value=jar.get(ctx.config.cookie.name), user_key=user_key,
+                                user_digest=self.user_digest(user_key),
+                                force=text(force) if force is not None else None, avoid=avoid)
 
     def quick(self, inp: RouteInput) -> Decision | None:
         """The decision when it needs no store call (what ``web.resolve.resolve`` would return),
@@ -129,30 +115,25 @@ class Router:
 
     def replay_source(self, head: RequestHead) -> ReplaySource | None:
         raw = head.first.get(_SRC)
-        if raw is None:
-            return None
-        return parse_replay_src(text(raw)) or ReplaySource(instance=None, region=None, t=None, state=None)
+        return None if raw is None else fly.source(text(raw))
 
     def repin_signals(self, head: RequestHead) -> Triage:
-        """``web.fly.repin_signals`` for a raw head."""
+        """``fly.signals`` for a raw head."""
         first = head.first
         raw_unavailable, raw_failed = first.get(_UNAVAILABLE), first.get(_FAILED)
         if raw_unavailable is None and raw_failed is None:
             return NO_SIGNALS
-        unavailable = parse_unavailable(text(raw_unavailable)) if raw_unavailable is not None else None
-        failed = parse_replay_failed(text(raw_failed)) if raw_failed is not None else None
-        return triage(unavailable, failed, self.ctx.membership.current(),
-                      static_membership=self.ctx.config.fly.discovery == "static")
+        return fly.signals(self.ctx, text(raw_unavailable) if raw_unavailable is not None else None,
+                           text(raw_failed) if raw_failed is not None else None)
 
     def adopted(self, inp: RouteInput, src: ReplaySource | None) -> Route | None:
         assert self.local is not None
-        return replayed_new_session(inp, src, self.local)
+        return fly.replayed_new_session(inp, src, self.local)
 
     def plan(self, head: RequestHead, route: Route, src: ReplaySource | None, signals: Triage = NO_SIGNALS) -> Plan:
-        fly = self.ctx.config.fly
+        """``fly.plan_for`` for a raw head (upgrades never reach the fast engine)."""
         assert self.local is not None
         te = head.first.get(b"transfer-encoding", b"")
         body = BodyInfo(method=head.method, content_length=head.content_length, chunked=b"chunked" in te.lower())
-        return plan(route.instance, local_instance=self.local, replay_src=src, body=body, is_websocket=False,
-                    fallback_request=_FAILED in head.first, unreachable=signals.unreachable,
-                    prefer_instance=fly.prefer_instance, timeout=fly.replay_timeout, fallback=fly.replay_fallback)
+        return fly.plan_for(self.ctx, route, self.local, src=src, body=body, is_websocket=False,
+                            fallback_request=_FAILED in head.first, signals=signals)
