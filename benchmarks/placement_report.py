@@ -73,7 +73,8 @@ def render(cfg: SimConfig, sim: Simulation, stats: dict[str, dict[str, float]], 
         "## Reading it",
         "",
         "- The in-flight bound sees requests, not sessions: idle sessions cost the app memory but send nothing,"
-        " so it balances the active minority and leaves live sessions about as skewed as plain ketama.",
+        " so it balances the active minority; live sessions follow only loosely, and nothing moves after a"
+        " scale-up or blue/green, so its peaks after events stay above the load factor until sessions end.",
         "- After scale-up and blue/green only ours moves load onto the new instances before sessions end; it"
         " moves idle users only (`rebalance_active` must be 0).",
         "- The column 'at the event' is the instant the membership changes, before the first rebalance pass: no"
