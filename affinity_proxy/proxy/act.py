@@ -78,6 +78,10 @@ def body_too_large(limit: int) -> Answer:
     return error(413, f"request body exceeds {limit} bytes", "body_too_large")
 
 
+#: The status a client gets when the instance fails (by ``UpstreamError.kind``): 504 for a timeout.
+UPSTREAM_STATUS: dict[str, int] = {"connect": 502, "timeout": 504, "protocol": 502}
+
+
 def upstream_error(kind: str, status: int) -> Answer:
     """The answer to an upstream failure that is not retried (``status``: 502, or 504 for a timeout)."""
     message = "upstream timed out" if kind == "timeout" else "upstream unreachable"

@@ -3,7 +3,7 @@
 The handler decides what the client sees (JSON error, retry on another instance, health report);
 this module only classifies. ``upstream_error_from`` is the single place that knows which aiohttp
 exception means "nothing was sent" (safe to retry) versus "the instance may have seen the
-request". Imports only aiohttp and the standard library.
+request". Imports aiohttp, the standard library and ``proxy.act`` (the status per kind).
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from typing import Literal, TypeAlias
 
 import aiohttp
 
+from affinity_proxy.proxy.act import UPSTREAM_STATUS
+
 UpstreamErrorKind: TypeAlias = Literal["connect", "timeout", "protocol"]
 
-_DEFAULT_STATUS: dict[str, int] = {"connect": 502, "timeout": 504, "protocol": 502}
+_DEFAULT_STATUS = UPSTREAM_STATUS
 
 
 class UpstreamError(Exception):

@@ -4,8 +4,10 @@ asyncio Protocols end to end (uvloop when installed, as the runtime picks it) wi
 llhttp parsing requests and responses, keep-alive pools to the instances, and no coroutine, task
 or multidict on the hot path: a request with a fresh affinity cookie is parsed, routed
 (``routing.decide``), forwarded with pre-built header bytes and streamed back in callbacks.
-Behaviour is the aiohttp engine's (``web.proxy_handler``): same decisions, metrics, Set-Cookie
-rules, forwarding headers, fly replays and loop guard, JSON errors and retry-once.
+What to do about each request (refuse, fly replay, forward with which headers and cookie, the
+loop guard's re-pin, counting, retry-once and error answers) is ``proxy.act``'s, the route input
+and fly signals ``proxy.resolve``'s and ``proxy.fly``'s; this package parses, moves bytes and
+applies back-pressure.
 
 Modules: ``server`` (listener, lifecycle, deadlines), ``protocol`` (client connections) with
 ``framing`` (strict framing, pipelining), ``handoff`` (to aiohttp) and ``closing`` (error answers,
@@ -14,8 +16,8 @@ lingering, client deadlines), ``exchange`` (one request: route, forward, answer)
 ``hot`` and ``lane`` (cached decisions; repeats of a fly replay answered from pre-encoded bytes),
 ``head``/``response``/``rewrite``/``wire`` (bytes). WebSocket upgrades, ``/_affinity/`` and
 anything unusual are handed to the main aiohttp application on the same connection (see
-``handoff``). Imports aiohttp only for that hand-off, its cookie parser, its ``Server`` banner and
-the shared ``web`` helpers; nothing imports this package but ``app``.
+``handoff``). Imports aiohttp only for that hand-off and its ``Server`` banner; nothing imports this package but
+``serve.app``.
 """
 
 from __future__ import annotations

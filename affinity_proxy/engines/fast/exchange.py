@@ -1,11 +1,12 @@
 """One request on the fast engine: route it, then answer it, forward it or replay it.
 
-``Exchange`` is ``web.proxy_handler.ProxyHandler`` for one parsed request, driven by callbacks
+``Exchange`` carries out ``proxy.act``'s action for one parsed request, driven by callbacks
 instead of a coroutine: the client connection feeds it the request body, the upstream connection
-feeds it the response, and it writes to the client. Decisions, metrics, Set-Cookie rules, fly
-plans, the loop guard, health reports and the retry-once of idempotent requests are the handler's
-(same functions, same order, same labels). Only store I/O (a pin look-up or write, a loop-guard
-re-pin, a retry's re-decision) runs as a task; a cookie hit runs start to end in callbacks.
+feeds it the response, and it writes to the client. What to do (refuse, replay, forward, the loop
+guard's re-pin, counters, after a failure: report, retry once or which error) is ``act``'s; this
+module only performs it, with pre-encoded bytes and cached counter children. Only store I/O (a pin
+look-up or write, a loop-guard re-pin, a retry's re-decision) runs as a task; a cookie hit runs
+start to end in callbacks.
 """
 
 from __future__ import annotations

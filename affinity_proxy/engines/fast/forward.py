@@ -1,14 +1,14 @@
 """The forwarding half of an exchange: instance connection, request body out, response back.
 
-``Forwarding`` is ``forward_http`` for one request, driven by callbacks: it builds the upstream
+``Forwarding`` forwards one request, driven by callbacks: it builds the upstream
 head (``rewrite``), reads a body of up to ``limits.request_buffer`` whole first (a slow sender
 must not hold an instance connection), takes a pooled connection or opens one, streams the
 request body as the client sends it (Content-Length as is, chunked re-framed, at most
 ``PENDING_LIMIT`` buffered while connecting, the client's socket paused beyond that or while the
 instance's is full), relays the
-response in one write per upstream read (the client's socket pausing the instance's), and maps
-failures as ``ProxyHandler`` does: a failure before the response is the exchange's to answer
-(``_failed``), one after it cuts the client's response short. The routing half is
+response in one write per upstream read (the client's socket pausing the instance's) with
+``act.response_headers``, and maps failures: a failure before the response is the exchange's to
+answer (``_failed``: ``act.after_failure``), one after it cuts the client's response short. The routing half is
 ``exchange.Exchange``, which subclasses this.
 """
 
@@ -312,7 +312,7 @@ class Forwarding:
         assert self.instance is not None and self.route is not None and self.inp is not None
         instance = self.instance
         server.counts.tally(act.failure_counts(instance.id, kind))
-        status = 504 if kind == "timeout" else 502
+        status = act.UPSTREAM_STATUS[kind]
         self.flush()
         if self.responded:
             forward_log.warning("instance failed mid-response for %s %s (%s); client connection closed",

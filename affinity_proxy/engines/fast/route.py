@@ -101,7 +101,7 @@ class Router:
                                 force=text(force) if force is not None else None, avoid=avoid)
 
     def quick(self, inp: RouteInput) -> Decision | None:
-        """The decision when it needs no store call (what ``web.resolve.resolve`` would return),
+        """The decision when it needs no store call (what ``proxy.resolve.resolve`` would return),
         else None: the caller then awaits ``resolve``."""
         decision = decide(inp, self.ctx.membership.current(), self.ctx.policy)
         if isinstance(decision, NeedPin):

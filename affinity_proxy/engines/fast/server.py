@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from affinity_proxy._tasks import TaskSet
+from affinity_proxy.proxy import act
 from affinity_proxy.proxy.context import ProxyContext
 from affinity_proxy.routing.replay import REPLAY_HEADER
 
@@ -157,15 +158,16 @@ class FastServer:
 
     def replay_bytes(self, instance: str, header: str, status: int, version: bytes, keep_alive: bool,
                      head_only: bool = False) -> bytes:
-        """``web.fly.replay_response`` on the wire, encoded once per target (Date refreshed per
-        second); ``head_only``: the answer to a HEAD request (its Content-Length, no body)."""
+        """A fly-replay answer (``act.ReplayTo``, body ``act.replay_body``) on the wire, encoded
+        once per target (Date refreshed per second); ``head_only``: the answer to a HEAD request
+        (its Content-Length, no body)."""
         key = (instance, header, status, version, keep_alive, head_only, wire.http_date())
         found = self._replays.get(key)
         if found is None:
             if len(self._replays) > 1024:
                 self._replays.clear()
             found = self._replays[key] = wire.canned_response(
-                status, wire.replay_body(instance), version=version, keep_alive=keep_alive,
+                status, act.replay_body(instance), version=version, keep_alive=keep_alive,
                 headers=((REPLAY_HEADER.encode(), header.encode()),), head_only=head_only,
             )
         return found

@@ -1,11 +1,11 @@
 """Bytes on the wire for the fast engine: header blocks, canned answers and framing helpers.
 
-Pure and synchronous (stdlib only plus ``forwarding.headers`` for the hop-by-hop list and aiohttp's
-``Server`` banner); no asyncio. Every function mirrors a rule of the aiohttp engine (``forwarding.headers``,
-``web.errors``, ``web.fly``) on raw ``bytes`` so the hot path never builds multidicts or decodes
-headers it only relays. Header names and values reaching here were validated by llhttp (tokens; no
-CR, LF or NUL), so the only safety check left is UTF-8 for values with non-ASCII bytes, as in
-``forwarding.headers.is_safe_value``.
+Pure and synchronous (stdlib, ``proxy.headers`` for the header rules, ``proxy.act`` for the
+proxy's own answers, aiohttp's ``Server`` banner); no asyncio. It puts the shared rules and values
+on raw ``bytes`` so the hot path never builds multidicts or decodes headers it only relays.
+Header names and values reaching here were validated by llhttp (tokens; no CR, LF or NUL), so the
+only safety check left is UTF-8 for values with non-ASCII bytes, as in
+``proxy.headers.is_safe_value``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from http import HTTPStatus
 from aiohttp.http import SERVER_SOFTWARE
 
 from affinity_proxy.proxy.act import Answer, error
-from affinity_proxy.proxy.act import replay_body as act_replay_body
 from affinity_proxy.proxy.headers import CLIENT_CLAIMS as _CLAIMS
 from affinity_proxy.proxy.headers import HOP_BY_HOP, INSTANCE_HEADER, UNSUPPORTED_CODING
 from affinity_proxy.proxy.headers import IDEMPOTENT_METHODS as IDEMPOTENT_METHODS
@@ -37,7 +36,7 @@ REQUEST_REPLACED: frozenset[bytes] = HOP_BY_HOP_B | {
     b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
     FORCE_INSTANCE_B,
 }
-#: ``forwarding.headers.CLIENT_CLAIMS``: not forwarded from an untrusted peer.
+#: ``proxy.headers.CLIENT_CLAIMS``: not forwarded from an untrusted peer.
 CLIENT_CLAIMS: frozenset[bytes] = frozenset(h.encode() for h in _CLAIMS)
 #: Response headers the proxy replaces with its own value.
 RESPONSE_REPLACED: frozenset[bytes] = HOP_BY_HOP_B | {INSTANCE_HEADER.lower().encode()}
@@ -164,8 +163,6 @@ TE_NOT_IMPLEMENTED = UNSUPPORTED_CODING
 def protocol_error(status: int, message: str, code: str) -> bytes:
     return error_response(status, message, code, keep_alive=False)
 
-
-replay_body = act_replay_body
 
 
 def chunk(data: bytes) -> bytes:
