@@ -229,6 +229,21 @@ def response_headers(instance: InstanceId, set_cookie: str | None) -> tuple[Head
     return ((INSTANCE_HEADER, instance), ("Set-Cookie", set_cookie))
 
 
+# ---------------------------------------------------------------------- the access log
+
+
+def access_fields(method: str, path: str, status: int, seconds: float, routed: tuple[str, str, str],
+                  request_id: str | None, remote: str | None) -> dict[str, Any]:
+    """The fields of one access-log line. ``routed``: (action, instance, reason), ("refuse", "", "")
+    when nothing was routed. Never the cookie, the user key or any header value."""
+    action, instance, reason = routed
+    return {
+        "method": method, "path": path, "status": status, "duration_ms": round(seconds * 1000, 2),
+        "action": action, "instance": instance or None, "reason": reason or None,
+        "replay_target": instance if action == REPLAY else None, "request_id": request_id, "remote": remote,
+    }
+
+
 # ---------------------------------------------------------------------- after an upstream failure
 
 

@@ -41,6 +41,14 @@ CLIENT_CLAIMS: frozenset[str] = frozenset(
     {"forwarded", "x-real-ip", FLY_CLIENT_IP_HEADER.lower(), FLY_FORWARDED_PROTO_HEADER.lower()})
 #: The response header naming the instance that answered (set by the proxy on every forwarded answer).
 INSTANCE_HEADER = "X-Fly-Instance"
+#: Where a request id is taken from, in order (Fly's first, so logs correlate with Fly's).
+REQUEST_ID_HEADERS: tuple[str, ...] = (FLY_REQUEST_ID_HEADER, "X-Request-Id")
+
+
+def is_sane_request_id(value: str) -> bool:
+    """A request id worth keeping (and passing upstream): at most 128 printable ASCII characters,
+    no space. Anything else is replaced by one of ours."""
+    return len(value) <= 128 and value.isascii() and value.isprintable() and " " not in value
 #: RFC 9110 9.2.2: methods a client may repeat, so a request that failed after it was sent may be retried
 #: (when it has no body). Both engines' retry rule reads this one set.
 IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})

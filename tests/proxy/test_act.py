@@ -193,3 +193,16 @@ def test_answers_are_small_json_errors(answer: act.Answer, status: int, code: st
 
 def test_replay_body() -> None:
     assert json.loads(act.replay_body(OTHER)) == {"message": f"replaying to instance {OTHER}", "instance": OTHER}
+
+
+@pytest.mark.parametrize(("routed", "instance", "reason", "replay_target"), [
+    (("refuse", "", ""), None, None, None),
+    (("forward", "i-1", "cookie"), "i-1", "cookie", None),
+    (("replay", "i-2", "hash"), "i-2", "hash", "i-2"),
+])
+def test_access_fields(routed: tuple[str, str, str], instance: str | None, reason: str | None,
+                       replay_target: str | None) -> None:
+    fields = act.access_fields("GET", "/a", 200, 0.0123456, routed, "rid", "10.0.0.1")
+    assert fields == {"method": "GET", "path": "/a", "status": 200, "duration_ms": 12.35, "action": routed[0],
+                      "instance": instance, "reason": reason, "replay_target": replay_target,
+                      "request_id": "rid", "remote": "10.0.0.1"}

@@ -7,9 +7,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from affinity_proxy.proxy.headers import (
     HOP_BY_HOP,
+    REQUEST_ID_HEADERS,
     connection_tokens,
     downstream_response_headers,
     is_safe_header,
+    is_sane_request_id,
     merge_extra_headers,
     upstream_request_headers,
 )
@@ -174,3 +176,12 @@ def test_merge_extra_accepts_a_mapping_and_rejects_unsafe() -> None:
     rejected = merge_extra_headers(target, {"X-Ok": "1", "X-Bad": "a\r\nInjected: 1"})
     assert rejected == ["'X-Bad'"]
     assert dict(target) == {"X-Ok": "1"}
+
+
+@pytest.mark.parametrize(("value", "sane"), [
+    ("abc-123", True), ("x" * 128, True), ("x" * 129, False), ("has space", False), ("tab\there", False),
+    ("caf\u00e9", False), ("nul\x00", False), ("", True),
+])
+def test_is_sane_request_id(value: str, sane: bool) -> None:
+    assert is_sane_request_id(value) is sane
+    assert REQUEST_ID_HEADERS == ("Fly-Request-Id", "X-Request-Id")

@@ -23,7 +23,8 @@ from affinity_proxy.proxy.context import ProxyContext
 from affinity_proxy.proxy.headers import (
     FLY_CLIENT_IP_HEADER,
     FLY_FORWARDED_PROTO_HEADER,
-    FLY_REQUEST_ID_HEADER,
+    REQUEST_ID_HEADERS,
+    is_sane_request_id,
     upstream_request_headers,
 )
 from affinity_proxy.proxy.realip import RealClient, real_client, trusted_proxies
@@ -59,23 +60,19 @@ def real_client_of(cidrs: tuple[str, ...], request: web.Request) -> RealClient:
 def request_id_of(request: web.Request) -> str:
     """Fly's request id when present (so logs correlate with Fly's), else the client's
     X-Request-Id when sane, else a fresh one. Passed upstream as X-Request-Id."""
-    for name in (FLY_REQUEST_ID_HEADER, "X-Request-Id"):
+    for name in REQUEST_ID_HEADERS:
         value = request.headers.get(name)
-        if value and len(value) <= 128 and value.isascii() and value.isprintable() and " " not in value:
+        if value and is_sane_request_id(value):
             return value
     return secrets.token_hex(12)
 
 
 def log_access(request: web.Request, response: web.StreamResponse, duration: float) -> None:
     """One structured line per request. Never the cookie, the user key or any header value."""
-    action, instance, reason = request.get(ROUTED, ("refuse", "", ""))
     client = request.get(REAL_CLIENT)
-    access_log.info("request", extra={"fields": {
-        "method": request.method, "path": request.path, "status": response.status,
-        "duration_ms": round(duration * 1000, 2), "action": action, "instance": instance or None,
-        "reason": reason or None, "replay_target": instance if action == "replay" else None,
-        "request_id": request.get(REQUEST_ID), "remote": client.ip if client else request.remote,
-    }})
+    access_log.info("request", extra={"fields": act.access_fields(
+        request.method, request.path, response.status, duration, request.get(ROUTED, ("refuse", "", "")),
+        request.get(REQUEST_ID), client.ip if client else request.remote)})
 
 def answer(a: act.Answer) -> web.Response:
     """An ``act.Answer`` as an aiohttp response."""

@@ -250,13 +250,7 @@ class Exchange(Forwarding):
         self.conn.exchange_done(self, keep_alive=not close and self._keep_alive())
 
     def _log_access(self, status: int) -> None:
-        action, instance, reason = self.routed
         head = self.head
-        fields: dict[str, Any] = {
-            "method": head.method, "path": head.path, "status": status,
-            "duration_ms": round((time.perf_counter() - self.started) * 1000, 2), "action": action,
-            "instance": instance or None, "reason": reason or None,
-            "replay_target": instance if action == "replay" else None, "request_id": self.rid(),
-            "remote": self.conn.real_client(head).ip,
-        }
-        access_log.info("request", extra={"fields": fields})
+        access_log.info("request", extra={"fields": act.access_fields(
+            head.method, head.path, status, time.perf_counter() - self.started, self.routed, self.rid(),
+            self.conn.real_client(head).ip)})

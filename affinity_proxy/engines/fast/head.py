@@ -11,9 +11,9 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from affinity_proxy.proxy.context import ProxyContext
-from affinity_proxy.proxy.headers import FLY_REQUEST_ID_HEADER
+from affinity_proxy.proxy.headers import REQUEST_ID_HEADERS, is_sane_request_id
 
-_REQUEST_IDS = (FLY_REQUEST_ID_HEADER.lower().encode(), b"x-request-id")  # Fly's first
+_REQUEST_IDS = tuple(name.lower().encode() for name in REQUEST_ID_HEADERS)  # Fly's first
 
 _AFFINITY_PREFIX = b"/_affinity/"
 #: Methods the aiohttp preflight refuses (405): CONNECT (no tunnels) and TRACE (never forwarded: it
@@ -70,7 +70,7 @@ class RequestHead:
 
     def client_request_id(self) -> bytes | None:
         """Fly's request id when present, else the client's X-Request-Id, when sane (at most 128
-        printable ASCII characters, no space): ``web.proxy_handler.request_id_of``. Memoized."""
+        printable ASCII characters, no space: ``proxy.headers.is_sane_request_id``). Memoized."""
         rid = self._rid
         if rid is False:
             rid = None
@@ -78,7 +78,7 @@ class RequestHead:
                 raw = self.first.get(name)
                 if raw:
                     value = text(raw)
-                    if len(value) <= 128 and value.isascii() and value.isprintable() and " " not in value:
+                    if is_sane_request_id(value):
                         rid = raw
                         break
             self._rid = rid
