@@ -16,9 +16,12 @@ from typing import TypeAlias
 from multidict import CIMultiDict
 
 #: Headers that describe one connection, never the message; a proxy must not forward them.
+#: ``HTTP2-Settings`` is connection-specific by definition (RFC 7540 3.2.1): it only means something
+#: beside ``Upgrade: h2c``, which is never passed on either (h2c smuggling needs both).
 HOP_BY_HOP: frozenset[str] = frozenset(
     {
         "connection",
+        "http2-settings",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",

@@ -30,6 +30,7 @@ def _up(headers: CIMultiDictProxy[str], **kwargs: object) -> CIMultiDict[str]:
 def test_hop_by_hop_set_is_the_rfc_list() -> None:
     assert {
         "connection",
+        "http2-settings",  # RFC 7540 3.2.1, dropped against h2c smuggling
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
