@@ -15,6 +15,9 @@ from tests.functional.helpers import COOKIE, admin, affinity_cookie, base, metri
 from tests.support.backends import make_config
 from tests.support.waiting import wait_until
 
+#: Requests of each client class (cookie, user-key, anonymous) served while Redis is down.
+OUTAGE_REQUESTS = 500
+
 
 def redis_config(backends, url: str, **overrides):  # type: ignore[no-untyped-def]
     return make_config(backends, store=StoreConfig(url=url, timeout=0.25), **overrides)
@@ -86,7 +89,10 @@ async def test_race_for_first_pin_across_two_nodes(engine: str, backends, start_
 
 async def test_redis_outage_under_load(engine: str, backends, start_proxy, http, private_redis) -> None:
     """Kill redis-server for a while under steady load: cookie clients see no error, everyone is
-    served (users needing a pin fall back to the ring), and pins work again after the restart."""
+    served (users needing a pin fall back to the ring), and pins work again after the restart.
+
+    Every phase lasts until enough requests of every class were served in it (a condition, not a
+    fixed duration): a loaded machine only makes it longer, a quiet one does not wait for nothing."""
     n1 = await start_proxy(redis_config(backends, private_redis.url, engine=engine))
     n2 = await start_proxy(redis_config(backends, private_redis.url, engine=engine))
     nodes = [n1, n2]
@@ -116,8 +122,16 @@ async def test_redis_outage_under_load(engine: str, backends, start_proxy, http,
             n += 1
             await asyncio.sleep(0.01)
 
-    loops = [asyncio.ensure_future(client_loop(kind, i)) for kind in ("cookie", "user", "anon") for i in range(4)]
-    await asyncio.sleep(1.0)
+    kinds = ("cookie", "user", "anon")
+
+    def served_since(mark: dict[str, int], n: int) -> bool:
+        """Every class has had ``n`` more requests answered than in the snapshot ``mark``."""
+        def done(c: dict[str, int], k: str) -> int:
+            return c.get(f"{k}_ok", 0) + c.get(f"{k}_error", 0)
+        return all(done(counts, k) >= done(mark, k) + n for k in kinds)
+
+    loops = [asyncio.ensure_future(client_loop(kind, i)) for kind in kinds for i in range(4)]
+    await wait_until(lambda: served_since({}, 50), timeout=30, message="load running before the outage")
     await asyncio.to_thread(private_redis.stop)
     outage_started = time.monotonic()
     await wait_until(lambda: not n1.ctx.store_ok or n1.ctx.store.available is False, timeout=10)
@@ -127,13 +141,17 @@ async def test_redis_outage_under_load(engine: str, backends, start_proxy, http,
         assert resp.status == 200 and doc["status"] == "degraded", doc
     metrics = await (await http.get(admin(n1) + "/metrics")).text()
     assert metric_value(metrics, "affinity_store_up") == 0
-    await asyncio.sleep(max(0.0, 10.0 - (time.monotonic() - outage_started)))
+    detected = dict(counts)
+    # the outage lasts while both nodes keep re-probing Redis (circuit breaker) and serving
+    await wait_until(lambda: served_since(detected, OUTAGE_REQUESTS), timeout=60, message="load during the outage")
     during = dict(counts)
+    outage = time.monotonic() - outage_started
     await asyncio.to_thread(private_redis.start)
-    await asyncio.sleep(1.0)
+    await wait_until(lambda: served_since(during, 50), timeout=30, message="load across the restart")
     stop.set()
     await asyncio.gather(*loops)
-    print(f"redis outage 10s, 2 nodes, 12 clients: {dict(counts)} (at restart: {during})")
+    print(f"redis outage {outage:.1f}s, 2 nodes, 12 clients: {dict(counts)} "
+          f"(at detection: {detected}; at restart: {during})")
     assert counts["cookie_error"] == 0
     assert counts["user_error"] == 0 and counts["anon_error"] == 0
     assert counts["cookie_ok"] > 100 and counts["user_ok"] > 100
