@@ -10,7 +10,8 @@ Everything is real and on 127.0.0.1: demo backends (aiohttp), ``ProxyServer`` no
   reconnecting with their cookie jar when the socket dies). Every request is a ``Record``: when it
   was sent and finished, client, class, the instance it was pinned to before, the instance that
   answered, status/error, and whether the client changed instance (re-pin).
-- Faults (``FAULTS``): ``kill`` (stop an instance, restart it on the same port), ``redis`` (stop
+- Faults (``FAULTS``): ``kill`` (the instance dies: its port closes and every open connection,
+  WebSockets included, is cut at once; then it restarts on the same port), ``redis`` (stop
   redis-server, restart it), ``hang`` (stop the instance and listen on its port with a server that
   accepts and never answers, then restore it), ``flap`` (the instance's health check alternates
   failing and passing while it keeps serving).
@@ -55,6 +56,8 @@ UPSTREAM_TIMEOUT = 1.0
 #: Cookies older than this are checked against the stored pin: short, so that cookie clients take
 #: that path (a store call) during every fault, the Redis outage included.
 COOKIE_REVALIDATE_AFTER = 2.0
+#: How much longer than ``Profile.after`` traffic may run while waiting for every client to recover.
+RECOVERY_GRACE = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,10 +442,9 @@ def analyse(fault: str, profile: Profile, records: list[Record], *, target: str 
     if fault == "redis" and by_class["cookie"]["failed"]:
         rep.violations.append(f"cookie clients saw {by_class['cookie']['failed']} errors during the Redis outage")
     rep.by_class = by_class
-    affected = {c: pin for c, pin in pins_at_fault.items()
-                if target is not None and pin == target and any(c.startswith(k) for k in movers)}
+    affected = _affected(pins_at_fault, target, movers)
     rep.affected = len(affected)
-    rep.recover = _recovery(records, target, t_fault, affected)
+    rep.recover = _recovery(records, target, t_fault, t_restore, affected)
     lat = sorted(r.latency for r in records if r.ok)
     if lat:
         rep.latency = {"p50": statistics.median(lat), "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
@@ -451,10 +453,22 @@ def analyse(fault: str, profile: Profile, records: list[Record], *, target: str 
     return rep
 
 
-def _recovery(records: list[Record], target: str | None, t_fault: float,
+def _affected(pins_at_fault: dict[str, str | None], target: str | None,
+              movers: tuple[str, ...]) -> dict[str, str | None]:
+    """The clients of the ``movers`` classes that were pinned to the faulted instance at the fault."""
+    return {c: pin for c, pin in pins_at_fault.items()
+            if target is not None and pin == target and any(c.startswith(k) for k in movers)}
+
+
+def _recovery(records: list[Record], target: str | None, t_fault: float, t_restore: float,
               pins_at_fault: dict[str, str | None]) -> float:
     """First time after the fault when every class succeeds again (after its last failure) and
-    every client that was on the target has been served by another instance."""
+    every client that was on the target has moved: served by another instance.
+
+    One exception: a client that started nothing during the outage (its only traffic was on a
+    WebSocket opened before the fault, which a hung instance holds open until the restore) never
+    had to move; if it reconnects after the restore, the restored instance may rightly serve it
+    again, so any success sent after the restore counts. Infinite: not recovered (yet)."""
     times = [t_fault]
     for kind in CLASSES:
         mine = [r for r in records if r.kind == kind and r.done >= t_fault]
@@ -467,9 +481,12 @@ def _recovery(records: list[Record], target: str | None, t_fault: float,
         for client, pin in pins_at_fault.items():
             if pin != target:
                 continue
-            elsewhere = [r.done for r in records if r.client == client and r.done >= t_fault
-                         and r.ok and r.instance != target]
-            times.append(min(elsewhere) if elsewhere else float("inf"))
+            mine = [r for r in records if r.client == client and r.done >= t_fault]
+            started_in_outage = any(t_fault <= (r.opened if r.opened is not None else r.sent) < t_restore
+                                    for r in mine)
+            moved = [r.done for r in mine if r.ok
+                     and (r.instance != target or (not started_in_outage and r.sent >= t_restore))]
+            times.append(min(moved) if moved else float("inf"))
     return max(times) - t_fault
 
 
@@ -532,7 +549,7 @@ def kill_plan(cluster: ChaosCluster, target: str = "b") -> FaultPlan:
     port = cluster.backends.ports[target]
 
     async def inject() -> None:
-        await cluster.backends.stop(target)
+        await cluster.backends.kill(target)  # port closed, every open connection cut at once
 
     async def restore() -> None:
         await cluster.backends.start(target, port=port)
@@ -618,12 +635,13 @@ def flap_plan(cluster: ChaosCluster, profile: Profile, target: str = "b") -> Fau
                      note=lambda: f"health switched: {flaps['ok=0']}x failing, {flaps['ok=1']}x passing")
 
 
-async def _watch(predicate: Callable[[], bool], now: Callable[[], float], until: float) -> float | None:
-    """Poll ``predicate`` every 10 ms until it holds (return the time) or ``until`` passes."""
+async def _watch(predicate: Callable[[], bool], now: Callable[[], float], until: float,
+                 every: float = 0.01) -> float | None:
+    """Poll ``predicate`` every ``every`` seconds until it holds (return the time) or ``until`` passes."""
     while time.monotonic() < until:
         if predicate():
             return now()
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(every)
     return None
 
 
@@ -650,7 +668,7 @@ async def run_fault(fault: str, profile: Profile, *, redis: RedisServer | None =
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}")
         total = profile.warmup + profile.fault + profile.after
-        traffic = Traffic(cluster.urls(), profile, deadline=time.monotonic() + total + 60)
+        traffic = Traffic(cluster.urls(), profile, deadline=time.monotonic() + total + RECOVERY_GRACE + 60)
         try:
             await traffic.start()
             await traffic.ws_ready()
@@ -660,7 +678,7 @@ async def run_fault(fault: str, profile: Profile, *, redis: RedisServer | None =
             t_fault = traffic.now()
             fault_end = time.monotonic() + profile.fault
             watcher = asyncio.ensure_future(_watch(plan.detected, traffic.now, fault_end))
-            await plan.inject()  # stopping a backend waits for its open WebSockets (up to ~4 s)
+            await plan.inject()
             if plan.during is not None:
                 await plan.during()
             await asyncio.sleep(max(0.0, fault_end - time.monotonic()))
@@ -669,6 +687,11 @@ async def run_fault(fault: str, profile: Profile, *, redis: RedisServer | None =
             await plan.restore()
             t_back = await _watch(plan.back, traffic.now, time.monotonic() + profile.after)
             await asyncio.sleep(max(0.0, profile.after - (traffic.now() - t_restore)))
+            # on a loaded machine the last clients may need longer than ``after`` to be served
+            # again: keep the traffic running until they have (bounded), instead of judging early
+            affected = _affected(pins_at_fault, plan.target, plan.movers)
+            await _watch(lambda: _recovery(traffic.records, plan.target, t_fault, t_restore, affected) != float("inf"),
+                         traffic.now, time.monotonic() + RECOVERY_GRACE, every=0.1)
         finally:
             await traffic.stop()
         t_end = traffic.now()

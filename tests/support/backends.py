@@ -32,6 +32,23 @@ class Backends:
         runner = self.runners.pop(instance_id)
         await runner.cleanup()
 
+    async def kill(self, instance_id: str) -> None:
+        """Stop ``instance_id`` the way a crashed process stops: the port closes and every open
+        connection (keep-alive, WebSocket) is cut at once.
+
+        Why not ``stop``: aiohttp's graceful cleanup stops reading every connection, then waits
+        ``shutdown_timeout`` for handlers and again after cancelling them, so a WebSocket open on
+        the instance swallows messages for ~4 s before it closes; a killed process never does that.
+        """
+        runner = self.runners.pop(instance_id)
+        for site in list(runner.sites):
+            await site.stop()
+        if runner.server is not None:
+            for handler in runner.server.connections:
+                if handler.transport is not None:
+                    handler.transport.abort()
+        await runner.cleanup()
+
     async def close(self) -> None:
         for runner in list(self.runners.values()):
             await runner.cleanup()
