@@ -79,12 +79,15 @@ async def _ready(http: aiohttp.ClientSession, served: Served) -> None:
 async def test_sigterm_under_load_loses_no_inflight_request(served, http) -> None:
     await _ready(http, served)
     outcomes: list[tuple[float, bool]] = []
+    last_start: dict[int, float] = {}  # client -> when its latest request started
+    in_flight: set[int] = set()  # clients waiting for an answer
     stop_load = asyncio.Event()
 
     async def client(i: int) -> None:
         async with aiohttp.ClientSession() as own:
             while not stop_load.is_set():
-                started = time.monotonic()
+                started = last_start[i] = time.monotonic()
+                in_flight.add(i)
                 try:
                     async with own.get(served.base + "/slow", params={"delay": "0.5"},
                                        headers={"X-User-Id": f"u{i}"}) as resp:
@@ -93,16 +96,26 @@ async def test_sigterm_under_load_loses_no_inflight_request(served, http) -> Non
                 except aiohttp.ClientError:
                     outcomes.append((started, False))
                     await asyncio.sleep(0.05)
+                finally:
+                    in_flight.discard(i)
 
     ws = await http.ws_connect(served.base + "/ws")
     loops = [asyncio.ensure_future(client(i)) for i in range(20)]
-    await asyncio.sleep(1.2)
+    def draining_work() -> bool:
+        """Load is steady (a round of answers) and at least 10 requests are well under way (older
+        than the 0.1 s margin below): those must complete after the signal."""
+        now = time.monotonic()
+        return len(outcomes) >= 20 and sum(now - last_start[i] > 0.15 for i in in_flight) >= 10
+
+    await wait_until(draining_work, timeout=20, message="steady load with requests in flight")
     signalled = time.monotonic()
     served.proc.send_signal(signal.SIGTERM)
     msg = await ws.receive(timeout=10)
     async with http.get(f"http://127.0.0.1:{served.admin_port}/health") as resp:
         draining_health = resp.status  # in-flight /slow requests are still draining on the main listener
-    await asyncio.sleep(1.5)
+    # every request in flight at the signal has ended once each client has started a later one
+    await wait_until(lambda: all(t > signalled for t in last_start.values()), timeout=20,
+                     message="requests in flight at SIGTERM finished")
     stop_load.set()
     await asyncio.gather(*loops)
     code = await asyncio.to_thread(served.proc.wait, 20)
