@@ -19,7 +19,7 @@ from dataclasses import replace
 import aiohttp
 import pytest
 
-from affinity_proxy.config import LimitsConfig
+from affinity_proxy.config import HealthConfig, LimitsConfig
 from tests.robustness.conftest import assert_served
 from tests.security.conftest import backend_connections
 from tests.support.backends import Backends, make_config
@@ -47,7 +47,10 @@ async def test_slowhttptest_attack(slowhttptest: str, engine: str, attack: str) 
     await backends.start("a")
     try:
         async with proxy_factory(engine) as start, aiohttp.ClientSession() as http:
-            config = make_config(backends)
+            # The product's health defaults (2 missed probes of 2 s), not make_config's hair trigger (1 miss of
+            # 1 s): the backend shares this process's CPU with 400 attack connections, so on a loaded machine
+            # one slow probe marked the only instance down (503) -- not what this test measures.
+            config = make_config(backends, health=HealthConfig(interval=1.0))
             server = await start(replace(config, limits=replace(config.limits, client_timeout=60.0)))
             assert isinstance(server.config.limits, LimitsConfig) and server.config.engine == engine
             port, backend_port = server.main_port, backends.ports["a"]
