@@ -25,7 +25,7 @@ from tests.support.backends import Backends
 MiB = 1024 * 1024
 CLIENTS = 40
 #: KiB of proxy RSS allowed per non-reading client, per engine (see the module docstring).
-BOUND_KIB = {"fast": 270, "aiohttp": 450}
+BOUND_KIB = {"fast": 270, "aiohttp": 600}  # before the fix: fast 340-427, aiohttp 784-830; quiet now ~195 / ~305
 
 
 async def _settled_rss(proxy_rss, stable_for: int = 10) -> int:  # type: ignore[no-untyped-def]

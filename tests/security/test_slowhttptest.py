@@ -34,8 +34,9 @@ ATTACKS = {
     "slow-headers": (["-H", "-x", "24"], "/", 10),
     "slow-body": (["-B", "-s", "4096", "-x", "10"], "/upload", 10),
     # slow readers: a backend connection lives as long as one 32 KiB response (they overlap while
-    # 400 requests arrive within a second), never as long as the slow reader
-    "slow-read": (["-X", "-k", "1", "-n", "1", "-w", "512", "-y", "1024", "-z", "32"], "/stream?bytes=32768", 150),
+    # 400 requests arrive within a second), never as long as the slow reader: 25-35 on a quiet machine,
+    # up to ~190 beside a second test suite; one per attacker (~400) if the reader held it
+    "slow-read": (["-X", "-k", "1", "-n", "1", "-w", "512", "-y", "1024", "-z", "32"], "/stream?bytes=32768", 300),
 }
 
 
@@ -51,7 +52,11 @@ async def test_slowhttptest_attack(slowhttptest: str, engine: str, attack: str) 
             # 1 s): the backend shares this process's CPU with 400 attack connections, so on a loaded machine
             # one slow probe marked the only instance down (503) -- not what this test measures.
             config = make_config(backends, health=HealthConfig(interval=1.0))
-            server = await start(replace(config, limits=replace(config.limits, client_timeout=60.0)))
+            # upstream_connect_timeout 5 s: 400 requests at once make as many connects to a backend whose
+            # accept loop shares this process; under a parallel suite 1 s timed out, and passive health then
+            # marked the only instance down (503 to the normal client) -- not what this test measures.
+            server = await start(replace(config, limits=replace(config.limits, client_timeout=60.0,
+                                                                upstream_connect_timeout=5.0)))
             assert isinstance(server.config.limits, LimitsConfig) and server.config.engine == engine
             port, backend_port = server.main_port, backends.ports["a"]
             await assert_served(http, port, f"{engine} {attack}: before")
