@@ -153,7 +153,8 @@ def _check_head(head: bytes) -> None:
         if lname == b"x-fly-instance":
             assert value.decode() in KNOWN, value
         elif lname == b"fly-replay":
-            assert re.fullmatch(rb"instance=m[23];state=affinity", value), value
+            assert re.fullmatch(rb"(?:prefer_)?instance=m[23];state=affinity(?:;timeout=\d+m?s;fallback=prefer_self)?",
+                                value), value
         elif lname == b"set-cookie" and value.startswith(COOKIE.encode() + b"="):
             assert re.fullmatch(rb"fly-instance-id=1~(a|b|c|m1|m2|m3)~[0-9a-z]+~[A-Za-z0-9_-]*~[A-Za-z0-9_-]{22}; "
                                 rb"Max-Age=\d+; Path=/; HttpOnly; SameSite=Lax", value), value
