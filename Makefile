@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-all lint install bench bench-compare bench-scaling bench-placement chaos clean redis-server test-deps
+.PHONY: demo test test-all lint install bench bench-compare bench-scaling bench-placement bench-budget chaos clean redis-server test-deps
 
 # Debian packages the suite needs (redis-server, chromium, prometheus's promtool, nginx, openssl,
 # slowhttptest), installed with apt-get when missing; the list is in .ci/install-deps, which CI
@@ -45,6 +45,13 @@ bench: install
 REF ?= 9c433204caeeab6bd4a67be0fcb9f174ad14047a
 bench-compare: install
 	$(BIN)/python -m benchmarks.run --duration 8 --rounds 5 --compare-ref $(REF) --output benchmarks/COMPARE.md --targets nginx-proxy,direct,byte-relay,affinity-proxy,affinity-fly,haproxy-insert,affinity-new
+
+# Where a request's CPU goes: µs per request by stage (py-spy samples + kernel time), pinned and
+# new-session paths (about 1 min; needs py-spy: installed here with pip).
+bench-budget: install
+	$(BIN)/pip install --quiet py-spy
+	$(BIN)/python -m benchmarks.cpu_budget --target affinity-proxy --label pinned
+	$(BIN)/python -m benchmarks.cpu_budget --target affinity-new --label new-session
 
 # 1M pins in Redis, proxy memory with 100k users, --workers 2 vs 1 (about 3 min): writes benchmarks/SCALING.md.
 bench-scaling: install redis-server
