@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-all lint install bench bench-compare bench-scaling bench-placement bench-budget chaos clean redis-server test-deps
+.PHONY: demo test test-all lint install bench bench-compare bench-ws bench-scaling bench-placement bench-budget chaos clean redis-server test-deps
 
 # Debian packages the suite needs (redis-server, chromium, prometheus's promtool, nginx, openssl,
 # slowhttptest), installed with apt-get when missing; the list is in .ci/install-deps, which CI
@@ -52,6 +52,13 @@ bench-budget: install
 	$(BIN)/pip install --quiet py-spy
 	$(BIN)/python -m benchmarks.cpu_budget --target affinity-proxy --label pinned
 	$(BIN)/python -m benchmarks.cpu_budget --target affinity-new --label new-session
+
+# WebSocket relay against nginx (issue #16): 20 connections echoing 64-byte messages through nginx and
+# both engines, each proxy alone on CPU 1, 5 interleaved rounds (about 2 min): round trips/s and proxy CPU
+# per round trip, medians with min-max; writes the WebSocket section of benchmarks/RESULTS.md.
+bench-ws: install
+	@.ci/install-deps nginx
+	$(BIN)/python -m benchmarks.ws_bench --rounds 5 --duration 8
 
 # 1M pins in Redis, proxy memory with 100k users, --workers 2 vs 1 (about 3 min): writes benchmarks/SCALING.md.
 bench-scaling: install redis-server

@@ -122,6 +122,37 @@ def proxy_conf(
     )
 
 
+def ws_proxy_conf(workdir: Path, listen_port: int, upstream_port: int, *, name: str = "nginx-ws") -> str:
+    """nginx as the reference WebSocket proxy (issue #16): one worker passing the upgrade through
+    (``Upgrade``/``Connection`` set from the client's, HTTP/1.1 upstream), then moving bytes."""
+    return (
+        _main_block(workdir, name)
+        + "\nhttp {\n"
+        + _http_common(workdir, name)
+        + f"""
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        "" close;
+    }}
+
+    server {{
+        listen 127.0.0.1:{int(listen_port)} backlog=1024;
+        location / {{
+            proxy_pass http://127.0.0.1:{int(upstream_port)};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }}
+    }}
+}}
+"""
+    )
+
+
 def nginx_argv(nginx: str, workdir: Path, conf_path: Path, name: str) -> list[str]:
     """The command line: prefix and early error log in ``workdir`` (nginx opens its compiled-in
     error log before reading the configuration unless ``-e`` says otherwise)."""
