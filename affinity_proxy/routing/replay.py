@@ -27,6 +27,13 @@ REPLAY_FAILED_HEADER = "fly-replay-failed"
 PREFERRED_UNAVAILABLE_HEADER = "fly-preferred-instance-unavailable"
 FORCE_INSTANCE_HEADER = "fly-force-instance-id"
 PREFER_INSTANCE_HEADER = "fly-prefer-instance-id"
+#: Replay cache (docs/fly-protocol.md §1 "Replay caching"): a response header (``/path/*`` or
+#: ``invalidate``), its TTL header, and the request header telling the target how it got there.
+REPLAY_CACHE_HEADER = "fly-replay-cache"
+REPLAY_CACHE_TTL_HEADER = "fly-replay-cache-ttl-secs"
+REPLAY_CACHE_STATUS_HEADER = "fly-replay-cache-status"
+CACHE_INVALIDATE = "invalidate"
+CACHE_HIT = "hit"
 
 #: Our ``state`` value: a request whose fly-replay-src carries it was replayed by a node of ours.
 OUR_STATE_MARKER = "affinity"
@@ -371,6 +378,7 @@ class PlanReason(StrEnum):
     BODY_TOO_LARGE = "body_too_large"
     UNKNOWN_LENGTH = "unknown_length"
     FOREIGN_REPLAY = "foreign_replay"  # replayed in by someone else (a router app): never replayed again
+    CACHE_INVALIDATE = "cache_invalidate"  # Fly's replay cache sent a user here who belongs elsewhere
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,11 +405,14 @@ class LocalForward:
 
 @dataclass(frozen=True, slots=True)
 class Replay:
-    """Answer with ``fly-replay: <header>`` so Fly's edge replays the request on ``instance``."""
+    """Answer with ``fly-replay: <header>`` so Fly's edge replays the request on ``instance``.
+    ``invalidate``: also send ``fly-replay-cache: invalidate`` (the request came from Fly's replay
+    cache, whose entry names the wrong Machine)."""
 
     instance: InstanceId
     header: str
     reason: PlanReason = PlanReason.REPLAY
+    invalidate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,12 +447,20 @@ def replay_header_for(
     timeout: float | None = DEFAULT_REPLAY_TIMEOUT,
     fallback: str | None = DEFAULT_FALLBACK,
     state: str | None = OUR_STATE_MARKER,
+    cacheable: bool = False,
 ) -> str:
     """The fly-replay value ``plan`` sends: ``instance=<id>;state=..;timeout=..;fallback=..`` or,
     with ``prefer_instance``, the same with ``prefer_instance=<id>``. ``timeout``/``fallback`` None
     leave the field out. When an option is invalid the minimal ``instance=<id>;state=affinity`` is
     returned. ValueError only for an invalid ``target``.
+
+    ``cacheable``: the form Fly's replay cache may keep, ``prefer_instance=<id>`` alone. A cached
+    replay may not carry ``state``, ``timeout`` or ``fallback`` (docs/fly-protocol.md §1 "Replay
+    caching"); ``prefer_instance`` keeps "a destroyed target never strands a user": Fly then
+    delivers to another Machine with ``fly-preferred-instance-unavailable`` (``triage``).
     """
+    if cacheable:
+        return format_replay_header(prefer_instance=target)
     try:
         if prefer_instance:
             return format_replay_header(prefer_instance=target, state=state, timeout=timeout, fallback=fallback)
@@ -513,6 +532,8 @@ def plan(
     state: str | None = OUR_STATE_MARKER,
     max_replay_body: int = MAX_REPLAY_BODY,
     unsized_methods: Collection[str] = UNSIZED_METHODS,
+    cacheable: bool = False,
+    cache_hit: bool = False,
 ) -> Plan:
     """How to carry out "serve on ``route_instance``" on the node running ``local_instance``.
 
@@ -532,8 +553,14 @@ def plan(
        WebSocket upgrades included;
     7. a body Fly cannot replay (``body_replayable``) -> ``PrivateForward``, except for WebSocket
        upgrades, which are always replayed;
-    8. otherwise ``Replay`` with ``replay_header_for``.
+    8. otherwise ``Replay`` with ``replay_header_for``: in the cacheable form when ``cacheable``
+       (``fly.replay_cache`` on and the request carries something Fly's cache is keyed on), with
+       ``invalidate`` when ``cache_hit`` (``fly-replay-cache-status: hit``: Fly's cache sent the
+       request here, so its entry names the wrong Machine; reason ``cache_invalidate``).
 
+    A cache hit carries no ``fly-replay-src`` (docs/fly-protocol.md §1), so rules 4 and 6 do not
+    apply to it: it is one hop old, and the invalidating replay is the only one we add (a second
+    replay is never made from the request that replay delivers: it carries ``fly-replay-src``).
     Never returns ``Replay`` to the local instance. Pure and O(1); never raises for any input.
     """
     if route_instance == local_instance:
@@ -556,5 +583,8 @@ def plan(
             why = PlanReason.UNKNOWN_LENGTH
         if why is not None:
             return PrivateForward(target, why)
-    header = replay_header_for(target, prefer_instance=prefer_instance, timeout=timeout, fallback=fallback, state=state)
+    header = replay_header_for(target, prefer_instance=prefer_instance, timeout=timeout, fallback=fallback,
+                               state=state, cacheable=cacheable)
+    if cache_hit:
+        return Replay(target, header, PlanReason.CACHE_INVALIDATE, invalidate=True)
     return Replay(target, header)

@@ -8,8 +8,17 @@ headers``), only for bodies of at most ``max_replay_body`` bytes (request bodies
 that size; larger ones are streamed through and cannot be replayed), with ``prefer_instance``,
 ``timeout`` and ``fallback`` semantics (target choice in ``fly.edge_route``, the HTTP path in
 ``fly.edge_http``). WebSocket upgrades are relayed and replayed the same way (``fly.edge_ws``).
-Machines can be marked stopped (woken through ``on_wake`` when targeted) or destroyed (unknown).
-Counters are attributes and ``GET /_edge/stats``.
+Machines can be marked stopped (woken through ``on_wake`` when targeted) or destroyed (unknown),
+and cordoned (no load-balanced traffic: the switch of a bluegreen deploy, ``cordon``).
+Counters are attributes and ``GET /_edge/stats``; ``hop_counts`` records how many Machines each
+relayed request was delivered to.
+
+The replay cache (docs/fly-protocol.md §1 "Replay caching", §5): ``replay_cache`` takes the fly.toml
+``[[http_service.http_options.replay_cache]]`` rules (``edge_cache.CacheRule``); answers carrying
+``fly-replay-cache: /path/*`` are cached too. What is stored and looked up is ``fly.edge_cache``'s,
+how a hit is delivered ``fly.edge_route``'s (``cache_gone_target`` picks the reading for a cached
+target that is gone); ``cache_outcomes`` counts relayed requests by how they got there (``hit``,
+``hit_replayed``, ``replayed``, ``direct``).
 
 Machines belong to an app and a process group and may have a ``hard_limit`` (see
 ``fly.edge_route`` for what is modelled and where docs/fly-protocol.md says so): client traffic goes to the
@@ -31,7 +40,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -39,6 +48,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from affinity_proxy.devtools.fly.edge_cache import CacheRule, ReplayCache
 from affinity_proxy.devtools.fly.edge_http import serve_http
 from affinity_proxy.devtools.fly.edge_route import (
     MACHINE_STATES,
@@ -48,6 +58,7 @@ from affinity_proxy.devtools.fly.edge_route import (
     PM01,
     EdgeError,
     EdgeRouter,
+    GoneTargetReading,
     HardLimitReading,
     Hop,
     Machine,
@@ -105,9 +116,17 @@ class FlyEdge:
         api_rate: float | None = None,
         api_burst: float = 3.0,
         api_retry_after: int | None = 1,
+        replay_cache: Sequence[CacheRule] = (),
+        cache_gone_target: GoneTargetReading = "replay",
+        cache_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.router = EdgeRouter(machines, app=app, region=region, http_group=http_group,
-                                 hard_limit_instance=hard_limit_instance, fallback_replay_src=fallback_replay_src)
+                                 hard_limit_instance=hard_limit_instance, fallback_replay_src=fallback_replay_src,
+                                 cache_gone_target=cache_gone_target)
+        self.cache = ReplayCache(tuple(replay_cache))
+        self._cache_clock = cache_clock
+        self.hop_counts: Counter[int] = Counter()
+        self.cache_outcomes: Counter[str] = Counter()
         self.hard_limit_wait = hard_limit_wait
         self._load_changed = asyncio.Event()
         self.app = app
@@ -200,6 +219,17 @@ class FlyEdge:
         self.router.machines[machine_id] = Machine(machine_id, url, state, app=app or self.app, group=group,
                                                    hard_limit=hard_limit)
 
+    def cache_now(self) -> float:
+        """The replay cache's clock (``cache_clock``; a test may pass its own to expire entries)."""
+        return self._cache_clock()
+
+    def cordon(self, machine_id: str, cordoned: bool = True) -> None:
+        """Take the Machine out of load balancing (or back in): what a bluegreen deploy does to the
+        old Machines once the new ones are healthy, before destroying them (docs/fly-protocol.md §5
+        ``bluegreen``; the Machines API ``cordon``, §4). GUESS: replays naming it still reach it.
+        KeyError for an unknown id."""
+        self.router.machines[machine_id].cordoned = cordoned
+
     def set_machine_group(self, machine_id: str, group: str) -> None:
         """The Machine's process group (fly.toml ``[processes]``). KeyError for an unknown id."""
         self.router.machines[machine_id].group = group
@@ -263,6 +293,8 @@ class FlyEdge:
             "replay_counts": {str(k): v for k, v in sorted(self.replay_counts.items())},
             "api_calls": self.api_calls,
             "api_limited": self.api_limited,
+            "hop_counts": {str(k): v for k, v in sorted(self.hop_counts.items())},
+            "replay_cache": {"entries": len(self.cache), **self.cache.counts, "outcomes": dict(self.cache_outcomes)},
             "machines": {m.id: {"url": m.url, "state": m.state, "app": m.app, "group": m.group,
                                 "hard_limit": m.hard_limit, "load": m.load + m.busy}
                          for m in self.router.machines.values()},

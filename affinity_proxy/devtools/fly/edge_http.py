@@ -13,16 +13,23 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from affinity_proxy.devtools.fly.edge_cache import Lookup, wants_invalidate
 from affinity_proxy.devtools.fly.edge_route import Edge, EdgeError, Hop
 from affinity_proxy.proxy.headers import FLY_REQUEST_ID_HEADER, downstream_response_headers
-from affinity_proxy.routing.replay import REPLAY_HEADER
+from affinity_proxy.routing.replay import (
+    FORCE_INSTANCE_HEADER,
+    PREFER_INSTANCE_HEADER,
+    REPLAY_CACHE_STATUS_HEADER,
+    REPLAY_HEADER,
+    parse_replay_instruction,
+)
 
 log = logging.getLogger("affinity_proxy.fly.edge")
 
@@ -47,7 +54,16 @@ async def serve_http(edge: Edge, request: web.Request, request_id: str) -> web.S
     if body.complete:
         base.popall("Content-Length", None)
     hop: Hop | EdgeError = edge.router.initial(request.headers)
-    replays = 0
+    lookup = _cache_lookup(edge, request)
+    if lookup.value is not None:
+        cached = edge.router.cached(lookup.value)
+        if cached is None:  # the ``evict`` reading: the cached target is gone
+            assert lookup.key is not None
+            edge.cache.evict(lookup.key)
+        else:
+            hop = cached
+    first = hop
+    replays = deliveries = 0
     failed: set[str] = set()
     while True:
         if isinstance(hop, EdgeError):
@@ -70,15 +86,52 @@ async def serve_http(edge: Edge, request: web.Request, request_id: str) -> web.S
                 log.info("machine %s failed mid-request: %r", hop.machine.id, exc)
                 return edge.error_response(EdgeError(502, "PR03", "Machine connection failed"), request_id)
             edge.hits[hop.machine.id] += 1
+            deliveries += 1
             value = upstream.headers.get(REPLAY_HEADER)
+            if wants_invalidate(upstream.headers):  # drop the entry that led here (docs/fly-protocol.md §1)
+                edge.cache.invalidate(lookup.key)
             if value is None:
+                edge.hop_counts[deliveries] += 1
+                _outcome(edge, first, replays)
                 return await _relay(edge, request, upstream, hop, request_id, replays)
+            if replays == 0 and not hop.cached and not hop.is_fallback and not wants_invalidate(upstream.headers):
+                _cache_store(edge, request, lookup, value, upstream)
             upstream.release()
         finally:
             edge.leave(machine)
         replays += 1
         edge.replays += 1
         hop = edge.next_after_replay(hop, value, replays, body.complete)
+        if isinstance(hop, Hop) and not hop.is_fallback and edge.cache.active:
+            # a replayed request that did not come from the cache (docs/fly-protocol.md §1: ``miss``)
+            hop = replace(hop, headers={**hop.headers, REPLAY_CACHE_STATUS_HEADER: "miss"})
+
+
+def _cache_lookup(edge: Edge, request: web.Request) -> Lookup:
+    """The request's one replay-cache lookup (docs/fly-protocol.md §1 "Only one cache lookup step").
+    GUESS: a client's own routing header (force/prefer instance) skips it."""
+    headers = request.headers
+    if not edge.cache.active or FORCE_INSTANCE_HEADER in headers or PREFER_INSTANCE_HEADER in headers:
+        return Lookup(None)
+    return edge.cache.lookup(request.host, request.path, headers, edge.cache_now())
+
+
+def _cache_store(edge: Edge, request: web.Request, lookup: Lookup, value: str,
+                 upstream: aiohttp.ClientResponse) -> None:
+    """Remember the origin's replay when a rule or the answer's pattern says so (``edge_cache``)."""
+    try:
+        instr = parse_replay_instruction(value)
+    except ValueError:
+        return  # the replay itself fails with PA03
+    edge.cache.store(lookup, request.host, request.path, value, instr, upstream.headers, edge.cache_now())
+
+
+def _outcome(edge: Edge, first: Hop | EdgeError, replays: int) -> None:
+    """How a relayed request got to the Machine that answered it (``FlyEdge.cache_outcomes``)."""
+    if isinstance(first, Hop) and first.cached:
+        edge.cache_outcomes["hit" if replays == 0 else "hit_replayed"] += 1
+    else:
+        edge.cache_outcomes["direct" if replays == 0 else "replayed"] += 1
 
 
 async def _read_body(request: web.Request, limit: int) -> _Body:

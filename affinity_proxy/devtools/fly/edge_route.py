@@ -23,6 +23,13 @@ Modelled, with the docs/fly-protocol.md source of each (DOCS = Fly's docs as doc
 - fallbacks (docs/fly-protocol.md §1 ``fallback``): the request goes back with ``fly-replay-failed``; whether
   it also carries ``fly-replay-src`` is not documented (docs/fly-protocol.md §1-2 promise it only on replayed
   requests), so ``fallback_replay_src`` picks the reading (default: without).
+- replay-cache hits (docs/fly-protocol.md §1 "Replay caching"; what is cached is ``fly.edge_cache``'s):
+  ``cached`` delivers straight to the cached target with ``fly-replay-cache-status: hit`` and
+  without ``fly-replay-src`` ("fly-replay-src is NOT set on requests replayed from the cache").
+  A cached target that is gone: the docs are silent, so ``cache_gone_target`` picks the reading:
+  ``replay`` (the cached replay acts as the replay would: ``prefer_instance`` goes to another
+  Machine with ``fly-preferred-instance-unavailable``, ``instance`` ends in PR02) or ``evict``
+  (the entry is dropped and the request takes the uncached path, origin included).
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from affinity_proxy.routing.model import is_valid_instance_id
 from affinity_proxy.routing.replay import (
+    CACHE_HIT,
     FORCE_INSTANCE_HEADER,
     PREFER_INSTANCE_HEADER,
     PREFERRED_UNAVAILABLE_HEADER,
+    REPLAY_CACHE_STATUS_HEADER,
     REPLAY_FAILED_HEADER,
     REPLAY_SRC_HEADER,
     ReplayInstruction,
@@ -52,8 +61,11 @@ if TYPE_CHECKING:
     from multidict import CIMultiDict
     from yarl import URL
 
+    from affinity_proxy.devtools.fly.edge_cache import ReplayCache
+
 MachineState = Literal["started", "stopped", "destroyed"]
 HardLimitReading = Literal["wait", "no_candidate"]
+GoneTargetReading = Literal["replay", "evict"]
 MACHINE_STATES: frozenset[str] = frozenset({"started", "stopped", "destroyed"})
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -78,6 +90,7 @@ class Machine:
     hard_limit: int | None = None
     load: int = 0
     busy: int = 0
+    cordoned: bool = False  # no load-balanced traffic (a bluegreen deploy switched away from it)
 
     @property
     def full(self) -> bool:
@@ -110,6 +123,7 @@ class Hop:
     waits: bool = False  # instance= to a Machine at its hard_limit under the ``wait`` reading
     balanced: bool = False  # load balanced: another machine may take it if this one is unreachable
     started: float = 0.0  # time.monotonic() when the replay was asked for
+    cached: bool = False  # delivered by a replay-cache hit (no origin asked)
 
     @property
     def timeout(self) -> float | None:
@@ -141,8 +155,10 @@ class EdgeRouter:
         http_group: str | None = None,
         hard_limit_instance: HardLimitReading = "wait",
         fallback_replay_src: bool = False,
+        cache_gone_target: GoneTargetReading = "replay",
     ) -> None:
         self.machines: dict[str, Machine] = {mid: Machine(mid, url, app=app) for mid, url in machines.items()}
+        self.cache_gone_target = cache_gone_target
         self.app = app
         self.region = region
         self.http_group = http_group
@@ -171,7 +187,8 @@ class EdgeRouter:
         (autostart) only when none is started (docs/fly-protocol.md §5 load balancing and autostart)."""
         for wanted in ("started", "stopped"):
             pool = [m for m in self.machines.values()
-                    if m.state == wanted and m.id not in exclude and not m.full and self.serves(m, app)]
+                    if m.state == wanted and m.id not in exclude and not m.full and not m.cordoned
+                    and self.serves(m, app)]
             if pool:
                 return pool[next(self._turn) % len(pool)]
         return None
@@ -195,6 +212,33 @@ class EdgeRouter:
             return Hop(other, extra, balanced=True)
         machine = self.pick()
         return Hop(machine, balanced=True) if machine is not None else PR04
+
+    def cached(self, value: str) -> Hop | EdgeError | None:
+        """The hop for a replay-cache hit on ``value`` (a stored ``fly-replay``): straight to its
+        target, ``fly-replay-cache-status: hit``, no ``fly-replay-src``. None: the ``evict``
+        reading applies (the target is gone): the caller drops the entry and takes the uncached path."""
+        try:
+            instr = parse_replay_instruction(value)
+        except ValueError:
+            return None
+        app = instr.app or self.app
+        headers = {REPLAY_CACHE_STATUS_HEADER: CACHE_HIT}
+        wanted = instr.instance or instr.prefer_instance
+        if wanted is not None:
+            machine = self.known(wanted, app)
+            if machine is not None and (instr.instance is not None or not machine.full):
+                return Hop(machine, headers, cached=True, waits=machine.full)
+            if self.cache_gone_target == "evict" and machine is None:
+                return None
+            if instr.instance is not None:
+                return PR02
+            other = self.pick(exclude={wanted}, app=app)
+            if other is None:
+                return PR04
+            headers[PREFERRED_UNAVAILABLE_HEADER] = wanted
+            return Hop(other, headers, cached=True, balanced=True)
+        machine = self.pick(app=app)
+        return Hop(machine, headers, cached=True, balanced=True) if machine is not None else PR04
 
     def retry_elsewhere(self, hop: Hop, failed: Collection[str]) -> Hop | EdgeError:
         """After a connection failure: a load-balanced first hop moves on; a targeted one fails
@@ -285,6 +329,9 @@ class Edge(Protocol):
     A protocol here, below all three, so the relays do not import the edge that imports them."""
 
     router: EdgeRouter
+    cache: ReplayCache
+    hop_counts: Counter[int]
+    cache_outcomes: Counter[str]
     max_replay_body: int
     sockets: set[web.WebSocketResponse]
     replays: int
@@ -294,6 +341,8 @@ class Edge(Protocol):
 
     @property
     def client(self) -> aiohttp.ClientSession: ...
+
+    def cache_now(self) -> float: ...
 
     def enter(self, machine: Machine) -> None: ...
 
