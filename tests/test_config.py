@@ -25,6 +25,7 @@ from affinity_proxy.config import (
     InstanceConfig,
     LimitsConfig,
     LogConfig,
+    PlacementConfig,
     ReaperConfig,
     SessionCheckConfig,
     StoreConfig,
@@ -48,6 +49,7 @@ ONE = [{"id": "a", "url": "http://127.0.0.1:9001"}]  # the smallest valid instan
 SECTIONS = {
     "admin": AdminConfig, "cookie": CookieConfig, "session_check": SessionCheckConfig, "store": StoreConfig,
     "health": HealthConfig, "reaper": ReaperConfig, "fly": FlyConfig, "limits": LimitsConfig, "log": LogConfig,
+    "placement": PlacementConfig,
 }  # fmt: skip
 ALL_CLASSES = [Config, InstanceConfig, UserKeySourceConfig, *SECTIONS.values()]
 

@@ -46,7 +46,9 @@ from affinity_proxy.config.schema import (
     InstanceConfig,
     LimitsConfig,
     LogConfig,
+    PlacementConfig,
     ReaperConfig,
+    RebalanceConfig,
     SessionCheckConfig,
     StoreConfig,
     UserKeySourceConfig,
@@ -62,7 +64,9 @@ __all__ = [
     "InstanceConfig",
     "LimitsConfig",
     "LogConfig",
+    "PlacementConfig",
     "ReaperConfig",
+    "RebalanceConfig",
     "SessionCheckConfig",
     "StoreConfig",
     "UserKeySourceConfig",
@@ -77,6 +81,7 @@ __all__ = [
 _SECTIONS: dict[str, type] = {
     "admin": AdminConfig, "cookie": CookieConfig, "session_check": SessionCheckConfig, "store": StoreConfig,
     "health": HealthConfig, "reaper": ReaperConfig, "fly": FlyConfig, "limits": LimitsConfig, "log": LogConfig,
+    "placement": PlacementConfig,
 }  # fmt: skip
 #: Key paths whose values are secrets (``cookie.secret``, ...): ``${VAR}`` there must be set and non-empty.
 SECRET_PATHS = frozenset(
@@ -126,6 +131,7 @@ class Config:
     pin_ttl: float = 86400.0
     health: HealthConfig = field(default_factory=HealthConfig)
     reaper: ReaperConfig = field(default_factory=ReaperConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     fly: FlyConfig = field(default_factory=FlyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)

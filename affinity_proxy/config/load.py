@@ -158,6 +158,10 @@ def field_kind(f: dataclasses.Field[Any]) -> str:
 
 
 def read_field(f: dataclasses.Field[Any], value: Any, path: str) -> Any:
+    if f.metadata.get("kind") == "section":  # a nested section (``fly.replay_cache``)
+        factory = f.default_factory
+        assert factory is not MISSING
+        return build_section(type(factory()), value, path)
     return _coerce(field_kind(f), value, path, secret=bool(f.metadata.get("secret")))
 
 
@@ -189,6 +193,15 @@ def _coerce(kind: str, value: Any, path: str, secret: bool = False) -> Any:
             return _ENV_BOOLS[value.strip().lower()]
         quoted = isinstance(value, str) and value.strip().lower() in ("true", "false")
         raise ConfigError(path, f"expected true or false, got {got}" + (" (write it without quotes)" if quoted else ""))
+    if kind == "number":  # a plain number (``placement.load_factor``); the dataclass checks the range
+        if env:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"expected a number, got {got}")
     if kind == "seconds":
         return parse_duration(value, path)
     if kind == "whole_seconds":

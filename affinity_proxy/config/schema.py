@@ -234,6 +234,53 @@ class ReaperConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RebalanceConfig:
+    """``placement.rebalance``: a leader-only loop moves pins idle for ``idle_after`` off instances over
+    their share, at most ``max_moves_per_minute``; ``idle_after`` is also the window in which an
+    anonymous cookie session counts as live (README "Placement")."""
+
+    PATH: ClassVar[str] = "placement.rebalance"
+    enabled: bool = False
+    idle_after: float = 600.0
+    max_moves_per_minute: int = 600
+
+    def __post_init__(self) -> None:
+        check = Check(self, self.PATH)
+        check.flag("enabled")
+        check.seconds("idle_after")
+        check.integer("max_moves_per_minute", 1, 1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementConfig:
+    """``placement``: new pins skip instances whose live sessions exceed ``load_factor`` x the mean
+    (consistent hashing with bounded loads); ``load_factor`` 0 or null places by the plain ring."""
+
+    PATH: ClassVar[str] = "placement"
+    MAX_LOAD_FACTOR: ClassVar[float] = 100.0
+    load_factor: float | None = field(default=1.25, metadata={"kind": "number?"})
+    rebalance: RebalanceConfig = field(default_factory=RebalanceConfig, metadata={"kind": "section"})
+
+    def __post_init__(self) -> None:
+        check = Check(self, self.PATH)
+        if not isinstance(self.rebalance, RebalanceConfig):
+            raise check.fail("rebalance", "expected a mapping like {enabled: true, idle_after: 10m}")
+        value = self.load_factor
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            got = check.got("load_factor", value)
+            raise check.fail("load_factor", f"expected a number >= 1 (0 or null: off), {got}")
+        if value == 0:
+            object.__setattr__(self, "load_factor", None)
+        elif not 1 <= value <= self.MAX_LOAD_FACTOR:
+            raise check.fail("load_factor", f"must be 0 (off) or between 1 and {self.MAX_LOAD_FACTOR:g}, "
+                             f"{check.got('load_factor', value)}")
+        else:
+            object.__setattr__(self, "load_factor", float(value))
+
+
+@dataclass(frozen=True, slots=True)
 class FlyConfig:
     """Fly.io mode: this node's machine, how peers are discovered and how replays look."""
 
