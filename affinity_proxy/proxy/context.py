@@ -41,6 +41,12 @@ class OutboundClient(Protocol):
     async def close(self) -> None: ...
 
 
+class OpenWebSocket(Protocol):
+    """A relayed WebSocket session as graceful shutdown sees it (engines.aiohttp.websocket.RelaySession)."""
+
+    async def close(self, *, code: int = 1000, message: bytes = b"") -> bool: ...
+
+
 @dataclass(slots=True)
 class ProxyContext:
     config: Config
@@ -61,7 +67,7 @@ class ProxyContext:
     store_ok: bool = True
     shutting_down: bool = False
     pin_cache: PinNearCache = field(default_factory=PinNearCache)  # last pins seen; used only when the store is down
-    websockets: set[web.WebSocketResponse] = field(default_factory=set)  # open client sessions (shutdown)
+    websockets: set[OpenWebSocket] = field(default_factory=set)  # open client sessions (shutdown)
     config_path: str | None = None  # the file ``serve`` loaded; reload re-reads it (None: built in code)
     reloads: int = 0
     events: RecentEvents = field(default_factory=RecentEvents)  # recent counts and re-pins for the dashboard
