@@ -1,17 +1,18 @@
 """WebSocket relay benchmark (issue #16): proxy CPU per round trip against nginx, same rounds.
 
-    python -m benchmarks.ws_bench [--rounds 5] [--duration 8] [--connections 20] [--no-write]
+    python -m benchmarks.ws_bench [--rounds 5] [--duration 8] [--connections 20] [--rate 10000] [--no-write]
 
 One echo instance (``benchmarks.ws_peers``) and the client (this process, N connections each with
 one 64-byte binary message in flight, sequence-numbered and checked) share CPU 0; every proxy runs
 alone on CPU 1 (taskset): nginx with upgrade headers (``nginx.ws_proxy_conf``), affinity-proxy
 with the fast engine (``affinity-ws``) and with the aiohttp engine (``affinity-ws-aiohttp``).
-Each round loads every target once, in a rotated order; per target it reports round trips/s and
-the proxy's CPU per round trip (utime + stime of its processes, /proc/<pid>/stat, over the
-measured window only). The client is usually the bottleneck, so round trips/s say little; CPU per
-round trip is the figure, taken as a ratio against nginx's in the same round; the run's figure is
-the median of those ratios with their min-max. A round in which other work took more than
-``OTHER_CPU_LIMIT`` cores is flagged (kept). Any dropped, duplicated or reordered message fails
+Each round loads every target once, in a rotated order, at the same paced rate (``--rate``: CPU
+per round trip depends on the rate, as one event-loop wake-up serves more sockets when busier);
+per target it reports round trips/s and the proxy's CPU per round trip (utime + stime of its
+processes, /proc/<pid>/stat, over the measured window only), taken as a ratio against nginx's in
+the same round; the run's figure is the median of those ratios with their min-max. A round in
+which other work took more than ``OTHER_CPU_LIMIT`` cores, or a target carried less than
+``RATE_SHORTFALL`` of the rate, is flagged (kept). Any dropped, duplicated or reordered message fails
 the run. Writes the WebSocket section of benchmarks/RESULTS.md (between its markers) unless
 ``--no-write``.
 """
@@ -55,6 +56,11 @@ REFERENCE = "nginx-ws"
 ALL_TARGETS = ("nginx-ws", "affinity-ws", "affinity-ws-aiohttp")
 #: Issue #16: proxy CPU per round trip at most this many times nginx's.
 GOAL = 1.5
+#: Round trips/s offered to every target: CPU per round trip depends on the rate (at a higher rate
+#: one wake-up of the event loop serves more sockets), so every proxy carries the same one.
+RATE = 10_000.0
+#: A round is flagged when a target carried less than this fraction of the offered rate.
+RATE_SHORTFALL = 0.95
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +137,8 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
         return asyncio.new_event_loop
 
 
-def measure(target: WsTarget, ours: Sequence[Started], *, connections: int, warmup: float, duration: float) -> WsRow:
+def measure(target: WsTarget, ours: Sequence[Started], *, connections: int, warmup: float, duration: float,
+            rate: float) -> WsRow:
     """One load of ``target``: CPU counters read at both ends of the measured window only."""
     softirq = softirq_threads()
 
@@ -141,7 +148,7 @@ def measure(target: WsTarget, ours: Sequence[Started], *, connections: int, warm
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         stats, window, before, after = runner.run(
-            run_clients("127.0.0.1", target.port, connections, warmup, duration, counters))
+            run_clients("127.0.0.1", target.port, connections, warmup, duration, counters, rate))
     assert isinstance(before, tuple) and isinstance(after, tuple)
     if stats.errors:
         raise HarnessError(f"{target.name}: {stats.errors[:5]}")
@@ -200,16 +207,19 @@ def section(args: argparse.Namespace, targets: Sequence[WsTarget], rounds: Seque
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, `python -m benchmarks.ws_bench --rounds {args.rounds} "
         f"--duration {args.duration:g} --connections {args.connections}`, {platform.node() or 'host'} "
         f"({os.cpu_count()} CPUs), commit {_commit()}. {args.connections} connections, each with one 64-byte binary "
-        "message in flight (sequence-numbered, every echo checked), through each proxy to one echo instance; "
-        f"the proxy alone on CPU {args.target_cpu}, the client and the instance on CPU {args.peer_cpu} (they are the "
-        "bottleneck: round trips/s are theirs). The figure is the proxy's CPU (utime + stime of its processes) "
-        "per round trip, as a ratio against nginx's in the same round; medians over the rounds with min-max.",
+        "message in flight (sequence-numbered, every echo checked), through each proxy to one echo instance, "
+        + (f"{args.rate:,.0f} round trips/s offered to every target (paced: CPU per round trip falls as the rate "
+           "rises, so all carry the same load); " if args.rate else "as fast as the echoes come back; ")
+        + f"the proxy alone on CPU {args.target_cpu}, the client and the instance on CPU {args.peer_cpu}. "
+        "The figure is the proxy's CPU (utime + stime of its processes, /proc) per round trip over the measured "
+        "window, as a ratio against nginx's in the same round; medians over the rounds with min-max.",
         "",
         table,
         "",
         *verdicts,
         "",
-        f"Flagged rounds (other work above {OTHER_CPU_LIMIT:g} cores during a measurement; kept above): "
+        f"Flagged rounds (other work above {OTHER_CPU_LIMIT:g} cores during a measurement, or a target below "
+        f"{RATE_SHORTFALL:.0%} of the offered rate; kept above): "
         + (", ".join(str(i + 1) for i in flagged) or "none") + ".",
         "",
         "<details><summary>Every round</summary>",
@@ -247,6 +257,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per target per round (8)")
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--connections", type=int, default=20)
+    p.add_argument("--rate", type=float, default=RATE,
+                   help=f"round trips/s offered to every target, paced ({RATE:g}; 0: as fast as echoes return)")
     p.add_argument("--targets", default=",".join(ALL_TARGETS))
     p.add_argument("--target-cpu", type=int, default=1)
     p.add_argument("--peer-cpu", type=int, default=0)
@@ -269,11 +281,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i in range(args.rounds):
             order = targets[i % len(targets):] + targets[:i % len(targets)]
             rows = {t.name: measure(t, ours, connections=args.connections, warmup=args.warmup,
-                                    duration=args.duration) for t in order}
+                                    duration=args.duration, rate=args.rate) for t in order}
             rnd = with_ratios([rows[t.name] for t in targets])
             rounds.append(rnd)
             print(f"round {i + 1}/{args.rounds}\n{round_table(rnd)}\n", flush=True)
-        flagged = [i for i, rnd in enumerate(rounds) if any(r.other_cpu > OTHER_CPU_LIMIT for r in rnd)]
+        flagged = [i for i, rnd in enumerate(rounds) if any(
+            r.other_cpu > OTHER_CPU_LIMIT or (args.rate and r.rts < RATE_SHORTFALL * args.rate) for r in rnd)]
         text = section(args, targets, rounds, flagged)
         print(text)
         if not args.no_write:

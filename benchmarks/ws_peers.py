@@ -129,8 +129,11 @@ class ClientStats:
 class PingPong(asyncio.Protocol):
     """One client connection: one 64-byte message in flight, the next sent when its echo is checked."""
 
-    def __init__(self, stats: ClientStats, path: str, host: str) -> None:
+    def __init__(self, stats: ClientStats, path: str, host: str, interval: float = 0.0) -> None:
         self.stats = stats
+        self.loop = asyncio.get_running_loop()
+        self.interval = interval  # seconds between sends (0: the next as soon as the echo is in)
+        self.due = 0.0
         self.path = path
         self.host = host
         self.transport: asyncio.Transport | None = None
@@ -200,23 +203,40 @@ class PingPong(asyncio.Protocol):
                 self.stats.round_trips += 1
             self.expected = b""
             if self.running:
-                self.send_next()
+                if not self.interval:
+                    self.send_next()
+                    continue
+                now, due = self.loop.time(), self.due
+                self.due = max(due, now) + self.interval
+                if due > now:
+                    self.loop.call_at(due, self._send_if_running)
+                else:
+                    self.send_next()
+
+    def _send_if_running(self) -> None:
+        if self.running and self.transport is not None and not self.transport.is_closing():
+            self.send_next()
 
 
 async def run_clients(host: str, port: int, connections: int, warmup: float, duration: float,
-                      measure: object) -> tuple[ClientStats, float, object, object]:
-    """Connect ``connections`` clients, ping-pong for ``warmup`` s, then ``duration`` s measured:
+                      measure: object, rate: float = 0.0) -> tuple[ClientStats, float, object, object]:
+    """Connect ``connections`` clients, ping-pong for ``warmup`` s, then ``duration`` s measured
+    (``rate`` round trips/s in all, paced per connection; 0: as fast as the echoes come back):
     ``measure()`` is called at the start and the end of the measured window (CPU counters).
     Returns the stats of the measured window, its length, and both ``measure()`` results."""
     loop = asyncio.get_running_loop()
     stats = ClientStats()
     conns: list[PingPong] = []
     for i in range(connections):
-        _, proto = await loop.create_connection(lambda i=i: PingPong(stats, f"/ws?c={i}", f"{host}:{port}"), host, port)
+        _, proto = await loop.create_connection(
+            lambda i=i: PingPong(stats, f"/ws?c={i}", f"{host}:{port}", connections / rate if rate else 0.0),
+            host, port)
         conns.append(proto)
     await asyncio.wait_for(asyncio.gather(*(c.upgraded for c in conns)), 10)
-    for c in conns:
+    start = loop.time()
+    for i, c in enumerate(conns):
         c.running = True
+        c.due = start + c.interval * (1 + i / connections)  # staggered
         c.send_next()
     await asyncio.sleep(warmup)
     assert callable(measure)
@@ -225,7 +245,7 @@ async def run_clients(host: str, port: int, connections: int, warmup: float, dur
     after, rt1, wrong1, t1 = measure(), stats.round_trips, stats.wrong, time.perf_counter()
     for c in conns:
         c.running = False
-    await asyncio.sleep(0.2)  # the last echoes come back
+    await asyncio.sleep(0.2 + connections / rate if rate else 0.2)  # the last echoes come back
     for c in conns:
         if c.expected:
             stats.errors.append(f"connection {conns.index(c)}: message {c.seq} never echoed")

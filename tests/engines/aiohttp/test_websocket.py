@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -35,7 +36,7 @@ async def test_text_and_binary_echo_with_handshake_headers(backend: Backend, sta
         payload = bytes(range(256)) * 100
         await ws.send_bytes(payload)
         assert await ws.receive_bytes(timeout=5) == payload
-        await ws.ping()  # answered by the proxy's leg (autoping); the session carries on
+        await ws.ping()  # relayed to the instance, whose PONG comes back; the session carries on
         await ws.send_str("after-ping")
         assert await ws.receive_str(timeout=5) == "after-ping"
     assert ws.close_code == 1000
@@ -183,3 +184,70 @@ async def test_heartbeat_keeps_an_idle_session(backend: Backend, start_proxy: Pr
         await ws.send_str("still-here")
         msg = await pending
         assert (msg.type, msg.data) == (WSMsgType.TEXT, "still-here")
+
+
+# --- the byte relay (issue #16): frames pass as sent; only their headers are read -------------
+
+
+def _masked_frame(payload: bytes, *, opcode: int = 0x2, fin: bool = True) -> bytes:
+    key = os.urandom(4)
+    n = len(payload)
+    head = bytes(((0x80 if fin else 0) | opcode,)) + (
+        bytes((0x80 | n,)) if n < 126 else bytes((0x80 | 126,)) + n.to_bytes(2, "big"))
+    return head + key + bytes(b ^ key[i & 3] for i, b in enumerate(payload))
+
+
+async def _raw_upgrade(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: proxy\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head  # RFC 6455's example key and accept
+    return reader, writer
+
+
+async def test_frames_split_into_single_bytes_arrive_whole(backend: Backend, start_proxy: ProxyFactory) -> None:
+    proxy = await start_proxy(backend.url)
+    reader, writer = await _raw_upgrade(proxy.port)
+    payload = bytes(range(200))
+    for byte in _masked_frame(payload) + _masked_frame(b"whoami", opcode=0x1):
+        writer.write(bytes((byte,)))
+        await writer.drain()
+    echo = await asyncio.wait_for(reader.readexactly(4 + 200), 5)
+    assert echo == bytes((0x82, 126)) + (200).to_bytes(2, "big") + payload  # the instance's frame, unmasked
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == bytes((0x81, 2)) + b"b1"
+    writer.write(_masked_frame((1000).to_bytes(2, "big"), opcode=0x8))
+    assert (await asyncio.wait_for(reader.readexactly(4), 5))[:2] == bytes((0x88, 2))
+    await wait_until(lambda: backend.state.ws_closes == [(1000, "")], message="instance saw the close")
+    await wait_until(lambda: proxy.settings.completed == 1)
+    writer.close()
+
+
+async def test_a_fragmented_message_over_the_limit_closes_both_legs_with_1009(
+    backend: Backend, start_proxy: ProxyFactory, http
+) -> None:
+    proxy = await start_proxy(backend.url, max_message_bytes=1024)
+    reader, writer = await _raw_upgrade(proxy.port)
+    writer.write(_masked_frame(b"a" * 600, fin=False) + _masked_frame(b"b" * 600, opcode=0x0))
+    head = await asyncio.wait_for(reader.readexactly(4), 5)
+    assert head == bytes((0x88, 2)) + (1009).to_bytes(2, "big")  # a CLOSE from the proxy, nothing of the message
+    await wait_until(lambda: backend.state.ws_closes == [(1009, "")], message="instance told with 1009")
+    writer.write(_masked_frame((1009).to_bytes(2, "big"), opcode=0x8))  # the client's answer ends the session
+    await wait_until(lambda: proxy.settings.completed == 1)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_a_client_that_stops_answering_heartbeats_is_dropped_and_the_instance_told_1001(
+    backend: Backend, start_proxy: ProxyFactory
+) -> None:
+    proxy = await start_proxy(backend.url, heartbeat=0.2)
+    reader, writer = await _raw_upgrade(proxy.port)  # reads nothing, answers no ping
+    await wait_until(lambda: backend.state.ws_closes == [(1001, "")], timeout=10, message="instance told 1001")
+    await wait_until(lambda: proxy.settings.completed == 1)
+    data = await asyncio.wait_for(reader.read(), 5)  # a PING or two, then the connection ends
+    assert data and data[0] == 0x89
+    writer.close()
