@@ -5,25 +5,43 @@ Key schema (``P`` = ``key_prefix``, default ``affinity:``). Pins are spread over
 (``N`` = crc32(user key) mod ``BUCKETS``); every key of a bucket carries the hash tag ``{pN}``, so one
 bucket lives in one Redis Cluster slot and every script touches one slot:
 
-- ``P pin:{pN}<user_key>``  string, the instance id; PX = the pin's sliding TTL.
-- ``P idx:{pN}<instance>``  sorted set, member = user key, score = the pin's expiry (server unix ms).
-- ``P instances{pN}``       set of instance ids that may have a non-empty index in bucket N.
+- ``P pin:{pN}<user_key>``  string, the instance id; expires (PXAT) at the pin's sliding expiry rounded
+  down to a grid of ``window`` = pin_ttl / ``WINDOWS`` (so a pin lives between 31/32 and all of
+  ``pin_ttl`` after its last use).
+- ``P cnt:{pN}<instance>``  hash, field = an expiry on that grid (server unix ms), value = how many of
+  the bucket's pins of that instance expire then. At most ``WINDOWS`` + 1 fields: a small listpack.
+- ``P live{pN}``            set of instance ids that may have a counter in bucket N.
+
+Why counters and not an index entry per pin: a plain ``SET ... PX`` key is all a pin costs
+(measured in benchmarks/SCALING.md); the sorted-set index it replaced (``pins.redis_legacy``) more than
+doubled that. Every pin of a counter field expires exactly at the field's time, so ``counts()`` stays
+exact (it sums the fields not yet past, each bucket trimming its past ones) and costs
+O(buckets x instances x windows), whatever the number of pins. ``list()`` and ``drop_instance()``
+(admin and reaper calls, rare) find pins by an incremental ``SCAN`` of the pin keys: ``SCAN_COUNT``
+keys per step, one step at a time with ``SCAN_PAUSE`` between steps, never a blocking walk.
+Exactness of the reaper: SCAN returns every key that exists for the whole walk, so ``drop_instance``
+deletes every pin of the instance written before it started; the reaper repeats while counts say
+pins are left.
+
+Previous layout (sorted-set index ``P idx:{pN}<instance>`` + ``P instances{pN}``; ``pins.redis_legacy``):
+the pin keys are the same, so pins written by either layout are read by both, and old and new nodes
+can serve one Redis during a rolling deploy. This store counts a legacy pin from its index entry
+until it next writes, touches or drops the pin, which moves it to the counters (so the legacy index
+empties itself within one ``pin_ttl``); ``counts()`` adds the legacy indexes. While old nodes run,
+``counts()`` may over-count the pins both kinds of node touched, until their older expiry passes.
 
 Shared membership state lives under the same prefix, all in the one slot of the tag ``{m}`` (schema
 in ``membership.redis_shared``). The same layout is used on every kind of Redis, so a store can move
 from one Redis to a cluster by copying keys.
 
-Why buckets and not one index per instance: the index entry must change in the same script as the
-pin, so it must live in the pin's slot. A fixed number of buckets keeps whole-store reads
-(``counts()``, ``list()``, ``drop_instance()``) at ``BUCKETS`` small script calls (pipelined into one
-round trip on one Redis; on a cluster, ``FANOUT`` at a time), while 128 slots spread the pins over
-the masters of a cluster evenly enough (each of 3 masters holds about a third).
-
-The index lets ``list(instance)``, ``counts()`` and ``drop_instance()`` work without SCAN. Every
-mutation that touches a pin and an index is one Lua script (``pins.redis_scripts``), so the index
-never disagrees with the pins except for expiry, which scores encode; stale entries are trimmed by
-``counts()`` and ``drop_instance()``. ``touch`` is batched: it only records the pin in memory, and a
-single background flush per ``touch_interval`` refreshes the whole batch (one script call per bucket).
+Why buckets: a counter must change in the same script as the pin, so it must live in the pin's slot.
+A fixed number of buckets keeps whole-store reads (``counts()``) at ``BUCKETS`` small script calls
+(pipelined into one round trip on one Redis; on a cluster, ``FANOUT`` at a time), while 128 slots
+spread the pins over the masters of a cluster evenly enough (each of 3 masters holds about a third).
+Every mutation that touches a pin and a counter is one Lua script (``pins.redis_scripts``).
+``touch`` is batched: it only records the pin in memory, and a single background flush per
+``touch_interval`` refreshes the whole batch (one script call per bucket); a refresh writes only
+when the pin's expiry moves to a later grid line.
 
 Connections: on one Redis (and through Sentinel) one bounded pool per store (``max_connections``,
 default 50); a call waits at most ``timeout`` for a free connection, so a burst queues instead of
@@ -44,9 +62,10 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
+import re
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -82,7 +101,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 _TRANSIENT_PREFIXES = ("MISCONF", "BUSY ", "NOREPLICAS", "LOADING", "MASTERDOWN")
 TOUCH_BATCH = 1000  # (user, instance) pairs per script call: bounds how long one call blocks Redis
-DROP_BATCH = 500  # index members visited per drop_instance script call
+WINDOWS = 32  # expiry grid lines per pin_ttl: counter fields per bucket and instance (see the module doc)
+SCAN_COUNT = 1000  # keys one SCAN step visits: bounds the work of one step in Redis
+SCAN_PAUSE = 0.002  # seconds between SCAN steps: bounds the rate of a walk over the keyspace
 HEALTH_CHECK_INTERVAL = 15  # seconds idle before a pooled connection is PINGed before reuse
 BUCKETS = 128  # fixed forever for a keyspace: changing it would hide every stored pin
 FANOUT = 16  # bucket calls in flight at once on a cluster (per-node pools are not blocking)
@@ -116,6 +137,11 @@ def bucket_of(user_key: str) -> int:
 def pin_key(prefix: str, user_key: str) -> str:
     """The Redis key of a user's pin (for tools and tests that look at Redis directly)."""
     return f"{prefix}pin:{{p{bucket_of(user_key)}}}{user_key}"
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a SCAN MATCH pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 def open_client(url: str, *, timeout: float, max_connections: int) -> tuple[Redis | RedisCluster, list[Redis]]:
@@ -201,6 +227,8 @@ class RedisPinStore:
         self.prefix = key_prefix
         self.pin_ttl = pin_ttl
         self._ttl_ms = max(1, round(pin_ttl * 1000))
+        self._window_ms = max(1, self._ttl_ms // WINDOWS)
+        self.scan_pause = SCAN_PAUSE
         self._client: Any
         self._client, self._helpers = open_client(url, timeout=timeout, max_connections=max_connections)
         self.cluster = isinstance(self._client, RedisCluster)
@@ -315,10 +343,12 @@ class RedisPinStore:
     def _pin_key(self, user_key: str) -> str:
         return pin_key(self.prefix, user_key)
 
-    def _bucket(self, bucket: int) -> tuple[str, str, str]:
-        """(instances set, index base, pin base) of a bucket: all in the slot of its hash tag."""
+    def _bucket(self, bucket: int) -> tuple[builtins.list[str], builtins.list[str]]:
+        """Keys (counted-instances set, legacy instances set) and bases (counter, legacy index, pin)
+        of a bucket: all in the slot of its hash tag."""
         tag = f"{{p{bucket}}}"
-        return f"{self.prefix}instances{tag}", f"{self.prefix}idx:{tag}", f"{self.prefix}pin:{tag}"
+        p = self.prefix
+        return [f"{p}live{tag}", f"{p}instances{tag}"], [f"{p}cnt:{tag}", f"{p}idx:{tag}", f"{p}pin:{tag}"]
 
     async def _fanout(self, calls: builtins.list[Callable[[Any], Awaitable[Any]]]) -> builtins.list[Any]:
         """Run one call per bucket: one pipelined round trip on one Redis; on a cluster, ``FANOUT``
@@ -337,9 +367,9 @@ class RedisPinStore:
         return builtins.list(await asyncio.gather(*(one(call) for call in calls)))
 
     def _bucket_script(self, name: str, bucket: int, extra: builtins.list[Any]) -> Callable[[Any], Awaitable[Any]]:
-        instances, idx, pins = self._bucket(bucket)
-        args = [idx, pins, *extra]
-        return lambda client: self._scripts[name](keys=[instances], args=args, client=client)
+        keys, bases = self._bucket(bucket)
+        args = [*bases, *extra]
+        return lambda client: self._scripts[name](keys=keys, args=args, client=client)
 
     def _script(self, name: str, keys: builtins.list[str], args: builtins.list[Any]) -> Awaitable[Any]:
         return self._scripts[name](keys=keys, args=args)
@@ -347,11 +377,50 @@ class RedisPinStore:
     def _pin(self, user_key: str, instance: str, pttl: int) -> Pin:
         return Pin(user_key, InstanceId(instance), pttl / 1000 if pttl >= 0 else None)
 
+    def _user_call(self, user_key: str) -> tuple[builtins.list[str], builtins.list[Any]]:
+        """KEYS (pin, counted-instances set) and the ARGV head (counter base, legacy index base,
+        user) of a per-user script."""
+        (live, _), (cnt, idx, _) = self._bucket(bucket_of(user_key))
+        return [self._pin_key(user_key), live], [cnt, idx, user_key]
+
     async def _mutate(self, op: str, user_key: str, args: builtins.list[Any]) -> ClaimResult:
-        instances, idx, _ = self._bucket(bucket_of(user_key))
-        keys = [self._pin_key(user_key), instances]
-        won, instance, pttl = await self._call(op, lambda: self._script(op.upper(), keys, [idx, *args]))
+        keys, head = self._user_call(user_key)
+        args = [*head, *args, self._ttl_ms, self._window_ms]
+        won, instance, pttl = await self._call(op, lambda: self._script(op.upper(), keys, args))
         return ClaimResult(self._pin(user_key, instance, int(pttl)), won=bool(won))
+
+    async def _scan(self, op: str) -> AsyncIterator[dict[int, builtins.list[str]]]:
+        """The user keys of every pin, one SCAN step (``SCAN_COUNT`` keys) at a time, grouped by
+        bucket; on a cluster, every primary in turn. Each step is one call through the breaker."""
+        pattern = f"{_glob_escape(self.prefix)}pin:{{p*"
+        start = len(self.prefix) + len("pin:{p")
+        if self.cluster:
+            await self._call(op, self._client.initialize)
+            targets: builtins.list[Any] = builtins.list(self._client.get_primaries())
+        else:
+            targets = [None]
+        for node in targets:
+            cursor = 0
+            while True:
+                cursor, keys = await self._call(op, lambda c=cursor, n=node: self._scan_step(n, c, pattern))  # type: ignore[misc]
+                found: dict[int, builtins.list[str]] = {}
+                for key in keys:
+                    close = key.find("}", start)
+                    tag = key[start:close]
+                    if close > 0 and tag.isdigit():  # else not a pin key of ours (matched the pattern only)
+                        found.setdefault(int(tag), []).append(key[close + 1 :])
+                if found:
+                    yield found
+                if cursor == 0:
+                    break
+                await asyncio.sleep(self.scan_pause)
+
+    async def _scan_step(self, node: Any, cursor: int, pattern: str) -> tuple[int, builtins.list[str]]:
+        if node is None:
+            next_cursor, keys = await self._client.scan(cursor, match=pattern, count=SCAN_COUNT)
+            return int(next_cursor), keys
+        cursors, keys = await self._client.scan(cursor, match=pattern, count=SCAN_COUNT, target_nodes=node)
+        return int(cursors[node.name]), keys
 
     # -- PinStore --
 
@@ -362,19 +431,19 @@ class RedisPinStore:
         return self._pin(user_key, instance, int(pttl))
 
     async def claim(self, user_key: str, instance: InstanceId) -> ClaimResult:
-        return await self._mutate("claim", user_key, [user_key, instance, self._ttl_ms])
+        return await self._mutate("claim", user_key, [instance])
 
     async def repin(self, user_key: str, expected: InstanceId | None, instance: InstanceId) -> ClaimResult:
         """Compare-and-set. A pin that is already gone (expired, dropped, reaped) counts as matching
         any ``expected``: the caller wanted it replaced, and ``ClaimResult`` cannot carry "no pin"."""
-        return await self._mutate("repin", user_key, [user_key, expected or "", instance, self._ttl_ms])
+        return await self._mutate("repin", user_key, [expected or "", instance])
 
     async def set(self, user_key: str, instance: InstanceId) -> Pin:
-        return (await self._mutate("set", user_key, [user_key, instance, self._ttl_ms])).pin
+        return (await self._mutate("set", user_key, [instance])).pin
 
     async def drop(self, user_key: str, expected: InstanceId | None = None) -> bool:
-        instances, idx, _ = self._bucket(bucket_of(user_key))
-        keys, args = [self._pin_key(user_key), instances], [idx, user_key, expected or ""]
+        keys, head = self._user_call(user_key)
+        args = [*head, expected or ""]
         return bool(await self._call("drop", lambda: self._script("DROP", keys, args)))
 
     async def touch(self, user_key: str, instance: InstanceId) -> None:
@@ -389,7 +458,7 @@ class RedisPinStore:
         for user, instance in batch.items():
             by_bucket.setdefault(bucket_of(user), []).extend((user, instance))
         calls = [
-            self._bucket_script("TOUCH", bucket, [self._ttl_ms, *flat[i : i + 2 * TOUCH_BATCH]])
+            self._bucket_script("TOUCH", bucket, [self._ttl_ms, self._window_ms, *flat[i : i + 2 * TOUCH_BATCH]])
             for bucket, flat in by_bucket.items()
             for i in range(0, len(flat), 2 * TOUCH_BATCH)
         ]
@@ -400,26 +469,19 @@ class RedisPinStore:
         await self._touches.flush()
 
     async def list(self, instance: InstanceId | None = None, limit: int = 1000) -> builtins.list[Pin]:
-        """Live pins from the index, confirmed against the pins themselves. Order: by expiry per
-        instance (soonest first), instances in name order."""
+        """Live pins (of ``instance``, or all), found by an incremental SCAN that stops once ``limit``
+        are found: with more than ``limit`` pins, which ones come back is SCAN's order. Sorted by
+        instance name, then expiry (soonest first)."""
         if limit <= 0:
             return []
-        if instance is None:
-            calls = [
-                (lambda client, key=self._bucket(b)[0]: client.smembers(key))  # type: ignore[misc]
-                for b in range(BUCKETS)
-            ]
-            sets = await self._call("list", lambda: self._fanout(calls))
-            pins: builtins.list[Pin] = []
-            for name in sorted(set().union(*sets)):
-                if len(pins) >= limit:
-                    break
-                pins.extend(await self.list(InstanceId(name), limit - len(pins)))
-            return pins
-        calls = [self._bucket_script("LIST", b, [instance, limit]) for b in range(BUCKETS)]
-        replies = await self._call("list", lambda: self._fanout(calls))
-        found = [self._pin(flat[i], instance, int(flat[i + 1])) for flat in replies for i in range(0, len(flat), 2)]
-        found.sort(key=lambda pin: (pin.expires_in is not None, pin.expires_in or 0.0))
+        found: builtins.list[Pin] = []
+        async for batch in self._scan("list"):
+            calls = [self._bucket_script("LIST_KEYS", b, [instance or "", *users]) for b, users in batch.items()]
+            for flat in await self._call("list", lambda calls=calls: self._fanout(calls)):  # type: ignore[misc]
+                found.extend(self._pin(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3))
+            if len(found) >= limit:
+                break
+        found.sort(key=lambda pin: (pin.instance, pin.expires_in is not None, pin.expires_in or 0.0))
         return found[:limit]
 
     async def counts(self) -> dict[InstanceId, int]:
@@ -432,19 +494,15 @@ class RedisPinStore:
         return totals
 
     async def drop_instance(self, instance: InstanceId) -> builtins.list[str]:
-        """Batches of ``DROP_BATCH`` index members per bucket, each one atomic script call; all
-        buckets go at once, then again only those with entries left."""
+        """One incremental SCAN over the pin keys; each step's keys are checked and deleted by one
+        atomic script call per bucket (so racing reapers report each pin once). Deletes every pin of
+        ``instance`` that existed when the walk started; one written during the walk may be left
+        for the next pass (``counts()`` still shows it)."""
         dropped: builtins.list[str] = []
-        pending = builtins.list(range(BUCKETS))
-        while pending:
-            calls = [self._bucket_script("DROP_INSTANCE", b, [instance, DROP_BATCH]) for b in pending]
-            replies = await self._call("drop_instance", lambda calls=calls: self._fanout(calls))  # type: ignore[misc]
-            left = []
-            for bucket, (remaining, users) in zip(pending, replies, strict=True):
+        async for batch in self._scan("drop_instance"):
+            calls = [self._bucket_script("DROP_KEYS", b, [instance, *users]) for b, users in batch.items()]
+            for users in await self._call("drop_instance", lambda calls=calls: self._fanout(calls)):  # type: ignore[misc]
                 dropped.extend(users)
-                if int(remaining) > 0:
-                    left.append(bucket)
-            pending = left
         return dropped
 
     async def ping(self) -> bool:

@@ -246,8 +246,10 @@ async def test_workers_share_load_pins_and_metrics(
     try:
         assert await client.keys("*race-user*") == [pin_key("affinity:", "race-user")]
         assert await client.get(pin_key("affinity:", "race-user")) == served[0]
-        indexed = [key for key in await client.keys("affinity:idx:*") if await client.zscore(key, "race-user")]
-        assert indexed == [f"affinity:idx:{{p{bucket_of('race-user')}}}{served[0]}"]
+        counted_pins = [int(n) for key in await client.keys("affinity:cnt:*") for n in (await client.hvals(key))]
+        assert sum(counted_pins) == len(await client.keys("affinity:pin:*"))  # the race counted one pin
+        tag = f"{{p{bucket_of('race-user')}}}"
+        assert f"affinity:cnt:{tag}{served[0]}" in await client.keys(f"affinity:cnt:{tag}*")
     finally:
         await client.aclose()
     assert await scraped_requests(http, sup) == sent

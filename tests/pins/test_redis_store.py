@@ -10,7 +10,7 @@ import pytest
 import redis.exceptions
 
 from affinity_proxy.pins import redis as redis_store_module
-from affinity_proxy.pins.redis import RedisPinStore, bucket_of, pin_key
+from affinity_proxy.pins.redis import WINDOWS, RedisPinStore, bucket_of, pin_key
 from affinity_proxy.pins.store import PinStoreUnavailable
 from affinity_proxy.routing.model import InstanceId
 from tests.support.redis_server import RedisServer
@@ -104,37 +104,42 @@ async def test_unexpected_redis_errors_are_not_outages(redis_server: RedisServer
 
 
 async def test_key_schema(redis_server: RedisServer, redis_url: str) -> None:
-    """Every key of a pin carries its bucket's hash tag, so each script touches one cluster slot."""
+    """Every key of a pin carries its bucket's hash tag, so each script touches one cluster slot; a
+    pin is one string key, counted in its bucket's per-instance counter under its expiry (on the
+    pin_ttl / WINDOWS grid), with no per-pin index entry."""
     store = RedisPinStore(redis_url, key_prefix="t1:", pin_ttl=30)
     b1, b2 = bucket_of("user:1"), bucket_of("u2")
     assert b1 != b2  # the test wants two buckets
     pin1, pin2 = f"t1:pin:{{p{b1}}}user:1", f"t1:pin:{{p{b2}}}u2"
     assert pin_key("t1:", "user:1") == pin1
+    window = 30_000 // WINDOWS
     try:
         await store.claim("user:1", A)
         await store.claim("u2", B)
         with redis_server.client() as raw:
-            assert set(raw.keys("*")) == {pin1, pin2, f"t1:idx:{{p{b1}}}a", f"t1:idx:{{p{b2}}}b",
-                                          f"t1:instances{{p{b1}}}", f"t1:instances{{p{b2}}}"}
+            assert set(raw.keys("*")) == {pin1, pin2, f"t1:cnt:{{p{b1}}}a", f"t1:cnt:{{p{b2}}}b",
+                                          f"t1:live{{p{b1}}}", f"t1:live{{p{b2}}}"}
             for key in raw.keys("*"):
                 assert key.count("{") == 1 and key.count("}") == 1
             assert raw.get(pin1) == "a"
-            assert 25_000 < raw.pttl(pin1) <= 30_000
-            seconds, micros = raw.time()
-            now_ms = seconds * 1000 + micros // 1000
-            score = raw.zscore(f"t1:idx:{{p{b1}}}a", "user:1")
-            assert score is not None and abs(score - (now_ms + 30_000)) < 5_000
-            assert raw.smembers(f"t1:instances{{p{b1}}}") == {"a"}
+            assert 30_000 - window - 5_000 < raw.pttl(pin1) <= 30_000
+            expiry = raw.execute_command("PEXPIRETIME", pin1)
+            assert expiry % window == 0
+            assert raw.hgetall(f"t1:cnt:{{p{b1}}}a") == {str(expiry): "1"}
+            assert raw.smembers(f"t1:live{{p{b1}}}") == {"a"}
 
             await store.set("user:1", B)
-            assert raw.zscore(f"t1:idx:{{p{b1}}}a", "user:1") is None
-            assert raw.zscore(f"t1:idx:{{p{b1}}}b", "user:1") is not None
+            assert raw.exists(f"t1:cnt:{{p{b1}}}a") == 0  # its only pin moved to b
+            expiry = raw.execute_command("PEXPIRETIME", pin1)
+            assert raw.hgetall(f"t1:cnt:{{p{b1}}}b") == {str(expiry): "1"}
             assert await store.counts() == {B: 2}
-            assert raw.smembers(f"t1:instances{{p{b1}}}") == {"b"}  # counts() forgets empty indexes
+            assert raw.smembers(f"t1:live{{p{b1}}}") == {"b"}  # counts() forgets empty counters
 
             await store.drop("user:1")
-            assert raw.zrange(f"t1:idx:{{p{b2}}}b", 0, -1) == ["u2"]
-            assert raw.exists(pin1) == 0
+            assert raw.exists(pin1) == 0 and raw.exists(f"t1:cnt:{{p{b1}}}b") == 0
+            assert len(raw.hgetall(f"t1:cnt:{{p{b2}}}b")) == 1
+            assert await store.counts() == {B: 1}
+            assert raw.smembers(f"t1:live{{p{b1}}}") == set()
     finally:
         await store.close()
 
