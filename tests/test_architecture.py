@@ -20,6 +20,7 @@ SINGLE_DEFINITION_LITERALS = (
     "fly-replay", "fly-replay-src", "fly-replay-failed", "fly-preferred-instance-unavailable",
     "fly-force-instance-id", "fly-prefer-instance-id", "x-fly-instance",
     "fly-client-ip", "fly-forwarded-proto", "fly-request-id",
+    "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip",
 )
 SINGLE_DEFINITION_NAMES = ("IDEMPOTENT_METHODS",)
 
@@ -198,7 +199,8 @@ def _docstrings(tree: ast.AST) -> set[int]:
 
 
 def _literal_modules() -> dict[str, set[str]]:
-    """For each watched header name: the modules whose code (not docstrings) spells it out."""
+    """For each watched header name: the modules whose code (not docstrings) spells it out, alone or
+    as the start of a header line."""
     where: dict[str, set[str]] = {name: set() for name in SINGLE_DEFINITION_LITERALS}
     for module, path in MODULES.items():
         tree = ast.parse(path.read_text())
@@ -206,8 +208,9 @@ def _literal_modules() -> dict[str, set[str]]:
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and id(node) not in skip and isinstance(node.value, (str, bytes)):
                 value = node.value.decode("latin-1") if isinstance(node.value, bytes) else node.value
-                if value.lower() in where:
-                    where[value.lower()].add(module)
+                name = value.lower().split(":", 1)[0]  # a header line ("X-Request-Id: ") names it too
+                if name in where:
+                    where[name].add(module)
     return where
 
 

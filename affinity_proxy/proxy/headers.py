@@ -1,19 +1,26 @@
-"""Header filtering for the forward path: what crosses the proxy and what is added.
+"""The header rules of the forward path, written once for both engines, and the names they use.
 
-Pure functions over header multidicts, called once per forwarded request or response. They do no
-I/O, keep every end-to-end header (repeated names such as ``Set-Cookie`` stay separate), drop
-hop-by-hop headers (RFC 9110 7.6.1) and everything named in ``Connection``, and never emit a name
-or value that could split a header block (CR, LF, NUL) or that is not encodable on the wire.
-Imports only the standard library and multidict: no aiohttp, nothing of ours.
+``request_rewrite`` is the upstream request-header rewrite as a plan (``RequestRewrite``: which
+names are dropped, which lines the proxy adds): hop-by-hop headers (RFC 9110 7.6.1) and everything
+named in ``Connection``, names with ``_``, untrusted client claims (``Forwarded``, ``X-Real-IP``,
+``Fly-*``), ``X-Forwarded-*`` recomputed, the replay marker. Each engine applies the plan to its own
+representation: ``upstream_request_headers`` here on multidicts (the aiohttp engine, the Fly edge
+stand-in), ``engines/fast/rewrite.py`` on the raw bytes of a head. Also the response side
+(``downstream_response_headers``, ``merge_extra_headers``) and the header names and constants both
+engines share. Pure: no I/O, never emits a name or value that could split a header block (CR, LF,
+NUL) or that is not encodable on the wire. Imports the standard library, multidict and
+``routing.replay`` (the routing header names): no aiohttp, no engine.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable, Mapping
-from typing import TypeAlias
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import NamedTuple, TypeAlias
 
 from multidict import CIMultiDict
+
+from affinity_proxy.routing.replay import FORCE_INSTANCE_HEADER
 
 #: Headers that describe one connection, never the message; a proxy must not forward them.
 #: ``HTTP2-Settings`` is connection-specific by definition (RFC 7540 3.2.1): it only means something
@@ -38,14 +45,31 @@ HOP_BY_HOP: frozenset[str] = frozenset(
 FLY_CLIENT_IP_HEADER = "Fly-Client-IP"
 FLY_FORWARDED_PROTO_HEADER = "Fly-Forwarded-Proto"
 FLY_REQUEST_ID_HEADER = "Fly-Request-Id"
+#: The de-facto proxy headers (and RFC 7239's ``Forwarded``): the proxy writes the ``X-Forwarded-*``
+#: ones; ``realip`` reads them (and Fly's) from trusted peers only.
+FORWARDED_HEADER = "Forwarded"
+REAL_IP_HEADER = "X-Real-IP"
+FORWARDED_FOR_HEADER = "X-Forwarded-For"
+FORWARDED_PROTO_HEADER = "X-Forwarded-Proto"
+FORWARDED_HOST_HEADER = "X-Forwarded-Host"
+#: The request id passed to the instance (the client's own when it sent one, else the proxy's).
+REQUEST_ID_HEADER = "X-Request-Id"
 #: Request headers that make claims about the client, dropped unless the peer is a trusted proxy:
 #: apps and frameworks believe them, so a client could otherwise choose its own address or scheme.
 CLIENT_CLAIMS: frozenset[str] = frozenset(
-    {"forwarded", "x-real-ip", FLY_CLIENT_IP_HEADER.lower(), FLY_FORWARDED_PROTO_HEADER.lower()})
+    h.lower() for h in (FORWARDED_HEADER, REAL_IP_HEADER, FLY_CLIENT_IP_HEADER, FLY_FORWARDED_PROTO_HEADER))
+#: Request headers the proxy writes itself (``request_rewrite``): a client's lines are never copied.
+PROXY_WRITTEN: frozenset[str] = frozenset(
+    h.lower() for h in (FORWARDED_FOR_HEADER, FORWARDED_PROTO_HEADER, FORWARDED_HOST_HEADER))
+#: Routing headers meant for the proxy only (``fly-force-instance-id``): never passed to the instance.
+PROXY_ONLY: frozenset[str] = frozenset({FORCE_INSTANCE_HEADER})
+#: What the proxy never copies upstream from any request (the fast engine filters each header line
+#: against this as it is parsed; ``request_rewrite`` adds the per-request names to it).
+REQUEST_DROPPED: frozenset[str] = HOP_BY_HOP | PROXY_WRITTEN | PROXY_ONLY
 #: The response header naming the instance that answered (set by the proxy on every forwarded answer).
 INSTANCE_HEADER = "X-Fly-Instance"
 #: Where a request id is taken from, in order (Fly's first, so logs correlate with Fly's).
-REQUEST_ID_HEADERS: tuple[str, ...] = (FLY_REQUEST_ID_HEADER, "X-Request-Id")
+REQUEST_ID_HEADERS: tuple[str, ...] = (FLY_REQUEST_ID_HEADER, REQUEST_ID_HEADER)
 
 
 def is_sane_request_id(value: str) -> bool:
@@ -109,24 +133,99 @@ def is_safe_header(name: str, value: str) -> bool:
     return is_safe_name(name) and is_safe_value(value)
 
 
+def _all(headers: Mapping[str, str], name: str) -> list[str]:
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        return list(getall(name, []))
+    value = headers.get(name)
+    return [] if value is None else [value]
+
+
 def connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
     """Lower-cased header names listed in every ``Connection`` header (these are hop-by-hop too)."""
-    getall = getattr(headers, "getall", None)
-    values = getall("Connection", []) if getall is not None else [headers.get("Connection", "")]
+    return tokens_of(_all(headers, "Connection"))
+
+
+def tokens_of(values: Iterable[str]) -> frozenset[str]:
+    """Lower-cased names listed in these ``Connection`` values."""
     return frozenset(token.strip().lower() for value in values for token in value.split(",") if token.strip())
 
 
-def _end_to_end(headers: Mapping[str, str], extra_drop: Iterable[str] = (), *,
-                underscores: bool = True) -> CIMultiDict[str]:
-    """Copy ``headers`` minus hop-by-hop, Connection-named, ``extra_drop`` and unsafe pairs
-    (``underscores=False``: also names containing ``_``)."""
+def _end_to_end(headers: Mapping[str, str], extra_drop: Iterable[str] = ()) -> CIMultiDict[str]:
+    """Copy ``headers`` minus hop-by-hop, Connection-named, ``extra_drop`` and unsafe pairs."""
     dropped = HOP_BY_HOP | connection_tokens(headers) | {name.lower() for name in extra_drop}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        if name.lower() in dropped or not is_safe_header(name, value) or (not underscores and "_" in name):
+        if name.lower() in dropped or not is_safe_header(name, value):
             continue
         out.add(name, value)
     return out
+
+
+class RequestRewrite(NamedTuple):
+    """What happens to a client request's headers on the way to the instance.
+
+    Applied the same way by both engines: a header line is copied, in order, unless its lower-cased
+    name is in ``drop``, its name contains ``_`` (nginx's ``underscores_in_headers off``: an app
+    that maps ``X_Forwarded_For`` onto ``X-Forwarded-For``, as CGI-style environments do, would
+    otherwise believe it) or the pair is unsafe (``is_safe_header``; the fast engine's llhttp
+    already refused the rest, so it checks the UTF-8 of values only); then ``add`` follows; then
+    ``X-Request-Id: <the request's id>`` when no ``X-Request-Id`` line was copied. Body framing
+    (Content-Length, Transfer-Encoding, Expect) and a missing ``Host`` are each transport's own.
+    """
+
+    drop: frozenset[str]
+    add: tuple[tuple[str, str], ...]
+
+
+def request_rewrite(
+    *,
+    connection: Iterable[str] = (),
+    forwarded_for: Iterable[str] = (),
+    client_ip: str | None,
+    scheme: str,
+    host: str | None,
+    trusted_peer: bool,
+    drop: Collection[str] = PROXY_ONLY,
+    extra: Sequence[tuple[str, str]] = (),
+) -> RequestRewrite:
+    """The rewrite of one request's headers (``RequestRewrite``), from the few values it depends on.
+
+    ``connection`` and ``forwarded_for``: the request's ``Connection`` and ``X-Forwarded-For``
+    values, every line in order. Dropped: ``REQUEST_DROPPED``'s hop-by-hop and proxy-written names,
+    the names in ``drop`` (by default ``PROXY_ONLY``, routing headers meant for the proxy), the names
+    listed in ``Connection``, ``extra``'s names and, unless ``trusted_peer``, ``CLIENT_CLAIMS``.
+
+    Added: ``X-Forwarded-For`` with the entries already present (all lines joined into one) and
+    ``client_ip`` (the TCP peer) appended, as nginx's ``$proxy_add_x_forwarded_for``; entries left
+    of the peers the app trusts may be forged. ``X-Forwarded-Proto`` is ``scheme`` (the client's
+    real scheme: ``realip.client_scheme``), ``X-Forwarded-Host`` is ``host`` (the client's Host),
+    omitted when None, then ``extra`` (one name replaced, e.g. the replay marker
+    ``fly-replay-src``). Unsafe added values are skipped, never emitted. Pure; O(values given).
+    """
+    tokens = tokens_of(connection) if connection else frozenset()
+    dropped = REQUEST_DROPPED if drop is PROXY_ONLY else HOP_BY_HOP | PROXY_WRITTEN | {n.lower() for n in drop}
+    if tokens:
+        dropped = dropped | tokens
+    if not trusted_peer:
+        dropped = dropped | CLIENT_CLAIMS
+    if extra:
+        dropped = dropped | {name.lower() for name, _ in extra}
+    prior = [] if _FOR in tokens else [v.strip() for v in forwarded_for if v.strip() and is_safe_value(v)]
+    if client_ip and is_safe_value(client_ip):
+        prior.append(client_ip)
+    add: list[tuple[str, str]] = []
+    if prior:
+        add.append((FORWARDED_FOR_HEADER, ", ".join(prior)))
+    if is_safe_value(scheme):
+        add.append((FORWARDED_PROTO_HEADER, scheme))
+    if host and is_safe_value(host):
+        add.append((FORWARDED_HOST_HEADER, host))
+    add.extend(pair for pair in extra if is_safe_header(*pair))
+    return RequestRewrite(dropped, tuple(add))
+
+
+_FOR = FORWARDED_FOR_HEADER.lower()
 
 
 def upstream_request_headers(
@@ -136,44 +235,31 @@ def upstream_request_headers(
     scheme: str,
     host: str | None,
     request_id: str | None = None,
-    drop: Collection[str] = (),
+    drop: Collection[str] = PROXY_ONLY,
     trusted_peer: bool = False,
+    extra: Sequence[tuple[str, str]] = (),
 ) -> CIMultiDict[str]:
-    """Headers to send to the instance for a client request carrying ``headers``.
+    """``request_rewrite`` applied to a multidict: the headers to send to the instance.
 
     Keeps every end-to-end header (repeats preserved, order kept) including the client's ``Host``:
     like Traefik's default ``passHostHeader: true``, the instance sees the name the user typed,
-    which virtual hosting, absolute redirects and WebSocket origin checks depend on. Drops
-    hop-by-hop headers, names listed in ``Connection`` and the names in ``drop`` (routing headers
-    such as ``fly-force-instance-id`` that are meant for the proxy only).
-
-    Header names containing ``_`` are dropped (nginx's ``underscores_in_headers off``: an app
-    that maps ``X_Forwarded_For`` onto ``X-Forwarded-For``, as CGI-style environments do, would
-    otherwise believe it), and so are ``CLIENT_CLAIMS`` (``Forwarded``, ``X-Real-IP``,
-    ``Fly-Client-IP``, ``Fly-Forwarded-Proto``) unless ``trusted_peer``.
-
-    ``X-Forwarded-For`` keeps the entries already present (all lines joined into one) and gets
-    ``client_ip`` (the TCP peer) appended, as nginx's ``$proxy_add_x_forwarded_for``; with no
-    ``client_ip`` it is passed on unchanged. Entries left of the peers the app trusts may be forged.
-    ``X-Forwarded-Proto`` is set to ``scheme`` (the client's real scheme: ``realip.client_scheme``)
-    and ``X-Forwarded-Host`` to ``host`` (replacing any client-sent value, omitted when ``host`` is
-    None). ``X-Request-Id`` is set to ``request_id`` only when the client sent none. Added values
-    that are unsafe are skipped, never emitted. Pure; O(number of headers); returns a new
-    multidict the caller may mutate.
+    which virtual hosting, absolute redirects and WebSocket origin checks depend on.
+    ``X-Request-Id`` is set to ``request_id`` only when the client sent none. Pure; O(number of
+    headers); returns a new multidict the caller may mutate.
     """
-    out = _end_to_end(headers, drop if trusted_peer else (*drop, *CLIENT_CLAIMS), underscores=False)
-    if client_ip and is_safe_value(client_ip):
-        prior = ", ".join(v.strip() for v in out.popall("X-Forwarded-For", []) if v.strip())
-        out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
-    out.popall("X-Forwarded-Proto", None)
-    if is_safe_value(scheme):
-        out["X-Forwarded-Proto"] = scheme
-    if host and is_safe_value(host):
-        out["X-Forwarded-Host"] = host
-    else:
-        out.popall("X-Forwarded-Host", None)
-    if request_id and "X-Request-Id" not in out and is_safe_value(request_id):
-        out["X-Request-Id"] = request_id
+    plan = request_rewrite(
+        connection=_all(headers, "Connection"), forwarded_for=_all(headers, FORWARDED_FOR_HEADER),
+        client_ip=client_ip, scheme=scheme, host=host, trusted_peer=trusted_peer, drop=drop, extra=extra,
+    )
+    dropped = plan.drop
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() in dropped or "_" in name or not is_safe_header(name, value):
+            continue
+        out.add(name, value)
+    out.extend(plan.add)
+    if request_id and REQUEST_ID_HEADER not in out and is_safe_value(request_id):
+        out[REQUEST_ID_HEADER] = request_id
     return out
 
 

@@ -13,6 +13,7 @@ from affinity_proxy.proxy.headers import (
     is_safe_header,
     is_sane_request_id,
     merge_extra_headers,
+    request_rewrite,
     upstream_request_headers,
 )
 
@@ -186,3 +187,26 @@ def test_merge_extra_accepts_a_mapping_and_rejects_unsafe() -> None:
 def test_is_sane_request_id(value: str, sane: bool) -> None:
     assert is_sane_request_id(value) is sane
     assert REQUEST_ID_HEADERS == ("Fly-Request-Id", "X-Request-Id")
+
+
+def test_the_rewrite_plan_names_what_is_dropped_and_added() -> None:
+    plan = request_rewrite(connection=["close, X-Secret"], forwarded_for=[" 1.1.1.1 ", "", "\udcff"],
+                           client_ip="10.0.0.9", scheme="https", host="app.example", trusted_peer=False,
+                           extra=(("fly-replay-src", "instance=a"),))
+    assert {"connection", "te", "x-secret", "x-forwarded-for", "fly-force-instance-id", "x-real-ip",
+            "forwarded", "fly-client-ip", "fly-replay-src"} <= plan.drop
+    assert plan.add == (("X-Forwarded-For", "1.1.1.1, 10.0.0.9"), ("X-Forwarded-Proto", "https"),
+                        ("X-Forwarded-Host", "app.example"), ("fly-replay-src", "instance=a"))
+    trusted = request_rewrite(client_ip=None, scheme="http", host=None, trusted_peer=True)
+    assert "x-real-ip" not in trusted.drop and trusted.add == (("X-Forwarded-Proto", "http"),)
+
+
+def test_forwarded_for_named_in_connection_is_not_carried_over() -> None:
+    plan = request_rewrite(connection=["X-Forwarded-For"], forwarded_for=["6.6.6.6"], client_ip="10.0.0.9",
+                           scheme="http", host=None, trusted_peer=True)
+    assert plan.add[0] == ("X-Forwarded-For", "10.0.0.9")
+
+
+def test_extra_headers_replace_the_clients() -> None:
+    out = _up(_h(("Fly-Replay-Src", "forged"), ("X-Keep", "1")), extra=(("fly-replay-src", "instance=a"),))
+    assert out.getall("fly-replay-src") == ["instance=a"] and out["X-Keep"] == "1"

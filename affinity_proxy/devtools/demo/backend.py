@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
 
+from affinity_proxy.proxy.headers import REQUEST_ID_HEADER
+
 __all__ = [
     "BACKEND_STATE",
     "PATTERN_CHUNK",
@@ -33,7 +35,7 @@ __all__ = [
 PATTERN_CHUNK: bytes = bytes(range(256)) * 256
 #: Subprotocols ``/ws`` accepts; it picks the first one the client offers.
 WS_PROTOCOLS: tuple[str, ...] = ("echo.v1", "echo.v2")
-_ECHO_HEADERS = ("host", "cookie", "x-request-id")
+_ECHO_HEADERS = ("host", "cookie", REQUEST_ID_HEADER.lower())
 
 
 @dataclass(slots=True)

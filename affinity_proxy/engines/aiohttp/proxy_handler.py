@@ -23,12 +23,14 @@ from affinity_proxy.proxy.context import ProxyContext
 from affinity_proxy.proxy.headers import (
     FLY_CLIENT_IP_HEADER,
     FLY_FORWARDED_PROTO_HEADER,
+    FORWARDED_FOR_HEADER,
+    FORWARDED_PROTO_HEADER,
     REQUEST_ID_HEADERS,
     is_sane_request_id,
     upstream_request_headers,
 )
 from affinity_proxy.proxy.realip import RealClient, real_client, trusted_proxies
-from affinity_proxy.proxy.resolve import FORCE_HEADER, resolve, route_input
+from affinity_proxy.proxy.resolve import resolve, route_input
 from affinity_proxy.routing.decide import Decision, Route, RouteInput
 from affinity_proxy.routing.model import Instance, InstanceId
 from affinity_proxy.routing.replay import NO_SIGNALS, ReplaySource, Triage
@@ -50,8 +52,8 @@ def real_client_of(cidrs: tuple[str, ...], request: web.Request) -> RealClient:
         headers = request.headers
         found = request[REAL_CLIENT] = real_client(
             trusted_proxies(cidrs), request.remote, request.scheme,
-            forwarded_for=headers.getall("X-Forwarded-For", ()),
-            forwarded_proto=headers.getall("X-Forwarded-Proto", ()),
+            forwarded_for=headers.getall(FORWARDED_FOR_HEADER, ()),
+            forwarded_proto=headers.getall(FORWARDED_PROTO_HEADER, ()),
             fly_client_ip=headers.get(FLY_CLIENT_IP_HEADER), fly_proto=headers.get(FLY_FORWARDED_PROTO_HEADER),
         )
     return found
@@ -169,10 +171,8 @@ class ProxyHandler:
         client = real_client_of(ctx.config.trusted_proxy_cidrs, request)
         headers = upstream_request_headers(
             request.headers, client_ip=request.remote, scheme=client.scheme, host=request.host,
-            request_id=request.get(REQUEST_ID), drop=(FORCE_HEADER,), trusted_peer=client.trusted,
+            request_id=request.get(REQUEST_ID), trusted_peer=client.trusted, extra=upstream_extra,
         )
-        for name, value in upstream_extra:
-            headers[name] = value
         limits = ctx.config.limits
         assert ctx.client is not None
         started = time.perf_counter()

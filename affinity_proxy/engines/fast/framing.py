@@ -94,7 +94,7 @@ class RequestFraming:
             head.claims = True
         if lname not in wire.REQUEST_REPLACED and b"_" not in name and (value.isascii() or wire.utf8_ok(value)):
             head.lines.append(name + b": " + value + b"\r\n")
-            if lname == b"x-request-id":
+            if lname == wire.REQUEST_ID_B:
                 head.has_rid = True
 
     def on_headers_complete(self) -> None:

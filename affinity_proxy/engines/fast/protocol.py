@@ -192,8 +192,9 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
         fly_ip, fly_proto = first.get(_FLY_IP), first.get(_FLY_PROTO)
         found = real_client(
             proxies, self.peer, self.scheme,
-            forwarded_for=[text(v) for v in head.all(b"x-forwarded-for")] if b"x-forwarded-for" in first else (),
-            forwarded_proto=[text(v) for v in head.all(b"x-forwarded-proto")] if b"x-forwarded-proto" in first else (),
+            forwarded_for=[text(v) for v in head.all(wire.FORWARDED_FOR_B)] if wire.FORWARDED_FOR_B in first else (),
+            forwarded_proto=([text(v) for v in head.all(wire.FORWARDED_PROTO_B)]
+                             if wire.FORWARDED_PROTO_B in first else ()),
             fly_client_ip=text(fly_ip) if fly_ip is not None else None,
             fly_proto=text(fly_proto) if fly_proto is not None else None,
         )

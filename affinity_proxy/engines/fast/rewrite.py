@@ -1,24 +1,23 @@
 """Header blocks crossing the fast engine, both ways, as bytes.
 
-``upstream_head`` is ``forwarding.headers.upstream_request_headers`` plus ``forward_http``'s
-framing rules for a raw request head: the client's end-to-end lines as received (hop-by-hop
-headers, names listed in ``Connection``, names with ``_``, ``fly-force-instance-id`` and, from an
-untrusted peer, ``CLIENT_CLAIMS`` dropped), ``Host`` when the client sent none,
-``X-Forwarded-For`` (the peer appended), ``-Proto`` (the client's real scheme), ``-Host``, ``X-Request-Id`` unless
-the client sent one, and the body framing (Content-Length as declared, chunked for a chunked body,
-``Content-Length: 0`` for a body-less method other than GET/HEAD/OPTIONS/TRACE, as aiohttp's
-client sends). ``client_head`` is ``downstream_response_headers`` plus ``merge_extra_headers``
-and aiohttp's response framing for the client's HTTP version. Pure; no I/O.
+``upstream_head`` applies ``proxy.headers.request_rewrite`` (the one definition of what is
+dropped and added on the way to the instance, shared with the aiohttp engine) to a raw request
+head, plus this transport's framing: ``Host`` when the client sent none, Content-Length as
+declared, chunked for a chunked body, ``Content-Length: 0`` for a body-less method other than
+GET/HEAD/OPTIONS/TRACE (as aiohttp's client sends). ``client_head`` is
+``downstream_response_headers`` plus ``merge_extra_headers`` and aiohttp's response framing for
+the client's HTTP version. Pure; no I/O.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from affinity_proxy.proxy.headers import RequestRewrite, request_rewrite
 from affinity_proxy.proxy.realip import RealClient
 
 from . import wire
-from .head import RequestHead
+from .head import RequestHead, text
 from .response import ResponseHead
 from .upstream import Origin
 
@@ -30,85 +29,73 @@ def upstream_head(head: RequestHead, origin: Origin, peer: str | None, rid: Call
                   fqdn: Callable[[], str], extra: tuple[bytes, bytes] | None, client: RealClient) -> bytes:
     """The request head sent to ``origin``. ``extra``: one more header that replaces the client's
     (fly's private-forward ``fly-replay-src``); ``client``: the realip result (its scheme, whether
-    the peer is trusted). Everything but X-Request-Id depends only on the (shared, immutable) head,
-    the instance, the peer address and ``client``, so it is built once per head for the last of
-    those seen and reused around a fresh request id."""
+    the peer is trusted). In the usual case (no ``extra``, ``Connection`` naming no other header,
+    no client claim from an untrusted peer) the rewrite drops only ``REQUEST_DROPPED``, which the
+    head's ``lines`` were filtered against as they were parsed; everything but X-Request-Id then
+    depends only on the (shared, immutable) head, the instance, the peer address and ``client``,
+    so it is built once per head for the last of those seen and reused around a fresh request id."""
     if extra is not None or head.odd or (head.claims and not client.trusted):
         return _filtered_upstream_head(head, origin, peer, rid, fqdn, extra, client)
     memo = head.up_memo
     if (memo is None or memo[0] is not origin or memo[1] != peer or memo[2] != client.scheme
             or memo[3] is not client.trusted):
         parts = [head.method.encode(), b" ", origin.prefix, head.target, b" HTTP/1.1\r\n", b"".join(head.lines)]
-        forwarded = head.all(b"x-forwarded-for") if b"x-forwarded-for" in head.first else []
-        _proxy_lines(parts, head, forwarded, origin.host_header, peer, fqdn, client.scheme)
+        _added(parts, head, _rewrite(head, peer, fqdn, client, None, ()), origin)
         after: list[bytes] = []
-        _framing(after, head, None)
+        _framing(after, head)
         memo = head.up_memo = (origin, peer, client.scheme, client.trusted, b"".join(parts), b"".join(after))
     if head.has_rid:
         return memo[4] + memo[5]  # type: ignore[no-any-return]
-    return b"".join((memo[4], b"X-Request-Id: ", rid(), b"\r\n", memo[5]))
+    return b"".join((memo[4], wire.REQUEST_ID_LINE, rid(), b"\r\n", memo[5]))
+
+
+def _rewrite(head: RequestHead, peer: str | None, fqdn: Callable[[], str], client: RealClient,
+             extra: tuple[bytes, bytes] | None, connection: list[bytes]) -> RequestRewrite:
+    """``request_rewrite`` for this head, its values decoded as aiohttp presents them."""
+    first = head.first
+    host = first.get(b"host")
+    return request_rewrite(
+        connection=[text(v) for v in connection],
+        forwarded_for=[text(v) for v in head.all(wire.FORWARDED_FOR_B)] if wire.FORWARDED_FOR_B in first else (),
+        client_ip=peer, scheme=client.scheme,
+        host=text(host) if host is not None else fqdn(),  # aiohttp's request.host without a Host header
+        trusted_peer=client.trusted, extra=((text(extra[0]), text(extra[1])),) if extra is not None else (),
+    )
 
 
 def _filtered_upstream_head(head: RequestHead, origin: Origin, peer: str | None, rid: Callable[[], bytes],
                             fqdn: Callable[[], str], extra: tuple[bytes, bytes] | None, client: RealClient) -> bytes:
-    """The general case: headers named in ``Connection``, ``extra``'s name and, from an untrusted
-    peer, ``CLIENT_CLAIMS`` are dropped too."""
+    """The general case: every line is checked against the request's own rewrite (names listed
+    in ``Connection``, ``extra``'s name and, from an untrusted peer, ``CLIENT_CLAIMS`` dropped too)."""
     parts = [head.method.encode(), b" ", origin.prefix, head.target, b" HTTP/1.1\r\n"]
-    drop = wire.REQUEST_REPLACED
     conn_values = head.all(b"connection") if b"connection" in head.first else []
-    tokens = wire.connection_tokens(conn_values) if conn_values else frozenset()
-    if tokens:
-        drop = drop | tokens
-    if extra is not None:
-        drop = drop | {extra[0]}
-    if not client.trusted:
-        drop = drop | wire.CLIENT_CLAIMS
-    forwarded: list[bytes] = []
+    plan = _rewrite(head, peer, fqdn, client, extra, conn_values)
+    drop = {name.encode("utf-8", "surrogateescape") for name in plan.drop} | wire.FRAMING
     has_request_id = False
     for name, value in head.headers:
         lname = name.lower()
-        if lname in drop:
-            if lname == b"x-forwarded-for" and b"x-forwarded-for" not in tokens:
-                forwarded.append(value)
+        if lname in drop or b"_" in name or (not value.isascii() and not wire.utf8_ok(value)):
             continue
-        if (not value.isascii() and not wire.utf8_ok(value)) or b"_" in name:
-            continue
-        if lname == b"x-request-id":
+        if lname == wire.REQUEST_ID_B:
             has_request_id = True
         parts += (name, b": ", value, b"\r\n")
-    _proxy_lines(parts, head, forwarded, origin.host_header, peer, fqdn, client.scheme)
+    _added(parts, head, plan, origin)
     if not has_request_id:
-        parts += (b"X-Request-Id: ", rid(), b"\r\n")
-    _framing(parts, head, extra)
+        parts += (wire.REQUEST_ID_LINE, rid(), b"\r\n")
+    _framing(parts, head)
     return b"".join(parts)
 
 
-_PROTO_LINES = {"http": b"X-Forwarded-Proto: http\r\n", "https": b"X-Forwarded-Proto: https\r\n"}
-
-
-def _proxy_lines(parts: list[bytes], head: RequestHead, forwarded: list[bytes], default_host: bytes,
-                 peer: str | None, fqdn: Callable[[], str], scheme: str) -> None:
-    """Host when missing, X-Forwarded-For/Proto/Host."""
+def _added(parts: list[bytes], head: RequestHead, plan: RequestRewrite, origin: Origin) -> None:
+    """Host when the client sent none (the transport's), then the rewrite's added lines."""
     if b"host" not in head.first:
-        parts += (b"Host: ", default_host, b"\r\n")
-    prior = b", ".join(v.strip() for v in forwarded if v.strip() and wire.utf8_ok(v)) if forwarded else b""
-    if peer:
-        ip = peer.encode()
-        prior = prior + b", " + ip if prior else ip
-    if prior:
-        parts += (b"X-Forwarded-For: ", prior, b"\r\n")
-    parts.append(_PROTO_LINES.get(scheme) or b"X-Forwarded-Proto: %s\r\n" % scheme.encode())
-    host = head.first.get(b"host")
-    if host is None:  # aiohttp's request.host without a Host header
-        host = fqdn().encode()
-    if host and wire.utf8_ok(host):
-        parts += (b"X-Forwarded-Host: ", host, b"\r\n")
+        parts += (b"Host: ", origin.host_header, b"\r\n")
+    for name, value in plan.add:
+        parts += (name.encode(), b": ", value.encode("utf-8", "surrogateescape"), b"\r\n")
 
 
-def _framing(parts: list[bytes], head: RequestHead, extra: tuple[bytes, bytes] | None) -> None:
-    """``extra``, the body framing and the end of the head."""
-    if extra is not None:
-        parts += (extra[0], b": ", extra[1], b"\r\n")
+def _framing(parts: list[bytes], head: RequestHead) -> None:
+    """The body framing and the end of the head."""
     if head.chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     elif head.content_length is not None:

@@ -20,7 +20,15 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from affinity_proxy.proxy.act import Answer, error
 from affinity_proxy.proxy.headers import CLIENT_CLAIMS as _CLAIMS
-from affinity_proxy.proxy.headers import HOP_BY_HOP, INSTANCE_HEADER, UNSUPPORTED_CODING
+from affinity_proxy.proxy.headers import (
+    FORWARDED_FOR_HEADER,
+    FORWARDED_PROTO_HEADER,
+    HOP_BY_HOP,
+    INSTANCE_HEADER,
+    REQUEST_DROPPED,
+    REQUEST_ID_HEADER,
+    UNSUPPORTED_CODING,
+)
 from affinity_proxy.proxy.headers import IDEMPOTENT_METHODS as IDEMPOTENT_METHODS
 from affinity_proxy.proxy.headers import is_coding_error as is_coding_error
 from affinity_proxy.routing.replay import FORCE_INSTANCE_HEADER
@@ -28,14 +36,18 @@ from affinity_proxy.routing.replay import FORCE_INSTANCE_HEADER
 Header = tuple[bytes, bytes]
 
 HOP_BY_HOP_B: frozenset[bytes] = frozenset(h.encode() for h in HOP_BY_HOP)
-#: ``fly-force-instance-id`` as the lower-case bytes llhttp heads are keyed by.
+#: Header names as the lower-case bytes llhttp heads are keyed by.
 FORCE_INSTANCE_B = FORCE_INSTANCE_HEADER.encode()
-#: Request headers never copied upstream as received: recomputed (framing, X-Forwarded-*),
-#: answered here (Expect) or meant for the proxy only (fly-force-instance-id).
-REQUEST_REPLACED: frozenset[bytes] = HOP_BY_HOP_B | {
-    b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-    FORCE_INSTANCE_B,
-}
+FORWARDED_FOR_B = FORWARDED_FOR_HEADER.lower().encode()
+FORWARDED_PROTO_B = FORWARDED_PROTO_HEADER.lower().encode()
+REQUEST_ID_B = REQUEST_ID_HEADER.lower().encode()
+REQUEST_ID_LINE = REQUEST_ID_HEADER.encode() + b": "
+#: The body framing, which this engine writes itself (Content-Length, Transfer-Encoding) or answers
+#: (Expect: 100-continue), as aiohttp's client and server do for the other engine.
+FRAMING: frozenset[bytes] = frozenset({b"content-length", b"expect"})
+#: Request lines never copied upstream as received (``proxy.headers.REQUEST_DROPPED`` and the
+#: framing): the head's ``lines`` are filtered against this as they are parsed.
+REQUEST_REPLACED: frozenset[bytes] = frozenset(h.encode() for h in REQUEST_DROPPED) | FRAMING
 #: ``proxy.headers.CLIENT_CLAIMS``: not forwarded from an untrusted peer.
 CLIENT_CLAIMS: frozenset[bytes] = frozenset(h.encode() for h in _CLAIMS)
 #: Response headers the proxy replaces with its own value.
