@@ -1,11 +1,13 @@
 """WebSocket relay benchmark (issue #16): proxy CPU per round trip against nginx, same rounds.
 
-    python -m benchmarks.ws_bench [--rounds 5] [--duration 8] [--connections 20] [--rate 10000] [--no-write]
+    python -m benchmarks.ws_bench [--rounds 5] [--duration 8] [--connections 20] [--rate 5000]
+                                  [--compare-ref REF] [--no-write]
 
 One echo instance (``benchmarks.ws_peers``) and the client (this process, N connections each with
 one 64-byte binary message in flight, sequence-numbered and checked) share CPU 0; every proxy runs
-alone on CPU 1 (taskset): nginx with upgrade headers (``nginx.ws_proxy_conf``), affinity-proxy
-with the fast engine (``affinity-ws``) and with the aiohttp engine (``affinity-ws-aiohttp``).
+alone on CPU 1 (taskset): nginx with upgrade headers (``nginx.ws_proxy_conf``), the minimal Python
+byte relay (``benchmarks.byte_relay``: what any Python relay can reach here), affinity-proxy with
+the fast engine (``affinity-ws``) and with the aiohttp engine (``affinity-ws-aiohttp``).
 Each round loads every target once, in a rotated order, at the same paced rate (``--rate``: CPU
 per round trip depends on the rate, as one event-loop wake-up serves more sockets when busier);
 per target it reports round trips/s and the proxy's CPU per round trip (utime + stime of its
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import nginx
+from benchmarks.refs import SEPARATOR, RefTree, Worktrees, check_imports_from, describe
 from benchmarks.rounds import OTHER_CPU_LIMIT, Spread
 from benchmarks.targets import (
     HarnessError,
@@ -53,12 +56,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- ws-bench:begin -->", "<!-- ws-bench:end -->"
 REFERENCE = "nginx-ws"
-ALL_TARGETS = ("nginx-ws", "affinity-ws", "affinity-ws-aiohttp")
+CEILING = "byte-relay"  # benchmarks.byte_relay: bytes copied both ways, no parsing at all (the Python ceiling)
+ALL_TARGETS = ("nginx-ws", CEILING, "affinity-ws", "affinity-ws-aiohttp")
 #: Issue #16: proxy CPU per round trip at most this many times nginx's.
 GOAL = 1.5
 #: Round trips/s offered to every target: CPU per round trip depends on the rate (at a higher rate
 #: one wake-up of the event loop serves more sockets), so every proxy carries the same one.
-RATE = 10_000.0
+RATE = 5_000.0
 #: A round is flagged when a target carried less than this fraction of the offered rate.
 RATE_SHORTFALL = 0.95
 
@@ -97,8 +101,10 @@ def _wait_tcp(started: Started, port: int, timeout: float = 20.0) -> None:
     raise HarnessError(f"{started.name} did not listen on {port}:\n{started.log_tail()}")
 
 
-def start(procs: Processes, want: Sequence[str], *, target_cpu: int, peer_cpu: int) -> list[WsTarget]:
-    """The echo instance, then every wanted proxy, each answering before any load."""
+def start(procs: Processes, want: Sequence[str], *, target_cpu: int, peer_cpu: int,
+          refs: Sequence[RefTree] = ()) -> list[WsTarget]:
+    """The echo instance, then every wanted proxy, each answering before any load; with ``refs``,
+    a twin ``name@label`` of each affinity-proxy target run from that ref's worktree."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), LOG_LEVEL="WARNING")
     echo_port = free_port()
     echo = procs.start("ws-echo", [sys.executable, "-m", "benchmarks.ws_peers", "--listen", f"127.0.0.1:{echo_port}"],
@@ -114,18 +120,31 @@ def start(procs: Processes, want: Sequence[str], *, target_cpu: int, peer_cpu: i
         s = procs.start(REFERENCE, nginx.nginx_argv("nginx", procs.workdir, conf, REFERENCE), cpu=target_cpu)
         _wait_tcp(s, port)
         out.append(WsTarget(REFERENCE, "nginx 1 worker, upgrade headers passed, proxy_http_version 1.1", port, s))
+    if CEILING in want:
+        port = free_port()
+        s = procs.start(CEILING, [sys.executable, "-m", "benchmarks.byte_relay", "--listen", f"127.0.0.1:{port}",
+                                  "--upstream", f"127.0.0.1:{echo_port}"], cpu=target_cpu, env=env)
+        _wait_tcp(s, port)
+        out.append(WsTarget(CEILING, "the Python ceiling: asyncio + uvloop, bytes copied both ways, no parsing, "
+                                     "no limit", port, s))
     secret = secrets.token_hex(32)
-    for name, engine in (("affinity-ws", "fast"), ("affinity-ws-aiohttp", "aiohttp")):
-        if name not in want:
-            continue
-        port, admin = free_port(), free_port()
-        conf = procs.workdir / f"{name}.yaml"
-        conf.write_text(_proxy_yaml(port, admin, secret, [("app-1", echo_port)], None, engine))
-        s = procs.start(name, [sys.executable, "-m", "affinity_proxy", "serve", "--config", str(conf)],
-                        cpu=target_cpu, env=env)
-        wait_ready(s, port, "/_affinity/health")
-        out.append(WsTarget(name, f"affinity-proxy, engine {engine}, proxy mode, default limits "
-                                  "(max_ws_message_bytes 4 MiB, ws_heartbeat 30 s)", port, s))
+    trees: list[tuple[str, dict[str, str], str]] = [("", env, "")]
+    for tree in refs:
+        check_imports_from(tree)
+        trees.append((SEPARATOR + tree.label, dict(tree.env(), LOG_LEVEL="WARNING"), f" at {tree.sha[:12]}"))
+    for suffix, tree_env, at in trees:
+        for base, engine in (("affinity-ws", "fast"), ("affinity-ws-aiohttp", "aiohttp")):
+            if base not in want:
+                continue
+            name = base + suffix
+            port, admin = free_port(), free_port()
+            conf = procs.workdir / f"{name.replace('/', '_')}.yaml"
+            conf.write_text(_proxy_yaml(port, admin, secret, [("app-1", echo_port)], None, engine))
+            s = procs.start(name, [sys.executable, "-m", "affinity_proxy", "serve", "--config", str(conf)],
+                            cpu=target_cpu, env=tree_env)
+            wait_ready(s, port, "/_affinity/health")
+            out.append(WsTarget(name, f"affinity-proxy{at}, engine {engine}, proxy mode, default limits "
+                                      "(max_ws_message_bytes 4 MiB, ws_heartbeat 30 s)", port, s))
     return out
 
 
@@ -181,7 +200,7 @@ def summary(rounds: Sequence[Sequence[WsRow]], names: Sequence[str]) -> tuple[st
         assert rts and us and cores
         rows.append((name, rts.cell(",.0f"), us.cell(".1f"), ratio.cell(".2f") if ratio else "-", cores.cell(".2f"),
                      str(sum(r.wrong for r in rs))))
-        if name != REFERENCE and ratio:
+        if name not in (REFERENCE, CEILING) and SEPARATOR not in name and ratio:
             met = "**met**" if ratio.median <= GOAL else "**not met**"
             verdicts.append(f"- {name}: proxy CPU per round trip {ratio.cell('.2f')} x nginx's (goal ≤ {GOAL}), "
                             f"0 dropped or reordered messages: {met}")
@@ -197,7 +216,7 @@ def round_table(rnd: Sequence[WsRow]) -> str:
 
 
 def section(args: argparse.Namespace, targets: Sequence[WsTarget], rounds: Sequence[Sequence[WsRow]],
-            flagged: Sequence[int]) -> str:
+            flagged: Sequence[int], refs: Sequence[RefTree] = ()) -> str:
     names = [t.name for t in targets]
     table, verdicts = summary(rounds, names)
     lines = [
@@ -212,7 +231,9 @@ def section(args: argparse.Namespace, targets: Sequence[WsTarget], rounds: Seque
            "rises, so all carry the same load); " if args.rate else "as fast as the echoes come back; ")
         + f"the proxy alone on CPU {args.target_cpu}, the client and the instance on CPU {args.peer_cpu}. "
         "The figure is the proxy's CPU (utime + stime of its processes, /proc) per round trip over the measured "
-        "window, as a ratio against nginx's in the same round; medians over the rounds with min-max.",
+        "window, as a ratio against nginx's in the same round; medians over the rounds with min-max."
+        + (f" `<target>@REF`: the same target run from an earlier commit in the same rounds ({describe(refs)})."
+           if refs else ""),
         "",
         table,
         "",
@@ -263,6 +284,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--target-cpu", type=int, default=1)
     p.add_argument("--peer-cpu", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/RESULTS.md alone")
+    p.add_argument("--compare-ref", action="append", default=[], metavar="REF",
+                   help="also run the affinity-proxy targets of this commit (a git worktree) in the same rounds")
     return p.parse_args(argv)
 
 
@@ -274,8 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise HarnessError(f"unknown targets: {', '.join(sorted(unknown))}")
     os.sched_setaffinity(0, {args.peer_cpu})
     procs = Processes(Path(tempfile.mkdtemp(prefix="ws-bench.")))
+    worktrees = Worktrees()
     try:
-        targets = start(procs, want, target_cpu=args.target_cpu, peer_cpu=args.peer_cpu)
+        refs = [worktrees.add(ref) for ref in args.compare_ref]
+        targets = start(procs, want, target_cpu=args.target_cpu, peer_cpu=args.peer_cpu, refs=refs)
         ours = [s for s in procs.started if s.name == "ws-echo"]
         rounds: list[list[WsRow]] = []
         for i in range(args.rounds):
@@ -287,13 +312,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"round {i + 1}/{args.rounds}\n{round_table(rnd)}\n", flush=True)
         flagged = [i for i, rnd in enumerate(rounds) if any(
             r.other_cpu > OTHER_CPU_LIMIT or (args.rate and r.rts < RATE_SHORTFALL * args.rate) for r in rnd)]
-        text = section(args, targets, rounds, flagged)
+        text = section(args, targets, rounds, flagged, refs)
         print(text)
         if not args.no_write:
             write_section(text)
             print(f"wrote the WebSocket section of {RESULTS.relative_to(ROOT)}")
     finally:
         left = procs.finish()
+        worktrees.remove_all()
     return 1 if left else 0
 
 
