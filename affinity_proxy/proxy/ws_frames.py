@@ -51,7 +51,9 @@ class FrameScanner:
 
     @property
     def at_boundary(self) -> bool:
-        return self.need == 0 and not self.held
+        """The bytes returned so far end where a frame ends (after a refusal nothing more is
+        returned, so they end before the refused frame however much of it is still to come)."""
+        return bool(self.violation) or (self.need == 0 and not self.held)
 
     def feed(self, data: bytes) -> bytes:
         need = self.need

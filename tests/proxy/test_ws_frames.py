@@ -94,3 +94,13 @@ def test_close_frame_masking_and_reason_cut() -> None:
     key = masked[2:6]
     assert masked[:2] == bytes((0x88, 0x82))
     assert bytes(b ^ key[i & 3] for i, b in enumerate(masked[6:])) == (1001).to_bytes(2, "big")
+
+
+def test_after_a_refusal_the_forwarded_stream_ends_on_a_boundary_while_the_frame_still_comes() -> None:
+    scanner = FrameScanner(max_message=1024)
+    big = data_frame(b"x" * 100_000)
+    assert scanner.feed(big[:5000]) == b""
+    assert scanner.violation == 1009 and scanner.need > 0
+    assert scanner.at_boundary  # nothing of the refused frame went on: a CLOSE of ours may follow
+    assert scanner.feed(big[5000:] + close_frame(1000, masked=True)) == b""
+    assert scanner.close_seen

@@ -251,3 +251,13 @@ async def test_a_client_that_stops_answering_heartbeats_is_dropped_and_the_insta
     data = await asyncio.wait_for(reader.read(), 5)  # a PING or two, then the connection ends
     assert data and data[0] == 0x89
     writer.close()
+
+
+async def test_an_oversize_message_spanning_many_reads_still_gets_1009(backend: Backend, start_proxy: ProxyFactory,
+                                                                      http) -> None:
+    proxy = await start_proxy(backend.url, max_message_bytes=1024)
+    async with http.ws_connect(proxy.url + "/ws", max_msg_size=0) as ws:
+        await ws.send_bytes(b"y" * (8 * 1024 * 1024))
+        msg = await ws.receive(timeout=10)
+        assert msg.type is WSMsgType.CLOSE and msg.data == 1009
+    await wait_until(lambda: backend.state.ws_closes == [(1009, "")], message="instance told with 1009")
