@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from affinity_proxy.pins.reaper import Reaper
 from affinity_proxy.pins.store import PinStoreUnavailable
+from affinity_proxy.placement.rebalancer import Rebalancer
 from affinity_proxy.proxy.context import CONTEXT, ProxyContext
 from affinity_proxy.proxy.errors import json_error
 from affinity_proxy.proxy.session_check import session_check_get, session_check_post
@@ -27,6 +28,7 @@ from affinity_proxy.routing.model import InstanceId, is_valid_instance_id
 from affinity_proxy.routing.userkey import MAX_USER_KEY_LENGTH
 
 REAPER: web.AppKey[Reaper] = web.AppKey("affinity_reaper", Reaper)
+REBALANCER: web.AppKey[Rebalancer] = web.AppKey("affinity_rebalancer", Rebalancer)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -328,6 +330,26 @@ async def reap(request: web.Request) -> web.Response:
     return web.json_response(doc)
 
 
+async def rebalance(request: web.Request) -> web.Response:
+    """``POST /rebalance[?dry_run=1]``: one rebalance pass now (at most one pass's budget), or its
+    plan. ``"skipped": true`` (only then present): another process holds the rebalance lock."""
+    rebalancer = request.app[REBALANCER]
+    dry_run = request.query.get("dry_run", "0").lower() in ("1", "true", "yes")
+    try:
+        outcome = await rebalancer.run_once(dry_run=dry_run)
+    except PinStoreUnavailable as exc:
+        return _store_down(exc)
+    doc: dict[str, Any] = {
+        "dry_run": dry_run, "idle_after": rebalancer.idle_after, "idle_threshold": rebalancer.idle_threshold,
+        "budget": rebalancer.budget, "loads": dict(sorted(outcome.loads.items())),
+        "moves": [{"user": m.user_key, "from": m.source, "to": m.target} for m in outcome.planned],
+        "moved": len(outcome.applied),
+    }
+    if outcome.skipped:
+        doc["skipped"] = True
+    return web.json_response(doc)
+
+
 async def reload_config(request: web.Request) -> web.Response:
     """``POST /reload``: re-read the config file (like SIGHUP). 400 keeps the old config."""
     from affinity_proxy.serve.reload import reload_from_file
@@ -348,4 +370,5 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_post("/instances/{id}/drain", _drain_handler(True))
     app.router.add_post("/instances/{id}/undrain", _drain_handler(False))
     app.router.add_post("/reap", reap)
+    app.router.add_post("/rebalance", rebalance)
     app.router.add_post("/reload", reload_config)

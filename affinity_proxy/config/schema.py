@@ -281,6 +281,26 @@ class PlacementConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplayCacheConfig:
+    """``fly.replay_cache``: work with Fly's replay cache (docs/fly-protocol.md "Replay caching").
+    ``enabled``: replays are answered in the cacheable form and cache hits for users who belong
+    elsewhere are invalidated. ``ttl``: the ``ttl_seconds`` of the fly.toml
+    ``[[http_service.http_options.replay_cache]]`` rule (Fly's minimum is 10 s); keep them equal."""
+
+    PATH: ClassVar[str] = "fly.replay_cache"
+    MIN_TTL: ClassVar[float] = 10.0
+    enabled: bool = False
+    ttl: float = field(default=60.0, metadata={"kind": "whole_seconds"})
+
+    def __post_init__(self) -> None:
+        check = Check(self, self.PATH)
+        check.flag("enabled")
+        check.seconds("ttl")
+        if self.ttl < self.MIN_TTL:
+            raise check.fail("ttl", f"must be at least {self.MIN_TTL:g}s (Fly's minimum), got {self.ttl!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class FlyConfig:
     """Fly.io mode: this node's machine, how peers are discovered and how replays look."""
 
@@ -311,9 +331,12 @@ class FlyConfig:
     #: Longest wait for a stopped Machine a private-network forward must reach: started through the
     #: Machines API (``api_url``, ``api_token``), until its ``.internal`` name resolves and it listens.
     wake_timeout: float = 15.0
+    replay_cache: ReplayCacheConfig = field(default_factory=ReplayCacheConfig, metadata={"kind": "section"})
 
     def __post_init__(self) -> None:
         check = Check(self, self.PATH)
+        if not isinstance(self.replay_cache, ReplayCacheConfig):
+            raise check.fail("replay_cache", "expected a mapping like {enabled: true, ttl: 60s}")
         label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
         check.text("app", optional=True, pattern=re.compile(label), what="a Fly app name (letters, digits, '-')")
         check.text("machine_id", optional=True, pattern=INSTANCE_ID_PATTERN, what=_ID_WHAT)

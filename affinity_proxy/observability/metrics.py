@@ -56,9 +56,11 @@ def multiprocess_dir() -> str | None:
 class _SnapshotCollector(Collector):
     """Reports ``affinity_pins{instance}`` and ``affinity_instances{state}`` from cached snapshots."""
 
-    def __init__(self, view: Callable[[], MembershipView], pins: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(self, view: Callable[[], MembershipView], pins: Callable[[], Mapping[str, int]],
+                 sessions: Callable[[], Mapping[str, int]] | None = None) -> None:
         self._view = view
         self._pins = pins
+        self._sessions = sessions
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         view = self._view()
@@ -76,6 +78,16 @@ class _SnapshotCollector(Collector):
         for instance, n in sorted(pin_counts.items()):
             pins.add_metric([instance], n)
         yield pins
+        if self._sessions is not None:
+            sessions = GaugeMetricFamily(
+                "affinity_sessions", "Live sessions per instance: stored pins plus anonymous cookie sessions "
+                "seen within placement.rebalance.idle_after (estimated on Redis)", labels=["instance"])
+            live = dict(self._sessions())
+            for inst in view.instances:
+                live.setdefault(inst.id, 0)
+            for instance, n in sorted(live.items()):
+                sessions.add_metric([instance], n)
+            yield sessions
 
 
 class ProxyMetrics:
@@ -126,14 +138,19 @@ class ProxyMetrics:
         self.pin_conflicts = Counter(
             "affinity_pin_conflicts", "Cookie and stored pin disagreed (stored pin won)", registry=r
         )
+        self.placements = Counter(
+            "affinity_placements", "New sessions placed, by instance and how (ring, overflow, local)",
+            ["instance", "how"], registry=r,
+        )
         self.store_up.set(1)
         self._response_children: dict[int, Counter] = {}
 
     def watch_snapshots(
-        self, view: Callable[[], MembershipView], pins: Callable[[], Mapping[str, int]]
+        self, view: Callable[[], MembershipView], pins: Callable[[], Mapping[str, int]],
+        sessions: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         """Register the gauges computed at scrape time from the current snapshots."""
-        collector = _SnapshotCollector(view, pins)
+        collector = _SnapshotCollector(view, pins, sessions)
         self.registry.register(collector)
         if self._exposition is not self.registry:
             self._exposition.register(collector)

@@ -181,6 +181,8 @@ def counts(action: str, route: Route) -> tuple[Count, ...]:
         found.append(("repins", (route.repin_reason,)))
     if route.conflict:
         found.append(("pin_conflicts", ()))
+    if route.how is not None:
+        found.append(("placements", (route.instance, route.how)))
     if action == REPLAY:
         found.append(("replays", (route.reason,)))
     return tuple(found)

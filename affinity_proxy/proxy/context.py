@@ -24,6 +24,7 @@ from affinity_proxy.observability.events import RecentEvents
 from affinity_proxy.observability.metrics import ProxyMetrics
 from affinity_proxy.pins.near_cache import PinNearCache
 from affinity_proxy.pins.store import PinStore
+from affinity_proxy.placement.live import LiveSessions
 from affinity_proxy.routing.cookie import CookieCodec
 from affinity_proxy.routing.decide import DecidePolicy
 from affinity_proxy.routing.model import InstanceId
@@ -71,6 +72,7 @@ class ProxyContext:
     config_path: str | None = None  # the file ``serve`` loaded; reload re-reads it (None: built in code)
     reloads: int = 0
     events: RecentEvents = field(default_factory=RecentEvents)  # recent counts and re-pins for the dashboard
+    live: LiveSessions | None = None  # live sessions per instance (bounded-load placement, affinity_sessions)
 
 
 def decide_policy(config: Config) -> DecidePolicy:
@@ -78,7 +80,8 @@ def decide_policy(config: Config) -> DecidePolicy:
     fly = config.fly
     local = fly.machine_id if config.mode == "fly" and fly.placement == "local" and fly.machine_id else None
     return DecidePolicy(revalidate_after=config.cookie.revalidate_after,
-                        local_instance=InstanceId(local) if local else None)
+                        local_instance=InstanceId(local) if local else None,
+                        load_factor=config.placement.load_factor)
 
 
 CONTEXT: web.AppKey[ProxyContext] = web.AppKey("affinity_context", ProxyContext)

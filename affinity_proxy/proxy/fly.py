@@ -18,8 +18,12 @@ from affinity_proxy.proxy.upstream_errors import UpstreamError
 from affinity_proxy.routing.decide import DecisionReason, Route, RouteInput
 from affinity_proxy.routing.model import InstanceId
 from affinity_proxy.routing.replay import (
+    CACHE_HIT,
+    CACHE_INVALIDATE,
     NO_SIGNALS,
     PREFERRED_UNAVAILABLE_HEADER,
+    REPLAY_CACHE_HEADER,
+    REPLAY_CACHE_STATUS_HEADER,
     REPLAY_FAILED_HEADER,
     REPLAY_HEADER,
     REPLAY_SRC_HEADER,
@@ -53,14 +57,30 @@ def source(raw: str | None) -> ReplaySource | None:
     return parse_replay_src(raw) or ReplaySource(instance=None, region=None, t=None, state=None)
 
 
+#: Decisions made without anything Fly's replay cache could be keyed on (no cookie, no user key):
+#: their replays keep our ``state`` marker, so the target adopts the new session (``replayed_new_session``).
+_ANONYMOUS = frozenset({DecisionReason.NEW, DecisionReason.LOCAL})
+
+
+def is_cache_hit(raw_status: str | None) -> bool:
+    """``fly-replay-cache-status: hit`` (raw value, None when absent): Fly's replay cache sent the
+    request here without asking the origin (docs/fly-protocol.md §1 "Replay caching")."""
+    return raw_status is not None and raw_status.strip().lower() == CACHE_HIT
+
+
 def plan_for(ctx: ProxyContext, route: Route, local: InstanceId, *, src: ReplaySource | None, body: BodyInfo,
-             is_websocket: bool, fallback_request: bool, signals: Triage = NO_SIGNALS) -> Plan:
+             is_websocket: bool, fallback_request: bool, signals: Triage = NO_SIGNALS,
+             cache_hit: bool = False) -> Plan:
     """``routing.replay.plan`` with this node's fly settings. ``fallback_request``: Fly sent
-    ``fly-replay-failed`` with it (docs/fly-protocol.md §1), parsable or not."""
+    ``fly-replay-failed`` with it (docs/fly-protocol.md §1), parsable or not. ``cache_hit``:
+    ``is_cache_hit``; with ``fly.replay_cache.enabled`` a hit for a user who belongs elsewhere is
+    replayed to the owner with ``fly-replay-cache: invalidate``."""
     fly = ctx.config.fly
+    cache = fly.replay_cache.enabled
     return plan(route.instance, local_instance=local, replay_src=src, body=body, is_websocket=is_websocket,
                 fallback_request=fallback_request, unreachable=signals.unreachable,
-                prefer_instance=fly.prefer_instance, timeout=fly.replay_timeout, fallback=fly.replay_fallback)
+                prefer_instance=fly.prefer_instance, timeout=fly.replay_timeout, fallback=fly.replay_fallback,
+                cacheable=cache and route.reason not in _ANONYMOUS, cache_hit=cache and cache_hit)
 
 
 def repin_signals(ctx: ProxyContext, request: web.Request) -> Triage:
@@ -94,16 +114,25 @@ def fly_plan(ctx: ProxyContext, request: web.Request, route: Route, src: ReplayS
     assert fly.machine_id is not None
     return plan_for(ctx, route, InstanceId(fly.machine_id), src=src, body=body_info(request),
                     is_websocket=is_websocket, fallback_request=REPLAY_FAILED_HEADER in request.headers,
-                    signals=signals)
+                    signals=signals, cache_hit=is_cache_hit(request.headers.get(REPLAY_CACHE_STATUS_HEADER)))
 
 
-def replay_response(ctx: ProxyContext, instance: InstanceId, header: str) -> web.Response:
-    """The answer Fly's edge turns into a replay; the client never sees it."""
+def request_cache_hit(request: web.Request) -> bool:
+    """``is_cache_hit`` for an aiohttp request."""
+    return is_cache_hit(request.headers.get(REPLAY_CACHE_STATUS_HEADER))
+
+
+def replay_response(ctx: ProxyContext, instance: InstanceId, header: str, invalidate: bool = False) -> web.Response:
+    """The answer Fly's edge turns into a replay; the client never sees it. ``invalidate``: with
+    ``fly-replay-cache: invalidate`` (drop the replay-cache entry that sent the request here)."""
+    headers = {REPLAY_HEADER: header}
+    if invalidate:
+        headers[REPLAY_CACHE_HEADER] = CACHE_INVALIDATE
     return web.Response(
         status=ctx.config.fly.replay_status,
         body=replay_body(instance),
         content_type="application/json",
-        headers={REPLAY_HEADER: header},
+        headers=headers,
     )
 
 
@@ -128,12 +157,14 @@ __all__ = [
     "REPLAY_SRC_HEADER",
     "body_info",
     "fly_plan",
+    "is_cache_hit",
     "plan_for",
     "reach_private",
     "repin_signals",
     "replay_response",
     "replay_source",
     "replayed_new_session",
+    "request_cache_hit",
     "signals",
     "source",
 ]

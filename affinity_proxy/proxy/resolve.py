@@ -66,9 +66,13 @@ def make_route_input(ctx: ProxyContext, *, cookie_value: str | None, user_key: s
     if user_key is None and (cookie is None or cookie.instance in avoid
                              or not ctx.membership.current().is_routable(cookie.instance)):
         anonymous = secrets.token_urlsafe(12)
+    live = ctx.live
+    if live is not None and user_key is None and cookie is not None and cookie.user_digest == "":
+        live.seen(cookie.instance, f"{cookie.instance}~{cookie.issued_at}")
     return RouteInput(
         user_key=user_key, user_digest=user_digest, cookie=cookie, cookie_problem=problem,
         force_instance=force, now=now, avoid=avoid, anonymous_key=anonymous,
+        loads=live.loads if live is not None and ctx.policy.load_factor is not None else None,
     )
 
 
@@ -141,9 +145,16 @@ async def claim_or_get(
     winner = result.pin.instance
     ctx.pin_cache.remember(op.user_key, winner)
     if result.won:
+        _placed(ctx, winner)
         return guess, guess_inp, True
     inp = replace(inp, pin_looked_up=True, stored_pin=winner, store_ok=True)
     return decide(inp, view, ctx.policy), inp, False
+
+
+def _placed(ctx: ProxyContext, instance: InstanceId) -> None:
+    """A pin written here counts in this process's live-session snapshot until the next refresh."""
+    if ctx.live is not None:
+        ctx.live.placed(instance)
 
 
 async def touch(ctx: ProxyContext, user_key: str, instance: InstanceId) -> None:
@@ -169,6 +180,8 @@ async def apply_store_op(ctx: ProxyContext, route: Route, view: MembershipView, 
         return route
     winner = result.pin.instance
     ctx.pin_cache.remember(op.user_key, winner)
+    if result.won:
+        _placed(ctx, winner)
     if result.won or winner == route.instance:
         return route
     if view.is_routable(winner) and winner not in inp.avoid:

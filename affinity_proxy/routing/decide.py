@@ -14,6 +14,7 @@ from enum import StrEnum
 
 from affinity_proxy.routing.cookie import AffinityCookie, CookieProblem
 from affinity_proxy.routing.model import InstanceId, InstanceState, MembershipView, is_valid_instance_id
+from affinity_proxy.routing.placement import PlacementHow, place
 
 
 class DecisionReason(StrEnum):
@@ -41,6 +42,7 @@ class RepinReason(StrEnum):
     REPLAY_FAILED = "replay_failed"
     OVERLOAD = "overload"
     OPERATOR = "operator"
+    REBALANCE = "rebalance"  # an idle user moved off an instance over its share (issue #14)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,8 @@ class RouteInput:
     store_ok: bool = True  # False: the lookup failed (store down) -> degrade to the ring
     avoid: Mapping[InstanceId, RepinReason] = field(default_factory=dict)
     anonymous_key: str = ""  # a fresh random session id, hashed for anonymous requests
+    #: Live sessions per instance (``placement.live`` snapshot); None: place by the plain ring.
+    loads: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,7 @@ class DecidePolicy:
 
     revalidate_after: float = 60.0  # seconds a keyed cookie is trusted without a store round trip
     local_instance: InstanceId | None = None
+    load_factor: float | None = None  # bounded load on ``RouteInput.loads`` (``placement.load_factor``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +110,8 @@ class Route:
     conflict: bool = False
     touch: bool = False
     orphan: InstanceId | None = None
+    #: A new placement: ring, overflow or local (``affinity_placements_total``); a label, not part of equality.
+    how: PlacementHow | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,19 +235,20 @@ def _from_pin(
         # Another node already moved the user: no repin is counted, the orphan is kept for logs.
         return Route(stored, DecisionReason.PIN, set_cookie=True, touch=True, orphan=orphan_id)
     if stored is not None:
-        chosen, _ = _place(inp, view, policy, exclude | {stored}, DecisionReason.HASH)
+        chosen, _, how = _place(inp, view, policy, exclude | {stored}, DecisionReason.HASH)
         if chosen is None:
             return Refuse()
         why = orphan.reason if orphan and orphan.instance is not None else _orphan_reason(inp, view, stored)
         op = RepinPin(user_key, stored, chosen)
-        return Route(chosen, DecisionReason.REPIN, why, set_cookie=True, store_op=op, orphan=stored)
-    chosen, how = _place(inp, view, policy, exclude, DecisionReason.HASH)
+        return Route(chosen, DecisionReason.REPIN, why, set_cookie=True, store_op=op, orphan=stored, how=how)
+    chosen, reason, how = _place(inp, view, policy, exclude, DecisionReason.HASH)
     if chosen is None:
         return Refuse()
     op = ClaimPin(user_key, chosen)
     if orphan is None:
-        return Route(chosen, how, set_cookie=True, store_op=op)
-    return Route(chosen, DecisionReason.REPIN, orphan.reason, set_cookie=True, store_op=op, orphan=orphan_id)
+        return Route(chosen, reason, set_cookie=True, store_op=op, how=how)
+    return Route(chosen, DecisionReason.REPIN, orphan.reason, set_cookie=True, store_op=op, orphan=orphan_id,
+                 how=how)
 
 
 def _anonymous(inp: RouteInput, view: MembershipView, policy: DecidePolicy, orphan: _Orphan | None) -> Decision:
@@ -256,14 +264,14 @@ def _hashed(
     """A new placement with no store write (an anonymous session; with ``policy`` None, the store
     is down and only the ring, which every node agrees on, may place a keyed user)."""
     if policy is None:
-        chosen, how = hash_choice(inp, view, exclude), reason
+        chosen, how = hash_choice(inp, view, exclude), PlacementHow.RING
     else:
-        chosen, how = _place(inp, view, policy, exclude, reason)
+        chosen, reason, how = _place(inp, view, policy, exclude, reason)
     if chosen is None:
         return Refuse()
     if orphan is None:
-        return Route(chosen, how, set_cookie=True)
-    return Route(chosen, DecisionReason.REPIN, orphan.reason, set_cookie=True, orphan=orphan.instance)
+        return Route(chosen, reason, set_cookie=True, how=how)
+    return Route(chosen, DecisionReason.REPIN, orphan.reason, set_cookie=True, orphan=orphan.instance, how=how)
 
 
 def local_placement(inp: RouteInput, view: MembershipView, policy: DecidePolicy,
@@ -278,13 +286,20 @@ def local_placement(inp: RouteInput, view: MembershipView, policy: DecidePolicy,
 
 def _place(
     inp: RouteInput, view: MembershipView, policy: DecidePolicy, exclude: frozenset[str], reason: DecisionReason
-) -> tuple[InstanceId | None, DecisionReason]:
+) -> tuple[InstanceId | None, DecisionReason, PlacementHow]:
     """Where a new session or a re-pin goes: the local instance (reason ``local``) when local
-    placement allows it, else the ring's choice (``reason``)."""
+    placement allows it, else the ring's choice (``reason``), bounded by ``policy.load_factor`` on
+    ``inp.loads`` when both are set (``routing.placement.place``: how ``ring`` or ``overflow``)."""
     local = local_placement(inp, view, policy, exclude)
     if local is not None:
-        return local, DecisionReason.LOCAL
-    return hash_choice(inp, view, exclude), reason
+        return local, DecisionReason.LOCAL, PlacementHow.LOCAL
+    if policy.load_factor is None or inp.loads is None:
+        return hash_choice(inp, view, exclude), reason, PlacementHow.RING
+    skip = frozenset(exclude).union(inp.avoid) if inp.avoid else exclude
+    placed = place(view, inp.user_key or inp.anonymous_key, inp.loads, policy.load_factor, skip)
+    if placed is None:
+        return None, reason, PlacementHow.RING
+    return placed.instance, reason, placed.how
 
 
 def _exclude(orphan: _Orphan | None) -> frozenset[str]:

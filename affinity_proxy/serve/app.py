@@ -19,6 +19,7 @@ from affinity_proxy.admin.api import (
     FLY_PRIVATE_SUFFIXES,
     PUBLIC,
     REAPER,
+    REBALANCER,
     add_admin_routes,
     browser_guard,
     health,
@@ -40,13 +41,19 @@ from affinity_proxy.membership.registry import Membership
 from affinity_proxy.membership.shared import MemorySharedState, SharedState
 from affinity_proxy.membership.sources import MembershipSource
 from affinity_proxy.observability.metrics import ProxyMetrics
+from affinity_proxy.pins import redis as redis_store_module
 from affinity_proxy.pins.factory import open_pin_store
 from affinity_proxy.pins.reaper import Reaper
 from affinity_proxy.pins.redis import RedisPinStore
 from affinity_proxy.pins.store import PinStore, PinStoreUnavailable
+from affinity_proxy.placement.live import LiveSessions
+from affinity_proxy.placement.rebalancer import DEFAULT_INTERVAL as DEFAULT_REBALANCE_INTERVAL
+from affinity_proxy.placement.rebalancer import Rebalancer
 from affinity_proxy.proxy.context import CONTEXT, ProxyContext, decide_policy
 from affinity_proxy.proxy.errors import json_error
 from affinity_proxy.routing.cookie import CookieCodec
+from affinity_proxy.routing.decide import RepinReason
+from affinity_proxy.routing.rebalance import Move
 from affinity_proxy.routing.userkey import UserKeySource
 from affinity_proxy.serve.listeners import dual_stack_socket, host_port, is_dual_stack
 
@@ -105,16 +112,25 @@ def build_context(
     if node or config.fly.machine_id:
         ctx.node = node or config.fly.machine_id or ctx.node
     ctx_holder.append(ctx)
-    metrics.watch_snapshots(membership.current, lambda: ctx.pin_counts)
+    ctx.live = LiveSessions(store, window=config.placement.rebalance.idle_after,
+                            instances=lambda: [i.id for i in membership.current().instances])
+    metrics.watch_snapshots(membership.current, lambda: ctx.pin_counts,
+                            lambda: ctx.live.loads if ctx.live is not None else {})
     return ctx
 
 
 async def _refresh_pin_counts(ctx: ProxyContext) -> None:
-    """Keep the ``affinity_pins`` gauge and store health fresh without touching the request path."""
+    """Keep the ``affinity_pins`` and ``affinity_sessions`` gauges, the live-session snapshot that
+    bounded-load placement reads (``placement.live``) and store health fresh without touching the
+    request path: every ``LiveSessions.interval`` (1 s)."""
     failing = False
     while True:
         try:
-            ctx.pin_counts = dict(await ctx.store.counts())
+            if ctx.live is not None:
+                await ctx.live.refresh()
+                ctx.pin_counts = dict(ctx.live.pins)
+            else:
+                ctx.pin_counts = dict(await ctx.store.counts())
             ctx.store_ok = True
             if failing:
                 log.info("pin store reachable again")
@@ -125,10 +141,10 @@ async def _refresh_pin_counts(ctx: ProxyContext) -> None:
                 log.warning("pin store unreachable: %s", exc)
             failing = True
         ctx.metrics.store_up.set(1 if ctx.store_ok else 0)
-        await asyncio.sleep(PIN_COUNT_REFRESH_SECONDS)
+        await asyncio.sleep(ctx.live.interval if ctx.live is not None else PIN_COUNT_REFRESH_SECONDS)
 
 
-def _lifecycle(ctx: ProxyContext, reaper: Reaper):  # type: ignore[no-untyped-def]
+def _lifecycle(ctx: ProxyContext, reaper: Reaper, rebalancer: Rebalancer):  # type: ignore[no-untyped-def]
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         limits = ctx.config.limits
         ctx.started_at = time.monotonic()
@@ -153,6 +169,8 @@ def _lifecycle(ctx: ProxyContext, reaper: Reaper):  # type: ignore[no-untyped-de
         await refresher.refresh_once()  # start with the shared drain set; never raises on an outage
         ctx.tasks.spawn(refresher.run(), name="membership-refresh")
         ctx.tasks.spawn(reaper.run(), name="reaper")
+        if ctx.config.placement.rebalance.enabled:
+            ctx.tasks.spawn(rebalancer.run(), name="rebalancer")
         source = discovery_source(ctx)
         if source is not None:
             ctx.tasks.spawn(run_discovery(
@@ -223,6 +241,29 @@ async def _reserved_not_found(request: web.Request) -> web.Response:
     return json_error(404, "unknown affinity-proxy endpoint", code="not_found")
 
 
+def build_rebalancer(ctx: ProxyContext) -> Rebalancer:
+    """The leader-only rebalance loop (``placement.rebalance``; run only when enabled, planned on
+    demand by ``POST /rebalance``). Settings are read at start."""
+    settings = ctx.config.placement.rebalance
+    touch_interval = float(getattr(ctx.store, "touch_interval", 0.0))
+    # A Redis store that keeps pin expiries on a grid of pin_ttl / WINDOWS knows a pin's last use
+    # only to that grid: count it in the slack, so an active user never looks idle.
+    windows = getattr(redis_store_module, "WINDOWS", None) if isinstance(ctx.store, RedisPinStore) else None
+    grid = ctx.config.pin_ttl / windows if windows else 0.0
+
+    def moved(move: Move) -> None:
+        ctx.metrics.repins.labels(repin_reason=RepinReason.REBALANCE.value).inc()
+        ctx.pin_cache.remember(move.user_key, move.target)
+
+    return Rebalancer(
+        ctx.store, ctx.membership.current, idle_after=settings.idle_after,
+        max_moves_per_minute=settings.max_moves_per_minute, pin_ttl=ctx.config.pin_ttl,
+        slack=ctx.config.cookie.revalidate_after + touch_interval + grid,
+        anonymous=lambda: ctx.live.anonymous if ctx.live is not None else {}, lock=ctx.shared, on_moved=moved,
+        interval=min(DEFAULT_REBALANCE_INTERVAL, settings.idle_after),
+    )
+
+
 def build_apps(ctx: ProxyContext) -> tuple[web.Application, web.Application]:
     """The main (proxy) application and the admin application, sharing ``ctx``."""
     limits = ctx.config.limits
@@ -239,7 +280,8 @@ def build_apps(ctx: ProxyContext) -> tuple[web.Application, web.Application]:
     main.router.add_route("*", "/_affinity/session-check", session_check)
     main.router.add_route("*", "/_affinity/{tail:.*}", _reserved_not_found)
     main.router.add_route("*", "/{tail:.*}", ProxyHandler(ctx).__call__)
-    main.cleanup_ctx.append(_lifecycle(ctx, reaper))
+    rebalancer = build_rebalancer(ctx)
+    main.cleanup_ctx.append(_lifecycle(ctx, reaper, rebalancer))
     main.on_shutdown.append(_close_websockets)
 
     admin_config = ctx.config.admin
@@ -251,6 +293,7 @@ def build_apps(ctx: ProxyContext) -> tuple[web.Application, web.Application]:
     ])
     admin[CONTEXT] = ctx
     admin[REAPER] = reaper
+    admin[REBALANCER] = rebalancer
     add_admin_routes(admin)
     add_dashboard_routes(admin)
     return main, admin

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import aiohttp
 
+from affinity_proxy.config import PlacementConfig
 from tests.functional.helpers import COOKIE, admin, affinity_cookie, base, metric_value
 from tests.support.backends import make_config
 
@@ -86,7 +87,8 @@ async def test_user_key_lands_on_same_instance_across_restarts(engine: str, back
 async def test_scale_up_moves_about_a_quarter_of_hash_users_and_no_cookie_user(engine: str, backends, start_proxy,
                                                                                http) -> None:
     users = [f"u{i}" for i in range(1200)]
-    three = await start_proxy(make_config(backends, engine=engine))
+    ring = PlacementConfig(load_factor=None)  # the plain ring's property (bounded load may walk on)
+    three = await start_proxy(make_config(backends, engine=engine, placement=ring))
     hashed3 = await _instances_of(http, three, users)
     # cookie clients pinned while there were three instances
     cookies: dict[str, tuple[str, str]] = {}
@@ -96,7 +98,8 @@ async def test_scale_up_moves_about_a_quarter_of_hash_users_and_no_cookie_user(e
     await three.stop()
 
     await backends.start("d")
-    four_config = make_config(backends, engine=engine, instances=backends.instance_configs(["a", "b", "c", "d"]))
+    four_config = make_config(backends, engine=engine, instances=backends.instance_configs(["a", "b", "c", "d"]),
+                              placement=ring)
     four = await start_proxy(four_config)
     hashed4 = await _instances_of(http, four, users)  # fresh store: pure hash choices
     moved = [u for u in users if hashed3[u] != hashed4[u]]

@@ -110,6 +110,8 @@ class ProxyHandler:
         if self._fly:
             src = fly.replay_source(request)
             signals = request[FLY_SIGNALS] = fly.repin_signals(ctx, request)
+            if fly.request_cache_hit(request):
+                self._tally(act.CACHE_HIT_COUNTS)
             inp = route_input(ctx, request, avoid=dict(signals.avoid))
             assert self._local is not None
             adopted = fly.replayed_new_session(inp, src, self._local)
@@ -141,7 +143,9 @@ class ProxyHandler:
             return answer(action.answer)
         if isinstance(action, act.ReplayTo):
             self._count(action.route, act.REPLAY, request)
-            return fly.replay_response(ctx, action.instance, action.header)
+            if action.invalidate:
+                self._tally(act.CACHE_INVALIDATION_COUNTS)
+            return fly.replay_response(ctx, action.instance, action.header, action.invalidate)
         if action.loop_prevented:
             ctx.metrics.replay_loops_prevented.inc()
             assert action.decided is not None

@@ -60,6 +60,8 @@ class Exchange(Forwarding):
         router = server.router
         head = self.head
         hot = server.hot
+        if router.fly and router.cache_hit(head):
+            server.counts.tally(act.CACHE_HIT_COUNTS)
         key = head.hot_key if head.hot_sources is server.ctx.user_key_sources else hot.key(head)
         if key is not None:
             entry = hot.get(key, time.time())
@@ -119,9 +121,12 @@ class Exchange(Forwarding):
             return
         if isinstance(action, act.ReplayTo):
             counted = self._count(action.route, act.REPLAY)
-            status = self._replay(action.instance, action.header)
+            if action.invalidate:
+                server.counts.tally(act.CACHE_INVALIDATION_COUNTS)
+            status = self._replay(action.instance, action.header, action.invalidate)
             hot = self.hot
-            if hot is not None and hot.plan is step and counted is not None:  # repeats take the lane
+            if (hot is not None and hot.plan is step and counted is not None  # repeats take the lane
+                    and not router.cache_hit(self.head)):  # (a cache hit is counted in begin)
                 lane.remember(server, self.head, hot, action.route, action.instance, action.header, status,
                               (*counted, server.counts.response_child(status)))
             return
@@ -170,11 +175,11 @@ class Exchange(Forwarding):
 
     # ------------------------------------------------------------------ local answers
 
-    def _replay(self, instance: InstanceId, header: str) -> int:
+    def _replay(self, instance: InstanceId, header: str, invalidate: bool = False) -> int:
         status = self.server.ctx.config.fly.replay_status
         head = self.head
         self._write_answer(self.server.replay_bytes(instance, header, status, head.version, self._keep_alive(),
-                                                    head.method == "HEAD"), status)
+                                                    head.method == "HEAD", invalidate), status)
         return status
 
     def _answer(self, answer: act.Answer, *, close: bool = False) -> None:

@@ -18,7 +18,13 @@ from typing import Any
 
 from affinity_proxy.proxy.context import ProxyContext
 from affinity_proxy.routing.decide import Decision, DecisionReason, Route, RouteInput
-from affinity_proxy.routing.replay import PREFERRED_UNAVAILABLE_HEADER, REPLAY_FAILED_HEADER, REPLAY_SRC_HEADER, Plan
+from affinity_proxy.routing.replay import (
+    PREFERRED_UNAVAILABLE_HEADER,
+    REPLAY_CACHE_STATUS_HEADER,
+    REPLAY_FAILED_HEADER,
+    REPLAY_SRC_HEADER,
+    Plan,
+)
 
 from .head import RequestHead
 from .wire import FORCE_INSTANCE_B
@@ -28,6 +34,7 @@ MAX_ENTRIES = 4096
 MAX_KEY_BYTES = 8 * 1024 * 1024
 _FLY_SIGNALS = (REPLAY_SRC_HEADER.encode(), PREFERRED_UNAVAILABLE_HEADER.encode(), REPLAY_FAILED_HEADER.encode())
 _CACHEABLE = (DecisionReason.COOKIE, DecisionReason.FORCE)
+_CACHE_STATUS = REPLAY_CACHE_STATUS_HEADER.encode()
 
 
 class HotRoute:
@@ -91,8 +98,8 @@ class HotRoutes:
                 parts.append(first.get(name))
             elif kind == "query":
                 parts.append(head.target.partition(b"?")[2])
-        if self.fly:
-            parts += (head.method, head.content_length, head.chunked)
+        if self.fly:  # the plan also depends on the body framing and on a replay-cache hit (invalidate)
+            parts += (head.method, head.content_length, head.chunked, first.get(_CACHE_STATUS))
         return tuple(parts)
 
     def get(self, key: tuple[Any, ...], now: float) -> HotRoute | None:

@@ -28,6 +28,7 @@ from affinity_proxy.routing.model import InstanceId
 from affinity_proxy.routing.replay import (
     NO_SIGNALS,
     PREFERRED_UNAVAILABLE_HEADER,
+    REPLAY_CACHE_STATUS_HEADER,
     REPLAY_FAILED_HEADER,
     REPLAY_SRC_HEADER,
     BodyInfo,
@@ -47,6 +48,7 @@ _FORCE = FORCE_INSTANCE_B
 _SRC = REPLAY_SRC_HEADER.encode()
 _UNAVAILABLE = PREFERRED_UNAVAILABLE_HEADER.encode()
 _FAILED = REPLAY_FAILED_HEADER.encode()
+_CACHE_STATUS = REPLAY_CACHE_STATUS_HEADER.encode()
 
 
 class Router:
@@ -126,6 +128,11 @@ class Router:
         return fly.signals(self.ctx, text(raw_unavailable) if raw_unavailable is not None else None,
                            text(raw_failed) if raw_failed is not None else None)
 
+    def cache_hit(self, head: RequestHead) -> bool:
+        """``fly.is_cache_hit`` for a raw head: Fly's replay cache sent the request here."""
+        raw = head.first.get(_CACHE_STATUS)
+        return raw is not None and fly.is_cache_hit(text(raw))
+
     def adopted(self, inp: RouteInput, src: ReplaySource | None) -> Route | None:
         assert self.local is not None
         return fly.replayed_new_session(inp, src, self.local)
@@ -136,4 +143,4 @@ class Router:
         te = head.first.get(b"transfer-encoding", b"")
         body = BodyInfo(method=head.method, content_length=head.content_length, chunked=b"chunked" in te.lower())
         return fly.plan_for(self.ctx, route, self.local, src=src, body=body, is_websocket=False,
-                            fallback_request=_FAILED in head.first, signals=signals)
+                            fallback_request=_FAILED in head.first, signals=signals, cache_hit=self.cache_hit(head))

@@ -22,7 +22,7 @@ from aiohttp import web
 from affinity_proxy._tasks import TaskSet
 from affinity_proxy.proxy import act
 from affinity_proxy.proxy.context import ProxyContext
-from affinity_proxy.routing.replay import REPLAY_HEADER
+from affinity_proxy.routing.replay import CACHE_INVALIDATE, REPLAY_CACHE_HEADER, REPLAY_HEADER
 
 from . import wire
 from .counting import Counts
@@ -157,18 +157,20 @@ class FastServer:
         return self._fqdn
 
     def replay_bytes(self, instance: str, header: str, status: int, version: bytes, keep_alive: bool,
-                     head_only: bool = False) -> bytes:
+                     head_only: bool = False, invalidate: bool = False) -> bytes:
         """A fly-replay answer (``act.ReplayTo``, body ``act.replay_body``) on the wire, encoded
         once per target (Date refreshed per second); ``head_only``: the answer to a HEAD request
-        (its Content-Length, no body)."""
-        key = (instance, header, status, version, keep_alive, head_only, wire.http_date())
+        (its Content-Length, no body); ``invalidate``: with ``fly-replay-cache: invalidate``."""
+        key = (instance, header, status, version, keep_alive, head_only, invalidate, wire.http_date())
         found = self._replays.get(key)
         if found is None:
             if len(self._replays) > 1024:
                 self._replays.clear()
             found = self._replays[key] = wire.canned_response(
                 status, act.replay_body(instance), version=version, keep_alive=keep_alive,
-                headers=((REPLAY_HEADER.encode(), header.encode()),), head_only=head_only,
+                headers=((REPLAY_HEADER.encode(), header.encode()),
+                         *(((REPLAY_CACHE_HEADER.encode(), CACHE_INVALIDATE.encode()),) if invalidate else ())),
+                head_only=head_only,
             )
         return found
 

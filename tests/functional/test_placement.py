@@ -1,0 +1,189 @@
+"""Bounded-load placement and rebalance through a real proxy, real backends, memory and Redis stores
+(issue #14 "Done when")."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import aiohttp
+import pytest
+
+from affinity_proxy.config import CookieConfig, PlacementConfig, RebalanceConfig, StoreConfig
+from affinity_proxy.membership.discovery import instances_from_config
+from affinity_proxy.serve.app import ProxyServer
+from tests.functional.helpers import admin, base, metric_value
+from tests.support.backends import Backends, make_config
+from tests.support.waiting import wait_until
+
+STORES = ("memory", "redis")
+
+
+def store_config(kind: str, request: pytest.FixtureRequest) -> StoreConfig:
+    if kind == "memory":
+        return StoreConfig()
+    return StoreConfig(url=request.getfixturevalue("redis_url"), timeout=0.5)
+
+
+def max_over_mean(counts: dict[str, int], ids: list[str]) -> float:
+    values = [counts.get(i, 0) for i in ids]
+    return max(values) / (sum(values) / len(values))
+
+
+async def new_users(http: aiohttp.ClientSession, server: ProxyServer, users: list[str], batch: int = 10) -> None:
+    for i in range(0, len(users), batch):
+        async def one(user: str) -> None:
+            async with http.get(base(server) + "/", headers={"X-User-Id": user}) as resp:
+                assert resp.status == 200, await resp.text()
+
+        await asyncio.gather(*(one(u) for u in users[i:i + batch]))
+
+
+@pytest.mark.parametrize("store", STORES)
+async def test_bounded_load_after_admin_pins(engine: str, store: str, backends: Backends, start_proxy,
+                                             http: aiohttp.ClientSession, request: pytest.FixtureRequest) -> None:
+    """300 users pinned to one instance by the admin API, then 600 new users: max/mean <= 1.25
+    (plain hashing: about 1.67)."""
+    config = make_config(backends, engine=engine, store=store_config(store, request),
+                         placement=PlacementConfig(load_factor=1.25))
+    server = await start_proxy(config)
+    for i in range(300):
+        async with http.put(admin(server) + f"/pins/old-{i}", json={"instance": "a"}) as resp:
+            assert resp.status == 200
+    live = server.ctx.live
+    assert live is not None
+    await wait_until(lambda: live.loads.get("a") == 300, timeout=30)
+    await new_users(http, server, [f"new-{i}" for i in range(600)])
+    counts = await server.ctx.store.counts()
+    assert sum(counts.values()) == 900
+    ratio = max_over_mean(counts, ["a", "b", "c"])
+    assert ratio <= 1.25, counts
+    async with http.get(admin(server) + "/metrics") as resp:
+        text = await resp.text()
+    assert metric_value(text, "affinity_placements_total") == 600
+    assert metric_value(text, "affinity_placements_total", {"how": "overflow"}) > 0
+    assert metric_value(text, "affinity_placements_total", {"instance": "a"}) <= 75
+    await wait_until(lambda: sum(live.pins.values()) == 900, timeout=30)
+    async with http.get(admin(server) + "/metrics") as resp:
+        text = await resp.text()
+    assert metric_value(text, "affinity_sessions", {"instance": "a"}) == counts["a"]
+
+
+@pytest.mark.parametrize("store", STORES)
+async def test_plain_ring_when_bounded_load_is_off(engine: str, store: str, backends: Backends, start_proxy,
+                                                   http: aiohttp.ClientSession,
+                                                   request: pytest.FixtureRequest) -> None:
+    config = make_config(backends, engine=engine, store=store_config(store, request),
+                         placement=PlacementConfig(load_factor=None))
+    server = await start_proxy(config)
+    for i in range(300):
+        async with http.put(admin(server) + f"/pins/old-{i}", json={"instance": "a"}) as resp:
+            assert resp.status == 200
+    await new_users(http, server, [f"new-{i}" for i in range(600)])
+    counts = await server.ctx.store.counts()
+    assert max_over_mean(counts, ["a", "b", "c"]) > 1.4, counts  # about 1.67
+    async with http.get(admin(server) + "/metrics") as resp:
+        text = await resp.text()
+    assert metric_value(text, "affinity_placements_total", {"how": "overflow"}) == 0
+
+
+async def test_anonymous_sessions_are_counted(engine: str, backends: Backends, start_proxy,
+                                              http: aiohttp.ClientSession) -> None:
+    """Memory store: exact count of anonymous cookie sessions seen within idle_after."""
+    server = await start_proxy(make_config(backends, engine=engine))
+    cookies = set()
+    for _ in range(20):
+        async with http.get(base(server) + "/") as resp:
+            assert resp.status == 200
+            cookies.add((resp.headers["X-Fly-Instance"], resp.cookies["fly-instance-id"].value))
+    for _, value in cookies:  # the second request shows each cookie to the proxy
+        async with http.get(base(server) + "/", headers={"Cookie": f"fly-instance-id={value}"}) as resp:
+            assert resp.status == 200
+    live = server.ctx.live
+    assert live is not None
+    expected: dict[str, int] = {}
+    for instance, _ in cookies:  # sessions started in one second on one instance share a cookie: one identity
+        expected[instance] = expected.get(instance, 0) + 1
+    await wait_until(lambda: dict(live.anonymous) == expected, timeout=30)
+
+
+def cookie_of(resp: aiohttp.ClientResponse) -> str | None:
+    morsel = resp.cookies.get("fly-instance-id")
+    return morsel.value if morsel is not None else None
+
+
+@pytest.mark.parametrize("store", STORES)
+async def test_scale_up_rebalances_idle_users_only(engine: str, store: str, backends: Backends, start_proxy,
+                                                   http: aiohttp.ClientSession,
+                                                   request: pytest.FixtureRequest) -> None:
+    """3 -> 4 instances with 900 idle pins and 90 active users (idle_after 5 s, 600 moves a minute):
+    within 3 minutes max/mean <= 1.10, no active user moved, no error, and each moved user's next
+    request lands on the new instance with a fresh cookie."""
+    placement = PlacementConfig(load_factor=1.25, rebalance=RebalanceConfig(True, 5.0, 600))
+    # pin_ttl 600 s: the Redis store knows a pin's last use to pin_ttl / 32 (19 s), which the idle test adds
+    config = make_config(backends, engine=engine, store=store_config(store, request), placement=placement,
+                         cookie=CookieConfig(secret="test-secret-" + "x" * 20, revalidate_after=1.0), pin_ttl=600.0)
+    server = await start_proxy(config)
+    cookies: dict[str, str] = {}
+    served: dict[str, str] = {}
+
+    async def visit(user: str) -> None:
+        headers = {"X-User-Id": user}
+        if user in cookies:
+            headers["Cookie"] = f"fly-instance-id={cookies[user]}"
+        async with http.get(base(server) + "/", headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            served[user] = resp.headers["X-Fly-Instance"]
+            fresh = cookie_of(resp)
+            if fresh is not None:
+                cookies[user] = fresh
+
+    idle = [f"idle-{i}" for i in range(900)]
+    active = [f"active-{i}" for i in range(90)]
+    for i in range(0, len(idle + active), 10):
+        await asyncio.gather(*(visit(u) for u in (idle + active)[i:i + 10]))
+    before = {u: served[u] for u in idle + active}
+    errors: list[str] = []
+    active_seen: dict[str, set[str]] = {u: set() for u in active}
+    stop = asyncio.Event()
+
+    async def keep_active(user: str) -> None:
+        while not stop.is_set():
+            try:
+                await visit(user)
+                active_seen[user].add(served[user])
+            except AssertionError as exc:
+                errors.append(str(exc))
+            await asyncio.sleep(0.5)
+
+    loops = [asyncio.create_task(keep_active(u)) for u in active]
+    await backends.start("d")
+    server.ctx.membership.set_instances(
+        instances_from_config(replace(config, instances=backends.instance_configs(["a", "b", "c", "d"]))))
+    ids = ["a", "b", "c", "d"]
+
+    async def balanced() -> float | None:
+        ratio = max_over_mean(await server.ctx.store.counts(), ids)
+        return ratio if ratio <= 1.10 else None
+
+    try:
+        ratio = await wait_until(balanced, timeout=180, interval=1.0, message="max/mean <= 1.10")
+    finally:
+        stop.set()
+        await asyncio.gather(*loops)
+    counts = await server.ctx.store.counts()
+    print(f"rebalanced [{engine}/{store}]: counts {dict(sorted(counts.items()))}, max/mean {ratio:.3f}, "
+          f"moved {server.ctx.metrics.repins.labels(repin_reason='rebalance')._value.get():.0f}")
+    assert errors == []
+    assert {u: s for u, s in active_seen.items() if s != {before[u]}} == {}, "an active user moved"
+    pins = {p.user_key: p.instance for p in await server.ctx.store.list(limit=10_000)}
+    moved = [u for u in idle if pins[u] != before[u]]
+    assert moved and all(pins[u] == "d" for u in moved)
+    assert all(pins[u] == before[u] for u in active)
+    for user in moved:
+        async with http.get(base(server) + "/", headers={"X-User-Id": user,
+                                                         "Cookie": f"fly-instance-id={cookies[user]}"}) as resp:
+            assert resp.status == 200
+            assert resp.headers["X-Fly-Instance"] == "d"
+            fresh = cookie_of(resp)
+            assert fresh is not None and fresh.split("~")[1] == "d"
