@@ -115,6 +115,14 @@ class ProxyMetrics:
             "affinity_replay_loops_prevented", "Replays not sent because the request was already replayed",
             registry=r,
         )
+        self.replay_cache_hits = Counter(
+            "affinity_replay_cache_hits", "Requests Fly's replay cache sent here (fly-replay-cache-status: hit)",
+            registry=r,
+        )
+        self.replay_cache_invalidations = Counter(
+            "affinity_replay_cache_invalidations",
+            "Cache hits for users who belong elsewhere, answered with fly-replay-cache: invalidate", registry=r,
+        )
         self.repins = Counter("affinity_repins", "Users moved to another instance", ["repin_reason"], registry=r)
         self.orphaned_pins_reaped = Counter(
             "affinity_orphaned_pins_reaped", "Pins deleted because their instance died", registry=r

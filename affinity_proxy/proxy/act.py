@@ -111,6 +111,9 @@ class ReplayTo:
     route: Route
     instance: InstanceId
     header: str
+    #: Also send ``fly-replay-cache: invalidate`` (a replay-cache hit for a user who belongs
+    #: elsewhere); count ``replay_cache_invalidations``.
+    invalidate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +157,7 @@ def act(decision: Decision, step: Plan | None, inp: RouteInput, local: InstanceI
     if step is None or (isinstance(step, LocalForward) and not step.keep_pin and not step.loop_guard):
         return Forward(decision)
     if isinstance(step, Replay):
-        return ReplayTo(decision, step.instance, step.header)
+        return ReplayTo(decision, step.instance, step.header, step.invalidate)
     if isinstance(step, PrivateForward):
         assert local is not None
         return Forward(decision, ((REPLAY_SRC_HEADER, PRIVATE_FORWARD_SRC.format(id=local)),))
@@ -186,6 +189,12 @@ def counts(action: str, route: Route) -> tuple[Count, ...]:
     if action == REPLAY:
         found.append(("replays", (route.reason,)))
     return tuple(found)
+
+
+#: A request Fly's replay cache delivered (``fly-replay-cache-status: hit``), counted once on arrival.
+CACHE_HIT_COUNTS: tuple[Count, ...] = (("replay_cache_hits", ()),)
+#: A ``ReplayTo`` with ``invalidate``.
+CACHE_INVALIDATION_COUNTS: tuple[Count, ...] = (("replay_cache_invalidations", ()),)
 
 
 def refuse_counts(decision: Refuse) -> tuple[Count, ...]:
