@@ -40,6 +40,7 @@ import aiohttp
 import redis
 
 from benchmarks.run import ensure_tools, find_tool, loadavg
+from benchmarks.scaling_cluster import run_cluster
 from benchmarks.scaling_common import start_redis
 from benchmarks.scaling_pins import run_pin_store
 from benchmarks.scaling_proxy import run_users, run_workers, start_backends, workers_targets
@@ -48,7 +49,7 @@ from benchmarks.targets import HarnessError, Processes, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "benchmarks" / "SCALING.md"
-PARTS = ("pins", "users", "workers")
+PARTS = ("pins", "cluster", "users", "workers")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -140,12 +141,16 @@ def run(args: argparse.Namespace, procs: Processes, nginx_bin: str | None, wrk_b
     if "pins" in args.parts:
         print(f"1. pin store: {args.pins:,} pins, {args.lookups:,} timed calls per operation", flush=True)
         results.pins = asyncio.run(run_pin_store(redis_port, args.pins, args.lookups, args.concurrency))
+    if "cluster" in args.parts:
+        n = min(args.pins, 300_000)
+        print(f"1b. Redis Cluster, 3 masters: {n:,} pins, {args.lookups:,} timed calls per operation", flush=True)
+        results.cluster = asyncio.run(run_cluster(procs, redis_port, n, args.lookups, args.concurrency))
     if "users" in args.parts or ("workers" in args.parts and wrk_bin):
         backends, results.backends = start_backends(procs, nginx_bin)
         if "users" in args.parts:
             print(f"2. proxy memory: {args.users:,} distinct users", flush=True)
             results.users = run_users(procs, backends, redis_port, users=args.users, connections=args.connections,
-                                      wrk_bin=wrk_bin)
+                                      wrk_bin=wrk_bin, rounds=args.rounds)
         if "workers" in args.parts and wrk_bin:
             print(f"3. workers: {args.rounds} round(s), 2 legs of {args.duration:g}s per target each", flush=True)
             targets = workers_targets(procs, backends, redis_port, nginx_bin)

@@ -9,8 +9,11 @@ Why this way:
   (``pins.redis_scripts``), called by its SHA with the keys and arguments ``RedisPinStore.claim``
   sends, but pipelined through ``redis-cli --pipe`` (one awaited round trip per pin would take
   minutes at 1M). Then a sample is read back with ``RedisPinStore.get``, ``counts()`` must total N
-  and DBSIZE must be N + the per-bucket indexes and instances sets, so the layout
+  and DBSIZE must be N + the per-bucket counters and counted-instances sets, so the layout
   measured is the proxy's. Instances are assigned round-robin (the proxy's ring spreads them too).
+  The previous layout (``pins.redis_legacy``: a sorted-set index entry per pin) is filled the same
+  way in the same run, so the saving is a same-run ratio too; ``MEMORY USAGE`` of a sample of keys
+  and of every index structure says where the bytes go.
 - Latencies are ``RedisPinStore.get``/``claim`` against a raw redis-py asyncio ``GET``/``SET NX PX``
   on the same server with the same pool size, in interleaved blocks, so a busy machine slows both.
 """
@@ -26,8 +29,9 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from affinity_proxy.pins import redis_legacy as legacy
 from affinity_proxy.pins import redis_scripts as lua
-from affinity_proxy.pins.redis import RedisPinStore, bucket_of, pin_key
+from affinity_proxy.pins.redis import WINDOWS, RedisPinStore, bucket_of, pin_key
 from affinity_proxy.routing.model import InstanceId
 from benchmarks.scaling_common import USER_DIGITS, Summary, redis_pipe, resp, summarize, user_key
 from benchmarks.targets import HarnessError
@@ -37,6 +41,7 @@ BASE_PREFIX = "baseline:"  # same length as PREFIX
 INSTANCES = ("app-1", "app-2", "app-3")
 PIN_TTL = 86400.0  # the config default (pin_ttl: 1d)
 TTL_MS = round(PIN_TTL * 1000)
+WINDOW_MS = max(1, TTL_MS // WINDOWS)  # as RedisPinStore computes it
 STORE_TIMEOUT = 2.0  # not the proxy's 0.25 s: a busy machine must not open the breaker mid-measurement
 FILL_CHUNK = 250_000  # commands per redis-cli --pipe run
 BLOCKS = 4  # interleaved blocks per measurement (store, baseline, baseline, store, ...)
@@ -68,6 +73,7 @@ class PinStoreResult:
     latency: list[LatencyRow] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
     fill_seconds: float = 0.0
+    breakdown: list[str] = field(default_factory=list)  # where the bytes go (MEMORY USAGE)
 
 
 def instance_of(i: int) -> str:
@@ -76,7 +82,16 @@ def instance_of(i: int) -> str:
 
 def claim_commands(sha: str, start: int, stop: int) -> bytes:
     """EVALSHA of the CLAIM script for users ``start..stop-1``: exactly ``RedisPinStore.claim``'s
-    keys (pin, the bucket's instances set) and arguments (index base, user, instance, ttl ms)."""
+    keys (pin, the bucket's counted-instances set) and arguments (counter base, legacy index base,
+    user, instance, ttl ms, window ms)."""
+    return b"".join(resp("EVALSHA", sha, 2, pin_key(PREFIX, u), f"{PREFIX}live{{p{b}}}", f"{PREFIX}cnt:{{p{b}}}",
+                         f"{PREFIX}idx:{{p{b}}}", u, instance_of(i), TTL_MS, WINDOW_MS)
+                    for i in range(start, stop) for u in (user_key(i),) for b in (bucket_of(u),))
+
+
+def legacy_claim_commands(sha: str, start: int, stop: int) -> bytes:
+    """EVALSHA of the previous layout's CLAIM script, with the keys and arguments its store sent
+    (pin, the bucket's instances set; index base, user, instance, ttl ms)."""
     return b"".join(resp("EVALSHA", sha, 2, pin_key(PREFIX, u), f"{PREFIX}instances{{p{b}}}", f"{PREFIX}idx:{{p{b}}}",
                          u, instance_of(i), TTL_MS)
                     for i in range(start, stop) for u in (user_key(i),) for b in (bucket_of(u),))
@@ -110,13 +125,27 @@ async def _verify(store: RedisPinStore, r: Redis, n: int, rng: random.Random) ->
             bad.append((user_key(i), pin))
     counts = await store.counts()
     size = int(await r.dbsize())
-    pairs = {(bucket_of(user_key(i)), instance_of(i)) for i in range(n)}  # one index per bucket and instance
-    expected = n + len(pairs) + len({bucket for bucket, _ in pairs})  # + one instances set per bucket
+    pairs = {(bucket_of(user_key(i)), instance_of(i)) for i in range(n)}  # one counter per bucket and instance
+    expected = n + len(pairs) + len({bucket for bucket, _ in pairs})  # + one counted-instances set per bucket
     if bad or sum(counts.values()) != n or size != expected:
         raise HarnessError(f"pins not as the proxy writes them: bad sample {bad[:3]}, counts {counts}, DBSIZE {size}")
     return [f"{len(sample)} random pins read back with `RedisPinStore.get` (right instance, TTL set)",
             f"`RedisPinStore.counts()` = {dict(sorted(counts.items()))} (total {sum(counts.values()):,} = N)",
-            f"DBSIZE = {size:,} = N pins + {len(pairs)} per-bucket instance indexes + the buckets' instances sets"]
+            f"DBSIZE = {size:,} = N pins + {len(pairs)} per-bucket instance counters + the buckets' "
+            "counted-instances sets"]
+
+
+async def _breakdown(r: Redis, n: int, layout: str, structures: str, rng: random.Random) -> str:
+    """Where a layout's bytes go: MEMORY USAGE of 1,000 sampled pin keys (mean) and of every
+    structure beside them (``structures``: a SCAN pattern), per pin."""
+    sample = [pin_key(PREFIX, user_key(i)) for i in rng.sample(range(n), min(1000, n))]
+    per_key = sum([int(await r.memory_usage(k, samples=0) or 0) for k in sample]) / len(sample)
+    total, count = 0, 0
+    async for key in r.scan_iter(match=structures, count=1000):
+        total += int(await r.memory_usage(key, samples=0) or 0)
+        count += 1
+    return (f"{layout}: `MEMORY USAGE` of a pin key {per_key:.0f} B (mean of {len(sample):,}); its {count:,} "
+            f"index structures (`{structures}`) {total / 2**20:,.1f} MiB = {total / n:.1f} B per pin")
 
 
 async def _timed(op: Op, items: Sequence[int], concurrency: int) -> tuple[list[int], int, float]:
@@ -173,11 +202,16 @@ async def run_pin_store(port: int, pins: int, lookups: int, concurrency: int, se
         sha = await r.script_load(lua.CLAIM)
         if sha != hashlib.sha1(lua.CLAIM.encode()).hexdigest():  # what redis-py's register_script calls
             raise HarnessError(f"unexpected SHA of the CLAIM script: {sha}")
+        old_sha = await r.script_load(legacy.CLAIM)
         t0 = time.monotonic()
         result.memory.append(await _fill(r, port, pins, lambda a, b: set_commands(a, b, px=False), "plain SET"))
         result.memory.append(await _fill(r, port, pins, lambda a, b: set_commands(a, b, px=True), "SET PX"))
-        await r.script_load(lua.CLAIM)  # FLUSHALL keeps scripts, but be explicit
-        result.memory.append(await _fill(r, port, pins, lambda a, b: claim_commands(sha, a, b), "pin (CLAIM script)"))
+        result.memory.append(await _fill(r, port, pins, lambda a, b: legacy_claim_commands(old_sha, a, b),
+                                         "pin, previous layout (sorted-set index entry per pin)"))
+        result.breakdown.append(await _breakdown(r, pins, "previous layout", f"{PREFIX}idx:*", rng))
+        result.memory.append(await _fill(r, port, pins, lambda a, b: claim_commands(sha, a, b),
+                                         "pin, current layout (CLAIM script)"))
+        result.breakdown.append(await _breakdown(r, pins, "current layout", f"{PREFIX}cnt:*", rng))
         result.fill_seconds = time.monotonic() - t0
         result.checks = await _verify(store, r, pins, rng)
         print(f"  filled and verified {pins:,} pins in {result.fill_seconds:.1f}s", flush=True)

@@ -16,6 +16,7 @@ Why this way:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -120,12 +121,15 @@ class MemoryRun:
     rss_start_kib: int
     rss_after_kib: int
     redis_delta: int | None  # Redis used_memory after - before (redis store only)
+    round: int = 0
 
 
 def run_users(procs: Processes, backends: Sequence[tuple[str, int]], redis_port: int, *, users: int,
-              connections: int, wrk_bin: str | None) -> list[MemoryRun]:
-    """For each store: a fresh proxy loaded by 1 user, then a fresh one loaded by ``users`` users,
-    ``users`` requests each."""
+              connections: int, wrk_bin: str | None, rounds: int = 1) -> list[MemoryRun]:
+    """``rounds`` interleaved rounds; in each, for each store: a fresh proxy loaded by 1 user (repeat
+    visits) and a fresh one loaded by ``users`` users (first visits), ``users`` requests each, in
+    alternating order (1 then many in even rounds, many then 1 in odd ones), so a drift in the shared
+    machine's load hits both alike and the per-round ratio first ÷ repeat is the result."""
     script = None
     if wrk_bin is not None:
         script = procs.workdir / "users.lua"
@@ -133,9 +137,11 @@ def run_users(procs: Processes, backends: Sequence[tuple[str, int]], redis_port:
     runs = []
     r = redis.Redis(host="127.0.0.1", port=redis_port)
     try:
-        for store, url in (("memory", "memory://"), ("redis", f"redis://127.0.0.1:{redis_port}/0")):
-            for distinct in (1, users):
-                runs.append(_users_run(procs, backends, r, store, url, distinct, users, connections, wrk_bin, script))
+        for rnd in range(rounds):
+            for store, url in (("memory", "memory://"), ("redis", f"redis://127.0.0.1:{redis_port}/0")):
+                for distinct in (1, users) if rnd % 2 == 0 else (users, 1):
+                    run = _users_run(procs, backends, r, store, url, distinct, users, connections, wrk_bin, script)
+                    runs.append(dataclasses.replace(run, round=rnd))
     finally:
         r.close()
     return runs

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchmarks.scaling_cluster import ClusterResult
 from benchmarks.scaling_common import fmt, md_table, mib, ratio
 from benchmarks.scaling_pins import LatencyRow, PinStoreResult
 from benchmarks.scaling_proxy import SETTLE, LoadRow, MemoryRun, ratio_2_to_1, ratios_2_to_1
@@ -27,6 +28,7 @@ class Results:
     load_after: str = "?"
     seconds: float = 0.0
     pins: PinStoreResult | None = None
+    cluster: ClusterResult | None = None
     backends: str = ""
     users: list[MemoryRun] = field(default_factory=list)
     targets: list[tuple[str, str]] = field(default_factory=list)
@@ -48,6 +50,8 @@ class UserCost:
 
 
 def user_costs(runs: Sequence[MemoryRun]) -> list[UserCost]:
+    """Memory per user from the first round (later rounds repeat it with fresh proxies)."""
+    runs = [r for r in runs if r.round == 0]
     out = []
     for store in dict.fromkeys(r.store for r in runs):
         one = next((r for r in runs if r.store == store and r.users == 1), None)
@@ -59,6 +63,40 @@ def user_costs(runs: Sequence[MemoryRun]) -> list[UserCost]:
         out.append(UserCost(store, many.users, one.rss_after_kib, many.rss_after_kib, delta / many.users,
                             ratio(many.rss_after_kib, one.rss_after_kib), per_pin))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class VisitRates:
+    """One store's first-visit and repeat-visit rates through the proxy, per interleaved round."""
+
+    store: str
+    first: list[float]  # req/s with every request a new user (a claim and a new cookie each)
+    repeat: list[float]  # req/s with every request from one user (a pin already stored)
+
+    @property
+    def ratios(self) -> list[float]:
+        """repeat ÷ first per round: 1.0 = a first visit costs what a repeat visit does."""
+        return [r / f for f, r in zip(self.first, self.repeat, strict=True) if f > 0]
+
+
+def visit_rates(runs: Sequence[MemoryRun]) -> list[VisitRates]:
+    out = []
+    for store in dict.fromkeys(r.store for r in runs):
+        rate = {(r.round, r.users): r.load.requests / r.load.seconds
+                for r in runs if r.store == store and r.load.seconds}
+        many = max(r.users for r in runs if r.store == store)
+        rounds = sorted({rnd for rnd, _ in rate})
+        pairs = [(rate[(n, many)], rate[(n, 1)]) for n in rounds if (n, many) in rate and (n, 1) in rate]
+        if many > 1 and pairs:
+            out.append(VisitRates(store, [f for f, _ in pairs], [r for _, r in pairs]))
+    return out
+
+
+def _spread(values: Sequence[float], spec: str = ".2f") -> str:
+    """median (min-max) of values."""
+    if not values:
+        return "-"
+    return f"{statistics.median(values):{spec}} ({min(values):{spec}}-{max(values):{spec}})"
 
 
 def median_rows(rounds: Sequence[Sequence[LoadRow]]) -> list[LoadRow]:
@@ -98,11 +136,14 @@ def _pins_sections(p: PinStoreResult) -> tuple[list[str], list[str]]:
     """(summary bullets, sections) of the pin-store part."""
     plain = next(m for m in p.memory if m.layout == "plain SET")
     px = next(m for m in p.memory if m.layout == "SET PX")
-    pin = next(m for m in p.memory if m.layout.startswith("pin"))
+    pin = next(m for m in p.memory if m.layout.startswith("pin, current"))
+    old = next((m for m in p.memory if m.layout.startswith("pin, previous")), None)
     summary = [f"- Redis memory per pin: **{pin.per_item:.0f} B** = **{fmt(ratio(pin.per_item, plain.per_item))} x** "
                f"a plain `SET` key of the same size ({plain.per_item:.0f} B), "
                f"{fmt(ratio(pin.per_item, px.per_item))} x `SET ... PX` ({px.per_item:.0f} B); "
-               f"{p.pins:,} pins = {pin.delta_bytes / 2**20:,.0f} MiB"]
+               f"{p.pins:,} pins = {pin.delta_bytes / 2**20:,.0f} MiB"
+               + (f" (previous layout, same run: {old.per_item:.0f} B = {fmt(ratio(old.per_item, plain.per_item))} x)"
+                  if old else "")]
     for r in p.latency:
         if r.op.startswith(("get, pin", "claim")):
             summary.append(f"- {r.op}, concurrency {r.concurrency}: p50 **{fmt(r.store.p50_ms, '.3f')} ms**, p99 "
@@ -114,13 +155,20 @@ def _pins_sections(p: PinStoreResult) -> tuple[list[str], list[str]]:
         f"## 1. Pin store: Redis memory with {p.pins:,} pins", "",
         "`used_memory` (INFO memory) before and after filling an empty redis-server with N items, each layout "
         "in turn (FLUSHALL between them). Keys are `<prefix>pin:{pN}user-NNNNNNNNNNN` (33-35 bytes, with the "
-        "bucket's hash tag), values an instance id (5 bytes); the pin also adds a member to its bucket's index "
-        "of its instance (sorted set, score = expiry).",
+        "bucket's hash tag), values an instance id (5 bytes). Current layout: the pin key expires on a grid of "
+        "pin_ttl/32 and is counted in its bucket's per-instance hash (field = expiry ms, value = pins), so the "
+        "extra structures are a few hundred small hashes whatever N is. Previous layout (still read, see "
+        "`affinity_proxy/pins/redis_legacy.py`): the pin also adds a member to its bucket's index of its "
+        "instance (sorted set, score = expiry).",
         "",
         md_table(("layout", "keys in Redis", "used_memory Δ MiB", "bytes per item", "÷ plain SET", "÷ SET PX"),
                  mem_rows),
         "",
-        f"Fill of all three layouts: {p.fill_seconds:.1f}s (pins through `redis-cli --pipe`, EVALSHA of the store's "
+        "Where the bytes go:",
+        "",
+        *[f"- {b}" for b in p.breakdown],
+        "",
+        f"Fill of all layouts: {p.fill_seconds:.1f}s (pins through `redis-cli --pipe`, EVALSHA of the store's "
         "CLAIM script with `RedisPinStore.claim`'s keys and arguments). Checks that the layout is the proxy's:",
         "",
         *[f"- {c}" for c in p.checks],
@@ -129,11 +177,48 @@ def _pins_sections(p: PinStoreResult) -> tuple[list[str], list[str]]:
         f"{p.latency[0].store.n if p.latency else 0:,} calls per cell, random users, in interleaved blocks against "
         "the baseline: a raw redis-py asyncio client (`BlockingConnectionPool`, 50 connections, like the store's) "
         "on the same server. *get* is the store's GET+PTTL script; *claim* is the first-request compare-and-set "
-        "(CLAIM script: GET, SET PX, ZADD, SADD). Latency is one loopback round trip plus redis-py's pure-Python "
+        "(CLAIM script: GET, SET PXAT, HINCRBY, SADD). Latency is one loopback round trip plus redis-py's pure-Python "
         "client work (no hiredis); at concurrency 50 it is mostly queueing in the client's event loop, so compare "
         "the ratios and calls/s there.",
         "",
         _latency_table(p.latency),
+        "",
+    ]
+    return summary, sections
+
+
+def _cluster_sections(c: ClusterResult) -> tuple[list[str], list[str]]:
+    """(summary bullets, sections) of the Redis Cluster part."""
+    plain = next(m for m in c.memory if m.layout == "plain SET")
+    pin = next(m for m in c.memory if m.layout.startswith("pin"))
+    summary = [f"- Redis Cluster, {c.masters} masters: **{pin.per_item:.0f} B** per pin = "
+               f"**{fmt(ratio(pin.per_item, plain.per_item))} x** a plain `SET` on the same cluster "
+               f"({plain.per_item:.0f} B); pins per master {', '.join(f'{n:,}' for n in c.spread)}"]
+    for row in c.latency:
+        summary.append(f"- Redis Cluster {row.op}, concurrency {row.concurrency}: "
+                       f"{fmt(row.store.ops_per_s, ',.0f')} calls/s = "
+                       f"{fmt(ratio(row.store.ops_per_s, row.baseline.ops_per_s))} x the single Redis "
+                       f"({fmt(row.baseline.ops_per_s, ',.0f')} calls/s, same run, interleaved)")
+    rows = [(m.layout, f"{m.keys:,}", f"{m.delta_bytes / 2**20:,.1f}", f"{m.per_item:.1f}",
+             fmt(ratio(m.per_item, plain.per_item))) for m in c.memory]
+    sections = [
+        f"## 2b. Pin store on a Redis Cluster of {c.masters} masters", "",
+        f"{c.masters} cluster-enabled redis-servers (no replicas) on this machine, joined by `redis-cli --cluster "
+        f"create`. Memory: {c.pins:,} items filled as in part 1, each command sent to the master owning its "
+        "key's slot; `used_memory` summed over the masters. Calls: `RedisPinStore` on `redis+cluster://` against "
+        "the same calls on the single redis-server of part 1, in interleaved blocks.",
+        "",
+        md_table(("layout", "keys in Redis", "used_memory Δ MiB", "bytes per item", "÷ plain SET"), rows),
+        "",
+        _latency_table(c.latency),
+        "",
+        "- How throughput grows with masters: each pin call touches one slot, so one master serves it and the "
+        "masters share no work; with a core per master (and clients on their own cores) calls/s grow about "
+        "linearly with masters until the clients or the network saturate, less the client's slot routing (the "
+        "ratio above). On this 2-core box the 3 masters, the client and the other helpers' work share 2 cores, "
+        "so the cluster cannot be faster here; the ratio is the client-side cost of a cluster, not its gain. "
+        "A proxy worker is one Python process: one worker's store calls/s are bounded by its own core "
+        "(redis-py's pure-Python client), so more masters pay off with more proxy workers and nodes.",
         "",
     ]
     return summary, sections
@@ -144,7 +229,12 @@ def _users_sections(r: Results) -> tuple[list[str], list[str]]:
     summary = [f"- proxy RSS per distinct user, {c.store} store: **{fmt(c.per_user_bytes, ',.0f')} B** "
                f"({mib(c.rss_many_kib)} MiB after {c.users:,} users vs {mib(c.rss_one_kib)} MiB after as many "
                f"requests from one user: {fmt(c.ratio)} x)" for c in costs]
-    rows = [(u.store, f"{u.users:,}", f"{u.load.requests:,}", f"{u.load.errors:,}", f"{u.pins:,}", mib(u.rss_start_kib),
+    visits = visit_rates(r.users)
+    summary += [f"- first visits ÷ repeat visits through the proxy, {v.store} store: repeat visits are "
+                f"**{_spread(v.ratios)} x** as fast (median (min-max) of {len(v.ratios)} interleaved rounds; "
+                f"first {_spread(v.first, ',.0f')} req/s, repeat {_spread(v.repeat, ',.0f')} req/s)" for v in visits]
+    rows = [(str(u.round + 1), u.store, f"{u.users:,}", f"{u.load.requests:,}", f"{u.load.errors:,}", f"{u.pins:,}",
+             mib(u.rss_start_kib),
              mib(u.rss_after_kib), mib(u.rss_after_kib - u.rss_start_kib), f"{u.load.seconds:.1f}",
              fmt(u.load.requests / u.load.seconds if u.load.seconds else None, ",.0f")) for u in r.users]
     users = max((u.users for u in r.users), default=0)
@@ -155,8 +245,8 @@ def _users_sections(r: Results) -> tuple[list[str], list[str]]:
         f"one; RSS is VmRSS of the proxy's processes {SETTLE:g}s after start and after the load; *pins* is what the "
         f"store holds afterwards (admin `GET /instances`). Client: {r.users[0].load.client if r.users else '-'}.",
         "",
-        md_table(("store", "distinct users", "requests", "errors", "pins in store", "RSS start MiB", "RSS after MiB",
-                  "Δ MiB", "load s", "req/s"), rows, left=1),
+        md_table(("round", "store", "distinct users", "requests", "errors", "pins in store", "RSS start MiB",
+                  "RSS after MiB", "Δ MiB", "load s", "req/s"), rows, left=2),
         "",
         *[f"- {c.store} store: ({mib(c.rss_many_kib)} - {mib(c.rss_one_kib)}) MiB / {c.users:,} users = "
           f"**{fmt(c.per_user_bytes, ',.0f')} B per user**"
@@ -221,6 +311,7 @@ def report_markdown(r: Results) -> str:
     summary: list[str] = []
     sections: list[str] = []
     parts = [_pins_sections(r.pins)] if r.pins else []
+    parts += [_cluster_sections(r.cluster)] if r.cluster else []
     parts += [_users_sections(r)] if r.users else []
     parts += [_workers_sections(r)] if r.workers else []
     for s, body in parts:
@@ -247,8 +338,12 @@ def report_markdown(r: Results) -> str:
     notes = [
         "## Notes", "",
         "- Redis memory is `used_memory` (what Redis allocated), not RSS; jemalloc fragmentation comes on top.",
-        "- The pin's extra cost over `SET PX` is the index entry (sorted-set member + score, skiplist and dict "
-        "node) that lets `counts()`, `list()` and the reaper work without SCAN.",
+        "- The current pin costs about what `SET ... PX` costs: the per-instance counters are a few hundred small "
+        "hashes whatever the number of pins; `list()` and the reaper find pins by an incremental SCAN (1,000 keys "
+        "a step). The previous layout's extra cost was the index entry (sorted-set member + score, skiplist and "
+        "dict node) per pin.",
+        "- The machine was shared with other work (load averages above): throughput figures are noisy, so read "
+        "the same-run ratios, and the medians with their min-max over interleaved rounds.",
         "- With the Redis store the proxy keeps a bounded near cache (`PinNearCache`, 100,000 entries) of recently "
         "seen pins for outages; past 100k users it stops growing. The memory store keeps every live pin in the "
         "process until its TTL (1 day by default) expires.",

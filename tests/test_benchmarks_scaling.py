@@ -30,10 +30,11 @@ from benchmarks.scaling_pins import (
     PinStoreResult,
     claim_commands,
     instance_of,
+    legacy_claim_commands,
     set_commands,
 )
 from benchmarks.scaling_proxy import LoadRow, MemoryRun, combine, proxy_yaml, ratio_2_to_1
-from benchmarks.scaling_report import Results, median_rows, report_markdown, user_costs
+from benchmarks.scaling_report import Results, median_rows, report_markdown, user_costs, visit_rates
 
 SECTIONS = ("## Summary", "## 1. Pin store: Redis memory", "## 2. Pin store: latency", "## 3. Proxy memory",
             "## Notes")
@@ -63,11 +64,17 @@ def test_fill_commands_are_the_stores_claim_and_plain_sets() -> None:
     assert _parse_resp(resp("SET", "k", 5)) == [["SET", "k", "5"]]
     claims = _parse_resp(claim_commands("abc", 0, 4))
     assert len(claims) == 4
-    # RedisPinStore.claim: keys (pin, the bucket's instances set), args (index base, user, instance, ttl ms)
+    # RedisPinStore.claim: keys (pin, the bucket's counted-instances set), args (counter base, legacy index
+    # base, user, instance, ttl ms, window ms)
     tag = f"{{p{bucket_of('user-00000000001')}}}"
-    assert claims[1] == ["EVALSHA", "abc", "2", f"affinity:pin:{tag}user-00000000001", f"affinity:instances{tag}",
-                         f"affinity:idx:{tag}", "user-00000000001", "app-2", str(round(PIN_TTL * 1000))]
-    assert [c[7] for c in claims] == [instance_of(i) for i in range(4)]
+    ttl = round(PIN_TTL * 1000)
+    assert claims[1] == ["EVALSHA", "abc", "2", f"affinity:pin:{tag}user-00000000001", f"affinity:live{tag}",
+                         f"affinity:cnt:{tag}", f"affinity:idx:{tag}", "user-00000000001", "app-2", str(ttl),
+                         str(ttl // 32)]
+    assert [c[8] for c in claims] == [instance_of(i) for i in range(4)]
+    old = _parse_resp(legacy_claim_commands("def", 1, 2))  # the previous layout, for the same-run row
+    assert old == [["EVALSHA", "def", "2", f"affinity:pin:{tag}user-00000000001", f"affinity:instances{tag}",
+                    f"affinity:idx:{tag}", "user-00000000001", "app-2", str(ttl)]]
     plain, px = _parse_resp(set_commands(3, 4, px=False)), _parse_resp(set_commands(3, 4, px=True))
     assert plain == [["SET", pin_key("baseline:", "user-00000000003"), "app-1"]]
     assert px[0][:3] == plain[0] and px[0][3:] == ["PX", str(round(PIN_TTL * 1000))]
@@ -81,7 +88,7 @@ async def test_the_fill_sends_what_redis_pin_store_claim_sends() -> None:
 
     async def capture(name: str, keys: list[str], args: list[object]) -> list[object]:
         seen.append((name, keys, args))
-        return [1, args[2], args[3]]
+        return [1, args[3], args[4]]
 
     store._script = capture  # type: ignore[method-assign]
     try:
@@ -114,13 +121,17 @@ def _fake_results() -> Results:
     s = Summary(100, 0.2, 0.5, 0.25, 0, 5000.0)
     b = Summary(100, 0.1, 0.4, 0.12, 0, 8000.0)
     memory = [MemoryRow("plain SET", 1000, 100_000, 100.0), MemoryRow("SET PX", 1000, 150_000, 150.0),
-              MemoryRow("pin (CLAIM script)", 1004, 300_000, 300.0)]
+              MemoryRow("pin, previous layout", 1004, 300_000, 300.0),
+              MemoryRow("pin, current layout (CLAIM script)", 1004, 155_000, 155.0)]
     latency = [LatencyRow("get, pin exists", 1, s, b, "GET"),
                LatencyRow("claim, new user (CAS)", 50, s, b, "SET NX PX")]
     pins = PinStoreResult(1000, memory, latency, ["checked"], 1.0)
     load = LoadResult("aiohttp", 1000, 0, 1.0)
-    users = [MemoryRun("memory", 1, load, 1, 50_000, 51_000, None), MemoryRun("memory", 1000, load, 1000, 50_000,
-                                                                                52_000, None)]
+    slow = LoadResult("aiohttp", 1000, 0, 1.25)
+    users = [MemoryRun("memory", 1, load, 1, 50_000, 51_000, None), MemoryRun("memory", 1000, slow, 1000, 50_000,
+                                                                                52_000, None),
+             MemoryRun("memory", 1000, load, 1000, 50_000, 52_000, None, 1), MemoryRun("memory", 1, load, 1, 50_000,
+                                                                                      51_000, None, 1)]
     rounds = [[LoadRow("proxy-w1", 100.0, 1, 2, 0, 0.9, 0.99, 1000), LoadRow("proxy-w2", 150.0, 1, 2, 0, 1.4, 1, 3000),
                LoadRow("nginx-w1", 200.0, 1, 2, 0, 0.5, 0.99, 10), LoadRow("nginx-w2", 220.0, 1, 2, 0, 0.6, 1, 20)]]
     return Results({"pins": 1000, "users": 1000, "lookups": 100, "wrk_threads": 1, "connections": 50,
@@ -141,7 +152,10 @@ def test_report_from_made_up_figures() -> None:
     text = report_markdown(r)
     for section in (*SECTIONS, "## 4. `serve --workers 2`"):
         assert section in text
-    assert "**300 B** = **3.00 x** a plain `SET`" in text
+    assert "**155 B** = **1.55 x** a plain `SET`" in text and "previous layout, same run: 300 B = 3.00 x" in text
+    [visits] = visit_rates(r.users)
+    assert visits.ratios == pytest.approx([1.25, 1.0])
+    assert "**1.12 (1.00-1.25) x** as fast" in text
     assert "**1.50 x** req/s" in text
     assert "**1,024 B** (" in text
     assert md_table(("a", "b"), [("1", "2")]) == "| a | b |\n|---|---:|\n| 1 | 2 |"
@@ -172,9 +186,12 @@ def test_a_tiny_real_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert pins is not None and pins.pins == 300
     by = {m.layout: m for m in pins.memory}
     pairs = {(bucket_of(user_key(i)), f"app-{i % 3 + 1}") for i in range(300)}
-    assert by["pin (CLAIM script)"].keys == 300 + len(pairs) + len({b for b, _ in pairs})  # pins, indexes, sets
+    current = by["pin, current layout (CLAIM script)"]
+    assert current.keys == 300 + len(pairs) + len({b for b, _ in pairs})  # pins, counters, sets
     assert all(m.per_item > 0 for m in pins.memory)
-    assert by["pin (CLAIM script)"].per_item > by["plain SET"].per_item
+    assert current.per_item > by["plain SET"].per_item
+    assert results.cluster is not None and sum(results.cluster.spread) > 300  # pins and the buckets' counters
+    assert all(r.store.errors == 0 and r.baseline.errors == 0 for r in results.cluster.latency)
     assert "(total 300 = N)" in "\n".join(pins.checks)
     assert {(r.op, r.concurrency) for r in pins.latency} >= {("get, pin exists", 1), ("claim, new user (CAS)", 50)}
     assert all(r.store.errors == 0 and r.baseline.errors == 0 and r.store.n == 200 for r in pins.latency)
