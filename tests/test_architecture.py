@@ -1,5 +1,6 @@
 """The package layout keeps its promises (issue #13): no import circles, a small package root, no
-private aiohttp imports, a pure ``routing/``, and each protocol header name defined in one module.
+private aiohttp imports nor private members of aiohttp objects (but the few listed with the reason
+no public API does it), a pure ``routing/``, and each protocol header name defined in one module.
 
 The import graph is read from the source with ``ast`` (nothing is imported), and counts every import:
 module level, inside functions, and under ``if TYPE_CHECKING:`` (a type-only import still ties two
@@ -176,6 +177,135 @@ def test_no_private_aiohttp_imports() -> None:
     private = {m: sorted(n for n in _imported_names(p) if n.startswith("aiohttp.") and "._" in n[len("aiohttp"):])
                for m, p in MODULES.items()}
     assert {m: n for m, n in private.items() if n} == {}
+
+
+#: aiohttp internals read on purpose: (module, member) -> why no public API does it. Every other
+#: ``._name`` of an aiohttp object (an instance of an aiohttp class, or ``self``/``super()`` in a
+#: subclass of one) fails ``test_no_private_aiohttp_members``.
+AIOHTTP_PRIVATE_ALLOWED = {
+    ("affinity_proxy.engines.aiohttp.server", "_messages"):
+        "no public signal that the parser gave up mid-body (tests/engines/aiohttp/test_private_seams.py)",
+    ("affinity_proxy.engines.aiohttp.server", "_reading_paused"):
+        "BaseProtocol's flow-control state has no public reader (test_private_seams.py)",
+    ("affinity_proxy.engines.aiohttp.server", "_buffer_paused"):
+        "BaseProtocol's flow-control state has no public reader (test_private_seams.py)",
+    ("affinity_proxy.engines.aiohttp.server", "_make_server"):
+        "AppRunner takes no protocol class; the guarded protocol is swapped in where the server is made",
+    ("affinity_proxy.engines.aiohttp.server", "_loop"): "Server.__call__, overridden to make the guarded protocol",
+    ("affinity_proxy.engines.aiohttp.server", "_kwargs"): "Server.__call__, overridden to make the guarded protocol",
+}
+_NAMEDTUPLE_API = frozenset({"_replace", "_asdict", "_fields", "_make"})
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__") and name not in _NAMEDTUPLE_API
+
+
+def _aiohttp_private_names() -> frozenset[str]:
+    """Private member names aiohttp's own source defines: methods, class attributes, ``__slots__``
+    entries and ``self._x = ...`` attributes."""
+    import aiohttp
+
+    names: set[str] = set()
+    for path in Path(aiohttp.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _private(node.name):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and _private(node.attr):
+                names.add(node.attr)
+            elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__slots__"
+                                                      for t in node.targets):
+                names.update(c.value for c in ast.walk(node.value)
+                             if isinstance(c, ast.Constant) and isinstance(c.value, str) and _private(c.value))
+    return frozenset(names)
+
+
+def _aiohttp_bound(tree: ast.Module) -> set[str]:
+    """Names this module binds to aiohttp objects by import (``web``, ``RequestHandler``, ...)."""
+    bound: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "aiohttp":
+            bound.update(a.asname or a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            bound.update(a.asname or a.name for a in node.names if a.name.split(".")[0] == "aiohttp")
+    return bound
+
+
+def _root(expr: ast.expr) -> str | None:
+    while isinstance(expr, ast.Attribute):
+        expr = expr.value
+    return expr.id if isinstance(expr, ast.Name) else None
+
+
+def _class_own(cls: ast.ClassDef) -> set[str]:
+    """What a class defines itself: methods, class attributes, ``__slots__`` and ``self._x = ...``."""
+    own: set[str] = {node.attr for node in ast.walk(cls) if isinstance(node, ast.Attribute) and isinstance(
+        node.ctx, ast.Store) and isinstance(node.value, ast.Name) and node.value.id == "self"}
+    for node in cls.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            own.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = [node.target] if isinstance(node, ast.AnnAssign) else node.targets
+            for target in targets:
+                if isinstance(target, ast.Name):
+                    own.add(target.id)
+                    if target.id == "__slots__" and node.value is not None:
+                        own.update(c.value for c in ast.walk(node.value)
+                                   if isinstance(c, ast.Constant) and isinstance(c.value, str))
+    return own
+
+
+def private_aiohttp_members(tree: ast.Module, aiohttp_names: frozenset[str]) -> set[str]:
+    """``._name`` members of aiohttp objects this module touches: ``self._x``/``super()._x`` in a
+    subclass of an aiohttp class when the subclass does not define ``_x`` itself (so a subclass that
+    assigns one of aiohttp's own private attributes escapes: reads are what break on an upgrade),
+    and ``obj._x`` on any other object when ``_x`` is a private member aiohttp defines."""
+    bound = _aiohttp_bound(tree)
+    found: set[str] = set()
+    in_subclass: set[int] = set()
+    for cls in ast.walk(tree):
+        if isinstance(cls, ast.ClassDef) and any(_root(b) in bound for b in cls.bases):
+            own = _class_own(cls)
+            for node in ast.walk(cls):
+                if not isinstance(node, ast.Attribute) or not _private(node.attr):
+                    continue
+                value = node.value
+                is_self = isinstance(value, ast.Name) and value.id in ("self", "cls")
+                is_super = (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+                            and value.func.id == "super")
+                if is_self or is_super:
+                    in_subclass.add(id(node))
+                    if is_super or node.attr not in own:  # super() always reaches aiohttp's
+                        found.add(node.attr)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and id(node) not in in_subclass and _private(node.attr):
+            value = node.value
+            if isinstance(value, ast.Name) and value.id in ("self", "cls"):
+                continue
+            if node.attr in aiohttp_names:
+                found.add(node.attr)
+    return found
+
+
+def test_no_private_aiohttp_members() -> None:
+    aiohttp_names = _aiohttp_private_names()
+    found = {(module, name) for module, path in MODULES.items()
+             for name in private_aiohttp_members(ast.parse(path.read_text()), aiohttp_names)}
+    assert found - AIOHTTP_PRIVATE_ALLOWED.keys() == set(), "new private aiohttp members read"
+    assert AIOHTTP_PRIVATE_ALLOWED.keys() - found == set(), "no longer read: drop from AIOHTTP_PRIVATE_ALLOWED"
+
+
+def test_the_private_member_check_sees_both_kinds() -> None:
+    source = (
+        "from aiohttp.web_protocol import RequestHandler\n"
+        "class H(RequestHandler):\n"
+        "    __slots__ = ('_mine',)\n"
+        "    def f(self, request):\n"
+        "        self._mine = 1\n"
+        "        return self._messages, super()._make_server(), request._payload, request._replace\n"
+    )
+    assert private_aiohttp_members(ast.parse(source), _aiohttp_private_names()) == {
+        "_messages", "_make_server", "_payload"}
 
 
 def test_routing_imports_no_io() -> None:

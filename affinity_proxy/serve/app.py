@@ -334,11 +334,11 @@ class ProxyServer:
             await self._fast.start(host, port, reuse_port=self._reuse_port, sock=sock)
             self.main_port = self._fast.port
         else:
-            main_site = await _start_site(main_runner, self.config.listen_host, self.config.listen_port,
-                                          self._reuse_port, backlog=1024)
-            self.main_port = _bound_port(main_site)
-        admin_site = await _start_site(admin_runner, self.config.admin_host, self.config.admin_port, self._reuse_port)
-        self.admin_port = _bound_port(admin_site)
+            await _start_site(main_runner, self.config.listen_host, self.config.listen_port,
+                              self._reuse_port, backlog=1024)
+            self.main_port = _bound_port(main_runner)
+        await _start_site(admin_runner, self.config.admin_host, self.config.admin_port, self._reuse_port)
+        self.admin_port = _bound_port(admin_runner)
         log.info("listening", extra={"fields": {
             "listen": host_port(self.config.listen_host, self.main_port),
             "admin": host_port(self.config.admin_host, self.admin_port), "store": self.ctx.store.kind,
@@ -374,8 +374,6 @@ async def _start_site(runner: web.BaseRunner, host: str, port: int, reuse_port: 
     return site
 
 
-def _bound_port(site: web.BaseSite) -> int:
-    server = site._server  # aiohttp exposes no public accessor for the bound port of port 0
-    assert server is not None
-    sockets = getattr(server, "sockets", None) or []
-    return int(sockets[0].getsockname()[1])
+def _bound_port(runner: web.BaseRunner) -> int:
+    """The port of the runner's one site (the real one when asked for port 0): ``BaseRunner.addresses``."""
+    return int(runner.addresses[0][1])

@@ -112,12 +112,13 @@ class GuardedRequestHandler(RequestHandler):  # type: ignore[misc]
     one while the socket is unwritable. Never raises out of the asyncio callbacks.
     """
 
-    __slots__ = ("_body", "_close_watch", "_guards", "_last_rx", "_linger", "_lost", "_peer", "_read_watch",
-                 "_refused", "_tr", "_write_watch", "handling")
+    __slots__ = ("_body", "_close_watch", "_ev_loop", "_guards", "_last_rx", "_linger", "_lost", "_peer",
+                 "_read_watch", "_refused", "_tr", "_write_watch", "handling")
 
     def __init__(self, manager: Server, *, loop: asyncio.AbstractEventLoop, guards: ServerGuards,
                  **kwargs: Any) -> None:
         super().__init__(manager, loop=loop, **kwargs)
+        self._ev_loop = loop  # ours: aiohttp's own ``_loop`` is private
         self._guards = guards
         self._peer: str | None = None  # set once admitted; released exactly once
         self._refused = False
@@ -142,7 +143,7 @@ class GuardedRequestHandler(RequestHandler):  # type: ignore[misc]
                 self._refuse(transport, per_ip=limiter.total < limiter.max_total)
                 return
             self._peer = ip
-        self._last_rx = self._loop.time()
+        self._last_rx = self._ev_loop.time()
         self._tr = transport  # type: ignore[assignment]
         super().connection_made(transport)
 
@@ -157,7 +158,7 @@ class GuardedRequestHandler(RequestHandler):  # type: ignore[misc]
             tr.write_eof()
         except (OSError, RuntimeError, NotImplementedError):
             pass
-        self._linger = self._loop.call_later(REFUSAL_LINGER, tr.abort)
+        self._linger = self._ev_loop.call_later(REFUSAL_LINGER, tr.abort)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._lost = True
@@ -179,14 +180,22 @@ class GuardedRequestHandler(RequestHandler):  # type: ignore[misc]
         if self._refused:
             return  # read and dropped until the client closes or the linger ends
         if data:
-            self._last_rx = self._loop.time()
+            self._last_rx = self._ev_loop.time()
         super().data_received(data)
         if self._messages and self._parse_failed():
             self._end_unparsable_bodies()
 
     def _parse_failed(self) -> bool:
         """aiohttp queues a parsed request as a ``RawRequestMessage`` (public, ``aiohttp.http``) and a
-        parse error as anything else (its private ``_ErrInfo``): test the public class, not the private one."""
+        parse error as anything else (its private ``_ErrInfo``): test the public class, not the private one.
+
+        Why the private queue (``RequestHandler._messages``): aiohttp has no public way to tell a
+        protocol that its parser gave up on the stream. Its C parser drops the body it was filling
+        without ending it, and the queued error reaches ``handle_error`` (public) only after the
+        handler in progress, which meanwhile waits for that body until the client timeout. The
+        queue is the only place the failure shows at once. ``tests/engines/aiohttp/test_private_seams.py``
+        pins the members read here (and ``BaseProtocol._reading_paused``/``_buffer_paused``) and
+        the behaviour on a real socket, so an aiohttp upgrade that changes them fails by name."""
         return not isinstance(self._messages[-1][0], RawRequestMessage)
 
     def _end_unparsable_bodies(self) -> None:
@@ -215,11 +224,11 @@ class GuardedRequestHandler(RequestHandler):  # type: ignore[misc]
             return
         self._body = payload
         if self._read_watch is None:
-            self._read_watch = self._loop.call_later(self._guards.client_timeout, self._check_read_stall)
+            self._read_watch = self._ev_loop.call_later(self._guards.client_timeout, self._check_read_stall)
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         # The client could not send while we held the socket: its silence so far does not count.
-        self._last_rx = self._loop.time()
+        self._last_rx = self._ev_loop.time()
         super().resume_reading(resume_parser)
 
     def _check_read_stall(self) -> None:
@@ -229,7 +238,7 @@ class GuardedRequestHandler(RequestHandler):  # type: ignore[misc]
             self._body = None
             return
         timeout = self._guards.client_timeout
-        now = self._loop.time()
+        now = self._ev_loop.time()
         if self._reading_paused or self._buffer_paused:  # we are the slow side; not the client's fault
             self._last_rx = now
         idle = now - self._last_rx
@@ -237,14 +246,14 @@ class GuardedRequestHandler(RequestHandler):  # type: ignore[misc]
             log.info("closing connection: request body stalled for %.1fs", idle)
             self._abort()
             return
-        self._read_watch = self._loop.call_later(max(timeout - idle, _MIN_CHECK), self._check_read_stall)
+        self._read_watch = self._ev_loop.call_later(max(timeout - idle, _MIN_CHECK), self._check_read_stall)
 
     # ------------------------------------------------------------------ write stall (slow readers)
 
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._write_watch is None:
-            self._write_watch = self._loop.call_later(self._guards.client_timeout, self._on_write_stall)
+            self._write_watch = self._ev_loop.call_later(self._guards.client_timeout, self._on_write_stall)
 
     def resume_writing(self) -> None:
         if self._write_watch is not None:
@@ -277,7 +286,7 @@ class GuardedRequestHandler(RequestHandler):  # type: ignore[misc]
         it is still there after client_timeout."""
         if self._lost or self._close_watch is not None or self._tr is None:
             return
-        self._close_watch = self._loop.call_later(self._guards.client_timeout, self._tr.abort)
+        self._close_watch = self._ev_loop.call_later(self._guards.client_timeout, self._tr.abort)
 
     def _abort(self) -> None:
         """Drop the connection now, unsent data included (``close()`` would wait to flush it)."""
