@@ -77,6 +77,7 @@ from benchmarks.targets import (
     softirq_threads,
     start_targets,
 )
+from benchmarks.ws_bench import carry_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -408,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output is not None:
         text = results_markdown(info, command, args, targets, rounds, flags, (load_before, loadavg()), started, minutes,
                                 refs)
-        args.output.write_text(text)
+        args.output.write_text(carry_section(args.output, text))  # keeps the make bench-ws section
         print(f"wrote {args.output} ({minutes:.1f} min)")
     return 1 if left else 0
 

@@ -272,6 +272,15 @@ def write_section(text: str, path: Path = RESULTS) -> None:
     path.write_text(new)
 
 
+def carry_section(path: Path, text: str) -> str:
+    """``text`` (a whole new RESULTS.md from ``benchmarks.run``) with the WebSocket section the file at
+    ``path`` holds appended, so that a ``make bench`` run does not drop the last ``make bench-ws`` one."""
+    old = path.read_text() if path.exists() else ""
+    if BEGIN not in old or END not in old or BEGIN in text:
+        return text
+    return text.rstrip("\n") + "\n\n" + old[old.index(BEGIN):old.index(END) + len(END)] + "\n"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ws_bench", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5)

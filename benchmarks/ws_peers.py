@@ -140,6 +140,7 @@ class PingPong(asyncio.Protocol):
         self.buf = bytearray()
         self.upgraded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.idle: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # stopped, last echo in
         self.seq = 0
         self.running = False
         self.key = base64.b64encode(os.urandom(16))
@@ -202,6 +203,8 @@ class PingPong(asyncio.Protocol):
             else:
                 self.stats.round_trips += 1
             self.expected = b""
+            if not self.running and not self.idle.done():
+                self.idle.set_result(None)
             if self.running:
                 if not self.interval:
                     self.send_next()
@@ -245,7 +248,10 @@ async def run_clients(host: str, port: int, connections: int, warmup: float, dur
     after, rt1, wrong1, t1 = measure(), stats.round_trips, stats.wrong, time.perf_counter()
     for c in conns:
         c.running = False
-    await asyncio.sleep(0.2 + connections / rate if rate else 0.2)  # the last echoes come back
+    for c in conns:
+        if not c.expected and not c.idle.done():
+            c.idle.set_result(None)
+    await asyncio.wait([c.idle for c in conns], timeout=10)  # the last echoes come back (the machine may be busy)
     for c in conns:
         if c.expected:
             stats.errors.append(f"connection {conns.index(c)}: message {c.seq} never echoed")
