@@ -24,6 +24,16 @@ from affinity_proxy.devtools.fly.edge_cache import CacheRule
 from affinity_proxy.membership.shared import MemorySharedState
 from affinity_proxy.pins.memory import MemoryPinStore
 from affinity_proxy.routing.model import InstanceId, InstanceState
+from affinity_proxy.routing.replay import (
+    BodyInfo,
+    LocalForward,
+    PlanReason,
+    PrivateForward,
+    Replay,
+    ReplaySource,
+    parse_replay_instruction,
+    plan,
+)
 from affinity_proxy.serve.app import ProxyServer
 from tests.fly.test_fly_mode import _free_port, fly_config
 from tests.functional.helpers import COOKIE, affinity_cookie, metric_value
@@ -239,3 +249,42 @@ def test_the_fly_toml_example_keys_its_replay_cache_on_the_affinity_cookie() -> 
     assert config.fly.replay_cache.enabled
     assert [CacheRule.from_toml(r) for r in rules] == [
         CacheRule(config.cookie.name, "cookie", "/", int(config.fly.replay_cache.ttl))]
+
+
+# ----------------------------------------------------------------------------- the pure plan
+
+GET = BodyInfo("GET", None, False)
+M1, M2 = InstanceId("m1"), InstanceId("m2")
+
+
+def test_cacheable_replays_carry_nothing_fly_may_not_cache() -> None:
+    step = plan(M2, local_instance=M1, replay_src=None, body=GET, is_websocket=False, cacheable=True)
+    assert isinstance(step, Replay) and step.header == "prefer_instance=m2" and not step.invalidate
+    instr = parse_replay_instruction(step.header)
+    assert instr.state is None and instr.timeout is None and instr.fallback is None
+    full = plan(M2, local_instance=M1, replay_src=None, body=GET, is_websocket=False)
+    assert isinstance(full, Replay) and "state=affinity" in full.header and "fallback=prefer_self" in full.header
+
+
+def test_a_hit_for_someone_else_is_replayed_once_with_invalidate() -> None:
+    step = plan(M2, local_instance=M1, replay_src=None, body=GET, is_websocket=False, cacheable=True, cache_hit=True)
+    assert isinstance(step, Replay) and step.invalidate and step.reason is PlanReason.CACHE_INVALIDATE
+    assert step.header == "prefer_instance=m2"
+    # a hit for a user who belongs here is served
+    assert plan(M1, local_instance=M1, replay_src=None, body=GET, is_websocket=False, cacheable=True,
+                cache_hit=True) == LocalForward(M1)
+    # a body Fly cannot replay goes over the private network (no invalidation without a replay)
+    big = BodyInfo("POST", 5_000_000, False)
+    assert isinstance(plan(M2, local_instance=M1, replay_src=None, body=big, is_websocket=False, cacheable=True,
+                           cache_hit=True), PrivateForward)
+
+
+def test_the_loop_guard_holds_for_cacheable_replays() -> None:
+    """Our cacheable replays carry no marker: the request they deliver has a fly-replay-src without
+    one and is never answered with another replay, whatever the decision there."""
+    src = ReplaySource(instance=M1, region="lcl", t=1, state="")
+    for hit in (False, True):
+        step = plan(M2, local_instance=InstanceId("m3"), replay_src=src, body=GET, is_websocket=False,
+                    cacheable=True, cache_hit=hit)
+        assert not isinstance(step, Replay)
+    assert plan(M2, local_instance=M2, replay_src=src, body=GET, is_websocket=False, cacheable=True) == LocalForward(M2)
