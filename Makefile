@@ -53,9 +53,10 @@ bench-budget: install
 	$(BIN)/python -m benchmarks.cpu_budget --target affinity-proxy --label pinned
 	$(BIN)/python -m benchmarks.cpu_budget --target affinity-new --label new-session
 
-# WebSocket relay against nginx (issue #16): 20 connections echoing 64-byte messages through nginx and
-# both engines, each proxy alone on CPU 1, 5 interleaved rounds (about 2 min): round trips/s and proxy CPU
-# per round trip, medians with min-max; writes the WebSocket section of benchmarks/RESULTS.md.
+# WebSocket relay against nginx (issue #16): 20 connections echoing 64-byte messages at 5,000 round trips/s
+# through nginx, the Python byte relay and both engines, each proxy alone on CPU 1, 5 interleaved rounds
+# (about 4 min): proxy CPU per round trip, medians with min-max; writes the WebSocket section of
+# benchmarks/RESULTS.md (add --compare-ref REF to the command for an earlier commit in the same rounds).
 bench-ws: install
 	@.ci/install-deps nginx
 	$(BIN)/python -m benchmarks.ws_bench --rounds 5 --duration 8
