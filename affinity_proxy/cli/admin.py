@@ -65,6 +65,8 @@ class PinBackend(Protocol):
 
     async def reap(self, dry_run: bool = False) -> dict[str, Any]: ...
 
+    async def rebalance(self, dry_run: bool = False) -> dict[str, Any]: ...
+
 
 def _seg(value: str) -> str:
     return quote(value, safe="")
@@ -166,6 +168,9 @@ class AdminApiBackend:
 
     async def reap(self, dry_run: bool = False) -> dict[str, Any]:
         return await self._call("POST", "/reap", params={"dry_run": "1" if dry_run else "0"})
+
+    async def rebalance(self, dry_run: bool = False) -> dict[str, Any]:
+        return await self._call("POST", "/rebalance", params={"dry_run": "1" if dry_run else "0"})
 
 
 @dataclass(frozen=True, slots=True)

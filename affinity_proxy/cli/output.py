@@ -135,6 +135,27 @@ def reap_text(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def rebalance_text(doc: Mapping[str, Any]) -> str:
+    """The plan (``--dry-run``) or the moves of one rebalance pass."""
+    if doc.get("skipped"):
+        return "another process holds the rebalance lock (a pass is running there); nothing was moved"
+    moves: list[Mapping[str, str]] = doc.get("moves") or []
+    loads: Mapping[str, int] = doc.get("loads") or {}
+    head = (f"live sessions: {', '.join(f'{k} {v}' for k, v in loads.items()) or 'none'}; "
+            f"idle after {duration(doc.get('idle_threshold'))} unused; budget {doc.get('budget')} moves a pass")
+    if not moves:
+        return f"{head}\nnothing to move"
+    verb = "would move" if doc.get("dry_run") else f"moved {doc.get('moved', 0)} of"
+    lines = [head, f"{'dry run: ' if doc.get('dry_run') else ''}{verb} {len(moves)} idle pins"]
+    flows: dict[tuple[str, str], list[str]] = {}
+    for move in moves:
+        flows.setdefault((move["from"], move["to"]), []).append(move["user"])
+    for (source, target), users in sorted(flows.items()):
+        shown = ", ".join(users[:5]) + (f", ... (+{len(users) - 5})" if len(users) > 5 else "")
+        lines.append(f"  {source} -> {target}: {len(users)} ({shown})")
+    return "\n".join(lines)
+
+
 def _cookie_words(cookie: Mapping[str, Any] | None) -> str:
     if not cookie or not cookie.get("present"):
         return "cookie absent"

@@ -65,7 +65,9 @@ from affinity_proxy.membership.shared import HeartbeatInfo
 from affinity_proxy.pins.reaper import LOCK_NAME, MIN_LOCK_TTL
 from affinity_proxy.pins.redis import RedisPinStore, describe_url
 from affinity_proxy.pins.store import PinStoreUnavailable
-from affinity_proxy.routing.model import Instance, InstanceId, InstanceState, is_valid_instance_id
+from affinity_proxy.placement.live import RedisSketch
+from affinity_proxy.placement.rebalancer import rebalancer_for
+from affinity_proxy.routing.model import Instance, InstanceId, InstanceState, MembershipView, is_valid_instance_id
 from affinity_proxy.routing.userkey import MAX_USER_KEY_LENGTH
 
 CLI_TIMEOUT = 5.0  # seconds per Redis call at least (connect, read)
@@ -322,6 +324,32 @@ class RedisBackend:
 
     async def undrain(self, instance: str) -> dict[str, Any]:
         return await self._set_drain(instance, False)
+
+    async def rebalance(self, dry_run: bool = False) -> dict[str, Any]:
+        """One rebalance pass (``placement.rebalance``) on the membership the CLI sees (config,
+        heartbeats, drain marks), under the nodes' ``rebalance`` lock; anonymous sessions from the
+        nodes' sketches."""
+        snap = await self.snapshot()
+        # A configured instance no node reports on ("unknown") is taken as up, as the nodes start it.
+        view = MembershipView.build(
+            Instance(InstanceId(i), weight=doc["weight"],
+                     state=InstanceState.UP if doc["state"] == "unknown" else InstanceState(doc["state"]))
+            for i in snap.ids() for doc in (snap.instance_doc(i, self._clock()),))
+        with self._errors():
+            anonymous = await RedisSketch(self.store, self.config.placement.rebalance.idle_after).counts(
+                snap.ids(), self._clock())
+            rebalancer = rebalancer_for(self.config, self.store, lambda: view, anonymous=lambda: anonymous,
+                                        lock=self.shared, clock=self._clock)
+            outcome = await rebalancer.run_once(dry_run=dry_run)
+        doc: dict[str, Any] = {
+            "dry_run": dry_run, "idle_after": rebalancer.idle_after, "idle_threshold": rebalancer.idle_threshold,
+            "budget": rebalancer.budget, "loads": dict(sorted(outcome.loads.items())),
+            "moves": [{"user": m.user_key, "from": m.source, "to": m.target} for m in outcome.planned],
+            "moved": len(outcome.applied),
+        }
+        if outcome.skipped:
+            doc["skipped"] = True
+        return doc
 
     @property
     def lock_ttl(self) -> float:

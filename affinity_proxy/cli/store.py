@@ -18,6 +18,7 @@ from affinity_proxy.cli.output import (
     pin_stats,
     pins_table,
     reap_text,
+    rebalance_text,
     stats_text,
 )
 
@@ -146,4 +147,19 @@ def reap(dry_run: bool, as_json: bool, config_path: str | None, admin: str | Non
     emit(doc, as_json, lambda: reap_text(doc))
 
 
-COMMANDS = (pins, instances, reap)
+@click.command()
+@click.option("--dry-run", is_flag=True, help="Only show the plan: which idle pins would move where.")
+@json_option
+@admin_options
+def rebalance(dry_run: bool, as_json: bool, config_path: str | None, admin: str | None, token: str | None) -> None:
+    """Move idle pins off instances over their share (one pass of placement.rebalance, at most one
+    pass's budget; the same plan the nodes' leader-only loop makes). A user active within
+    placement.rebalance.idle_after is never moved; the moved user's next request gets a fresh cookie.
+
+    Directly on Redis: membership from the config, heartbeats and drain marks, and the nodes'
+    rebalance lock (a pass is skipped while a node holds it)."""
+    doc = run_backend(config_path, admin, token, lambda b: b.rebalance(dry_run=dry_run))
+    emit(doc, as_json, lambda: rebalance_text(doc))
+
+
+COMMANDS = (pins, instances, reap, rebalance)

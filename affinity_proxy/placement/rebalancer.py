@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from affinity_proxy.config import Config
+from affinity_proxy.pins import redis as redis_store
 from affinity_proxy.pins.reaper import ReaperLock
 from affinity_proxy.pins.store import PinStore, PinStoreUnavailable
 from affinity_proxy.routing.model import MembershipView
@@ -156,3 +158,22 @@ class Rebalancer:
                     log.info("rebalancer recovered after %d failed passes", self.failures)
                 self.failures = 0
             await asyncio.sleep(self.interval)
+
+
+def idle_slack(config: Config, store: PinStore) -> float:
+    """Seconds added to ``idle_after`` before a pin counts as idle (see the module docstring):
+    ``cookie.revalidate_after``, the store's touch interval and, on a Redis store that keeps pin
+    expiries on a grid of ``pin_ttl / WINDOWS``, that grid."""
+    touch_interval = float(getattr(store, "touch_interval", 0.0))
+    windows = getattr(redis_store, "WINDOWS", None) if isinstance(store, redis_store.RedisPinStore) else None
+    grid = config.pin_ttl / windows if windows else 0.0
+    return config.cookie.revalidate_after + touch_interval + grid
+
+
+def rebalancer_for(config: Config, store: PinStore, view: Callable[[], MembershipView], **kwargs: object) -> Rebalancer:
+    """The ``Rebalancer`` ``placement.rebalance`` asks for (node and CLI alike); ``kwargs``: ``anonymous``,
+    ``lock``, ``on_moved``, ``clock``."""
+    settings = config.placement.rebalance
+    return Rebalancer(store, view, idle_after=settings.idle_after, max_moves_per_minute=settings.max_moves_per_minute,
+                      pin_ttl=config.pin_ttl, slack=idle_slack(config, store),
+                      interval=min(DEFAULT_INTERVAL, settings.idle_after), **kwargs)  # type: ignore[arg-type]

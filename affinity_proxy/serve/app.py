@@ -41,14 +41,12 @@ from affinity_proxy.membership.registry import Membership
 from affinity_proxy.membership.shared import MemorySharedState, SharedState
 from affinity_proxy.membership.sources import MembershipSource
 from affinity_proxy.observability.metrics import ProxyMetrics
-from affinity_proxy.pins import redis as redis_store_module
 from affinity_proxy.pins.factory import open_pin_store
 from affinity_proxy.pins.reaper import Reaper
 from affinity_proxy.pins.redis import RedisPinStore
 from affinity_proxy.pins.store import PinStore, PinStoreUnavailable
 from affinity_proxy.placement.live import LiveSessions
-from affinity_proxy.placement.rebalancer import DEFAULT_INTERVAL as DEFAULT_REBALANCE_INTERVAL
-from affinity_proxy.placement.rebalancer import Rebalancer
+from affinity_proxy.placement.rebalancer import Rebalancer, rebalancer_for
 from affinity_proxy.proxy.context import CONTEXT, ProxyContext, decide_policy
 from affinity_proxy.proxy.errors import json_error
 from affinity_proxy.routing.cookie import CookieCodec
@@ -244,24 +242,13 @@ async def _reserved_not_found(request: web.Request) -> web.Response:
 def build_rebalancer(ctx: ProxyContext) -> Rebalancer:
     """The leader-only rebalance loop (``placement.rebalance``; run only when enabled, planned on
     demand by ``POST /rebalance``). Settings are read at start."""
-    settings = ctx.config.placement.rebalance
-    touch_interval = float(getattr(ctx.store, "touch_interval", 0.0))
-    # A Redis store that keeps pin expiries on a grid of pin_ttl / WINDOWS knows a pin's last use
-    # only to that grid: count it in the slack, so an active user never looks idle.
-    windows = getattr(redis_store_module, "WINDOWS", None) if isinstance(ctx.store, RedisPinStore) else None
-    grid = ctx.config.pin_ttl / windows if windows else 0.0
 
     def moved(move: Move) -> None:
         ctx.metrics.repins.labels(repin_reason=RepinReason.REBALANCE.value).inc()
         ctx.pin_cache.remember(move.user_key, move.target)
 
-    return Rebalancer(
-        ctx.store, ctx.membership.current, idle_after=settings.idle_after,
-        max_moves_per_minute=settings.max_moves_per_minute, pin_ttl=ctx.config.pin_ttl,
-        slack=ctx.config.cookie.revalidate_after + touch_interval + grid,
-        anonymous=lambda: ctx.live.anonymous if ctx.live is not None else {}, lock=ctx.shared, on_moved=moved,
-        interval=min(DEFAULT_REBALANCE_INTERVAL, settings.idle_after),
-    )
+    return rebalancer_for(ctx.config, ctx.store, ctx.membership.current, lock=ctx.shared, on_moved=moved,
+                          anonymous=lambda: ctx.live.anonymous if ctx.live is not None else {})
 
 
 def build_apps(ctx: ProxyContext) -> tuple[web.Application, web.Application]:

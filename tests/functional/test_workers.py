@@ -90,18 +90,20 @@ class Supervised:
 
 def write_config(
     tmp_path: Path, instances: dict[str, int], store_url: str, port: int, admin_port: int, name: str = "proxy.yaml", *,
-    engine: str,
+    engine: str, extra: tuple[str, ...] = (),
 ) -> Path:
     lines = [
         engine_line(engine),
         f"listen: 127.0.0.1:{port}",
         f"admin_listen: 127.0.0.1:{admin_port}",
-        "cookie: {secret: workers-test-secret-xxxxxxxxxx}",
+        *(() if any(line.startswith("cookie:") for line in extra)  # ``extra`` may bring its own cookie section
+          else ("cookie: {secret: workers-test-secret-xxxxxxxxxx}",)),
         f"store: {{url: '{store_url}'}}",
         "user_key: [{header: X-User-Id}]",
         f"limits: {{client_timeout: {CLIENT_TIMEOUT}s}}",
         "instances:",
         *(f"  - {{id: {i}, url: 'http://127.0.0.1:{p}'}}" for i, p in instances.items()),
+        *extra,
     ]
     path = tmp_path / name
     path.write_text("\n".join(lines) + "\n")
@@ -128,12 +130,12 @@ async def start_serve(tmp_path: Path, backends: Backends, redis_url: str, engine
 
     async def start(
         workers: int = 2, *, port: int | None = None, admin_port: int | None = None,
-        instances: dict[str, int] | None = None,
+        instances: dict[str, int] | None = None, extra: tuple[str, ...] = (),
     ) -> Supervised:
         n = len(started)
         config = write_config(tmp_path, instances or backends.ports, redis_url, free_port() if port is None else port,
                               free_port() if admin_port is None else admin_port, name=f"proxy-{n}.yaml",
-                              engine=engine)
+                              engine=engine, extra=extra)
         log_path = tmp_path / f"serve-{n}.log"
         sup = Supervised(spawn_serve(config, workers, log_path), log_path)
         started.append(sup)
