@@ -11,6 +11,13 @@ released with a compare-and-delete after the pass. Even if a pass outlives its l
 ``store.drop_instance`` is atomic per pin, so no pin is deleted (or counted) twice: each orphan is
 counted once, in ``affinity_orphaned_pins_reaped_total`` of the node that deleted it.
 
+Counts left after a sweep: ``drop_instance`` deletes every pin of the instance that existed when it
+started, but ``counts()`` can still show some afterwards: pins written to the dead instance during
+the sweep, or, on Redis, counts of pins deleted behind the store's back (evicted, DEL by hand, an old
+node of a rolling deploy), which expire with those pins' expiry. The reaper remembers that residue
+per instance and sweeps again only when the count grows past it, so stale counts never cost a
+keyspace walk per pass.
+
 Store errors: exponential backoff with jitter (``interval`` doubling to ``10 x interval``, each
 delay drawn from the upper half of its window), one log line per failure streak and one on recovery.
 Imports ``routing.model`` and ``pins.store`` only; the lock is the small ``ReaperLock`` seam below
@@ -82,6 +89,7 @@ class Reaper:
         self._lock = lock
         self._rng = rng if rng is not None else random.Random()
         self._dead_since: dict[InstanceId, float] = {}
+        self._residue: dict[InstanceId, int] = {}  # counts left after the last sweep (see the module doc)
         self._failing = False
         self.failures = 0  # consecutive failed passes (the backoff level)
         self.passes = 0  # passes that reaped under the lock (or without one)
@@ -100,12 +108,18 @@ class Reaper:
         for instance in sorted(candidates):
             if view.state_of(instance) in _DEAD:
                 since = self._dead_since.setdefault(instance, now)
-                if now - since >= self.grace and counts.get(instance, 0) > 0:
+                n = counts.get(instance, 0)
+                residue = min(self._residue.pop(instance, 0), n)
+                if residue:
+                    self._residue[instance] = residue
+                if now - since >= self.grace and n > residue:
                     due.append(instance)
             else:
                 self._dead_since.pop(instance, None)
+                self._residue.pop(instance, None)
         for instance in set(self._dead_since) - candidates:
             del self._dead_since[instance]  # no pins and no longer listed: nothing left to time
+            self._residue.pop(instance, None)
         return due
 
     async def reap(self, dry_run: bool = False) -> dict[str, list[str]]:
@@ -144,6 +158,10 @@ class Reaper:
                 result[instance] = sorted(keys)
                 self._on_reaped(len(keys))
                 log.info("reaped orphaned pins", extra={"fields": {"instance": instance, "pins": len(keys)}})
+        left = await self._store.counts()
+        for instance in due:
+            if left.get(instance, 0) > 0:
+                self._residue[instance] = left[instance]
         self.passes += 1
         return result
 
