@@ -286,6 +286,7 @@ async def instances_list(request: web.Request) -> web.Response:
     now = time.time()
     return web.json_response({"reports_available": reports_available, "instances": [
         {"id": i.id, "url": i.url, "state": i.state.value, "weight": i.weight, "pins": counts.get(i.id, 0),
+         "sessions": ctx.live.loads.get(i.id, 0) if ctx.live is not None else None,
          "local": i.local, "region": i.region or None,
          "reports": [{"node": r.node, "state": r.state, "age_seconds": round(max(0.0, now - r.seen_at), 3)}
                      for r in reports.get(i.id, [])]}

@@ -82,6 +82,10 @@ async def dashboard_document(ctx: ProxyContext, seconds: int = DEFAULT_SERIES_SE
     per_instance = [counts.get(i.id, 0) for i in view.instances]
     holding = [n for n in per_instance if n > 0]
     mean = sum(holding) / len(holding) if holding else 0.0
+    loads = ctx.live.loads if ctx.live is not None else {}
+    sessions = [loads.get(i.id, 0) for i in view.instances]
+    routable = [n for i, n in zip(view.instances, sessions, strict=True) if i.state.routable]
+    sessions_mean = sum(routable) / len(routable) if routable else 0.0
     return {
         "node": ctx.node,
         "pid": os.getpid(),
@@ -93,11 +97,15 @@ async def dashboard_document(ctx: ProxyContext, seconds: int = DEFAULT_SERIES_SE
         "replay_status": ctx.config.fly.replay_status,
         "instances": [
             {"id": i.id, "state": i.state.value, "region": i.region or None, "weight": i.weight,
-             "local": i.local, "pins": n}
-            for i, n in zip(view.instances, per_instance, strict=True)
+             "local": i.local, "pins": n, "sessions": s}
+            for i, n, s in zip(view.instances, per_instance, sessions, strict=True)
         ],
         "pins": {"total": sum(counts.values()), "max": max(per_instance, default=0), "mean": round(mean, 2),
                  "live": live},
+        # live sessions (pins + anonymous cookie sessions, placement.live): max/mean over routable instances
+        "sessions": {"total": sum(sessions), "max": max(routable, default=0), "mean": round(sessions_mean, 2),
+                     "balance": round(max(routable) / sessions_mean, 3) if sessions_mean else None,
+                     "load_factor": ctx.config.placement.load_factor},
         "events": ctx.events.snapshot(seconds),
     }
 

@@ -87,6 +87,8 @@ def pin_stats(instances: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     instance holds exactly its weighted share."""
     counts = [int(i.get("pins", 0)) for i in instances]
     weights = [max(int(i.get("weight", 1)), 0) for i in instances]
+    live = [i.get("sessions") for i in instances]
+    known = [int(n) for n in live if n is not None]
     total = sum(counts)
     mean = total / len(counts) if counts else 0.0
     peak = max(counts, default=0)
@@ -94,10 +96,15 @@ def pin_stats(instances: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     ratios = [n * weight_sum / (total * w) for n, w in zip(counts, weights, strict=True) if w] if total else []
     return {
         "instances": [
-            {"id": i["id"], "state": i["state"], "weight": i.get("weight", 1), "pins": n,
+            {"id": i["id"], "state": i["state"], "weight": i.get("weight", 1), "pins": n, "sessions": s,
              "share": round(n / total, 4) if total else 0.0}
-            for i, n in zip(instances, counts, strict=True)
+            for i, n, s in zip(instances, counts, live, strict=True)
         ],
+        # live sessions (pins + anonymous cookie sessions) as the answering node counts them; None
+        # when the source does not count them
+        "sessions": {"total": sum(known), "max": max(known),
+                     "balance": round(max(known) * len(known) / sum(known), 3) if sum(known) else None}
+                    if known else None,
         "total": total,
         "mean": round(mean, 2),
         "max": peak,
@@ -112,11 +119,20 @@ def stats_text(stats: Mapping[str, Any], width: int = BAR_WIDTH) -> str:
     for i in stats["instances"]:
         bar = "#" * (round(width * i["pins"] / peak) if peak else 0)
         rows.append((i["id"], i["state"], i["weight"], i["pins"], f"{i['share'] * 100:.1f}%", bar))
-    body = table(("INSTANCE", "STATE", "WEIGHT", "PINS", "SHARE", ""), rows, right=(2, 3, 4))
+    if stats.get("sessions") is not None:
+        rows = [(*row[:4], "-" if i.get("sessions") is None else i["sessions"], *row[4:])
+                for row, i in zip(rows, stats["instances"], strict=True)]
+        body = table(("INSTANCE", "STATE", "WEIGHT", "PINS", "SESSIONS", "SHARE", ""), rows, right=(2, 3, 4, 5))
+    else:
+        body = table(("INSTANCE", "STATE", "WEIGHT", "PINS", "SHARE", ""), rows, right=(2, 3, 4))
     balance = "n/a" if stats["balance"] is None else f"{stats['balance']:.2f}"
     summary = f"total {stats['total']}  mean {stats['mean']:.2f}  max {stats['max']}  balance (max/mean) {balance}"
     if stats.get("weighted_balance") is not None and len({i["weight"] for i in stats["instances"]}) > 1:
         summary += f"  weighted {stats['weighted_balance']:.2f}"
+    live = stats.get("sessions")
+    if live is not None:
+        ratio = "n/a" if live["balance"] is None else f"{live['balance']:.2f}"
+        summary += f"\nlive sessions {live['total']}  max {live['max']}  balance (max/mean) {ratio}"
     return f"{body}\n\n{summary}"
 
 

@@ -175,7 +175,8 @@ async def test_dashboard_data_shape_and_numbers(proxy: ProxyServer, backends: Ba
     assert list(by_id) == ["a", "b", "c"]
     assert by_id["b"]["state"] == "down"
     assert {k: v["pins"] for k, v in by_id.items()} == {k: counts.get(k, 0) for k in "abc"}
-    assert set(by_id["a"]) == {"id", "state", "region", "weight", "local", "pins"}
+    assert set(by_id["a"]) == {"id", "state", "region", "weight", "local", "pins", "sessions"}
+    assert set(doc["sessions"]) == {"total", "max", "mean", "balance", "load_factor"}  # placement.live's snapshot
     assert doc["pins"]["total"] == len(USERS) and doc["pins"]["live"] is True
     assert doc["pins"]["max"] == max(counts.values())
     events = doc["events"]

@@ -8,7 +8,9 @@ from dataclasses import replace
 
 import aiohttp
 import pytest
+from click.testing import CliRunner, Result
 
+from affinity_proxy.cli.main import main as cli_main
 from affinity_proxy.config import CookieConfig, PlacementConfig, RebalanceConfig, StoreConfig
 from affinity_proxy.membership.discovery import instances_from_config
 from affinity_proxy.serve.app import ProxyServer
@@ -187,3 +189,53 @@ async def test_scale_up_rebalances_idle_users_only(engine: str, store: str, back
             assert resp.headers["X-Fly-Instance"] == "d"
             fresh = cookie_of(resp)
             assert fresh is not None and fresh.split("~")[1] == "d"
+
+
+async def test_admin_rebalance_plan_and_views(engine: str, backends: Backends, start_proxy,
+                                              http: aiohttp.ClientSession) -> None:
+    """``POST /rebalance?dry_run=1`` shows the plan and changes nothing; without it one pass moves at
+    most one pass's budget; ``/instances``, the dashboard and ``pins stats`` show live sessions."""
+    placement = PlacementConfig(rebalance=RebalanceConfig(enabled=False, idle_after=1.0, max_moves_per_minute=600))
+    config = make_config(backends, engine=engine, placement=placement,
+                         cookie=CookieConfig(secret="test-secret-" + "x" * 20, revalidate_after=0.0))
+    server = await start_proxy(config)
+    for i in range(60):
+        async with http.put(admin(server) + f"/pins/u{i}", json={"instance": "a"}) as resp:
+            assert resp.status == 200
+
+    async def plan() -> dict | None:
+        async with http.post(admin(server) + "/rebalance?dry_run=1") as resp:
+            assert resp.status == 200
+            doc = await resp.json()
+        return doc if doc["moves"] else None
+
+    doc = await wait_until(plan, timeout=30, interval=0.2, message="pins idle for idle_after")
+    assert doc["dry_run"] is True and doc["moved"] == 0 and doc["budget"] == 10  # 600 a minute, a pass a second
+    assert len(doc["moves"]) == 10 and {m["from"] for m in doc["moves"]} == {"a"}
+    assert {m["to"] for m in doc["moves"]} <= {"b", "c"}
+    assert (await server.ctx.store.counts()) == {"a": 60}
+    async with http.post(admin(server) + "/rebalance") as resp:
+        done = await resp.json()
+    assert done["moved"] == 10
+    counts = await server.ctx.store.counts()
+    assert counts["a"] == 50
+    async with http.get(admin(server) + "/metrics") as resp:
+        assert metric_value(await resp.text(), "affinity_repins_total", {"repin_reason": "rebalance"}) == 10
+    live = server.ctx.live
+    assert live is not None
+    await wait_until(lambda: dict(live.pins) == dict(counts), timeout=30)
+    async with http.get(admin(server) + "/instances") as resp:
+        listed = {i["id"]: i for i in (await resp.json())["instances"]}
+    assert {k: v["sessions"] for k, v in listed.items()} == {k: counts.get(k, 0) for k in "abc"}
+    async with http.get(admin(server) + "/dashboard/data") as resp:
+        dash = await resp.json()
+    assert dash["sessions"]["total"] == 60 and dash["sessions"]["max"] == 50
+    assert dash["sessions"]["balance"] == round(50 / 20, 3)
+
+    def stats() -> Result:
+        return CliRunner().invoke(cli_main, ["pins", "stats", "--admin", admin(server)],
+                                  env={"AFFINITY_CONFIG": None, "AFFINITY_ADMIN_TOKEN": None})
+
+    result = await asyncio.to_thread(stats)
+    assert result.exit_code == 0, result.output
+    assert "SESSIONS" in result.stdout and "live sessions 60  max 50  balance (max/mean) 2.50" in result.stdout

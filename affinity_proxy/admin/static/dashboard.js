@@ -247,6 +247,7 @@
       row.appendChild(el("td", { className: "region" }, inst.region || "–"));
       row.appendChild(el("td", { className: "weight" }, inst.weight));
       row.appendChild(el("td", { className: "pins num", "data-pins": inst.pins }, inst.pins));
+      row.appendChild(el("td", { className: "sessions num", "data-sessions": inst.sessions }, inst.sessions));
       const barCell = el("td", { className: "barcol" });
       const bar = el("div", { className: "bar", title: inst.pins + " pins" });
       const fill = el("span");
@@ -258,7 +259,9 @@
     }
     body.replaceChildren(...rows);
     const balance = doc.pins.mean > 0 ? (doc.pins.max / doc.pins.mean).toFixed(2) : "–";
-    setText("pin-summary", doc.pins.total + " pins · max/mean " + balance + (doc.pins.live ? "" : " · last known (store down)"));
+    const live = doc.sessions.balance === null ? "–" : doc.sessions.balance.toFixed(2);
+    setText("pin-summary", doc.pins.total + " pins · max/mean " + balance + " · " + doc.sessions.total +
+      " live sessions · max/mean " + live + (doc.pins.live ? "" : " · last known (store down)"));
   }
 
   function renderRepins(events) {
