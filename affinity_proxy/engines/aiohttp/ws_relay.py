@@ -39,7 +39,10 @@ log = logging.getLogger("affinity_proxy.forwarding.websocket")
 
 GOING_AWAY = 1001  # sent to the instance when the client vanished
 INSTANCE_GONE = 1014  # "bad gateway": sent to the client when the instance vanished
-_RETRY_PAUSED = 0.005  # seconds between checks of a paused writer (only while one is paused)
+# Seconds between checks of a paused writer (only while one is paused), doubling up to the maximum:
+# aiohttp's protocols expose ``writing_paused`` but no public wait for its end.
+_RETRY_PAUSED = 0.005
+_RETRY_PAUSED_MAX = 0.2
 
 
 class _Leg:
@@ -216,9 +219,9 @@ class ByteRelay:
     def _throttle(self, src: _Leg) -> None:
         src.throttled = True
         src.transport.pause_reading()
-        self._timers.append(self._loop.call_later(_RETRY_PAUSED, self._unthrottle, src))
+        self._timers.append(self._loop.call_later(_RETRY_PAUSED, self._unthrottle, src, _RETRY_PAUSED))
 
-    def _unthrottle(self, src: _Leg) -> None:
+    def _unthrottle(self, src: _Leg, delay: float) -> None:
         if self.done or src.eof:
             return
         dst = src.peer
@@ -226,7 +229,8 @@ class ByteRelay:
             src.throttled = False
             src.transport.resume_reading()
         else:
-            self._timers.append(self._loop.call_later(_RETRY_PAUSED, self._unthrottle, src))
+            delay = min(delay * 2, _RETRY_PAUSED_MAX)
+            self._timers.append(self._loop.call_later(delay, self._unthrottle, src, delay))
         if len(self._timers) > 64:
             self._timers = [t for t in self._timers if not t.cancelled() and t.when() > self._loop.time()]
 

@@ -261,3 +261,18 @@ async def test_an_oversize_message_spanning_many_reads_still_gets_1009(backend: 
         msg = await ws.receive(timeout=10)
         assert msg.type is WSMsgType.CLOSE and msg.data == 1009
     await wait_until(lambda: backend.state.ws_closes == [(1009, "")], message="instance told with 1009")
+
+
+async def test_back_pressure_holds_and_releases_without_losing_a_byte(backend: Backend, start_proxy: ProxyFactory,
+                                                                      http) -> None:
+    proxy = await start_proxy(backend.url, max_message_bytes=0)
+    messages = [bytes([i]) * (2 * 1024 * 1024) for i in range(4)]
+    async with http.ws_connect(proxy.url + "/ws", max_msg_size=0) as ws:
+        for m in messages:
+            await ws.send_bytes(m)
+        await asyncio.sleep(0.5)  # not reading: the echoes pile up until the proxy stops reading the instance
+        for m in messages:
+            assert await ws.receive_bytes(timeout=30) == m
+        await ws.send_str("whoami")
+        assert await ws.receive_str(timeout=5) == "b1"
+    await wait_until(lambda: proxy.settings.completed == 1)
