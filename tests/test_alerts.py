@@ -88,7 +88,7 @@ def test_promtool_unit_tests_fire_the_alerts_from_synthetic_series() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     tested = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())
     names = {case["alertname"] for test in tested["tests"] for case in test["alert_rule_test"]}
-    assert {"AffinityStoreDown", "AffinityReplayLoopPrevented"} <= names
+    assert {"AffinityStoreDown", "AffinityReplayLoopPrevented", "AffinitySessionImbalance"} <= names
 
 
 @needs_promtool
