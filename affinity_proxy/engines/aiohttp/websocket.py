@@ -8,7 +8,8 @@ not unmasked, decoded or re-encoded), reading only frame headers for ``max_ws_me
 CLOSE frames and heartbeats. Pings and pongs of the endpoints pass through; close codes and
 reasons pass as sent. No extension is negotiated on either leg (no ``Sec-WebSocket-Extensions``
 offered to the instance nor accepted from the client), so both legs speak the same frames.
-Imports only aiohttp/yarl and ``proxy.*``.
+The fast engine hands upgrades to this engine's application (``engines/fast/handoff.py``), so
+this is both engines' relay. Imports aiohttp/yarl, ``proxy.*`` and this engine's modules.
 """
 
 from __future__ import annotations

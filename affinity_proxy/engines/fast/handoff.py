@@ -10,7 +10,10 @@ given to the aiohttp application on the same socket: the connection creates the 
 ``transport.set_protocol``, calls its ``connection_made`` and feeds it the raw bytes of that
 request head plus everything read after it. Nothing of that request was answered or consumed, so
 aiohttp sees the connection as if it had accepted it; it keeps it until it closes (the fast engine
-never takes it back).
+never takes it back). A WebSocket upgrade handed over this way is relayed like one the aiohttp
+engine accepted itself (``engines.aiohttp.websocket``): after the 101 the handler installs the byte
+relay (``engines.aiohttp.ws_relay``) as that connection's parser, so the session's bytes go from
+this socket to the instance's as they are, frame headers read, nothing decoded.
 """
 
 from __future__ import annotations
