@@ -6,7 +6,8 @@ ring from the key's point and take the first instance whose load after this plac
 (in-flight requests), the load here is *live sessions*, which is what a stateful app pays for.
 
 Pure: imports only ``routing.model`` and ``routing.ring``; the loads come in as a snapshot, so the
-caller decides how fresh they are. Not wired into ``decide`` yet (see docs/architecture.md).
+caller decides how fresh they are (``decide`` calls it with ``RouteInput.loads``, which
+``placement.live`` keeps; see README "Placement").
 """
 
 from __future__ import annotations

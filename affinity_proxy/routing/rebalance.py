@@ -7,7 +7,7 @@ user's own ring walk that stays within its share after the move, at most ``max_m
 active within ``idle_after`` is never moved.
 
 Pure: imports only ``routing.model``, ``routing.placement`` and ``routing.ring``; ``now`` and the
-pin activity are inputs. The leader-only loop that runs it and applies the moves is not built yet.
+pin activity are inputs. ``placement.rebalancer`` runs it in a leader-only loop and applies the moves.
 """
 
 from __future__ import annotations
