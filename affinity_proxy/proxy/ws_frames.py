@@ -58,6 +58,20 @@ class FrameScanner:
     def feed(self, data: bytes) -> bytes:
         need = self.need
         n = len(data)
+        if not need and not self.held and n > 1 and not self.violation:
+            # The usual read of a chatty session: exactly one whole small frame.
+            b1 = data[1]
+            length = b1 & 0x7F
+            if length < 126 and (6 if b1 & 0x80 else 2) + length == n:
+                opcode = data[0] & 0x0F
+                if opcode & 0x8:
+                    if opcode == CLOSE:
+                        self.close_seen = True
+                    return data
+                message = length if opcode else self.message + length
+                if not self.max_message or message <= self.max_message:
+                    self.message = message
+                    return data
         if need >= n and not self.held:  # the middle of a payload
             self.need = need - n
             return b"" if self.violation else data

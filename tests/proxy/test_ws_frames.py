@@ -104,3 +104,18 @@ def test_after_a_refusal_the_forwarded_stream_ends_on_a_boundary_while_the_frame
     assert scanner.at_boundary  # nothing of the refused frame went on: a CLOSE of ours may follow
     assert scanner.feed(big[5000:] + close_frame(1000, masked=True)) == b""
     assert scanner.close_seen
+
+
+def test_one_small_frame_per_read_the_usual_case() -> None:
+    scanner = FrameScanner(max_message=100)
+    first, cont = data_frame(b"a" * 60, fin=False), data_frame(b"b" * 30, opcode=0x0, fin=False)
+    ping, pong = frame(0x9, b"", masked=False), frame(0xA, b"x", masked=True)
+    for f in (first, ping, cont, pong):
+        assert scanner.feed(f) == f and scanner.at_boundary
+    assert scanner.message == 90 and not scanner.close_seen
+    assert scanner.feed(data_frame(b"c" * 20, opcode=0x0)) == b""  # 110 bytes: over the limit
+    assert scanner.violation == 1009
+    closing = close_frame(1000, masked=True)
+    assert scanner.feed(closing) == b"" and scanner.close_seen
+    fresh = FrameScanner(max_message=100)
+    assert fresh.feed(closing) == closing and fresh.close_seen
