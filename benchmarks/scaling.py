@@ -43,7 +43,7 @@ from benchmarks.run import ensure_tools, find_tool, loadavg
 from benchmarks.scaling_cluster import run_cluster
 from benchmarks.scaling_common import start_redis
 from benchmarks.scaling_pins import run_pin_store
-from benchmarks.scaling_proxy import run_users, run_workers, start_backends, workers_targets
+from benchmarks.scaling_proxy import run_users, run_visits, run_workers, start_backends, workers_targets
 from benchmarks.scaling_report import Results, report_markdown
 from benchmarks.targets import HarnessError, Processes, run_main
 
@@ -150,7 +150,11 @@ def run(args: argparse.Namespace, procs: Processes, nginx_bin: str | None, wrk_b
         if "users" in args.parts:
             print(f"2. proxy memory: {args.users:,} distinct users", flush=True)
             results.users = run_users(procs, backends, redis_port, users=args.users, connections=args.connections,
-                                      wrk_bin=wrk_bin, rounds=args.rounds)
+                                      wrk_bin=wrk_bin)
+            n = max(1, args.users // 2)
+            print(f"2b. first vs repeat visits: {args.rounds} round(s) of 3 legs x {n:,} users", flush=True)
+            results.visits = run_visits(procs, backends, redis_port, users=n, connections=args.connections,
+                                        wrk_bin=wrk_bin, rounds=args.rounds)
         if "workers" in args.parts and wrk_bin:
             print(f"3. workers: {args.rounds} round(s), 2 legs of {args.duration:g}s per target each", flush=True)
             targets = workers_targets(procs, backends, redis_port, nginx_bin)

@@ -26,7 +26,7 @@ from benchmarks.wrk import WrkParseError
 USERS_LUA = f"""\
 -- benchmarks/scaling_load.py: `total` requests from `users` distinct {USER_HEADER} values, then stop
 local threads = {{}}
-local users, total, marker, sent, received = 1, 1, nil, 0, 0
+local users, total, marker, offset, sent, received = 1, 1, nil, 0, 0, 0
 
 function setup(thread)
   table.insert(threads, thread)
@@ -36,11 +36,12 @@ function init(args)
   users = tonumber(args[1])
   total = tonumber(args[2])
   marker = args[3]
+  offset = tonumber(args[4] or "0")
   statuses = {{}}
 end
 
 function request()
-  local id = sent % users
+  local id = offset + sent % users
   sent = sent + 1
   return wrk.format("GET", "/", {{["{USER_HEADER}"] = string.format("{USER_PREFIX}%0{USER_DIGITS}d", id)}})
 end
@@ -95,14 +96,15 @@ def parse_users_output(text: str) -> tuple[int, int]:
     return sum(statuses.values()), socket_errors + sum(n for c, n in statuses.items() if c != 200)
 
 
-def load_wrk(wrk_bin: str, script: Path, port: int, *, users: int, total: int, connections: int) -> LoadResult:
+def load_wrk(wrk_bin: str, script: Path, port: int, *, users: int, total: int, connections: int,
+             offset: int = 0) -> LoadResult:
     """One wrk thread (its Lua counters are per thread) over ``connections`` connections. The script
     writes a marker file after ``total`` responses; then wrk gets SIGINT (its "stop now and report").
     wrk is killed by PID if it outlives its bound."""
     bound = bound_seconds(total)
     marker = script.parent / f"users-done-{time.monotonic_ns()}"
     argv = [wrk_bin, "-t1", f"-c{connections}", f"-d{bound}s", "--timeout=5s", "-s", str(script),
-            f"http://127.0.0.1:{port}/", "--", str(users), str(total), str(marker)]
+            f"http://127.0.0.1:{port}/", "--", str(users), str(total), str(marker), str(offset)]
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -122,7 +124,7 @@ def load_wrk(wrk_bin: str, script: Path, port: int, *, users: int, total: int, c
     return LoadResult("wrk (1 thread, Lua-generated user headers)", requests, errors, time.monotonic() - t0)
 
 
-async def _load_aiohttp(port: int, users: int, total: int, connections: int) -> LoadResult:
+async def _load_aiohttp(port: int, users: int, total: int, connections: int, offset: int = 0) -> LoadResult:
     url = f"http://127.0.0.1:{port}/"
     counter = iter(range(total))
     done = errors = 0
@@ -139,7 +141,7 @@ async def _load_aiohttp(port: int, users: int, total: int, connections: int) -> 
                 if time.monotonic() > deadline:
                     return
                 try:
-                    async with session.get(url, headers={USER_HEADER: user_key(i % users)}) as resp:
+                    async with session.get(url, headers={USER_HEADER: user_key(offset + i % users)}) as resp:
                         await resp.read()
                         errors += resp.status != 200
                 except (aiohttp.ClientError, TimeoutError):
@@ -151,8 +153,9 @@ async def _load_aiohttp(port: int, users: int, total: int, connections: int) -> 
 
 
 def load_users(port: int, *, users: int, total: int, connections: int, wrk_bin: str | None,
-               script: Path | None) -> LoadResult:
-    """``total`` requests over ``users`` distinct user keys, with wrk when given, else aiohttp."""
+               script: Path | None, offset: int = 0) -> LoadResult:
+    """``total`` requests over ``users`` distinct user keys (ids ``offset..offset+users-1``), with wrk
+    when given, else aiohttp."""
     if wrk_bin is not None and script is not None:
-        return load_wrk(wrk_bin, script, port, users=users, total=total, connections=connections)
-    return asyncio.run(_load_aiohttp(port, users, total, connections))
+        return load_wrk(wrk_bin, script, port, users=users, total=total, connections=connections, offset=offset)
+    return asyncio.run(_load_aiohttp(port, users, total, connections, offset))

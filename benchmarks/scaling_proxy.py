@@ -168,6 +168,66 @@ def _users_run(procs: Processes, backends: Sequence[tuple[str, int]], r: redis.R
     return run
 
 
+# --- part 2b: first visits against repeat visits ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VisitRound:
+    """One round on one fresh proxy: first visits of users A, the same users again (repeat visits:
+    pins stored, no cookie, so a store look-up each), then first visits of new users B."""
+
+    store: str
+    round: int
+    first_a: LoadResult
+    repeat: LoadResult
+    first_b: LoadResult
+
+    @property
+    def first_rps(self) -> float:
+        """The two first-visit legs around the repeat leg, so a drift in the machine's load between
+        the legs hits first and repeat visits alike."""
+        return (_rps(self.first_a) + _rps(self.first_b)) / 2
+
+    @property
+    def repeat_rps(self) -> float:
+        return _rps(self.repeat)
+
+
+def _rps(load: LoadResult) -> float:
+    return load.requests / load.seconds if load.seconds else 0.0
+
+
+def run_visits(procs: Processes, backends: Sequence[tuple[str, int]], redis_port: int, *, users: int,
+               connections: int, wrk_bin: str | None, rounds: int) -> list[VisitRound]:
+    """``rounds`` rounds per store, stores alternating in order per round; each round a fresh proxy
+    and an empty Redis, ``users`` requests per leg (one per user)."""
+    script = None
+    if wrk_bin is not None:
+        script = procs.workdir / "visits.lua"
+        script.write_text(USERS_LUA)
+    stores = (("memory", "memory://"), ("redis", f"redis://127.0.0.1:{redis_port}/0"))
+    out = []
+    r = redis.Redis(host="127.0.0.1", port=redis_port)
+    try:
+        for rnd in range(rounds):
+            for store, url in stores if rnd % 2 == 0 else stores[::-1]:
+                r.flushall()
+                proxy = start_proxy(procs, f"visits-{store}-{rnd}", backends, url, "affinity:")
+                try:
+                    def leg(offset: int, port: int = proxy.port) -> LoadResult:
+                        return load_users(port, users=users, total=users, connections=connections, wrk_bin=wrk_bin,
+                                          script=script, offset=offset)
+                    visit = VisitRound(store, rnd, leg(0), leg(0), leg(users))
+                finally:
+                    stop(proxy.started)
+                out.append(visit)
+                print(f"  round {rnd + 1}, {store} store: first {visit.first_rps:,.0f} req/s, repeat "
+                      f"{visit.repeat_rps:,.0f} req/s", flush=True)
+    finally:
+        r.close()
+    return out
+
+
 # --- part 3: workers -----------------------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from benchmarks.scaling_pins import (
     legacy_claim_commands,
     set_commands,
 )
-from benchmarks.scaling_proxy import LoadRow, MemoryRun, combine, proxy_yaml, ratio_2_to_1
+from benchmarks.scaling_proxy import LoadRow, MemoryRun, VisitRound, combine, proxy_yaml, ratio_2_to_1
 from benchmarks.scaling_report import Results, median_rows, report_markdown, user_costs, visit_rates
 
 SECTIONS = ("## Summary", "## 1. Pin store: Redis memory", "## 2. Pin store: latency", "## 3. Proxy memory",
@@ -129,14 +129,13 @@ def _fake_results() -> Results:
     load = LoadResult("aiohttp", 1000, 0, 1.0)
     slow = LoadResult("aiohttp", 1000, 0, 1.25)
     users = [MemoryRun("memory", 1, load, 1, 50_000, 51_000, None), MemoryRun("memory", 1000, slow, 1000, 50_000,
-                                                                                52_000, None),
-             MemoryRun("memory", 1000, load, 1000, 50_000, 52_000, None, 1), MemoryRun("memory", 1, load, 1, 50_000,
-                                                                                      51_000, None, 1)]
+                                                                                52_000, None)]
+    visits = [VisitRound("redis", 0, slow, load, slow), VisitRound("redis", 1, load, load, load)]
     rounds = [[LoadRow("proxy-w1", 100.0, 1, 2, 0, 0.9, 0.99, 1000), LoadRow("proxy-w2", 150.0, 1, 2, 0, 1.4, 1, 3000),
                LoadRow("nginx-w1", 200.0, 1, 2, 0, 0.5, 0.99, 10), LoadRow("nginx-w2", 220.0, 1, 2, 0, 0.6, 1, 20)]]
     return Results({"pins": 1000, "users": 1000, "lookups": 100, "wrk_threads": 1, "connections": 50,
                     "duration": 5.0, "rounds": 1, "warmup": 1.0}, "python -m benchmarks.scaling", {},
-                   dt.datetime(2025, 1, 1, tzinfo=dt.UTC), "0 0 0", pins=pins, users=users,
+                   dt.datetime(2025, 1, 1, tzinfo=dt.UTC), "0 0 0", pins=pins, users=users, visits=visits,
                    targets=[("proxy-w1", "x")], workers=rounds)
 
 
@@ -153,9 +152,10 @@ def test_report_from_made_up_figures() -> None:
     for section in (*SECTIONS, "## 4. `serve --workers 2`"):
         assert section in text
     assert "**155 B** = **1.55 x** a plain `SET`" in text and "previous layout, same run: 300 B = 3.00 x" in text
-    [visits] = visit_rates(r.users)
+    [visits] = visit_rates(r.visits)
     assert visits.ratios == pytest.approx([1.25, 1.0])
-    assert "**1.12 (1.00-1.25) x** as fast" in text
+    assert "redis store: **1.12 (1.00-1.25) x**" in text and "## 3b. First visits against repeat visits" in text
+    assert "memory store 1,000 ÷ 800 = 1.25 x" in text  # the one-user rows, kept for comparison
     assert "**1.50 x** req/s" in text
     assert "**1,024 B** (" in text
     assert md_table(("a", "b"), [("1", "2")]) == "| a | b |\n|---|---:|\n| 1 | 2 |"
@@ -199,6 +199,9 @@ def test_a_tiny_real_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert {(u.store, u.users): u.pins for u in results.users} == {("memory", 1): 1, ("memory", 150): 150,
                                                                    ("redis", 1): 1, ("redis", 150): 150}
     assert all(u.load.requests >= 150 and u.load.errors == 0 and u.rss_after_kib > 0 for u in results.users)
+    assert sorted(v.store for v in results.visits) == ["memory", "redis"]
+    legs = [leg for v in results.visits for leg in (v.first_a, v.repeat, v.first_b)]
+    assert len(legs) == 6 and all(leg.requests >= 75 and leg.errors == 0 for leg in legs)
 
     if find_tool("wrk") is None:
         assert not results.workers and any("wrk is not installed" in s for s in results.skipped)
