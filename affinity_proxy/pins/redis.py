@@ -194,8 +194,8 @@ def open_client(url: str, *, timeout: float, max_connections: int) -> tuple[Redi
 
 class RedisPinStore:
     """PinStore on Redis. One round trip per call on one user's pin (``get``, ``claim``, ``repin``,
-    ``set``, ``drop``); whole-store calls visit every bucket (see the module doc). ``touch`` costs no
-    I/O at the call site.
+    ``set``, ``drop``); ``counts()`` visits every bucket, ``list()`` and ``drop_instance()`` walk the
+    pin keys by SCAN (see the module doc). ``touch`` costs no I/O at the call site.
 
     ``available``: False while the circuit is open. ``errors``: operations that raised
     ``PinStoreUnavailable`` (fast failures included). ``on_error(op)`` is called for each of them and

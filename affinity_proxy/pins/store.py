@@ -71,11 +71,14 @@ class PinStore(Protocol):
         ...
 
     async def list(self, instance: InstanceId | None = None, limit: int = 1000) -> list[Pin]:
-        """Pins, optionally only those of one instance (served from a per-instance index)."""
+        """Pins, optionally only those of one instance, at most ``limit``. An admin and reaper call:
+        the Redis store walks the pin keys by incremental SCAN (stopping once ``limit`` are found), the
+        memory store its per-instance index."""
         ...
 
     async def counts(self) -> dict[InstanceId, int]:
-        """Number of pins per instance, from the per-instance index (no keyspace scan)."""
+        """Number of live pins per instance, exact (expired pins not counted), from per-instance
+        counters or indexes: no keyspace scan, a cost independent of the number of pins."""
         ...
 
     async def drop_instance(self, instance: InstanceId) -> list[str]:
