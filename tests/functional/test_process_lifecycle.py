@@ -110,9 +110,18 @@ async def test_sigterm_under_load_loses_no_inflight_request(served, http) -> Non
     await wait_until(draining_work, timeout=20, message="steady load with requests in flight")
     signalled = time.monotonic()
     served.proc.send_signal(signal.SIGTERM)
+    draining_health = 0
+
+    async def health_says_draining() -> bool:
+        """Asked while the requests in flight drain on the main listener: the admin listener is
+        still up then (after the WebSockets close it may be gone, as soon as their relay ends)."""
+        nonlocal draining_health
+        async with http.get(f"http://127.0.0.1:{served.admin_port}/health") as resp:
+            draining_health = resp.status
+        return draining_health == 503
+
+    await wait_until(health_says_draining, timeout=5, message="admin /health says 503 while the node drains")
     msg = await ws.receive(timeout=10)
-    async with http.get(f"http://127.0.0.1:{served.admin_port}/health") as resp:
-        draining_health = resp.status  # in-flight /slow requests are still draining on the main listener
     # every request in flight at the signal has ended once each client has started a later one
     await wait_until(lambda: all(t > signalled for t in last_start.values()), timeout=20,
                      message="requests in flight at SIGTERM finished")
