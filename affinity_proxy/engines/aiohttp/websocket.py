@@ -164,6 +164,7 @@ async def relay_websocket(
         conn.protocol.set_parser(parser, None)
         parser = relay.client_feed
         request.protocol.set_parser(parser)
+        relay.tap()
         if registry is not None:
             session = RelaySession(relay)
             registry.add(session)

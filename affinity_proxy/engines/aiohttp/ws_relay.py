@@ -2,11 +2,12 @@
 
 Each leg's socket stays with the aiohttp protocol that did its handshake (the server's request
 handler on the client leg, the client connection's handler on the instance leg); the relay is
-installed as their payload parser (``set_parser``, the hook aiohttp's own WebSocket readers use),
-so aiohttp still owns each connection's life and bookkeeping while every chunk read comes here and
-is written, as it is, to the other leg's transport. Frames are neither unmasked nor re-encoded:
-``proxy.ws_frames.FrameScanner`` reads their headers to enforce ``max_ws_message_bytes``, to see
-CLOSE frames go by and to find frame boundaries.
+installed as their payload parser (``set_parser``, the hook aiohttp's own WebSocket readers use,
+which also hands over what they read after the 101), then a ``_Tap`` goes in front of each so that
+reads come straight here while aiohttp still owns each connection's life, flow control and
+bookkeeping. Every chunk read is written, as it is, to the other leg's transport. Frames are
+neither unmasked nor re-encoded: ``proxy.ws_frames.FrameScanner`` reads their headers to enforce
+``max_ws_message_bytes``, to see CLOSE frames go by and to find frame boundaries.
 
 What the relay does on its own, always at a frame boundary of the stream it writes into:
 
@@ -89,6 +90,36 @@ class _Feed:
         self.relay.lost(self.leg)
 
 
+class _Tap(asyncio.Protocol):
+    """Put in front of aiohttp's protocol on a leg's transport once the relay runs: bytes come
+    straight here (not through aiohttp's ``data_received`` and its per-read bookkeeping), while
+    everything else still reaches aiohttp's protocol: flow control (its ``writing_paused`` and the
+    engine's write-stall deadline), end of stream and ``connection_lost`` (its cleanup, and the
+    ``feed_eof`` of the relay's parser)."""
+
+    __slots__ = ("inner", "leg", "relay")
+
+    def __init__(self, relay: ByteRelay, leg: _Leg, inner: Any) -> None:
+        self.relay = relay
+        self.leg = leg
+        self.inner = inner
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.received(self.leg, data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()  # type: ignore[no-any-return]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
 class ByteRelay:
     """The relay of one session; ``client_feed``/``instance_feed`` go to each leg's ``set_parser``.
 
@@ -117,6 +148,13 @@ class ByteRelay:
     @property
     def done(self) -> bool:
         return self._done.done()
+
+    def tap(self) -> None:
+        """Once each leg's aiohttp protocol has handed over what it held (``set_parser``), read
+        both transports directly (``_Tap``)."""
+        for leg in (self.client, self.instance):
+            if not leg.eof and not leg.transport.is_closing():
+                leg.transport.set_protocol(_Tap(self, leg, leg.protocol))
 
     async def wait(self) -> None:
         await asyncio.shield(self._done)
