@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import re
 import time
@@ -475,12 +476,13 @@ class RedisPinStore:
         if limit <= 0:
             return []
         found: builtins.list[Pin] = []
-        async for batch in self._scan("list"):
-            calls = [self._bucket_script("LIST_KEYS", b, [instance or "", *users]) for b, users in batch.items()]
-            for flat in await self._call("list", lambda calls=calls: self._fanout(calls)):  # type: ignore[misc]
-                found.extend(self._pin(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3))
-            if len(found) >= limit:
-                break
+        async with contextlib.aclosing(self._scan("list")) as batches:
+            async for batch in batches:
+                calls = [self._bucket_script("LIST_KEYS", b, [instance or "", *users]) for b, users in batch.items()]
+                for flat in await self._call("list", lambda calls=calls: self._fanout(calls)):  # type: ignore[misc]
+                    found.extend(self._pin(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3))
+                if len(found) >= limit:
+                    break
         found.sort(key=lambda pin: (pin.instance, pin.expires_in is not None, pin.expires_in or 0.0))
         return found[:limit]
 
