@@ -199,6 +199,44 @@ async def test_a_hit_for_a_user_who_moved_is_invalidated(fleet: Fleet) -> None:
     assert metric_value(text, "affinity_replay_cache_invalidations_total") == len(moved)
 
 
+async def test_websocket_upgrades_take_the_cache_too(fleet: Fleet) -> None:
+    """An upgrade with a cached cookie goes straight to its Machine; after the Machine lost the user
+    the hit is invalidated and the upgrade replayed (a plain HTTP answer, never accepted first)."""
+    await fleet.deploy(["m1", "m2", "m3"])
+    users = [User(f"ws-{i}", key=True) for i in range(7)]
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        owners = {u.name: (await u.get(http, fleet.edge))[1] for u in users}
+        for _ in range(3):
+            for u in users:
+                assert await u.get(http, fleet.edge) == (200, owners[u.name])
+
+        async def whoami(u: User) -> str:
+            headers = {"X-User-Id": u.name, "Cookie": f"{COOKIE}={u.cookie}"}
+            async with http.ws_connect(fleet.edge.url + "/ws", headers=headers) as ws:
+                await ws.send_str("whoami")
+                return str((await ws.receive(timeout=10)).data)
+
+        hits = fleet.edge.cache_outcomes["hit"]
+        for u in users:
+            assert await whoami(u) == owners[u.name]
+        assert fleet.edge.cache_outcomes["hit"] == hits + len(users)
+        moved = [u for u in users if owners[u.name] == "m2"]
+        assert moved
+        await fleet.apps.pop("m2").cleanup()  # type: ignore[attr-defined]
+        await wait_until(lambda: fleet.nodes["m2"].ctx.membership.current().state_of("m2") is InstanceState.DOWN,
+                         timeout=10)
+        for m in ("m1", "m3"):
+            membership = fleet.nodes[m].ctx.membership
+            membership.set_instances(replace(i, state=InstanceState.DOWN) if i.id == "m2" else i
+                                     for i in membership.current().instances)
+        for u in moved:
+            assert await whoami(u) in ("m1", "m3")
+        assert fleet.edge.cache_outcomes["hit_replayed"] == len(moved)
+        assert fleet.edge.errors == 0 and max(fleet.edge.hop_counts) <= 2
+        text = await fleet.metrics(http)
+    assert metric_value(text, "affinity_replay_cache_invalidations_total") == len(moved)
+
+
 @pytest.mark.parametrize("reading", ["replay", "evict"])
 async def test_bluegreen_deploy_with_the_cache(fleet: Fleet) -> None:
     await fleet.deploy(["blue1", "blue2", "blue3"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,16 +53,8 @@ async def serve_http(edge: Edge, request: web.Request, request_id: str) -> web.S
     base = edge.edge_headers(request, request_id)
     if body.complete:
         base.popall("Content-Length", None)
-    hop: Hop | EdgeError = edge.router.initial(request.headers)
-    lookup = _cache_lookup(edge, request)
-    if lookup.value is not None:
-        cached = edge.router.cached(lookup.value)
-        if cached is None:  # the ``evict`` reading: the cached target is gone
-            assert lookup.key is not None
-            edge.cache.evict(lookup.key)
-        else:
-            hop = cached
-    first = hop
+    lookup = cache_lookup(edge, request)
+    hop = first = first_hop(edge, request, lookup)
     replays = deliveries = 0
     failed: set[str] = set()
     while True:
@@ -92,22 +84,38 @@ async def serve_http(edge: Edge, request: web.Request, request_id: str) -> web.S
                 edge.cache.invalidate(lookup.key)
             if value is None:
                 edge.hop_counts[deliveries] += 1
-                _outcome(edge, first, replays)
+                outcome(edge, first, replays)
                 return await _relay(edge, request, upstream, hop, request_id, replays)
             if replays == 0 and not hop.cached and not hop.is_fallback and not wants_invalidate(upstream.headers):
-                _cache_store(edge, request, lookup, value, upstream)
+                cache_store(edge, request, lookup, value, upstream.headers)
             upstream.release()
         finally:
             edge.leave(machine)
         replays += 1
         edge.replays += 1
-        hop = edge.next_after_replay(hop, value, replays, body.complete)
-        if isinstance(hop, Hop) and not hop.is_fallback and edge.cache.active:
-            # a replayed request that did not come from the cache (docs/fly-protocol.md §1: ``miss``)
-            hop = replace(hop, headers={**hop.headers, REPLAY_CACHE_STATUS_HEADER: "miss"})
+        hop = missed(edge, edge.next_after_replay(hop, value, replays, body.complete))
 
 
-def _cache_lookup(edge: Edge, request: web.Request) -> Lookup:
+def first_hop(edge: Edge, request: web.Request, lookup: Lookup) -> Hop | EdgeError:
+    """The first hop: the cached target on a hit (``EdgeRouter.cached``), else as load balanced."""
+    if lookup.value is not None:
+        cached = edge.router.cached(lookup.value)
+        if cached is not None:
+            return cached
+        assert lookup.key is not None
+        edge.cache.evict(lookup.key)  # the ``evict`` reading: the cached target is gone
+    return edge.router.initial(request.headers)
+
+
+def missed(edge: Edge, hop: Hop | EdgeError) -> Hop | EdgeError:
+    """A replayed request that did not come from the cache carries ``fly-replay-cache-status:
+    miss`` (docs/fly-protocol.md §1) when the app uses the cache."""
+    if isinstance(hop, Hop) and not hop.is_fallback and edge.cache.active:
+        return replace(hop, headers={**hop.headers, REPLAY_CACHE_STATUS_HEADER: "miss"})
+    return hop
+
+
+def cache_lookup(edge: Edge, request: web.Request) -> Lookup:
     """The request's one replay-cache lookup (docs/fly-protocol.md §1 "Only one cache lookup step").
     GUESS: a client's own routing header (force/prefer instance) skips it."""
     headers = request.headers
@@ -116,17 +124,17 @@ def _cache_lookup(edge: Edge, request: web.Request) -> Lookup:
     return edge.cache.lookup(request.host, request.path, headers, edge.cache_now())
 
 
-def _cache_store(edge: Edge, request: web.Request, lookup: Lookup, value: str,
-                 upstream: aiohttp.ClientResponse) -> None:
+def cache_store(edge: Edge, request: web.Request, lookup: Lookup, value: str,
+                response_headers: Mapping[str, str]) -> None:
     """Remember the origin's replay when a rule or the answer's pattern says so (``edge_cache``)."""
     try:
         instr = parse_replay_instruction(value)
     except ValueError:
         return  # the replay itself fails with PA03
-    edge.cache.store(lookup, request.host, request.path, value, instr, upstream.headers, edge.cache_now())
+    edge.cache.store(lookup, request.host, request.path, value, instr, response_headers, edge.cache_now())
 
 
-def _outcome(edge: Edge, first: Hop | EdgeError, replays: int) -> None:
+def outcome(edge: Edge, first: Hop | EdgeError, replays: int) -> None:
     """How a relayed request got to the Machine that answered it (``FlyEdge.cache_outcomes``)."""
     if isinstance(first, Hop) and first.cached:
         edge.cache_outcomes["hit" if replays == 0 else "hit_replayed"] += 1

@@ -18,7 +18,9 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 
-from affinity_proxy.devtools.fly.edge_route import Edge, EdgeError, Hop
+from affinity_proxy.devtools.fly.edge_cache import wants_invalidate
+from affinity_proxy.devtools.fly.edge_http import cache_lookup, cache_store, first_hop, missed, outcome
+from affinity_proxy.devtools.fly.edge_route import Edge, EdgeError
 from affinity_proxy.proxy.headers import FLY_REQUEST_ID_HEADER, downstream_response_headers
 from affinity_proxy.routing.replay import REPLAY_HEADER
 
@@ -56,8 +58,9 @@ async def relay_websocket(edge: Edge, request: web.Request, request_id: str) -> 
         for p in value.split(",")
         if p.strip()
     )
-    hop: Hop | EdgeError = edge.router.initial(request.headers)
-    replays = 0
+    lookup = cache_lookup(edge, request)  # the replay cache applies to upgrades as to any request (GUESS)
+    hop = first = first_hop(edge, request, lookup)
+    replays = deliveries = 0
     failed: set[str] = set()
     while True:
         if isinstance(hop, EdgeError):
@@ -82,14 +85,22 @@ async def relay_websocket(edge: Edge, request: web.Request, request_id: str) -> 
             )
         except aiohttp.WSServerHandshakeError as exc:
             edge.hits[hop.machine.id] += 1
-            value = exc.headers.get(REPLAY_HEADER) if exc.headers is not None else None
+            deliveries += 1
+            answer = exc.headers if exc.headers is not None else CIMultiDict()
+            value = answer.get(REPLAY_HEADER)
+            if wants_invalidate(answer):
+                edge.cache.invalidate(lookup.key)
             if value is None:
                 edge.served[hop.machine.id] += 1
                 edge.replay_counts[replays] += 1
+                edge.hop_counts[deliveries] += 1
+                outcome(edge, first, replays)
                 return _refused(exc, request_id)
+            if replays == 0 and not hop.cached and not hop.is_fallback and not wants_invalidate(answer):
+                cache_store(edge, request, lookup, value, answer)
             replays += 1
             edge.replays += 1
-            hop = edge.next_after_replay(hop, value, replays, True)
+            hop = missed(edge, edge.next_after_replay(hop, value, replays, True))
             continue
         except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
             hop = edge.after_connect_failure(hop, exc, failed)
@@ -101,6 +112,8 @@ async def relay_websocket(edge: Edge, request: web.Request, request_id: str) -> 
     edge.hits[hop.machine.id] += 1
     edge.served[hop.machine.id] += 1
     edge.replay_counts[replays] += 1
+    edge.hop_counts[deliveries + 1] += 1
+    outcome(edge, first, replays)
     ws = web.WebSocketResponse(
         protocols=(upstream.protocol,) if upstream.protocol else (),
         max_msg_size=0,
