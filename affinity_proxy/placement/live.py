@@ -175,12 +175,22 @@ class LiveSessions:
         self.anonymous: Mapping[str, int] = {}
         self.loads: Mapping[str, int] = {}
         self._placed: dict[str, int] = {}
+        #: (until, instance): anonymous sessions moved away from ``instance``; their old cookie stays
+        #: in the sketch for the window, so they are taken off its count until then.
+        self._moved_away: list[tuple[float, str]] = []
         self.refreshed_at = 0.0  # clock() of the last successful refresh (0: never)
         self.failures = 0
 
     def placed(self, instance: str) -> None:
         """A pin this process just claimed: count it until the next refresh reads it from the store."""
         self._placed[instance] = self._placed.get(instance, 0) + 1
+        self._rebuild()
+
+    def moved(self, source: str, target: str) -> None:
+        """An idle anonymous session is moving from ``source`` to ``target`` (no I/O): off the
+        source for as long as its old cookie stays in the sketch, on the target until the next refresh."""
+        self._moved_away.append((self._clock() + self.window + bucket_width(self.window), source))
+        self._placed[target] = self._placed.get(target, 0) + 1
         self._rebuild()
 
     def seen(self, instance: str, token: str) -> None:
@@ -192,6 +202,9 @@ class LiveSessions:
         for part in (self.anonymous, self._placed):
             for instance, n in part.items():
                 loads[instance] = loads.get(instance, 0) + n
+        for _, instance in self._moved_away:
+            if loads.get(instance, 0) > 0:
+                loads[instance] -= 1
         self.loads = loads
 
     async def refresh(self) -> None:
@@ -202,6 +215,7 @@ class LiveSessions:
         anonymous = await self.sketch.counts(self._instances(), now)
         self.pins, self.anonymous = pins, anonymous
         self._placed = {k: n - placed_before.get(k, 0) for k, n in self._placed.items() if n > placed_before.get(k, 0)}
+        self._moved_away = [(until, instance) for until, instance in self._moved_away if until > now]
         self._rebuild()
         self.refreshed_at = now
 

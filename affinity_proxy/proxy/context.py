@@ -24,6 +24,7 @@ from affinity_proxy.observability.events import RecentEvents
 from affinity_proxy.observability.metrics import ProxyMetrics
 from affinity_proxy.pins.near_cache import PinNearCache
 from affinity_proxy.pins.store import PinStore
+from affinity_proxy.placement.budget import MoveBudget
 from affinity_proxy.placement.live import LiveSessions
 from affinity_proxy.routing.cookie import CookieCodec
 from affinity_proxy.routing.decide import DecidePolicy
@@ -73,6 +74,7 @@ class ProxyContext:
     reloads: int = 0
     events: RecentEvents = field(default_factory=RecentEvents)  # recent counts and re-pins for the dashboard
     live: LiveSessions | None = None  # live sessions per instance (bounded-load placement, affinity_sessions)
+    moves: MoveBudget | None = None  # placement.rebalance on: moves of idle anonymous sessions this process may make
 
 
 def decide_policy(config: Config) -> DecidePolicy:
@@ -81,7 +83,9 @@ def decide_policy(config: Config) -> DecidePolicy:
     local = fly.machine_id if config.mode == "fly" and fly.placement == "local" and fly.machine_id else None
     return DecidePolicy(revalidate_after=config.cookie.revalidate_after,
                         local_instance=InstanceId(local) if local else None,
-                        load_factor=config.placement.load_factor)
+                        load_factor=config.placement.load_factor,
+                        rebalance_idle=(rebalance.idle_after + config.cookie.revalidate_after
+                                        if (rebalance := config.placement.rebalance).enabled else None))
 
 
 CONTEXT: web.AppKey[ProxyContext] = web.AppKey("affinity_context", ProxyContext)

@@ -27,6 +27,8 @@ from affinity_proxy.routing.decide import (
     Route,
     RouteInput,
     decide,
+    may_rebalance,
+    rebalance_target,
 )
 from affinity_proxy.routing.model import InstanceId, MembershipView
 from affinity_proxy.routing.replay import FORCE_INSTANCE_HEADER
@@ -66,14 +68,28 @@ def make_route_input(ctx: ProxyContext, *, cookie_value: str | None, user_key: s
     if user_key is None and (cookie is None or cookie.instance in avoid
                              or not ctx.membership.current().is_routable(cookie.instance)):
         anonymous = secrets.token_urlsafe(12)
-    live = ctx.live
+    live, policy = ctx.live, ctx.policy
     if live is not None and user_key is None and cookie is not None and cookie.user_digest == "":
         live.seen(cookie.instance, f"{cookie.instance}~{cookie.issued_at}")
-    return RouteInput(
+    wants_loads = live is not None and (policy.load_factor is not None or policy.rebalance_idle is not None)
+    inp = RouteInput(
         user_key=user_key, user_digest=user_digest, cookie=cookie, cookie_problem=problem,
         force_instance=force, now=now, avoid=avoid, anonymous_key=anonymous,
-        loads=live.loads if live is not None and ctx.policy.load_factor is not None else None,
+        loads=live.loads if live is not None and wants_loads else None,
     )
+    view = ctx.membership.current()
+    if (ctx.moves is not None and live is not None and user_key is None and cookie is not None
+            and cookie.instance not in avoid and view.is_routable(cookie.instance)
+            and may_rebalance(inp, view, policy, cookie)):
+        # An idle anonymous session on an instance over its share: decide moves it (a fresh key to
+        # hash), if a move is left in this process's budget; the snapshot learns of it at once.
+        inp = replace(inp, may_rebalance=True, anonymous_key=anonymous or secrets.token_urlsafe(12))
+        target = rebalance_target(inp, view, cookie)
+        if target is not None and ctx.moves.take():
+            live.moved(cookie.instance, target)
+        else:
+            inp = replace(inp, may_rebalance=False)
+    return inp
 
 
 def _store_down(ctx: ProxyContext, inp: RouteInput, op: str) -> RouteInput:

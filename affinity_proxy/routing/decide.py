@@ -15,6 +15,7 @@ from enum import StrEnum
 from affinity_proxy.routing.cookie import AffinityCookie, CookieProblem
 from affinity_proxy.routing.model import InstanceId, InstanceState, MembershipView, is_valid_instance_id
 from affinity_proxy.routing.placement import PlacementHow, place
+from affinity_proxy.routing.rebalance import over_share
 
 
 class DecisionReason(StrEnum):
@@ -82,6 +83,9 @@ class RouteInput:
     anonymous_key: str = ""  # a fresh random session id, hashed for anonymous requests
     #: Live sessions per instance (``placement.live`` snapshot); None: place by the plain ring.
     loads: Mapping[str, int] | None = None
+    #: The caller holds a rebalance move for this request: an anonymous session whose cookie proves
+    #: it idle may move off an instance over its share (``DecidePolicy.rebalance_idle``).
+    may_rebalance: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,10 @@ class DecidePolicy:
     revalidate_after: float = 60.0  # seconds a keyed cookie is trusted without a store round trip
     local_instance: InstanceId | None = None
     load_factor: float | None = None  # bounded load on ``RouteInput.loads`` (``placement.load_factor``)
+    #: Cookie age that proves an anonymous session idle for ``placement.rebalance.idle_after`` (the
+    #: cookie is re-issued every ``revalidate_after`` while active, so: idle_after + revalidate_after);
+    #: None: rebalance is off.
+    rebalance_idle: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +211,8 @@ def _from_cookie(
     here = cookie.instance
     stale = inp.now - cookie.issued_at >= policy.revalidate_after
     if user_key is None:
-        return Route(here, DecisionReason.COOKIE, set_cookie=stale)
+        moved = _rebalanced(inp, view, policy, cookie)
+        return moved if moved is not None else Route(here, DecisionReason.COOKIE, set_cookie=stale)
     if cookie.user_digest == inp.user_digest and not stale:
         return Route(here, DecisionReason.COOKIE)
     if not inp.pin_looked_up:
@@ -218,6 +227,35 @@ def _from_cookie(
     if _live(inp, view, stored):
         return Route(stored, DecisionReason.PIN, set_cookie=True, conflict=True, touch=True)
     return Route(here, DecisionReason.COOKIE, set_cookie=True, store_op=RepinPin(user_key, stored, here))
+
+
+def may_rebalance(inp: RouteInput, view: MembershipView, policy: DecidePolicy, cookie: AffinityCookie) -> bool:
+    """An anonymous session on ``cookie`` may move now (before the caller spends a move of its
+    budget on it): rebalance on, the cookie old enough to prove the session idle, its instance over
+    its share of ``inp.loads``."""
+    return (policy.rebalance_idle is not None and inp.loads is not None and cookie.user_digest == ""
+            and inp.now - cookie.issued_at >= policy.rebalance_idle and over_share(view, inp.loads, cookie.instance))
+
+
+def _rebalanced(inp: RouteInput, view: MembershipView, policy: DecidePolicy, cookie: AffinityCookie) -> Route | None:
+    """Step 2a for an idle anonymous session whose instance is over its share, when the caller holds
+    a move: a new instance within its share (bounded load at factor 1), re-pin reason ``rebalance``."""
+    if not inp.may_rebalance or not may_rebalance(inp, view, policy, cookie):
+        return None
+    target = rebalance_target(inp, view, cookie)
+    if target is None:
+        return None
+    return Route(target, DecisionReason.REPIN, RepinReason.REBALANCE, set_cookie=True, orphan=cookie.instance)
+
+
+def rebalance_target(inp: RouteInput, view: MembershipView, cookie: AffinityCookie) -> InstanceId | None:
+    """Where an idle anonymous session on ``cookie`` moves: the ring walk of ``inp.anonymous_key``
+    to the first other instance within its share of ``inp.loads`` (bounded load at factor 1)."""
+    if inp.loads is None:
+        return None
+    skip = frozenset({cookie.instance}).union(inp.avoid)
+    placed = place(view, inp.anonymous_key or f"{cookie.instance}~{cookie.issued_at}", inp.loads, 1, skip)
+    return placed.instance if placed is not None else None
 
 
 def _from_pin(

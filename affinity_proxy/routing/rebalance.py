@@ -32,6 +32,20 @@ class Move:
     target: InstanceId
 
 
+def over_share(view: MembershipView, loads: Mapping[str, int], instance: str,
+               tolerance: float = DEFAULT_TOLERANCE) -> bool:
+    """True when ``instance`` holds more live sessions than ``(1 + tolerance)`` x its weighted share
+    of the placement ring's total (the planner's source test), or is routable but off the ring
+    (draining) with any session. O(instances)."""
+    weights = placement_ring(view).weights
+    load = loads.get(instance, 0)
+    if instance not in weights:
+        return load > 0 and view.is_routable(instance)
+    total = sum(loads.get(node, 0) for node in weights)
+    slack = _ONE + Fraction(tolerance).limit_denominator(1_000_000)
+    return load > capacity(total, weights[instance], sum(weights.values()), slack)
+
+
 def _validate(now: float, idle_after: float, max_moves: int, tolerance: float) -> None:
     if idle_after < 0:
         raise ValueError(f"idle_after must be >= 0, not {idle_after!r}")

@@ -45,6 +45,7 @@ from affinity_proxy.pins.factory import open_pin_store
 from affinity_proxy.pins.reaper import Reaper
 from affinity_proxy.pins.redis import RedisPinStore
 from affinity_proxy.pins.store import PinStore, PinStoreUnavailable
+from affinity_proxy.placement.budget import MoveBudget
 from affinity_proxy.placement.live import LiveSessions
 from affinity_proxy.placement.rebalancer import Rebalancer, rebalancer_for
 from affinity_proxy.proxy.context import CONTEXT, ProxyContext, decide_policy
@@ -112,6 +113,8 @@ def build_context(
     ctx_holder.append(ctx)
     ctx.live = LiveSessions(store, window=config.placement.rebalance.idle_after,
                             instances=lambda: [i.id for i in membership.current().instances])
+    if config.placement.rebalance.enabled:
+        ctx.moves = MoveBudget(config.placement.rebalance.max_moves_per_minute)
     metrics.watch_snapshots(membership.current, lambda: ctx.pin_counts,
                             lambda: ctx.live.loads if ctx.live is not None else {})
     return ctx

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 
 import aiohttp
@@ -13,6 +14,7 @@ from click.testing import CliRunner, Result
 from affinity_proxy.cli.main import main as cli_main
 from affinity_proxy.config import CookieConfig, PlacementConfig, RebalanceConfig, StoreConfig
 from affinity_proxy.membership.discovery import instances_from_config
+from affinity_proxy.routing.model import InstanceId
 from affinity_proxy.serve.app import ProxyServer
 from tests.functional.helpers import admin, base, metric_value
 from tests.support.backends import Backends, make_config
@@ -239,3 +241,46 @@ async def test_admin_rebalance_plan_and_views(engine: str, backends: Backends, s
     result = await asyncio.to_thread(stats)
     assert result.exit_code == 0, result.output
     assert "SESSIONS" in result.stdout and "live sessions 60  max 50  balance (max/mean) 2.50" in result.stdout
+
+
+async def test_idle_anonymous_sessions_move_off_an_instance_over_its_share(
+        engine: str, backends: Backends, start_proxy, http: aiohttp.ClientSession) -> None:
+    """30 anonymous cookie sessions on one instance, each cookie last re-issued long ago (so idle):
+    their requests move them to the others until that instance is within its share; a moved
+    session gets a cookie for its new instance and stays there."""
+    placement = PlacementConfig(rebalance=RebalanceConfig(enabled=True, idle_after=2.0, max_moves_per_minute=600))
+    config = make_config(backends, engine=engine, placement=placement,
+                         cookie=CookieConfig(secret="test-secret-" + "x" * 20, revalidate_after=1.0))
+    server = await start_proxy(config)
+    now = int(time.time())
+    old = {f"s{i}": server.ctx.codec.encode(InstanceId("a"), now - 100 - i, "") for i in range(30)}
+    where: dict[str, str] = {}
+    fresh: dict[str, str] = {}
+
+    async def visit(session: str, cookie: str) -> None:
+        async with http.get(base(server) + "/", headers={"Cookie": f"fly-instance-id={cookie}"}) as resp:
+            assert resp.status == 200
+            instance = resp.headers["X-Fly-Instance"]
+            if instance != "a":
+                new_cookie = cookie_of(resp)
+                assert new_cookie is not None and new_cookie.split("~")[1] == instance
+                assert session not in fresh, "moved twice"
+                where[session], fresh[session] = instance, new_cookie
+
+    for session, cookie in old.items():  # seen once: the proxy learns that a holds 30 sessions
+        await visit(session, cookie)
+    live = server.ctx.live
+    assert live is not None
+    await wait_until(lambda: live.refreshed_at > now + 1, timeout=30)
+    for session, cookie in old.items():  # the old cookies again: idle, and a is over its share
+        if session not in fresh:
+            await visit(session, cookie)
+    stayed = [s for s in old if s not in fresh]
+    print(f"anonymous [{engine}]: {len(fresh)} moved, {len(stayed)} stayed on a, to {sorted(where.values())}")
+    assert 9 <= len(stayed) <= 11  # within ceil(1.05 x its share of 10), and not far below
+    assert set(where.values()) <= {"b", "c"}
+    async with http.get(admin(server) + "/metrics") as resp:
+        assert metric_value(await resp.text(), "affinity_repins_total", {"repin_reason": "rebalance"}) == len(fresh)
+    for session, cookie in fresh.items():  # a moved session's next request: its new instance, no move
+        async with http.get(base(server) + "/", headers={"Cookie": f"fly-instance-id={cookie}"}) as resp:
+            assert resp.headers["X-Fly-Instance"] == where[session]

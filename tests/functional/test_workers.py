@@ -133,9 +133,11 @@ async def start_serve(tmp_path: Path, backends: Backends, redis_url: str, engine
         instances: dict[str, int] | None = None, extra: tuple[str, ...] = (),
     ) -> Supervised:
         n = len(started)
-        config = write_config(tmp_path, instances or backends.ports, redis_url, free_port() if port is None else port,
-                              free_port() if admin_port is None else admin_port, name=f"proxy-{n}.yaml",
-                              engine=engine, extra=extra)
+        port = free_port() if port is None else port
+        while admin_port is None or admin_port == port:  # two free_port() calls may return the same port
+            admin_port = free_port()
+        config = write_config(tmp_path, instances or backends.ports, redis_url, port, admin_port,
+                              name=f"proxy-{n}.yaml", engine=engine, extra=extra)
         log_path = tmp_path / f"serve-{n}.log"
         sup = Supervised(spawn_serve(config, workers, log_path), log_path)
         started.append(sup)
