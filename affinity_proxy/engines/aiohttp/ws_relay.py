@@ -123,7 +123,8 @@ class _Tap(asyncio.Protocol):
 class ByteRelay:
     """The relay of one session; ``client_feed``/``instance_feed`` go to each leg's ``set_parser``.
 
-    ``wait()`` returns once both sockets are closed. No task of its own: everything runs in the
+    ``wait()`` returns once the session is over (both sockets closed, or closing after their last
+    CLOSE frame is written). No task of its own: everything runs in the
     protocols' callbacks and a few timers (heartbeat, close timeout, a paused writer's check).
     """
 
