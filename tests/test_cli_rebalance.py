@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from affinity_proxy.cli.redis_backend import RedisBackend
 from affinity_proxy.config import load_config
 from affinity_proxy.membership.redis_shared import RedisSharedState
 from affinity_proxy.pins.redis import RedisPinStore
+from affinity_proxy.placement.live import RedisSketch
 from affinity_proxy.placement.rebalancer import LOCK_NAME
 from affinity_proxy.routing.model import InstanceId
 
@@ -95,3 +97,21 @@ def test_rebalance_text_groups_moves() -> None:
            "moves": [{"user": "u1", "from": "a", "to": "b"}, {"user": "u2", "from": "a", "to": "b"}]}
     text = rebalance_text(doc)
     assert "dry run: would move 2 idle pins" in text and "a -> b: 2 (u1, u2)" in text
+
+
+async def test_pins_stats_on_redis_show_live_sessions(tmp_path: Path, redis_url: str, pinned: RedisPinStore) -> None:
+    """Pins plus the anonymous sessions the nodes' sketches hold (written here as a node writes them)."""
+    sketch = RedisSketch(pinned, window=10)
+    now = time.time()
+    for i in range(5):
+        sketch.add("b", f"b~{i}", now)
+    await sketch.counts(["a", "b", "c"], now)
+    path = str(write_config(tmp_path, redis_url, pin_ttl="1h"))
+
+    def invoke() -> Result:
+        return CliRunner().invoke(main, ["pins", "stats", "--config", path], env=dict(CLEAN_ENV),
+                                  catch_exceptions=False)
+
+    result = await asyncio.to_thread(invoke)
+    assert result.exit_code == 0, result.output
+    assert "live sessions 65  max 60  balance (max/mean) 2.77" in result.stdout, result.stdout

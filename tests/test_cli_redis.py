@@ -262,7 +262,7 @@ async def test_instances_list_merges_config_heartbeats_drain_and_pins(conf: str,
     assert [(r["node"], r["state"]) for r in rows["a"]["reports"]] == [("n1", "up"), ("n2", "down")]
     assert all(0 <= r["age_seconds"] < 30 for r in rows["a"]["reports"])
     assert rows["m-gone"]["reports"] == [] and rows["m-gone"]["url"] == ""
-    assert set(rows["a"]) == {"id", "url", "state", "weight", "pins", "local", "region", "reports"}
+    assert set(rows["a"]) == {"id", "url", "state", "weight", "pins", "sessions", "local", "region", "reports"}
 
     lines = (await ok("instances", "list", "--config", conf)).stdout.splitlines()
     assert lines[0].split() == ["ID", "STATE", "WEIGHT", "PINS", "URL"]

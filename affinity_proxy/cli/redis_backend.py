@@ -308,9 +308,17 @@ class RedisBackend:
         return {"dropped": True}
 
     async def instances(self) -> dict[str, Any]:
+        """Each instance with its live sessions: pins plus the anonymous sessions the nodes' sketches
+        saw within ``placement.rebalance.idle_after`` (one more round trip)."""
         snap = await self.snapshot()
         now = self._clock()
-        return {"reports_available": True, "instances": [snap.instance_doc(i, now) for i in snap.ids()]}
+        with self._errors():
+            anonymous = await RedisSketch(self.store, self.config.placement.rebalance.idle_after).counts(
+                snap.ids(), now)
+        docs = [snap.instance_doc(i, now) for i in snap.ids()]
+        for doc in docs:
+            doc["sessions"] = doc["pins"] + anonymous.get(doc["id"], 0)
+        return {"reports_available": True, "instances": docs}
 
     async def _set_drain(self, instance: str, drain: bool) -> dict[str, Any]:
         if not is_valid_instance_id(instance) or not (await self.snapshot()).known(instance):
