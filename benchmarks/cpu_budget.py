@@ -45,13 +45,17 @@ STAGE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((stage, re.compile(
     (SYSCALLS, r"^(send|recv|sendmsg|recvmsg|sendto|recvfrom|writev|readv|write|read|epoll_pwait|epoll_wait|"
                r"epoll_ctl|accept4|accept|close|shutdown|setsockopt|getsockopt|__libc_\w+|syscall) \(libc"),
     ("cookie", r"(routing/cookie|hmac|_hashlib|hashlib|HMAC|EVP_|SHA256|sha256|base64|binascii)"),
+    # classes that share a module with another stage's code (engines/fast/protocol.py, route.py, rewrite.py)
+    ("parse", r"^RequestFraming\."),
+    ("exchange", r"^HotRoutes?\."),
+    ("write", r"^(ResponseHead|ResponseCache)\."),
     ("decide", r"(routing/|proxy/act\.py|proxy/resolve\.py|proxy/context\.py|proxy/fly\.py|membership/|"
                r"engines/fast/route\.py)"),
     ("rewrite", r"(engines/fast/rewrite\.py|proxy/headers\.py|proxy/realip\.py)"),
-    ("parse", r"(engines/fast/(head|framing|wire)\.py|llhttp|httptools|_http_parser)"),
-    ("pool", r"(engines/fast/(pool|upstream|lane|ports)\.py)"),
-    ("write", r"(engines/fast/response\.py|transport.*write|write \(|writelines \()"),
-    ("exchange", r"engines/fast/(counting|closing|forward|exchange|hot|protocol|server|handoff)\.py"),
+    ("parse", r"(engines/fast/(head|wire)\.py|llhttp|httptools|_http_parser)"),
+    ("pool", r"(engines/fast/(upstream|lane|ports)\.py)"),
+    ("write", r"(transport.*write|write \(|writelines \()"),
+    ("exchange", r"engines/fast/(counting|closing|exchange|protocol|server|handoff)\.py"),
     ("event loop", r"(uvloop|loop\.cpython|asyncio/|libuv|uv_run|uv__|\((loop|core|linux|stream|handles|"
                    r"timer|tcp|poll)\.c:)"),
     ("metrics", r"(prometheus_client|observability/)"),

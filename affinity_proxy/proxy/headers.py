@@ -103,7 +103,6 @@ def is_coding_error(message: str) -> bool:
 ExtraHeaders: TypeAlias = Mapping[str, str] | Iterable[tuple[str, str]]
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
 
 
 def is_safe_name(name: str) -> bool:
@@ -117,7 +116,7 @@ def is_safe_value(value: str) -> bool:
     The second check matters because aiohttp decodes raw header bytes with ``surrogateescape``:
     such a value would make the outgoing writer raise mid-request instead of being dropped here.
     """
-    if _FORBIDDEN_IN_VALUE.search(value):
+    if "\r" in value or "\n" in value or "\x00" in value:  # (three scans beat one regex search)
         return False
     if value.isascii():
         return True
@@ -204,14 +203,34 @@ def request_rewrite(
     ``fly-replay-src``). Unsafe added values are skipped, never emitted. Pure; O(values given).
     """
     tokens = tokens_of(connection) if connection else frozenset()
-    dropped = REQUEST_DROPPED if drop is PROXY_ONLY else HOP_BY_HOP | PROXY_WRITTEN | {n.lower() for n in drop}
+    dropped = request_dropped(tokens, trusted_peer=trusted_peer, drop=drop, extra=extra)
+    if _FOR in tokens:
+        forwarded_for = ()
+    return RequestRewrite(dropped, request_added(forwarded_for, client_ip, scheme, host, extra))
+
+
+def request_dropped(tokens: frozenset[str] = frozenset(), *, trusted_peer: bool, drop: Collection[str] = PROXY_ONLY,
+                    extra: Sequence[tuple[str, str]] = ()) -> frozenset[str]:
+    """``RequestRewrite.drop`` alone (``request_rewrite``'s rules; ``tokens``: the lower-cased names
+    listed in ``Connection``). Without tokens, ``drop`` or ``extra`` the answer is one of two
+    constant sets. Pure."""
+    if drop is PROXY_ONLY:
+        dropped = REQUEST_DROPPED if trusted_peer else _DROPPED_UNTRUSTED
+    else:
+        dropped = HOP_BY_HOP | PROXY_WRITTEN | {n.lower() for n in drop} | (
+            frozenset() if trusted_peer else CLIENT_CLAIMS)
     if tokens:
         dropped = dropped | tokens
-    if not trusted_peer:
-        dropped = dropped | CLIENT_CLAIMS
     if extra:
         dropped = dropped | {name.lower() for name, _ in extra}
-    prior = [] if _FOR in tokens else [v.strip() for v in forwarded_for if v.strip() and is_safe_value(v)]
+    return dropped
+
+
+def request_added(forwarded_for: Iterable[str], client_ip: str | None, scheme: str, host: str | None,
+                  extra: Sequence[tuple[str, str]] = ()) -> tuple[tuple[str, str], ...]:
+    """``RequestRewrite.add`` alone (``request_rewrite``'s rules), for a caller that already knows
+    that nothing is dropped but ``REQUEST_DROPPED`` (the fast engine's memoized head). Pure."""
+    prior = [v.strip() for v in forwarded_for if v.strip() and is_safe_value(v)] if forwarded_for else []
     if client_ip and is_safe_value(client_ip):
         prior.append(client_ip)
     add: list[tuple[str, str]] = []
@@ -221,11 +240,13 @@ def request_rewrite(
         add.append((FORWARDED_PROTO_HEADER, scheme))
     if host and is_safe_value(host):
         add.append((FORWARDED_HOST_HEADER, host))
-    add.extend(pair for pair in extra if is_safe_header(*pair))
-    return RequestRewrite(dropped, tuple(add))
+    if extra:
+        add.extend(pair for pair in extra if is_safe_header(*pair))
+    return tuple(add)
 
 
 _FOR = FORWARDED_FOR_HEADER.lower()
+_DROPPED_UNTRUSTED = REQUEST_DROPPED | CLIENT_CLAIMS
 
 
 def upstream_request_headers(

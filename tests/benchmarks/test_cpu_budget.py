@@ -13,15 +13,16 @@ LOOP = ("run_forever (loop.c:33397);uv_run (core.c:464);uv__io_poll (linux.c:154
 
 @pytest.mark.parametrize(("stack", "stage"), [
     (f"{LOOP};ClientConnection.data_received (affinity_proxy/engines/fast/protocol.py:134);"
-     "RequestFraming._process (affinity_proxy/engines/fast/framing.py:154)", "parse"),
+     "RequestFraming._process (affinity_proxy/engines/fast/protocol.py:154)", "parse"),
     (f"{LOOP};make_route_input (affinity_proxy/proxy/resolve.py:68);CookieCodec._sign "
      "(affinity_proxy/routing/cookie.py:149);HMAC_Update (libcrypto.so.3)", "cookie"),
     (f"{LOOP};decide (affinity_proxy/routing/decide.py:140);HashRing.choose (affinity_proxy/routing/ring.py:32)",
      "decide"),
-    (f"{LOOP};Forwarding._forward (affinity_proxy/engines/fast/forward.py:120);UVStream__try_write (loop.c:106818);"
+    (f"{LOOP};Forwarding._forward (affinity_proxy/engines/fast/exchange.py:120);UVStream__try_write (loop.c:106818);"
      "write (libc.so.6)", SYSCALLS),
     (f"{LOOP};ClientConnection.write (affinity_proxy/engines/fast/protocol.py:205);write (loop.c:110189)", "write"),
-    (f"{LOOP};UpstreamPool.acquire (affinity_proxy/engines/fast/pool.py:57)", "pool"),
+    (f"{LOOP};UpstreamPool.acquire (affinity_proxy/engines/fast/upstream.py:57)", "pool"),
+    (f"{LOOP};HotRoutes.get (affinity_proxy/engines/fast/route.py:200)", "exchange"),
     (f"{LOOP};upstream_head (affinity_proxy/engines/fast/rewrite.py:46)", "rewrite"),
     (LOOP, "event loop"),
     ("_run_module_as_main (<frozen runpy>:198)", OTHER),

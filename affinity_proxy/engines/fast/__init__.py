@@ -9,15 +9,16 @@ loop guard's re-pin, counting, retry-once and error answers) is ``proxy.act``'s,
 and fly signals ``proxy.resolve``'s and ``proxy.fly``'s; this package parses, moves bytes and
 applies back-pressure.
 
-Modules: ``server`` (listener, lifecycle, deadlines), ``protocol`` (client connections) with
-``framing`` (strict framing, pipelining), ``handoff`` (to aiohttp) and ``closing`` (error answers,
-lingering, client deadlines), ``exchange`` (one request: route, forward, answer) over ``forward``,
-``upstream`` and ``pool`` (instance connections), ``route`` (head -> ``RouteInput`` -> decision),
-``hot`` and ``lane`` (cached decisions; repeats of a fly replay answered from pre-encoded bytes),
-``head``/``response``/``rewrite``/``wire`` (bytes). WebSocket upgrades, ``/_affinity/`` and
-anything unusual are handed to the main aiohttp application on the same connection (see
-``handoff``). Imports aiohttp only for that hand-off and its ``Server`` banner; nothing imports this package but
-``serve.app``.
+Modules: ``server`` (listener, lifecycle, deadlines), ``protocol`` (client connections and their
+request framing: strict framing, pipelining), ``handoff`` (to aiohttp) and ``closing`` (error
+answers, lingering, client deadlines), ``exchange`` (one request: route, forward, answer),
+``upstream`` (instance connections and their pool), ``route`` (head -> ``RouteInput`` -> decision,
+and the hot-route cache of those decisions), ``lane`` (repeats of a fly replay answered from pre-
+encoded bytes), ``counting`` (the counters ``act`` names, in batches), ``ports`` (the types the
+lower modules see the server and connection through), ``head``, ``rewrite`` (request and response
+heads) and ``wire`` (bytes). WebSocket upgrades, ``/_affinity/`` and anything unusual are handed to
+the main aiohttp application on the same connection (see ``handoff``). Imports aiohttp only for
+that hand-off and its ``Server`` banner; nothing imports this package but ``serve.app``.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ class RequestHead:
         self.content_length: int | None = None
         self.chunked = False
         self.malformed = False  # rejected by aiohttp's parser rules on top of llhttp's
-        self.hot_key: object = None  # ``hot.HotRoutes.key`` memo, valid for ``hot_sources``
+        self.hot_key: object = None  # ``route.HotRoutes.key`` memo, valid for ``hot_sources``
         self.hot_sources: object = None
         self.lane: Any = None  # ``lane.ReplayLane``: this head's replay answer, while it holds
 

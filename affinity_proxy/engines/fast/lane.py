@@ -2,7 +2,7 @@
 
 In fly mode most requests a node sees for users pinned elsewhere are byte-identical repeats (the
 same client, the same cookie): the head comes from ``head.HeadCache``, its routing decision from
-``hot.HotRoutes``, and the answer is the same 409 every time but for its ``Date``. Once an
+``route.HotRoutes``, and the answer is the same 409 every time but for its ``Date``. Once an
 ``exchange.Exchange`` has answered such a head with a replay taken from a hot-route entry,
 ``remember`` keeps on the head (``RequestHead.lane``) everything that answer depended on: the
 hot-route entry (whose conditions are checked again on every use, exactly as ``HotRoutes.get``
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from affinity_proxy.routing.decide import Route
 
-from .hot import HotRoute
+from .route import HotRoute
 
 if TYPE_CHECKING:
     from .head import RequestHead

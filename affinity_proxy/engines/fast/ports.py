@@ -1,7 +1,7 @@
 """What the fast engine's lower modules need from the server and from a client connection.
 
 ``server.FastServer`` owns ``protocol.ClientConnection``s, which run ``exchange.Exchange``s; the
-exchange, ``forward``, ``lane``, ``framing``, ``closing`` and ``handoff`` hold a reference back
+exchange, ``lane``, ``protocol.RequestFraming``, ``closing`` and ``handoff`` hold a reference back
 up to the connection or the server. They type against these Protocols instead of importing the
 modules above them, so the engine's import graph has no circle (``tests/test_architecture.py``
 counts ``TYPE_CHECKING`` imports too). Protocols are structural: nothing here runs per request.
@@ -21,9 +21,8 @@ if TYPE_CHECKING:
 
     from .counting import Counts
     from .head import HeadCache, RequestHead
-    from .hot import HotRoutes
-    from .pool import UpstreamPool
-    from .route import Router
+    from .route import HotRoutes, Router
+    from .upstream import UpstreamPool
     from .wire import RequestIds
 
 

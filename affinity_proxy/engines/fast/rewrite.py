@@ -7,25 +7,43 @@ declared, chunked for a chunked body, ``Content-Length: 0`` for a body-less meth
 GET/HEAD/OPTIONS/TRACE (as aiohttp's client sends). ``client_head`` is
 ``downstream_response_headers`` plus ``merge_extra_headers`` and aiohttp's response framing for
 the client's HTTP version. Pure; no I/O.
+
+The instance's response head is filtered for the client as it is parsed (``ResponseHead``, below):
+``ResponseHead.add`` is llhttp's per-header callback; it keeps every pair (for the rare general
+filter) and the lines that reach the client unchanged (``downstream_response_headers``: no
+hop-by-hop header, no ``X-Fly-Instance`` of the instance's, nothing unsafe), noting the framing.
+``ResponseCache`` remembers complete heads by their exact bytes: an instance answering the same
+head again (within a second, since ``Date`` is part of it) with a body of the announced length
+in the same read is relayed without running llhttp, the same bytes meaning the same parse.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
-from affinity_proxy.proxy.headers import RequestRewrite, request_rewrite
+from affinity_proxy.proxy.headers import RequestRewrite, request_added, request_dropped, request_rewrite
 from affinity_proxy.proxy.realip import RealClient
 
 from . import wire
 from .head import RequestHead, text
-from .response import ResponseHead
-from .upstream import Origin
 
 _NO_BODY_STATUS = (204, 304)
 _STATUS_LINES: dict[tuple[bytes, int, bytes], bytes] = {}
+#: ``_added_lines`` by (X-Forwarded-For lines, peer, scheme, Host): a bounded cache, emptied when full.
+_ADDED_LINES: dict[tuple[object, ...], bytes] = {}
+#: A rewrite's dropped names as the bytes heads are keyed by (the few distinct sets seen), bounded.
+_DROP_BYTES: dict[frozenset[str], frozenset[bytes]] = {}
 
 
-def upstream_head(head: RequestHead, origin: Origin, peer: str | None, rid: Callable[[], bytes],
+class Target(Protocol):
+    """What the request head needs of an ``upstream.Origin`` (which imports this module)."""
+
+    prefix: bytes
+    host_header: bytes
+
+
+def upstream_head(head: RequestHead, origin: Target, peer: str | None, rid: Callable[[], bytes],
                   fqdn: Callable[[], str], extra: tuple[bytes, bytes] | None, client: RealClient) -> bytes:
     """The request head sent to ``origin``. ``extra``: one more header that replaces the client's
     (fly's private-forward ``fly-replay-src``); ``client``: the realip result (its scheme, whether
@@ -40,7 +58,9 @@ def upstream_head(head: RequestHead, origin: Origin, peer: str | None, rid: Call
     if (memo is None or memo[0] is not origin or memo[1] != peer or memo[2] != client.scheme
             or memo[3] is not client.trusted):
         parts = [head.method.encode(), b" ", origin.prefix, head.target, b" HTTP/1.1\r\n", b"".join(head.lines)]
-        _added(parts, head, _rewrite(head, peer, fqdn, client, None, ()), origin)
+        if b"host" not in head.first:
+            parts += (b"Host: ", origin.host_header, b"\r\n")
+        parts.append(_added_lines(head, peer, client.scheme, fqdn))
         after: list[bytes] = []
         _framing(after, head)
         memo = head.up_memo = (origin, peer, client.scheme, client.trusted, b"".join(parts), b"".join(after))
@@ -63,14 +83,23 @@ def _rewrite(head: RequestHead, peer: str | None, fqdn: Callable[[], str], clien
     )
 
 
-def _filtered_upstream_head(head: RequestHead, origin: Origin, peer: str | None, rid: Callable[[], bytes],
+def _filtered_upstream_head(head: RequestHead, origin: Target, peer: str | None, rid: Callable[[], bytes],
                             fqdn: Callable[[], str], extra: tuple[bytes, bytes] | None, client: RealClient) -> bytes:
     """The general case: every line is checked against the request's own rewrite (names listed
     in ``Connection``, ``extra``'s name and, from an untrusted peer, ``CLIENT_CLAIMS`` dropped too)."""
     parts = [head.method.encode(), b" ", origin.prefix, head.target, b" HTTP/1.1\r\n"]
-    conn_values = head.all(b"connection") if b"connection" in head.first else []
-    plan = _rewrite(head, peer, fqdn, client, extra, conn_values)
-    drop = {name.encode("utf-8", "surrogateescape") for name in plan.drop} | wire.FRAMING
+    if extra is None and not head.odd:  # only client claims to drop: the usual added lines
+        names = request_dropped(trusted_peer=client.trusted)
+        added: bytes | None = None
+    else:
+        plan = _rewrite(head, peer, fqdn, client, extra, head.all(b"connection"))
+        names = plan.drop
+        added = b"".join(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape") for name, value in plan.add)
+    drop = _DROP_BYTES.get(names)
+    if drop is None:
+        if len(_DROP_BYTES) >= 256:
+            _DROP_BYTES.clear()
+        drop = _DROP_BYTES[names] = frozenset(name.encode("utf-8", "surrogateescape") for name in names) | wire.FRAMING
     has_request_id = False
     for name, value in head.headers:
         lname = name.lower()
@@ -79,19 +108,31 @@ def _filtered_upstream_head(head: RequestHead, origin: Origin, peer: str | None,
         if lname == wire.REQUEST_ID_B:
             has_request_id = True
         parts += (name, b": ", value, b"\r\n")
-    _added(parts, head, plan, origin)
+    if b"host" not in head.first:
+        parts += (b"Host: ", origin.host_header, b"\r\n")
+    parts.append(added if added is not None else _added_lines(head, peer, client.scheme, fqdn))
     if not has_request_id:
         parts += (wire.REQUEST_ID_LINE, rid(), b"\r\n")
     _framing(parts, head)
     return b"".join(parts)
 
 
-def _added(parts: list[bytes], head: RequestHead, plan: RequestRewrite, origin: Origin) -> None:
-    """Host when the client sent none (the transport's), then the rewrite's added lines."""
-    if b"host" not in head.first:
-        parts += (b"Host: ", origin.host_header, b"\r\n")
-    for name, value in plan.add:
-        parts += (name.encode(), b": ", value.encode("utf-8", "surrogateescape"), b"\r\n")
+def _added_lines(head: RequestHead, peer: str | None, scheme: str, fqdn: Callable[[], str]) -> bytes:
+    """``request_added``'s lines as bytes, for a head the usual rewrite applies to. They depend only
+    on the client's X-Forwarded-For lines, the peer, the scheme and the Host, which repeat across
+    heads (distinct users behind one client or proxy), so they are kept by those values."""
+    first = head.first
+    host = first.get(b"host")
+    forwarded = tuple(head.all(wire.FORWARDED_FOR_B)) if wire.FORWARDED_FOR_B in first else ()
+    key = (forwarded, peer, scheme, host)
+    lines = _ADDED_LINES.get(key)
+    if lines is None:
+        add = request_added([text(v) for v in forwarded], peer, scheme, text(host) if host is not None else fqdn())
+        lines = b"".join(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape") for name, value in add)
+        if len(_ADDED_LINES) >= 1024:
+            _ADDED_LINES.clear()
+        _ADDED_LINES[key] = lines
+    return lines
 
 
 def _framing(parts: list[bytes], head: RequestHead) -> None:
@@ -164,3 +205,113 @@ def _filtered_response(rh: ResponseHead) -> bytes:
         if value.isascii() or wire.utf8_ok(value):
             parts += (name, b": ", value, b"\r\n")
     return b"".join(parts)
+
+
+
+# --------------------------------------------------------------------------- response heads from the instance
+
+#: Response header names that need more than copying (dropped, replaced or framing).
+_SPECIAL: frozenset[bytes] = wire.RESPONSE_REPLACED | {b"content-length", b"date", b"server"}
+_NO_BODY = (204, 304)
+
+
+class ResponseHead:
+    """One response head from an instance; shared and unchanged once complete."""
+
+    __slots__ = ("_block", "chunked", "cl_index", "client_memo", "has_date", "has_server", "headers", "keep_alive",
+                 "length", "lines", "odd", "reason", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.lines: list[bytes] = []
+        self.cl_index = -1
+        self.length: int | None = None
+        self.chunked = False
+        self.has_date = False
+        self.has_server = False
+        self.odd = False  # Connection names other headers: the exchange filters ``headers`` itself
+        self.keep_alive = True
+        self._block: bytes | None = None
+        self.client_memo: tuple[object, ...] | None = None  # ``rewrite.known_client_head``'s memo
+
+    def add(self, name: bytes, value: bytes) -> None:
+        if value and value[-1] in (32, 9):
+            value = value.rstrip(b" \t")
+        self.headers.append((name, value))
+        lname = name.lower()
+        if lname in _SPECIAL:
+            if lname == b"content-length":
+                self.cl_index = len(self.lines)
+                self.length = int(value) if value.isdigit() else None
+            elif lname == b"date":
+                self.has_date = True
+            elif lname == b"server":
+                self.has_server = value.isascii() or wire.utf8_ok(value)  # else dropped below
+            elif lname == b"transfer-encoding":
+                self.chunked = True
+                return
+            elif lname == b"connection":
+                if value.lower() not in (b"keep-alive", b"close"):
+                    self.odd = True
+                return
+            else:
+                return
+        if value.isascii() or wire.utf8_ok(value):
+            self.lines.append(name + b": " + value + b"\r\n")
+
+    def block(self) -> bytes:
+        """The lines the client gets, joined once (without Content-Length when chunked)."""
+        block = self._block
+        if block is None:
+            lines = self.lines
+            if self.chunked and self.cl_index >= 0:
+                lines = lines[: self.cl_index] + lines[self.cl_index + 1:]
+            block = self._block = b"".join(lines)
+        return block
+
+    def until_close(self) -> bool:
+        """No framing: the body ends when the instance closes (RFC 9112 6.3)."""
+        return self.status not in _NO_BODY and not self.chunked and self.cl_index < 0
+
+
+class ResponseCache:
+    """Complete response heads by their bytes (see the module docstring). Bounded; emptied when full."""
+
+    MAX_ENTRIES = 1024
+    MAX_BYTES = 4096
+
+    __slots__ = ("_heads",)
+
+    def __init__(self) -> None:
+        self._heads: dict[bytes, ResponseHead] = {}
+
+    def match(self, data: bytes, head_only: bool) -> tuple[ResponseHead, bytes] | None:
+        """``(head, body)`` when ``data`` is exactly one known head plus its whole body, else None."""
+        end = data.find(b"\r\n\r\n", 0, self.MAX_BYTES)
+        if end < 0:
+            return None
+        end += 4
+        head = self._heads.get(data[:end])
+        if head is None:
+            return None
+        size = 0 if head_only or head.status in _NO_BODY else head.length
+        if size is None or len(data) - end != size:
+            return None
+        return head, data[end:]
+
+    def remember(self, data: bytes, head: ResponseHead, head_only: bool) -> None:
+        """Keep ``head`` if ``data`` (one whole read) was exactly it plus its body."""
+        if head.odd or head.chunked or head.length is None or head.status < 200:
+            return
+        end = data.find(b"\r\n\r\n", 0, self.MAX_BYTES)
+        if end < 0:
+            return
+        end += 4
+        size = 0 if head_only or head.status in _NO_BODY else head.length
+        if len(data) - end != size:
+            return
+        if len(self._heads) >= self.MAX_ENTRIES:
+            self._heads.clear()
+        self._heads[data[:end]] = head

@@ -27,10 +27,9 @@ from affinity_proxy.routing.replay import CACHE_INVALIDATE, REPLAY_CACHE_HEADER,
 from . import wire
 from .counting import Counts
 from .head import HeadCache
-from .hot import HotRoutes
-from .pool import UpstreamPool
 from .protocol import ClientConnection
-from .route import Router
+from .route import HotRoutes, Router
+from .upstream import UpstreamPool
 
 log = logging.getLogger("affinity_proxy.fastpath")
 

@@ -2,10 +2,20 @@
 
 ``UpstreamConnection`` writes a request and parses the response with httptools (llhttp), handing
 every event to the exchange that owns it (the ``Relay`` protocol below), which streams it to the
-client; a response whose exact head bytes were parsed before (``response.ResponseCache``) and
+client; a response whose exact head bytes were parsed before (``rewrite.ResponseCache``) and
 that arrives whole in one read skips llhttp. Nothing here knows about routing or HTTP semantics
 beyond framing. HEAD responses are cut after the head (llhttp cannot know they have no body),
-and a response without framing ends when the instance closes. Pooling lives in ``pool``.
+and a response without framing ends when the instance closes.
+
+The pool of these connections (``UpstreamPool``, below) keeps idle ones per instance URL (LIFO,
+so the warmest socket is reused and the others can expire after ``KEEPALIVE_SECONDS``, aiohttp's
+connector default) and opens new ones with ``loop.create_connection`` under
+``limits.upstream_connect_timeout`` (TLS included, for ``https://`` instances: ``tls_context``)
+in a background task of its ``TaskSet``; fly mode's ``*.internal`` names go through
+``membership.private_net.PrivateNet.open`` (AAAA only, a stopped Machine woken first, within
+``fly.wake_timeout``). It also holds the response-head cache shared by every connection. Read
+timeouts are found by ``sweep`` (called by the server's periodic sweep), not by a timer per
+request. One pool per process (event loop).
 """
 
 from __future__ import annotations
@@ -14,14 +24,16 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import deque
 from typing import Protocol
 from urllib.parse import urlsplit
 
 import httptools
 
-from affinity_proxy.membership.private_net import is_private_name
+from affinity_proxy._tasks import TaskSet
+from affinity_proxy.membership.private_net import PrivateNet, is_private_name
 
-from .response import ResponseCache, ResponseHead
+from .rewrite import ResponseCache, ResponseHead
 
 log = logging.getLogger("affinity_proxy.fastpath.upstream")
 
@@ -64,16 +76,6 @@ class Origin:
         netloc = parts.netloc.rsplit("@", 1)[-1]
         self.host_header = (netloc if parts.port != default_port else parts.hostname or netloc).encode("idna")
 
-class Pool(Protocol):
-    """What a connection needs of its pool (``pool.UpstreamPool``): the shared response cache and
-    the way back. A protocol so that this module does not import the pool that imports it."""
-
-    responses: ResponseCache
-
-    def release(self, conn: UpstreamConnection) -> None: ...
-
-    def discard(self, conn: UpstreamConnection) -> None: ...
-
 
 class Relay(Protocol):
     """What an upstream connection reports to the request it carries (``exchange.Exchange``)."""
@@ -100,7 +102,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
                  "idle_since", "last_rx", "origin", "paused", "relay", "reused", "sent_all", "stalled_since", "started",
                  "transport")
 
-    def __init__(self, pool: Pool, origin: Origin) -> None:
+    def __init__(self, pool: UpstreamPool, origin: Origin) -> None:
         self._pool = pool
         self.origin = origin
         self.transport: asyncio.Transport | None = None
@@ -340,3 +342,115 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.close()
         if relay is not None:
             relay.upstream_failed(kind, message, sent=True)
+
+
+# --------------------------------------------------------------------------- the pool
+
+KEEPALIVE_SECONDS = 15.0
+MAX_IDLE_PER_ORIGIN = 256
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per instance URL, and connection set-up."""
+
+    def __init__(self, tasks: TaskSet, private: PrivateNet | None = None) -> None:
+        self._tasks = tasks
+        self._private = private
+        self._origins: dict[str, Origin] = {}
+        self._idle: dict[str, deque[UpstreamConnection]] = {}
+        self.active: set[UpstreamConnection] = set()
+        self.responses = ResponseCache()
+        self.closed = False
+        self._tls: ssl.SSLContext | None = None
+
+    def origin(self, url: str) -> Origin:
+        found = self._origins.get(url)
+        if found is None:
+            if len(self._origins) > 1024:
+                self._origins.clear()
+            if url.startswith("https:") and self._tls is None:
+                self._tls = tls_context()  # loads the trust store: once per pool, on first use
+            found = self._origins[url] = Origin(url, self._tls)
+        return found
+
+    def acquire(self, origin: Origin) -> UpstreamConnection | None:
+        """An idle connection to ``origin`` (marked active), or None. O(1)."""
+        idle = self._idle.get(origin.key)
+        while idle:
+            conn = idle.pop()
+            if conn.transport is not None and not conn.transport.is_closing():
+                conn.reused = True
+                self.active.add(conn)
+                return conn
+        return None
+
+    def connect(self, origin: Origin, relay: Relay, connect_timeout: float, on_ready: object) -> None:
+        """Open a new connection in the background; ``on_ready(conn)`` or ``relay.upstream_failed``."""
+        self._tasks.spawn(self._connect(origin, relay, connect_timeout, on_ready), name="fastpath-connect")
+
+    async def _connect(self, origin: Origin, relay: Relay, connect_timeout: float, on_ready: object) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def open_to(host: str) -> UpstreamConnection:
+            _, conn = await loop.create_connection(
+                lambda: UpstreamConnection(self, origin), host, origin.port, ssl=origin.ssl,
+                server_hostname=origin.server_hostname,
+            )
+            return conn
+
+        try:
+            if origin.private and self._private is not None:  # 6PN: AAAA only, a stopped Machine woken
+                conn = await self._private.open(origin.host, origin.port, open_to, connect_timeout)
+            else:
+                async with asyncio.timeout(connect_timeout):
+                    conn = await open_to(origin.host)
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            relay.upstream_failed("connect", f"{type(exc).__name__}: {exc}", sent=False)
+            return
+        if self.closed:
+            conn.close()
+            relay.upstream_failed("connect", "shutting down", sent=False)
+            return
+        self.active.add(conn)
+        on_ready(conn)  # type: ignore[operator]
+
+    def release(self, conn: UpstreamConnection) -> None:
+        self.active.discard(conn)
+        idle = self._idle.setdefault(conn.origin.key, deque())
+        if self.closed or len(idle) >= MAX_IDLE_PER_ORIGIN:
+            conn.close()
+            return
+        if conn.paused:
+            conn.resume()
+        conn.idle_since = conn.last_rx  # when its request was sent or its last bytes came: close enough
+        idle.append(conn)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        self.active.discard(conn)
+        idle = self._idle.get(conn.origin.key)
+        if idle:
+            try:
+                idle.remove(conn)
+            except ValueError:
+                pass
+
+    def sweep(self, now: float, read_timeout: float) -> list[UpstreamConnection]:
+        """Close idle connections past the keep-alive time; return active ones silent for longer
+        than ``read_timeout`` since their request was fully sent, or that have not read any of the
+        request for that long (the caller fails them)."""
+        for idle in self._idle.values():
+            while idle and now - idle[0].idle_since > KEEPALIVE_SECONDS:
+                idle.popleft().close()
+        return [c for c in self.active if c.relay is not None and (
+            (c.sent_all and not c.paused and now - c.last_rx > read_timeout)
+            # an instance that stops reading the request body would hold both connections for ever
+            or (c.stalled_since and now - c.stalled_since > read_timeout))]
+
+    def close(self) -> None:
+        self.closed = True
+        for idle in self._idle.values():
+            while idle:
+                idle.pop().close()
+        for conn in list(self.active):
+            conn.close()
+        self.active.clear()

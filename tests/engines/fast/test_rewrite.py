@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from affinity_proxy.engines.fast import wire
-from affinity_proxy.engines.fast.framing import RequestFraming
 from affinity_proxy.engines.fast.head import RequestHead, text
+from affinity_proxy.engines.fast.protocol import RequestFraming
 from affinity_proxy.engines.fast.rewrite import upstream_head
 from affinity_proxy.engines.fast.upstream import Origin
 from affinity_proxy.proxy.headers import REQUEST_DROPPED, request_rewrite, upstream_request_headers

@@ -11,9 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from affinity_proxy.config import Config, CookieConfig, InstanceConfig, UserKeySourceConfig
-from affinity_proxy.engines.fast.hot import HotRoutes
-from affinity_proxy.engines.fast.response import ResponseCache, ResponseHead
-from affinity_proxy.engines.fast.route import RequestHead
+from affinity_proxy.engines.fast.rewrite import ResponseCache, ResponseHead
+from affinity_proxy.engines.fast.route import HotRoutes, RequestHead
 from affinity_proxy.engines.fast.wire import ChunkedEnd, RequestIds, answer_bytes, connection_tokens
 from affinity_proxy.proxy import act
 from affinity_proxy.routing.decide import DecidePolicy, DecisionReason, Route, RouteInput, decide
