@@ -8,8 +8,10 @@ import pytest
 
 from affinity_proxy.pins.memory import MemoryPinStore
 from affinity_proxy.pins.redis import RedisPinStore
+from affinity_proxy.pins.store import PinStoreUnavailable
 from affinity_proxy.placement.budget import MoveBudget
 from affinity_proxy.placement.live import LiveSessions, MemorySketch, RedisSketch, bucket_width, window_buckets
+from affinity_proxy.placement.rebalancer import RebalanceOutcome, Rebalancer
 from affinity_proxy.routing.cookie import AffinityCookie
 from affinity_proxy.routing.decide import DecidePolicy, DecisionReason, RepinReason, Route, RouteInput, decide
 from affinity_proxy.routing.model import Instance, InstanceId, MembershipView
@@ -113,3 +115,22 @@ def test_an_idle_anonymous_session_over_its_share_moves() -> None:
 def test_anonymous_sessions_that_stay(age: float, loads: dict[str, int], may: bool, policy: DecidePolicy) -> None:
     route = decide(anonymous_on_a(age, loads, may), VIEW, policy)
     assert isinstance(route, Route) and route.instance == "a" and route.reason is DecisionReason.COOKIE
+
+
+async def test_rebalancer_holds_back_after_a_store_error() -> None:
+    """Touches that failed are written later: until one idle threshold has passed, a pin's last use
+    may look older than it is, so no pin moves."""
+    clock = Clock()
+    store = RedisPinStore("redis://127.0.0.1:1", pin_ttl=60, timeout=0.1)  # nothing listens there
+    try:
+        rebalancer = Rebalancer(store, lambda: VIEW, idle_after=10, max_moves_per_minute=60, pin_ttl=60, slack=5,
+                                clock=clock)
+        with pytest.raises(PinStoreUnavailable):
+            await rebalancer.run_once()
+        assert store.errors >= 1
+        assert await rebalancer.run_once() == RebalanceOutcome() and rebalancer.held_back == 1
+        clock.now += 16  # past idle_after + slack: it tries the store again
+        with pytest.raises(PinStoreUnavailable):
+            await rebalancer.run_once()
+    finally:
+        await store.close()

@@ -16,7 +16,9 @@ only once per ``cookie.revalidate_after`` and the Redis store writes touches in 
 ``touch_interval``. A pin therefore counts as idle only when unused for
 ``idle_after + revalidate_after + touch_interval``: then the user sent no request for at least
 ``idle_after``. The moved user's cookie is older than ``revalidate_after``, so the next request asks
-the store, finds the new pin and gets a fresh cookie for the new instance.
+the store, finds the new pin and gets a fresh cookie for the new instance. After a store error
+(``PinStore.errors`` of this process) no pin moves for one idle threshold: touches that could not
+be written are retried later, so meanwhile a pin's last use may look older than it is.
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ class Rebalancer:
         self.skips = 0  # passes skipped because another process held the lock
         self.moved = 0
         self.failures = 0
+        self.held_back = 0  # passes that moved nothing because the store failed lately
+        self._store_errors = int(getattr(store, "errors", 0))
+        self._store_error_at = float("-inf")
 
     @property
     def idle_threshold(self) -> float:
@@ -126,6 +131,9 @@ class Rebalancer:
         if dry_run:
             moves, loads = await self.plan(budget)
             return RebalanceOutcome(planned=moves, loads=loads)
+        if self._store_failed_lately():
+            self.held_back += 1
+            return RebalanceOutcome()
         if self._lock is not None and await self._lock.acquire_lock(LOCK_NAME, self.interval) is None:
             self.skips += 1
             return RebalanceOutcome(skipped=True)
@@ -144,6 +152,14 @@ class Rebalancer:
                 "to": {t: sum(1 for m in applied if m.target == t) for t in sorted({m.target for m in applied})}}})
         return RebalanceOutcome(planned=moves, applied=applied, loads=loads)
 
+    def _store_failed_lately(self) -> bool:
+        """True while a store error is more recent than the idle threshold: touches written in
+        batches may have been held back, so a pin's last use may look older than it is."""
+        errors = int(getattr(self.store, "errors", 0))
+        if errors != self._store_errors:
+            self._store_errors, self._store_error_at = errors, self._clock()
+        return self._clock() - self._store_error_at < self.idle_threshold
+
     async def run(self) -> None:
         """Background loop; one log line per failure streak."""
         while True:
@@ -153,6 +169,7 @@ class Rebalancer:
                 if self.failures == 0:
                     log.warning("rebalancer cannot reach the pin store: %s", exc)
                 self.failures += 1
+                self._store_error_at = self._clock()
             else:
                 if self.failures:
                     log.info("rebalancer recovered after %d failed passes", self.failures)
