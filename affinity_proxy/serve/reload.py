@@ -5,8 +5,8 @@ weights — the membership swaps a new snapshot and keeps drain and health marks
 ``cookie.*`` (a new codec; cookies signed with a secret that moved to ``previous_secrets`` stay
 valid), ``user_key``, ``health.*``, ``reaper.*``, ``limits.*``, ``fly.replay_status``,
 ``fly.prefer_instance``, ``fly.replay_timeout``, ``fly.replay_fallback``, ``fly.placement``,
-``log.level``. Keys that need a restart (listeners,
-``mode``, ``store.*``, ``fly.machine_id``, ``fly.discovery``, ``fly.process_group``, ``admin.token``) are left as they
+``log.level``. Keys that need a restart (listeners, ``mode``, ``store.*``, ``placement.*``,
+``fly.machine_id``, ``fly.discovery``, ``fly.process_group``, ``admin.token``) are left as they
 were and named in the result. An invalid file changes nothing: the error is returned and logged.
 """
 
@@ -23,7 +23,8 @@ from affinity_proxy.routing.userkey import UserKeySource
 
 log = logging.getLogger("affinity_proxy.reload")
 
-RESTART_KEYS = ("listen", "admin_listen", "mode", "store", "admin", "engine")
+#: ``placement``: the live-session window, the move budget and the rebalance loop are built at start.
+RESTART_KEYS = ("listen", "admin_listen", "mode", "store", "admin", "engine", "placement")
 RESTART_FLY_KEYS = ("machine_id", "app", "discovery", "upstream", "dns_server", "private_url", "private_port",
                     "process_group")
 
