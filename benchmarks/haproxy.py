@@ -1,6 +1,6 @@
 """HAProxy as the reference for new sessions: ``cookie <name> insert`` over the backends (issue #16).
 
-Pure text generation (tested in tests/test_benchmarks_harness.py); ``targets.py`` starts the
+Pure text generation (tested in tests/benchmarks/test_benchmarks_harness.py); ``targets.py`` starts the
 process. A request without the cookie is balanced round-robin and the answer carries a
 ``Set-Cookie`` naming the server, the same work affinity-proxy does for a first visit (pick an
 instance, mint a cookie), without the signature. One thread, in the foreground (``-db``), so the

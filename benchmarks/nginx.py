@@ -1,6 +1,6 @@
 """nginx configurations for the benchmark: fast ``return 200`` backends and the reference proxy.
 
-Pure text generation (tested in tests/test_benchmarks_harness.py); ``targets.py`` starts the
+Pure text generation (tested in tests/benchmarks/test_benchmarks_harness.py); ``targets.py`` starts the
 processes. Every file nginx writes (pid, logs, temp bodies) stays in the run's temp directory, and
 every configuration runs in the foreground (``daemon off``) with one worker, so the harness owns
 the master's PID.

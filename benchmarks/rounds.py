@@ -6,7 +6,7 @@ with their min-max. A round is *flagged* when its reference looks off: the refer
 per core of CPU far from the run's median, the direct backend's ratio to nginx far from the run's
 median, or other work on the machine taking CPU during a measurement. Flagged rounds stay in the
 tables and the all-rounds medians; the medians without them are given separately. Tested in
-tests/test_benchmarks_harness.py; ``run.py`` measures and writes.
+tests/benchmarks/test_benchmarks_harness.py; ``run.py`` measures and writes.
 """
 
 from __future__ import annotations

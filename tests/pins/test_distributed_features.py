@@ -1,5 +1,5 @@
 """Every store feature beyond the pin contract on Redis Cluster and Sentinel (one Redis is covered by
-tests/membership and tests/test_cli_redis.py): drain marks, heartbeats and locks (one slot, tag
+tests/membership and tests/cli/test_cli_redis.py): drain marks, heartbeats and locks (one slot, tag
 ``{m}``), the reaper, and the CLI reaching the store named in its config."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of what the existing parser properties (tests/routing, tests/test_config.py)
+"""Property-based fuzzing of what the existing parser properties (tests/routing, tests/config/test_config.py)
 do not reach: hostile requests end to end against a live proxy, the header filters, the
 Set-Cookie builder, limits validation and config files as YAML text.
 

@@ -8,7 +8,7 @@ for a proxy in the test's event loop, an ``engine: <name>`` line in the YAML fil
 
 ``tests/functional``, ``tests/fly`` and ``tests/robustness`` import the fixture (``every_engine``,
 named ``engine``) into their conftest: it is autouse there, so every test in them is collected once per engine
-(``test_x[fast]``, ``test_x[aiohttp]``); ``tests/test_engines_cover.py`` checks that. The shared
+(``test_x[fast]``, ``test_x[aiohttp]``); ``tests/engines/test_engines_cover.py`` checks that. The shared
 ``start_proxy`` fixture refuses a config whose engine is not the test's.
 """
 

@@ -455,7 +455,7 @@ def test_verdicts_against_issue_16() -> None:
 
 
 def test_make_bench_runs_five_rounds_within_ten_minutes() -> None:
-    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
     line = next(ln for ln in makefile.splitlines() if "-m benchmarks.run" in ln)
     args = parse_args(line.split("-m benchmarks.run", 1)[1].split())
     assert args.rounds >= 5
@@ -523,7 +523,7 @@ def _relay(upstream_port: int) -> Iterator[int]:
     then stops it with SIGTERM (a clean exit is part of the test)."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.byte_relay", "--listen", f"127.0.0.1:{port}",
-                             "--upstream", f"127.0.0.1:{upstream_port}"], cwd=Path(__file__).resolve().parent.parent,
+                             "--upstream", f"127.0.0.1:{upstream_port}"], cwd=Path(__file__).resolve().parents[2],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
@@ -708,7 +708,7 @@ def test_a_ref_gets_the_same_configs_as_the_current_tree() -> None:
 
 
 def test_make_bench_compare_passes_the_ref() -> None:
-    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
     line = next(ln for ln in makefile.splitlines() if "--compare-ref" in ln)
     argv = line.split("-m benchmarks.run", 1)[1].replace("$(REF)", "pre-redesign").split()
     args = parse_args(argv)
@@ -743,7 +743,7 @@ def test_a_ref_runs_from_its_worktree_and_answers(tmp_path: Path) -> None:
     finally:
         assert worktrees.remove_all() == []
     assert not tree.path.exists() and not tree.path.parent.exists()
-    listed = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent.parent), "worktree", "list"],
+    listed = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[2]), "worktree", "list"],
                             capture_output=True, text=True, timeout=30, check=True).stdout
     assert str(tree.path) not in listed
 

@@ -22,7 +22,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from affinity_proxy.observability.metrics import ProxyMetrics
 from tests.functional.helpers import metric_value
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 WRITER = """
 import json, sys

@@ -17,7 +17,7 @@ from pathlib import Path
 from affinity_proxy.config import Config
 from tests.support.engine import ENGINES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SUITES = ("tests/functional", "tests/fly", "tests/robustness")
 ENGINE_ID = re.compile(r"\[(?:(.*)-)?(" + "|".join(ENGINES) + r")(?:-(.*))?\]$")
 

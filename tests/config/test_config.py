@@ -40,9 +40,9 @@ from affinity_proxy.config import (
 from affinity_proxy.config.load import field_kind, read_yaml_file
 from affinity_proxy.config.parse import EnvText, redact_url
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "config"
-GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+GOLDEN_DIR = ROOT / "tests" / "golden"
 EXAMPLES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 ONE = [{"id": "a", "url": "http://127.0.0.1:9001"}]  # the smallest valid instance list
