@@ -17,7 +17,7 @@ from affinity_proxy.membership.shared import HeartbeatInfo
 from affinity_proxy.pins.reaper import Reaper
 from affinity_proxy.pins.redis import RedisPinStore
 from affinity_proxy.routing.model import Instance, InstanceId, InstanceState, MembershipView
-from tests.test_cli_redis import CLEAN_ENV, config_yaml, ok, ok_json
+from tests.cli.test_cli_redis import CLEAN_ENV, config_yaml, ok, ok_json
 
 A, B = InstanceId("a"), InstanceId("b")
 
