@@ -34,7 +34,8 @@ class OldNode:
 
     async def claim(self, user: str, instance: str) -> tuple[bool, str]:
         instances, idx, _ = self._bucket(user)
-        won, current, _ = await self.scripts["CLAIM"](keys=[pin_key(P, user), instances], args=[idx, user, instance, TTL_MS])
+        keys, args = [pin_key(P, user), instances], [idx, user, instance, TTL_MS]
+        won, current, _ = await self.scripts["CLAIM"](keys=keys, args=args)
         return bool(won), current
 
     async def get(self, user: str) -> str | None:
