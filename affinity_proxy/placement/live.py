@@ -129,6 +129,18 @@ class RedisSketch:
                     key = self.key(instance, bucket)
                     pipe.pfadd(key, *tokens)
                     pipe.pexpire(key, ttl_ms)
+                if self.store.cluster:
+                    # redis-py's cluster pipeline refuses PFCOUNT (a multi-key command), although the
+                    # window's keys share one hash tag: ask each instance's slot directly.
+                    written = list(await pipe.execute()) if pending else []
+                    client = self.store.client
+                    counted = await asyncio.gather(
+                        *(client.pfcount(*(self.key(instance, b) for b in buckets)) for instance in names),
+                        return_exceptions=True)
+                    for reply in counted:  # every call has finished: raise the first failure, if any
+                        if isinstance(reply, BaseException):
+                            raise reply
+                    return written + list(counted)
                 for instance in names:
                     pipe.pfcount(*(self.key(instance, b) for b in buckets))
                 return list(await pipe.execute())
