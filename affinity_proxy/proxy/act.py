@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from affinity_proxy.proxy.headers import IDEMPOTENT_METHODS, INSTANCE_HEADER
-from affinity_proxy.routing.cookie import CookieCodec, set_cookie_value
+from affinity_proxy.routing.cookie import CookieCodec, set_cookie_template
 from affinity_proxy.routing.decide import Decision, DecisionReason, Refuse, RepinReason, Route, RouteInput
 from affinity_proxy.routing.model import InstanceId
 from affinity_proxy.routing.replay import REPLAY_SRC_HEADER, LocalForward, Plan, PrivateForward, Replay
@@ -216,21 +216,21 @@ class CookieWriter:
     loop guard) or the client's cookie is due for re-issue. One per engine per process; the
     cookie attributes are computed once per config (a reload replaces the config)."""
 
-    __slots__ = ("_attrs", "_config")
+    __slots__ = ("_config", "_template")
 
     def __init__(self) -> None:
         self._config: object = None
-        self._attrs: dict[str, Any] = {}
+        self._template: tuple[str, str] = ("", "")
 
     def value(self, codec: CookieCodec, config: Any, instance: InstanceId, route: Route, inp: RouteInput) -> str | None:
         """The ``Set-Cookie`` value, or None when none is due. ``config``: the current ``Config``."""
         if not (route.set_cookie or (inp.cookie is not None and codec.needs_reissue(inp.cookie))):
             return None
         if config is not self._config:
-            self._attrs = cookie_attributes(config)
+            self._template = set_cookie_template(config.cookie.name, **cookie_attributes(config))
             self._config = config
-        encoded = codec.encode(instance, int(inp.now), inp.user_digest)
-        return set_cookie_value(config.cookie.name, encoded, **self._attrs)
+        prefix, suffix = self._template
+        return prefix + codec.encode(instance, int(inp.now), inp.user_digest) + suffix
 
 
 def response_headers(instance: InstanceId, set_cookie: str | None) -> tuple[Header, ...]:

@@ -10,7 +10,7 @@ counted; they never fail the request.
 from __future__ import annotations
 
 import logging
-import secrets
+import random
 import time
 from dataclasses import replace
 
@@ -37,6 +37,16 @@ from affinity_proxy.routing.userkey import extract_user_key
 log = logging.getLogger("affinity_proxy.resolve")
 
 FORCE_HEADER = FORCE_INSTANCE_HEADER
+
+_random_bits = random.getrandbits
+
+
+def new_anonymous_key() -> str:
+    """A fresh ring key for an anonymous session. It only has to spread sessions evenly over the
+    ring, nobody can exploit guessing it (the session is bound by the signed cookie, not by this
+    key), so it comes from the process's Mersenne Twister (reseeded in every forked worker), not
+    from ``secrets``: no ``getrandom`` system call per new session."""
+    return f"{_random_bits(64):x}"
 
 
 def route_input(
@@ -67,7 +77,7 @@ def make_route_input(ctx: ProxyContext, *, cookie_value: str | None, user_key: s
     anonymous = ""
     if user_key is None and (cookie is None or cookie.instance in avoid
                              or not ctx.membership.current().is_routable(cookie.instance)):
-        anonymous = secrets.token_urlsafe(12)
+        anonymous = new_anonymous_key()
     live, policy = ctx.live, ctx.policy
     if live is not None and user_key is None and cookie is not None and cookie.user_digest == "":
         live.seen(cookie.instance, f"{cookie.instance}~{cookie.issued_at}")
@@ -83,7 +93,7 @@ def make_route_input(ctx: ProxyContext, *, cookie_value: str | None, user_key: s
             and may_rebalance(inp, view, policy, cookie)):
         # An idle anonymous session on an instance over its share: decide moves it (a fresh key to
         # hash), if a move is left in this process's budget; the snapshot learns of it at once.
-        inp = replace(inp, may_rebalance=True, anonymous_key=anonymous or secrets.token_urlsafe(12))
+        inp = replace(inp, may_rebalance=True, anonymous_key=anonymous or new_anonymous_key())
         target = rebalance_target(inp, view, cookie)
         if target is not None and ctx.moves.take():
             live.moved(cookie.instance, target)

@@ -89,6 +89,9 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_MAX_KNOWN_IDS = 1024  # instance ids ``encode`` has validated (a membership's worth, bounded)
+
+
 def _base36(n: int) -> str:
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
     out = []
@@ -109,7 +112,7 @@ class CookieCodec:
     Raises ``ValueError`` at construction when ``signed`` and no secret is given.
     """
 
-    __slots__ = ("_cache", "_cache_size", "_digest_key", "_keys", "max_age", "signed")
+    __slots__ = ("_cache", "_cache_size", "_digest_key", "_issued", "_keys", "_known_ids", "max_age", "signed")
 
     def __init__(
         self,
@@ -133,6 +136,8 @@ class CookieCodec:
         self._digest_key: bytes | None = self._keys[0] if self._keys else None
         self._cache: OrderedDict[str, AffinityCookie] = OrderedDict()
         self._cache_size = cache_size
+        self._known_ids: set[str] = set()  # ids that passed ``is_valid_instance_id`` in ``encode``
+        self._issued: tuple[int, str] = (0, "0")  # the last issued_at and its base36 form
 
     def user_digest(self, user_key: str | None) -> str:
         """Short digest of the user key for the cookie: ``""`` for None. Keyed when a secret is set."""
@@ -146,17 +151,27 @@ class CookieCodec:
         return _b64(raw[:9])
 
     def _sign(self, key: bytes, body: str) -> str:
-        return _b64(hmac.new(key, body.encode("ascii"), hashlib.sha256).digest()[:_SIG_BYTES])
+        return _b64(hmac.digest(key, body.encode("ascii"), "sha256")[:_SIG_BYTES])
 
     def encode(self, instance: InstanceId, issued_at: int, user_digest: str) -> str:
-        """The cookie value. Raises ``ValueError`` on an invalid id, negative time or bad digest."""
-        if not is_valid_instance_id(instance):
-            raise ValueError(f"invalid instance id: {instance!r}")
+        """The cookie value. Raises ``ValueError`` on an invalid id, negative time or bad digest.
+
+        Cost: one HMAC; an instance id is checked once (then remembered, bounded) and the base36
+        time once per second, so minting many sessions pays for little else."""
+        if instance not in self._known_ids:
+            if not is_valid_instance_id(instance):
+                raise ValueError(f"invalid instance id: {instance!r}")
+            if len(self._known_ids) >= _MAX_KNOWN_IDS:
+                self._known_ids.clear()
+            self._known_ids.add(instance)
         if isinstance(issued_at, bool) or not isinstance(issued_at, int) or issued_at < 0:
             raise ValueError("issued_at must be a non-negative int")
-        if not _DIGEST_RE.fullmatch(user_digest):
+        if user_digest and not _DIGEST_RE.fullmatch(user_digest):
             raise ValueError("user_digest must be base64url, at most 43 chars")
-        body = SEPARATOR.join((VERSION, instance, _base36(issued_at), user_digest))
+        issued = self._issued
+        if issued[0] != issued_at:
+            issued = self._issued = (issued_at, _base36(issued_at))
+        body = SEPARATOR.join((VERSION, instance, issued[1], user_digest))
         if not self.signed:
             return body
         return body + SEPARATOR + self._sign(self._keys[0], body)
@@ -266,9 +281,29 @@ def set_cookie_value(
     _check_name(name)
     if not _COOKIE_OCTETS.fullmatch(value):
         raise ValueError("cookie value must contain only RFC 6265 cookie-octets")
+    prefix, suffix = set_cookie_template(name, max_age=max_age, path=path, domain=domain, secure=secure,
+                                         http_only=http_only, same_site=same_site)
+    return prefix + value + suffix
+
+
+def set_cookie_template(
+    name: str,
+    *,
+    max_age: int,
+    path: str,
+    domain: str | None,
+    secure: bool,
+    http_only: bool,
+    same_site: str,
+) -> tuple[str, str]:
+    """``set_cookie_value`` in two parts, validated once (per config) so that minting a cookie is
+    ``prefix + value + suffix``: ``prefix`` is ``name=``, ``suffix`` the attributes from ``; Max-Age``
+    on. Raises ``ValueError`` as ``set_cookie_value`` does; the caller must only put a cookie-octet
+    value between them (``CookieCodec.encode``'s are by construction)."""
+    _check_name(name)
     if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0:
         raise ValueError("max_age must be a non-negative int")
-    attrs = [f"{name}={value}", f"Max-Age={max_age}", *_scope(path, domain)]
+    attrs = ["", f"Max-Age={max_age}", *_scope(path, domain)]
     if secure:
         attrs.append("Secure")
     if http_only:
@@ -278,7 +313,7 @@ def set_cookie_value(
         if canonical is None:
             raise ValueError("same_site must be one of Strict, Lax, None")
         attrs.append(f"SameSite={canonical}")
-    return "; ".join(attrs)
+    return f"{name}=", "; ".join(attrs)
 
 
 def expire_cookie_value(name: str, path: str, domain: str | None) -> str:
