@@ -50,7 +50,7 @@ STAGE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((stage, re.compile(
     ("exchange", r"^HotRoutes?\."),
     ("write", r"^(ResponseHead|ResponseCache)\."),
     ("decide", r"(routing/|proxy/act\.py|proxy/resolve\.py|proxy/context\.py|proxy/fly\.py|membership/|"
-               r"engines/fast/route\.py)"),
+               r"engines/fast/(route|mint)\.py)"),
     ("rewrite", r"(engines/fast/rewrite\.py|proxy/headers\.py|proxy/realip\.py)"),
     ("parse", r"(engines/fast/(head|wire)\.py|llhttp|httptools|_http_parser)"),
     ("pool", r"(engines/fast/(upstream|lane|ports)\.py)"),

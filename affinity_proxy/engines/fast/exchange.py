@@ -128,6 +128,12 @@ class Forwarding:
             origin = server.pool.origin(instance.url)
             if hot is not None and hot.decision is route and cookie is None:
                 hot.forward = (instance, origin, resp)
+        self._forward_to(route, inp, instance, origin, upstream_headers)
+
+    def _forward_to(self, route: Route, inp: RouteInput, instance: Instance, origin: Origin,
+                    upstream_headers: tuple[act.Header, ...] = ()) -> None:
+        """``_forward`` once the instance, its origin and the response header lines are known."""
+        server = self.server
         self.route, self.inp, self.instance = route, inp, instance
         extra = (upstream_headers[0][0].encode(), upstream_headers[0][1].encode()) if upstream_headers else None
         self.up_head = rewrite.upstream_head(self.head, origin, self.conn.peer, self.rid_bytes, server.fqdn, extra,
@@ -393,6 +399,13 @@ class Exchange(Forwarding):
                 self.dispatch(adopted, inp)
                 return
         else:
+            minted = router.new_sessions.mint(head, server.counts, server.pool)
+            if minted is not None:  # a first visit: the new-session lane (``mint``) placed it
+                route, inp, instance, origin, self._resp_extra, counters = minted
+                self.routed = (act.FORWARD, route.instance, route.reason)
+                server.counts.inc_all(counters)
+                self._forward_to(route, inp, instance, origin)
+                return
             inp = router.route_input(head, {})
         decision = router.quick(inp)
         if decision is None:

@@ -51,6 +51,7 @@ from affinity_proxy.routing.replay import (
 from affinity_proxy.routing.userkey import extract_user_key
 
 from .head import Query, RequestHead, text
+from .mint import NewSessions
 from .wire import FORCE_INSTANCE_B
 
 log = logging.getLogger("affinity_proxy.proxy")
@@ -74,6 +75,8 @@ class Router:
         self._digests: dict[str, str] = {}
         self._digest_codec: object = None
         self.cookies_out = CookieWriter()  # the affinity Set-Cookie rule (``proxy.act``)
+        self.new_sessions = NewSessions(ctx, fly=self.fly, cookies=self.cookies,  # first visits (``mint``)
+                                        writer=self.cookies_out)
 
     # ------------------------------------------------------------------ request -> RouteInput
 
