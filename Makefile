@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 
 .PHONY: demo test test-all lint install bench bench-compare bench-ws bench-scaling bench-placement bench-budget chaos clean redis-server test-deps
 
-# Debian packages the suite needs (redis-server, chromium, prometheus's promtool, nginx, openssl,
+# Debian packages the suite needs (redis-server, chromium, prometheus's promtool, nginx, haproxy, openssl,
 # slowhttptest), installed with apt-get when missing; the list is in .ci/install-deps, which CI
 # uses too.
 test-deps:

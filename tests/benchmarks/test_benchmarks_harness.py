@@ -499,7 +499,7 @@ def test_haproxy_config_refuses_bad_input(backends: list[tuple[str, int]], cooki
 HAPROXY = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if Path(p).exists()), None)
 
 
-@pytest.mark.skipif(HAPROXY is None, reason="haproxy not installed (benchmarks/run.py installs it)")
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy not installed (.ci/install-deps installs it)")
 def test_haproxy_accepts_the_generated_config(tmp_path: Path) -> None:
     assert HAPROXY is not None
     path = tmp_path / "h.cfg"
