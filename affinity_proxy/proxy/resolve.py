@@ -103,12 +103,15 @@ def make_route_input(ctx: ProxyContext, *, cookie_value: str | None, user_key: s
 
 
 def _store_down(ctx: ProxyContext, inp: RouteInput, op: str) -> RouteInput:
-    """The look-up failed: count it and keep the user where it was last pinned (near cache), else
-    mark the store as failed so ``decide`` degrades to the ring."""
+    """The look-up failed: count it and keep the user where it was last pinned (near cache) while
+    that instance is routable, else mark the store as failed so ``decide`` degrades to the ring.
+    Both answers are ones every node agrees on; a per-node bounded-load choice on a local snapshot
+    (what a remembered but dead pin would lead to) is not."""
     assert inp.user_key is not None
     ctx.metrics.store_errors.labels(op=op).inc()
+    ctx.pin_cache.outage()
     remembered = ctx.pin_cache.recall(inp.user_key)
-    if remembered is not None:
+    if remembered is not None and remembered not in inp.avoid and ctx.membership.current().is_routable(remembered):
         return replace(inp, pin_looked_up=True, stored_pin=remembered, store_ok=True)
     return replace(inp, pin_looked_up=True, stored_pin=None, store_ok=False)
 
@@ -162,7 +165,13 @@ async def claim_or_get(
     guess = decide(guess_inp, view, ctx.policy)
     if not isinstance(guess, Route) or not isinstance(guess.store_op, ClaimPin):
         return None
+    lost = ctx.pin_cache.recall_lost(inp.user_key)
+    if lost is not None and lost != guess.instance and lost not in inp.avoid and view.is_routable(lost):
+        # This process saw the pin before a store outage: if the store lost it (came back empty),
+        # every node that knew the user claims it back where it was, instead of a fresh placement.
+        guess = Route(lost, DecisionReason.PIN, set_cookie=True, store_op=ClaimPin(inp.user_key, lost))
     op = guess.store_op
+    assert isinstance(op, ClaimPin)
     try:
         result = await ctx.store.claim(op.user_key, op.instance)
     except PinStoreUnavailable:
@@ -203,6 +212,7 @@ async def apply_store_op(ctx: ProxyContext, route: Route, view: MembershipView, 
             result = await ctx.store.repin(op.user_key, op.expected, op.instance)
     except PinStoreUnavailable:
         ctx.metrics.store_errors.labels(op=op_name).inc()
+        ctx.pin_cache.outage()
         return route
     winner = result.pin.instance
     ctx.pin_cache.remember(op.user_key, winner)

@@ -1,4 +1,4 @@
-"""PinNearCache: bounded LRU, used by the request path only while the store is down."""
+"""PinNearCache: bounded LRU, consulted while the store is down and to claim back pins a store outage lost."""
 
 from __future__ import annotations
 
@@ -25,3 +25,19 @@ def test_remember_replaces_and_forget_removes() -> None:
     cache.forget("u")
     cache.forget("never-there")
     assert cache.recall("u") is None
+
+
+def test_recall_lost_only_for_pins_seen_before_an_outage() -> None:
+    """A pin remembered before a store outage may be claimed back if the store returns without it;
+    one confirmed (or dropped) while the store answers may not."""
+    cache = PinNearCache()
+    cache.remember("u", InstanceId("a"))
+    cache.remember("v", InstanceId("b"))
+    assert cache.recall_lost("u") is None  # no outage yet: a missing pin was dropped or expired
+    cache.outage()
+    cache.outage()  # every failed call of one outage: still one boundary
+    assert cache.recall_lost("u") == "a" and cache.recall_lost("v") == "b"
+    cache.remember("u", InstanceId("a"))  # the store answered again with this pin
+    assert cache.recall_lost("u") is None and cache.recall("u") == "a"
+    cache.forget("v")
+    assert cache.recall_lost("v") is None and cache.recall_lost("never-there") is None
