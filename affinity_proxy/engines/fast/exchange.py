@@ -399,7 +399,7 @@ class Exchange(Forwarding):
                 self.dispatch(adopted, inp)
                 return
         else:
-            minted = router.new_sessions.mint(head, server.counts, server.pool)
+            minted = router.new_sessions.mint(head, server.counts, server.pool, key)
             if minted is not None:  # a first visit: the new-session lane (``mint``) placed it
                 route, inp, instance, origin, self._resp_extra, counters = minted
                 self.routed = (act.FORWARD, route.instance, route.reason)

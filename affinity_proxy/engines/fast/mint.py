@@ -107,22 +107,29 @@ class NewSessions:
         self._snap: _Snapshot | None = None
         self.minted = 0
 
-    def eligible(self, head: RequestHead) -> bool:
-        """No affinity cookie (valid or not), no user key, no force header: a new anonymous session."""
-        if self.fly or FORCE_INSTANCE_B in head.first:
+    def eligible(self, head: RequestHead, hot_key: tuple[Any, ...] | None = None) -> bool:
+        """No affinity cookie (valid or not), no user key, no force header: a new anonymous session.
+
+        ``hot_key``: the head's ``route.HotRoutes`` key, which holds the raw bytes of every routing
+        input (the Cookie header, the force header, each user-key source's header or query
+        string); when all are absent or empty, none can name a cookie, a user or an instance."""
+        if self.fly or self.ctx.policy.local_instance is not None:
+            return False
+        if hot_key is not None and not any(hot_key):
+            return True
+        if FORCE_INSTANCE_B in head.first:
             return False
         ctx = self.ctx
         jar = self.cookies(head)
         if ctx.config.cookie.name in jar:
             return False
-        if ctx.policy.local_instance is not None:
-            return False
         return extract_user_key(ctx.user_key_sources, head, Query(head.target), jar) is None  # type: ignore[arg-type]
 
-    def mint(self, head: RequestHead, counts: Counts, pool: UpstreamPool) -> Minted | None:
+    def mint(self, head: RequestHead, counts: Counts, pool: UpstreamPool,
+             hot_key: tuple[Any, ...] | None = None) -> Minted | None:
         """The new session for ``head`` (what the general path would decide and send), or None
-        when the general path must answer (see the module docstring)."""
-        if not self.eligible(head):
+        when the general path must answer (see the module docstring). ``hot_key``: see ``eligible``."""
+        if not self.eligible(head, hot_key):
             return None
         ctx = self.ctx
         snap = self._snap

@@ -131,17 +131,18 @@ async def test_plain_ring_when_bounded_load_is_off(backends: Backends, start_pro
 async def test_other_requests_take_the_general_path(backends: Backends, start_proxy,
                                                     http: aiohttp.ClientSession) -> None:
     """A user key (header or query), a forced instance, an invalid affinity cookie: not the lane;
-    other cookies alone do not matter."""
+    other cookies, other query parameters and empty user-key values do not matter."""
     server = await start_proxy(make_config(backends, engine="fast"))
     for headers, path in (({"X-User-Id": "u1"}, "/"), ({}, "/?userId=u2"), ({"fly-force-instance-id": "b"}, "/"),
                           ({"Cookie": f"{COOKIE}=garbage"}, "/")):
         async with http.get(base(server) + path, headers=headers) as resp:
             assert resp.status == 200
     assert minted(server) == 0
-    async with http.get(base(server) + "/", headers={"Cookie": "theme=dark; lang=en"}) as resp:
-        assert resp.status == 200
-        assert served(resp)[0] in {"a", "b", "c"}
-    assert minted(server) == 1
+    for headers, path in (({"Cookie": "theme=dark; lang=en"}, "/"), ({"X-User-Id": ""}, "/?page=2&userId=")):
+        async with http.get(base(server) + path, headers=headers) as resp:
+            assert resp.status == 200
+            assert served(resp)[0] in {"a", "b", "c"}
+    assert minted(server) == 2
     text = await metrics(http, server)
     assert metric_value(text, "affinity_repins_total", {"repin_reason": "invalid_cookie"}) == 1
 
