@@ -120,29 +120,35 @@ def build_context(
     return ctx
 
 
-async def _refresh_pin_counts(ctx: ProxyContext) -> None:
-    """Keep the ``affinity_pins`` and ``affinity_sessions`` gauges, the live-session snapshot that
-    bounded-load placement reads (``placement.live``) and store health fresh without touching the
-    request path: every ``LiveSessions.interval`` (1 s)."""
-    failing = False
+async def _refresh_pin_counts_once(ctx: ProxyContext, failing: bool) -> bool:
+    """One refresh of the ``affinity_pins`` and ``affinity_sessions`` gauges, the live-session
+    snapshot that bounded-load placement reads (``placement.live``) and store health. ``failing``:
+    the previous one failed (one log line per failure streak). Returns whether this one failed."""
+    try:
+        if ctx.live is not None:
+            await ctx.live.refresh()
+            ctx.pin_counts = dict(ctx.live.pins)
+        else:
+            ctx.pin_counts = dict(await ctx.store.counts())
+        ctx.store_ok = True
+        if failing:
+            log.info("pin store reachable again")
+        failing = False
+    except PinStoreUnavailable as exc:
+        ctx.store_ok = False
+        if not failing:
+            log.warning("pin store unreachable: %s", exc)
+        failing = True
+    ctx.metrics.store_up.set(1 if ctx.store_ok else 0)
+    return failing
+
+
+async def _refresh_pin_counts(ctx: ProxyContext, failing: bool) -> None:
+    """Keep them fresh without touching the request path: every ``LiveSessions.interval`` (1 s),
+    after the refresh made at start (``failing``: its outcome)."""
     while True:
-        try:
-            if ctx.live is not None:
-                await ctx.live.refresh()
-                ctx.pin_counts = dict(ctx.live.pins)
-            else:
-                ctx.pin_counts = dict(await ctx.store.counts())
-            ctx.store_ok = True
-            if failing:
-                log.info("pin store reachable again")
-            failing = False
-        except PinStoreUnavailable as exc:
-            ctx.store_ok = False
-            if not failing:
-                log.warning("pin store unreachable: %s", exc)
-            failing = True
-        ctx.metrics.store_up.set(1 if ctx.store_ok else 0)
         await asyncio.sleep(ctx.live.interval if ctx.live is not None else PIN_COUNT_REFRESH_SECONDS)
+        failing = await _refresh_pin_counts_once(ctx, failing)
 
 
 def _lifecycle(ctx: ProxyContext, reaper: Reaper, rebalancer: Rebalancer):  # type: ignore[no-untyped-def]
@@ -177,7 +183,12 @@ def _lifecycle(ctx: ProxyContext, reaper: Reaper, rebalancer: Rebalancer):  # ty
             ctx.tasks.spawn(run_discovery(
                 source, ctx.membership, local=local_instance(ctx.config), interval=ctx.config.fly.discovery_interval,
             ), name="discovery")
-        ctx.tasks.spawn(_refresh_pin_counts(ctx), name="pin-counts")
+        # Before the listener serves: bounded load places the first users on the store's counts, not
+        # on an empty snapshot (a burst of logins right after a restart would otherwise all follow the
+        # plain ring, onto an instance already over its share). One store round trip; an outage is
+        # logged and start goes on.
+        failing = await _refresh_pin_counts_once(ctx, False)
+        ctx.tasks.spawn(_refresh_pin_counts(ctx, failing), name="pin-counts")
         yield
         ctx.shutting_down = True
         await ctx.tasks.close()
