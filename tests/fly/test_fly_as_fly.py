@@ -80,7 +80,12 @@ async def start_fly(engine: str) -> AsyncIterator[StartFly]:
         for m in node_ports:
             config = fly_config(m, app_ports[m], node_ports, placement, engine=engine)
             group = {"process_group": "worker"} if m in workers else {}
-            config = replace(config, fly=replace(config.fly, **{**keys, **group}))
+            # The demo apps never fail here, but edge, nodes, apps and clients share this test's one
+            # event loop: under load a stall past fly_config's 0.3 s probe timeout marked every
+            # local app down at once (unhealthy_after 1), and local placement then rightly chose
+            # another Machine for a fallback (loop guard, not a re-pin here).
+            config = replace(config, fly=replace(config.fly, **{**keys, **group}),
+                             health=replace(config.health, timeout=5.0))
             nodes[m] = ProxyServer(config, store=store, shared=shared)
             await nodes[m].start()
         fly = Fly(edge, nodes, store, runners)
