@@ -14,6 +14,7 @@ from click.testing import CliRunner, Result
 from affinity_proxy.cli.main import main as cli_main
 from affinity_proxy.config import CookieConfig, PlacementConfig, RebalanceConfig, StoreConfig
 from affinity_proxy.membership.discovery import instances_from_config
+from affinity_proxy.pins.redis import RedisPinStore
 from affinity_proxy.routing.model import InstanceId
 from affinity_proxy.serve.app import ProxyServer
 from tests.functional.helpers import admin, base, metric_value
@@ -289,3 +290,28 @@ async def test_idle_anonymous_sessions_move_off_an_instance_over_its_share(
     for session, cookie in fresh.items():  # a moved session's next request: its new instance, no move
         async with http.get(base(server) + "/", headers={"Cookie": f"fly-instance-id={cookie}"}) as resp:
             assert resp.headers["X-Fly-Instance"] == where[session]
+
+
+async def test_first_users_after_start_see_the_stores_pins(engine: str, backends: Backends, start_proxy,
+                                                           http: aiohttp.ClientSession, redis_url: str) -> None:
+    """A process reads the live-session snapshot once before it listens: its very first new users,
+    whom the plain ring would put on the instance holding every pin, go elsewhere (an empty
+    snapshot at start placed them by the plain ring)."""
+    config = make_config(backends, engine=engine, store=StoreConfig(url=redis_url, timeout=2.0),
+                         placement=PlacementConfig(load_factor=1.25))
+    store = RedisPinStore(redis_url, pin_ttl=config.pin_ttl)
+    try:
+        for i in range(60):
+            await store.claim(f"old-{i}", InstanceId("a"))
+    finally:
+        await store.close()
+    server = await start_proxy(config)
+    live = server.ctx.live
+    assert live is not None and dict(live.loads) == {"a": 60}, "read before the listener took a request"
+    view = server.ctx.membership.current()
+    ring_a = [u for u in (f"first-{i}" for i in range(200)) if view.choose_new(u) == "a"][:10]
+    assert len(ring_a) == 10
+    for user in ring_a:
+        async with http.get(base(server) + "/", headers={"X-User-Id": user}) as resp:
+            assert resp.status == 200, await resp.text()
+            assert resp.headers["X-Fly-Instance"] != "a", user
