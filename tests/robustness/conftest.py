@@ -249,7 +249,7 @@ def _spawn_serve(cfg: Path, log_path: Path, env: dict[str, str]) -> subprocess.P
 @pytest.fixture
 async def serve_process(tmp_path: Path, engine: str) -> AsyncIterator[ServeFactory]:
     """Start ``affinity-proxy serve`` on the test's engine in a subprocess with the given instances
-    and extra YAML lines."""
+    and extra YAML lines (a ``health:`` line among them replaces the hair-trigger default)."""
     procs: list[ServeProcess] = []
 
     async def factory(instances: dict[str, str], extra: list[str] = (), **env: str) -> ServeProcess:  # type: ignore[assignment]
@@ -259,7 +259,8 @@ async def serve_process(tmp_path: Path, engine: str) -> AsyncIterator[ServeFacto
             f"admin_listen: 127.0.0.1:{admin_port}",
             "cookie: {secret: robustness-test-secret}",
             "user_key: [{header: X-User-Id}]",
-            "health: {interval: 0.5s, timeout: 0.5s, unhealthy_after: 1, healthy_after: 1}",
+            *([] if any(line.startswith("health:") for line in extra)
+              else ["health: {interval: 0.5s, timeout: 0.5s, unhealthy_after: 1, healthy_after: 1}"]),
             engine_line(engine),
             *extra,
             "instances:",
