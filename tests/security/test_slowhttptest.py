@@ -1,6 +1,7 @@
 """slowhttptest (Debian's package) against the proxy, on both engines, with a real aiohttp backend.
 
-Three attacks of 400 connections each, 4 s long: slow headers (slowloris, ``-H``), slow request
+Three attacks of 400 connections each, 4 s long (slow reads: 6 s, arriving at 100/s): slow headers
+(slowloris, ``-H``), slow request
 bodies (R-U-Dead-Yet, ``-B``: a 4 KiB body trickled, within ``limits.request_buffer``) and slow
 reads of a response (``-X``). While each runs, a normal client is served every half second, and
 the backend's accepted connections are sampled from /proc: slow headers and slow bodies hold none
