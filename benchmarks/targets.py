@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from affinity_proxy.devtools.ports import free_port
 from benchmarks import haproxy, nginx
 from benchmarks.refs import SEPARATOR, RefTree, check_imports_from, split_target_name
 from benchmarks.rounds import NEW_SESSION_REFERENCE, REFERENCE
@@ -50,12 +50,6 @@ class HarnessError(RuntimeError):
 def file_stem(name: str) -> str:
     """A target's name as a file name in the run's directory (``affinity-proxy@release/1`` has a ``/``)."""
     return re.sub(r"[^A-Za-z0-9._@-]", "_", name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_get(

@@ -318,14 +318,23 @@ class ProxyServer:
         self.admin_port = 0
 
     async def start(self) -> None:
+        """Bind both listeners; on any failure (a port in use) stop what was already started, so a
+        failed start leaves no client session, connector or runner behind."""
+        try:
+            await self._start()
+        except BaseException:
+            await asyncio.shield(self.stop())
+            raise
+
+    async def _start(self) -> None:
         limits = self.config.limits
         main_runner = ProxyAppRunner(self.main_app, limits=limits, on_response=self.ctx.metrics.response,
                                      access_log=None, shutdown_timeout=limits.client_timeout)
         admin_runner = ProxyAppRunner(self.admin_app, limits=limits, access_log=None,  # same deadlines and caps
                                       shutdown_timeout=ADMIN_SHUTDOWN_TIMEOUT)
-        await main_runner.setup()
-        await admin_runner.setup()
-        self._runners = [main_runner, admin_runner]
+        for runner in (main_runner, admin_runner):
+            await runner.setup()
+            self._runners.append(runner)  # only set-up runners are cleaned up by stop()
         if self.config.engine == "fast":  # the aiohttp app still serves what the fast engine hands off
             from affinity_proxy.engines.fast import FastServer
 

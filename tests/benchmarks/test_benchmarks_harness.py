@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from affinity_proxy.devtools.ports import free_port as _free_port
 from benchmarks import byte_relay, haproxy, nginx
 from benchmarks.refs import (
     COMPARABLE,
@@ -509,12 +510,6 @@ def test_haproxy_accepts_the_generated_config(tmp_path: Path) -> None:
 
 
 # --- the byte relay (a real process, real sockets on 127.0.0.1) ------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from click.testing import CliRunner, Result
 
 from affinity_proxy.cli.main import main
 from affinity_proxy.cli.output import duration, pin_stats, table
+from affinity_proxy.devtools.ports import free_port as _free_port
 
 T = TypeVar("T")
 
@@ -355,12 +355,6 @@ def test_reap_dry_run_then_reap(admin_server: AdminListener, lt: LoopThread) -> 
 
 
 # --- reaching the admin API ----------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_admin_unreachable() -> None:

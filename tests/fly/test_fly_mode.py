@@ -9,7 +9,6 @@ import asyncio
 import collections
 import hashlib
 import io
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
@@ -28,6 +27,7 @@ from affinity_proxy.config import (
 )
 from affinity_proxy.devtools.demo.backend import start_backend
 from affinity_proxy.devtools.fly import FlyEdge
+from affinity_proxy.devtools.ports import free_port as _free_port
 from affinity_proxy.membership.shared import MemorySharedState
 from affinity_proxy.pins.memory import MemoryPinStore
 from affinity_proxy.routing.model import InstanceId, InstanceState
@@ -35,12 +35,6 @@ from affinity_proxy.serve.app import ProxyServer
 from tests.functional.helpers import COOKIE, affinity_cookie, metric_value
 
 MACHINES = ("m1", "m2", "m3")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -98,3 +98,29 @@ async def test_workers_listen_on_both_families(  # type: ignore[no-untyped-def]
         if sup.proc.poll() is None:
             os.killpg(sup.proc.pid, signal.SIGTERM)
             sup.proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("taken", ["main", "admin"])
+async def test_a_start_on_a_taken_port_fails_and_leaves_nothing_open(engine: str, backends: Backends,
+                                                                     taken: str) -> None:
+    """A listener's port in use: ``start()`` raises EADDRINUSE and stops what it had started (the
+    client sessions and runners), so nothing is left for the garbage collector to warn about (a CI
+    run once failed a later test on such leftovers)."""
+    import errno
+    import gc
+    import socket
+
+    from affinity_proxy.serve.app import ProxyServer
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        listens = {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"}
+        listens["listen" if taken == "main" else "admin_listen"] = f"127.0.0.1:{port}"
+        server = ProxyServer(make_config(backends, engine=engine, **listens))
+        with pytest.raises(OSError) as failed:
+            await server.start()
+        assert failed.value.errno == errno.EADDRINUSE
+        assert server._runners == [] and server._fast is None
+        gc.collect()  # an unclosed session or connector would warn here (warnings are errors)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -14,18 +13,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from affinity_proxy.devtools.ports import free_port as _free_port
 from tests.support.backends import Backends
 from tests.support.engine import engine_line
 from tests.support.waiting import wait_until
 
 CHUNK = b"0123456789abcdef" * 4096  # 64 KiB
 UPLOAD_BYTES = 64 * 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rss_kib(pid: int) -> int:

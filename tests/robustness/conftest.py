@@ -12,7 +12,6 @@ import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from affinity_proxy.devtools.ports import free_port
 from tests.support.backends import Backends, make_config
 from tests.support.engine import engine_line, every_engine  # noqa: F401  (the autouse `engine` fixture)
 from tests.support.waiting import wait_until
@@ -169,12 +169,6 @@ async def assert_served(client: aiohttp.ClientSession, port: int, label: str, *,
 
 
 # --------------------------------------------------------------------------- serve subprocess
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_kib(pid: int) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+
+from affinity_proxy.devtools.ports import free_port
 
 START_TIMEOUT = 10.0
 
@@ -35,13 +36,6 @@ def find_redis_server() -> str:
             "or set REDIS_SERVER_BIN to its path; the pin store tests need a real Redis"
         )
     return found
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (the usual bind-to-0 trick; racy only in theory)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:

@@ -33,18 +33,12 @@ from affinity_proxy.config import (
 from affinity_proxy.devtools.demo.backend import start_backend
 from affinity_proxy.devtools.fly import FlyEdge
 from affinity_proxy.devtools.fly.network import FlyNetwork
+from affinity_proxy.devtools.ports import free_port
 from affinity_proxy.membership.shared import MemorySharedState
 from affinity_proxy.pins.memory import MemoryPinStore
 from affinity_proxy.serve.app import ProxyServer
-from affinity_proxy.serve.listeners import dual_stack_socket
 
 MACHINE_IDS = ("148e9e3c0e4d78", "2875d0e1a45e18", "3d8d9b7f1a2c08", "4e6f1c2b3a5d98", "5a7b8c9d0e1f28")
-
-
-def _free_port() -> int:
-    """A port free on both families (the nodes listen on ``[::]``)."""
-    with dual_stack_socket(0) as s:
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -100,7 +94,7 @@ async def start_fly_cluster(edge_port: int = 0, machines: int = 3, app: str = "d
     for m in ids:
         network.add_machine(m)
     await network.start()
-    node_ports = {m: _free_port() for m in ids}
+    node_ports = {m: free_port() for m in ids}  # outside the ephemeral range: see ports
     cluster = FlyCluster(
         edge=FlyEdge({m: f"http://127.0.0.1:{node_ports[m]}" for m in ids}, app=app, on_wake=network.start_machine),
         network=network, store=MemoryPinStore(pin_ttl=24 * 3600), shared=MemorySharedState(),

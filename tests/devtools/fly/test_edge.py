@@ -8,13 +8,13 @@ import asyncio
 import hashlib
 import io
 import re
-import socket
 import time
 
 import aiohttp
 import pytest
 
 from affinity_proxy.devtools.fly import FlyEdge
+from affinity_proxy.devtools.ports import free_port
 from affinity_proxy.routing.replay import parse_replay_failed, parse_replay_src
 from tests.support.fly_machines import StartEdge, StartMachine
 from tests.support.waiting import wait_until
@@ -23,9 +23,7 @@ REQUEST_ID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}-lcl$")
 
 
 def _dead_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"  # outside the ephemeral range: no client takes it meanwhile
 
 
 async def test_spreads_round_robin_and_sets_fly_headers(

@@ -12,7 +12,6 @@ assert on the exceptions themselves, not only on status codes.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from affinity_proxy.devtools.demo.backend import BACKEND_STATE, BackendState, start_backend
+from affinity_proxy.devtools.ports import free_port
 from affinity_proxy.engines.aiohttp.client import BodyTooLarge, UpstreamClient, UpstreamError
 from affinity_proxy.engines.aiohttp.forward import forward_http
 from affinity_proxy.engines.aiohttp.websocket import relay_websocket
@@ -189,7 +189,4 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 def dead_url() -> str:
     """An http URL on 127.0.0.1 where nothing listens (connections are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"  # outside the ephemeral range: no client takes it meanwhile

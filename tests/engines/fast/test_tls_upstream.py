@@ -15,7 +15,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from aiohttp import web
 
 from affinity_proxy.config import Config, CookieConfig, HealthConfig, InstanceConfig, LimitsConfig
 from affinity_proxy.devtools.demo.backend import build_backend_app
+from affinity_proxy.devtools.ports import free_port
 from affinity_proxy.serve.app import ProxyServer
 from tests.engines.fast.raw import exchange
 
@@ -38,12 +38,6 @@ ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.skipif(
     shutil.which("openssl") is None, reason="needs the openssl command line (make test installs it: .ci/install-deps)"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
