@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from affinity_proxy.pins.reaper import Reaper
 from affinity_proxy.pins.store import PinStoreUnavailable
-from affinity_proxy.placement.rebalancer import Rebalancer
+from affinity_proxy.placement.rebalancer import Rebalancer, outcome_doc
 from affinity_proxy.proxy.context import CONTEXT, ProxyContext
 from affinity_proxy.proxy.errors import json_error
 from affinity_proxy.proxy.session_check import session_check_get, session_check_post
@@ -340,15 +340,7 @@ async def rebalance(request: web.Request) -> web.Response:
         outcome = await rebalancer.run_once(dry_run=dry_run)
     except PinStoreUnavailable as exc:
         return _store_down(exc)
-    doc: dict[str, Any] = {
-        "dry_run": dry_run, "idle_after": rebalancer.idle_after, "idle_threshold": rebalancer.idle_threshold,
-        "budget": rebalancer.budget, "loads": dict(sorted(outcome.loads.items())),
-        "moves": [{"user": m.user_key, "from": m.source, "to": m.target} for m in outcome.planned],
-        "moved": len(outcome.applied),
-    }
-    if outcome.skipped:
-        doc["skipped"] = True
-    return web.json_response(doc)
+    return web.json_response(outcome_doc(rebalancer, outcome, dry_run=dry_run))
 
 
 async def reload_config(request: web.Request) -> web.Response:

@@ -66,7 +66,7 @@ from affinity_proxy.pins.reaper import LOCK_NAME, MIN_LOCK_TTL
 from affinity_proxy.pins.redis import RedisPinStore, describe_url
 from affinity_proxy.pins.store import PinStoreUnavailable
 from affinity_proxy.placement.live import RedisSketch
-from affinity_proxy.placement.rebalancer import rebalancer_for
+from affinity_proxy.placement.rebalancer import outcome_doc, rebalancer_for
 from affinity_proxy.routing.model import Instance, InstanceId, InstanceState, MembershipView, is_valid_instance_id
 from affinity_proxy.routing.userkey import MAX_USER_KEY_LENGTH
 
@@ -349,15 +349,7 @@ class RedisBackend:
             rebalancer = rebalancer_for(self.config, self.store, lambda: view, anonymous=lambda: anonymous,
                                         lock=self.shared, clock=self._clock)
             outcome = await rebalancer.run_once(dry_run=dry_run)
-        doc: dict[str, Any] = {
-            "dry_run": dry_run, "idle_after": rebalancer.idle_after, "idle_threshold": rebalancer.idle_threshold,
-            "budget": rebalancer.budget, "loads": dict(sorted(outcome.loads.items())),
-            "moves": [{"user": m.user_key, "from": m.source, "to": m.target} for m in outcome.planned],
-            "moved": len(outcome.applied),
-        }
-        if outcome.skipped:
-            doc["skipped"] = True
-        return doc
+        return outcome_doc(rebalancer, outcome, dry_run=dry_run)
 
     @property
     def lock_ttl(self) -> float:

@@ -187,6 +187,21 @@ def idle_slack(config: Config, store: PinStore) -> float:
     return config.cookie.revalidate_after + touch_interval + grid
 
 
+def outcome_doc(rebalancer: Rebalancer, outcome: RebalanceOutcome, *, dry_run: bool) -> dict[str, object]:
+    """The JSON document of one pass, the same for admin ``POST /rebalance`` and the CLI's direct-to-Redis
+    ``rebalance`` (one shape for both: the CLI prints what a node's admin API would answer).
+    ``"skipped": true`` is present only when another process held the rebalance lock."""
+    doc: dict[str, object] = {
+        "dry_run": dry_run, "idle_after": rebalancer.idle_after, "idle_threshold": rebalancer.idle_threshold,
+        "budget": rebalancer.budget, "loads": dict(sorted(outcome.loads.items())),
+        "moves": [{"user": m.user_key, "from": m.source, "to": m.target} for m in outcome.planned],
+        "moved": len(outcome.applied),
+    }
+    if outcome.skipped:
+        doc["skipped"] = True
+    return doc
+
+
 def rebalancer_for(config: Config, store: PinStore, view: Callable[[], MembershipView], **kwargs: object) -> Rebalancer:
     """The ``Rebalancer`` ``placement.rebalance`` asks for (node and CLI alike); ``kwargs``: ``anonymous``,
     ``lock``, ``on_moved``, ``clock``."""
