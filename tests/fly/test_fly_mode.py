@@ -80,7 +80,10 @@ def fly_config(machine: str, app_port: int, node_ports: dict[str, int], placemen
         user_key=(UserKeySourceConfig("header", "X-User-Id"),),
         fly=FlyConfig(app="demo", machine_id=machine, region="lcl", upstream=f"http://127.0.0.1:{app_port}",
                       placement=placement),
-        health=HealthConfig(interval=0.3, timeout=0.3, unhealthy_after=1, healthy_after=1),
+        # a refused probe marks a stopped Machine down at once; the 2 s timeout only keeps a stall of
+        # this test's one event loop (edge, nodes, apps and clients share it) on a loaded machine from
+        # marking a healthy one down (a CI run saw 0.3 s do that)
+        health=HealthConfig(interval=0.3, timeout=2.0, unhealthy_after=1, healthy_after=1),
         limits=LimitsConfig(upstream_connect_timeout=1.0, max_body_bytes=64 * 1024 * 1024),
     )
 

@@ -254,7 +254,7 @@ async def serve_process(tmp_path: Path, engine: str) -> AsyncIterator[ServeFacto
             "cookie: {secret: robustness-test-secret}",
             "user_key: [{header: X-User-Id}]",
             *([] if any(line.startswith("health:") for line in extra)
-              else ["health: {interval: 0.5s, timeout: 0.5s, unhealthy_after: 1, healthy_after: 1}"]),
+              else ["health: {interval: 0.5s, timeout: 2s, unhealthy_after: 1, healthy_after: 1}"]),
             engine_line(engine),
             *extra,
             "instances:",

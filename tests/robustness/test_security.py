@@ -283,7 +283,7 @@ def _fly_config(backends: Backends, engine: str) -> Config:
         user_key=(UserKeySourceConfig("header", "X-User-Id"), UserKeySourceConfig("query", "userId"),
                   UserKeySourceConfig("cookie", "uid")),
         fly=FlyConfig(app="demo", machine_id="m1", region="lcl", upstream=urls["m1"]),
-        health=HealthConfig(interval=0.3, timeout=0.3, unhealthy_after=1, healthy_after=1),
+        health=HealthConfig(interval=0.3, timeout=2.0, unhealthy_after=1, healthy_after=1),  # 2 s: see fly_config
         limits=LimitsConfig(upstream_connect_timeout=1.0),
     )
 
