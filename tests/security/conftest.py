@@ -22,9 +22,7 @@ def slowhttptest() -> str:
     return path
 
 
-def backend_connections(port: int) -> int:
-    """TCP connections this process has accepted on ``port`` (a backend running in the test
-    process), read from /proc: the listening socket is not counted."""
+def _own_sockets() -> set[str]:
     inodes = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -33,11 +31,31 @@ def backend_connections(port: int) -> int:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            state = fields[3]
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes and state != "0A":  # 0A: LISTEN
-                count += 1
-    return count
+    return inodes
+
+
+def _tcp_rows() -> list[list[str]]:
+    return [line.split() for table in ("/proc/net/tcp", "/proc/net/tcp6")
+            for line in Path(table).read_text().splitlines()[1:]]
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1], 16)
+
+
+def backend_connections(port: int) -> int:
+    """TCP connections this process has accepted on ``port`` (a backend running in the test
+    process), read from /proc: the listening socket is not counted."""
+    inodes = _own_sockets()
+    return sum(1 for fields in _tcp_rows()  # fields[3] 0A: LISTEN
+               if _port(fields[1]) == port and fields[9] in inodes and fields[3] != "0A")
+
+
+def unread_upstream_connections(port: int) -> int:
+    """This process's connections *to* ``port`` (the proxy's side of its backend connections) with
+    bytes in their receive queue: response bytes the proxy has not read (yet). A connection held
+    for a slow reader keeps them (the proxy paused reading it); one whose response the proxy took
+    whole has none, except for the moment between their arrival and the proxy's next read."""
+    inodes = _own_sockets()
+    return sum(1 for fields in _tcp_rows()
+               if _port(fields[2]) == port and fields[9] in inodes and int(fields[4].split(":")[1], 16) > 0)
