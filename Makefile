@@ -25,10 +25,11 @@ install: $(BIN)/python
 demo: install
 	$(BIN)/affinity-proxy demo
 
-# Runs ruff and the whole suite; -rs prints the reason of any skipped test (CI allows none).
+# Runs ruff and the whole suite; -rs prints the reason of any skipped test (CI allows none), --durations
+# the 25 slowest (where to look when CI gets slow).
 test: install test-deps
 	$(BIN)/ruff check affinity_proxy tests benchmarks
-	$(BIN)/python -m pytest -q -rs -m "not slow" -p no:cacheprovider
+	$(BIN)/python -m pytest -q -rs -m "not slow" -p no:cacheprovider --durations=25
 
 test-all: install test-deps
 	$(BIN)/python -m pytest -q -rs -p no:cacheprovider
