@@ -67,6 +67,15 @@ class RecentEvents:
         if replay_status:
             self._replay_status[i] += 1
 
+    def replay_answered(self, now: float) -> None:
+        """``route("replay", r)`` then ``response(True)`` for a replay whose route is no re-pin (the
+        replay lane's answers: its routes come from the hot-route cache, which holds cookie and
+        force routes only), with the caller's clock reading and one slot look-up."""
+        i = self._slot(now)
+        self._replays[i] += 1
+        self._requests[i] += 1
+        self._replay_status[i] += 1
+
     def route(self, action: str, route: Route) -> None:
         """A routing decision carried out (``action`` "forward" or "replay"). Counts replays and
         records re-pins (``repin`` with its ``repin_reason``, and the fly loop guard). O(1)."""

@@ -79,6 +79,21 @@ def test_recent_events_counts_per_second_and_forgets_old_seconds() -> None:
     assert ev.snapshot()["totals"] == {"requests": 0, "replays": 0, "replay_status": 0, "repins": 0}
 
 
+def test_replay_answered_counts_what_a_replay_route_and_its_response_count() -> None:
+    """The replay lane's one call equals ``route("replay", ...)`` + ``response(True)`` for the routes
+    it answers (cookie and force routes: never a re-pin)."""
+    for reason in (DecisionReason.COOKIE, DecisionReason.FORCE):
+        clock = Clock(700.4)
+        pair, one = RecentEvents(seconds=10, clock=clock), RecentEvents(seconds=10, clock=clock)
+        for t in (700.4, 700.9, 703.1, 712.0):  # 712: the slot of 702 is reused
+            clock.now = t
+            pair.route("replay", Route(InstanceId("b"), reason))
+            pair.response(replay_status=True)
+            one.replay_answered(t)
+        assert one.snapshot() == pair.snapshot()
+        assert one.snapshot()["totals"] == {"requests": 2, "replays": 2, "replay_status": 2, "repins": 0}
+
+
 def test_recent_events_keeps_the_last_repins_newest_first_without_user_keys() -> None:
     clock = Clock(50.0)
     ev = RecentEvents(seconds=60, max_repins=3, clock=clock)

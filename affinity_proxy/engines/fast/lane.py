@@ -88,9 +88,7 @@ class ReplayLane:
         if transport is not None:
             transport.write(self.data)
         server.counts.inc_all(self.counters)
-        events = ctx.events
-        events.route("replay", entry.decision)
-        events.response(True)
+        ctx.events.replay_answered(now)  # what ``route("replay", ...)`` and ``response(True)`` count
         conn.idle_since = conn.last_rx
         return True
 
