@@ -7,8 +7,10 @@ call. ``NewSessions.mint`` answers exactly that with the ring look-up as its onl
 
 - placement: ``routing.placement``'s bounded load on the live-session snapshot
   (``placement.live``, ``RouteInput.loads``), the instances with room computed once per snapshot
-  (the snapshot is replaced whole, so its identity is the cache key) instead of per request; with
-  ``placement.load_factor`` off, the ring's choice (``MembershipView.choose_new``);
+  (the snapshot is replaced whole, so its identity is the cache key) instead of per request, and
+  the placement of each ring position kept while those stay the same (``RoomWalk``): a new session
+  costs the md5 and bisect of its key; with ``placement.load_factor`` off, the ring's choice
+  (``MembershipView.choose_new``);
 - the cookie: an anonymous cookie names only the instance and the second it was issued
   (``routing.cookie``), so ``proxy.act.CookieWriter`` is asked once per instance per second and
   its ``X-Fly-Instance`` and ``Set-Cookie`` lines are kept as bytes until the second changes;
@@ -24,6 +26,7 @@ general path refuses). ``tests/engines/fast/test_mint.py`` checks its placements
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -73,25 +76,88 @@ def with_room(view: MembershipView, loads: Any, load_factor: float) -> tuple[Has
 def place_with_room(key: str, ring: HashRing, room: frozenset[str]) -> tuple[str | None, PlacementHow]:
     """``place`` for ``key`` given ``with_room``'s answer: the key's ring choice when it has room,
     else the first instance with room further along the walk."""
-    chosen = ring.choose(key)
+    return place_at(ring.position(key), ring, room)
+
+
+def place_at(position: int, ring: HashRing, room: frozenset[str]) -> tuple[str | None, PlacementHow]:
+    """``place_with_room`` for the keys that hash to ring ``position``."""
+    chosen = ring.owner(position)
     if chosen in room:
         return chosen, PlacementHow.RING
-    return next((node for node in ring.walk(key) if node in room), None), PlacementHow.OVERFLOW
+    return next((node for node in ring.walk_from(position) if node in room), None), PlacementHow.OVERFLOW
+
+
+class RoomWalk:
+    """``with_room``'s answer, each ring position's placement (``place_at``) kept once asked: a new
+    session then costs the md5 and bisect of its key. The continuum has a few hundred points per
+    instance, so the table fills within the first few thousand sessions of a (ring, room) state;
+    the live-session snapshot is replaced every second or so, and the table is kept as long as the
+    instances with room stay the same (``reuse``)."""
+
+    __slots__ = ("_at", "ring", "room")
+
+    def __init__(self, ring: HashRing, room: frozenset[str]) -> None:
+        self.ring = ring
+        self.room = room
+        self._at: list[tuple[str | None, PlacementHow] | None] = [None] * ring.points
+
+    def place(self, key: str) -> tuple[str | None, PlacementHow]:
+        position = self.ring.position(key)
+        placed = self._at[position]
+        if placed is None:
+            placed = self._at[position] = place_at(position, self.ring, self.room)
+        return placed
+
+    def reuse(self, placed: tuple[HashRing, frozenset[str]] | None) -> RoomWalk | None:
+        """The walk for a new ``with_room`` answer: this one when nothing changed."""
+        if placed is None:
+            return None
+        ring, room = placed
+        if ring is self.ring and room == self.room:
+            return self
+        return RoomWalk(ring, room)
+
+
+#: The fields ``lane_input`` leaves at their defaults: (slot setter, default), (slot setter, factory).
+_INPUT_DEFAULTS = tuple((getattr(RouteInput, f.name).__set__, f.default) for f in dataclasses.fields(RouteInput)
+                        if f.name not in ("now", "anonymous_key", "loads") and f.default is not dataclasses.MISSING)
+_INPUT_FACTORIES = tuple((getattr(RouteInput, f.name).__set__, f.default_factory)
+                         for f in dataclasses.fields(RouteInput) if f.default_factory is not dataclasses.MISSING)
+_set_now = RouteInput.now.__set__  # type: ignore[attr-defined]
+_set_key = RouteInput.anonymous_key.__set__  # type: ignore[attr-defined]
+_set_loads = RouteInput.loads.__set__  # type: ignore[attr-defined]
+
+
+def lane_input(now: float, key: str, loads: Any) -> RouteInput:
+    """``RouteInput(now=now, anonymous_key=key, loads=loads)``, its slots set directly: the frozen
+    dataclass's ``__init__`` (keyword binding, an ``object.__setattr__`` by name per field) cost
+    as much as the rest of the placement. Every other field gets its default (a fresh one from a
+    factory), whatever fields ``RouteInput`` has."""
+    inp = object.__new__(RouteInput)
+    for setter, value in _INPUT_DEFAULTS:
+        setter(inp, value)
+    for setter, factory in _INPUT_FACTORIES:
+        setter(inp, factory())
+    _set_now(inp, now)
+    _set_key(inp, key)
+    _set_loads(inp, loads)
+    return inp
 
 
 class _Snapshot:
     """What the lane derived from one (membership, codec, policy, config) state."""
 
-    __slots__ = ("codec", "config", "ids", "instances", "lines", "policy", "room", "routes", "view")
+    __slots__ = ("codec", "config", "lines", "loads", "policy", "targets", "view", "walk")
 
     def __init__(self, ctx: ProxyContext) -> None:
         self.view = ctx.membership.current()
         self.codec = ctx.codec
         self.policy = ctx.policy
         self.config = ctx.config
-        self.room: tuple[Any, tuple[HashRing, frozenset[str]] | None] = (None, None)  # (loads, with_room)
-        self.instances: dict[str, tuple[Instance, Origin] | None] = {}
-        self.routes: dict[tuple[str, PlacementHow], tuple[Route, tuple[Any, ...]]] = {}
+        self.loads: Any = None  # the live-session snapshot ``walk`` was computed for
+        self.walk: RoomWalk | None = None
+        #: (instance, how) -> (decision, counters, instance, its pool origin); None: not routable
+        self.targets: dict[tuple[str, PlacementHow], tuple[Route, tuple[Any, ...], Instance, Origin] | None] = {}
         self.lines: dict[str, tuple[int, tuple[bytes, ...]]] = {}  # instance -> (second, header lines)
 
 
@@ -141,34 +207,28 @@ class NewSessions:
         loads = live.loads if live is not None and (policy.load_factor is not None
                                                     or policy.rebalance_idle is not None) else None
         key = new_anonymous_key()
-        view = snap.view
         if policy.load_factor is None or loads is None:
-            chosen: str | None = view.choose_new(key)
-            how = PlacementHow.RING
+            placed: tuple[str | None, PlacementHow] = (snap.view.choose_new(key), PlacementHow.RING)
         else:
-            if snap.room[0] is not loads:
-                snap.room = (loads, with_room(view, loads, policy.load_factor))
-            placed = snap.room[1]
-            if placed is None:
+            if snap.loads is not loads:
+                room = with_room(snap.view, loads, policy.load_factor)
+                snap.walk = (snap.walk.reuse(room) if snap.walk is not None
+                             else RoomWalk(*room) if room is not None else None)
+                snap.loads = loads
+            walk = snap.walk
+            if walk is None:
                 return None
-            chosen, how = place_with_room(key, *placed)
-        if chosen is None:
-            return None
-        target = snap.instances.get(chosen)
+            placed = walk.place(key)
+        target = snap.targets.get(placed)  # type: ignore[arg-type]
         if target is None:
-            instance = view.get(chosen)
-            if instance is None or not instance.url:
+            target = self._target(snap, placed, counts, pool)
+            if target is None:
                 return None
-            target = snap.instances[chosen] = (instance, pool.origin(instance.url))
-        instance, origin = target
-        decided = snap.routes.get((chosen, how))
-        if decided is None:
-            route = Route(InstanceId(chosen), DecisionReason.NEW, set_cookie=True, how=how)
-            decided = snap.routes[(chosen, how)] = (route, counts.children(act.counts(act.FORWARD, route)))
-        route, counters = decided
+        route, counters, instance, origin = target
         now = time.time()
-        inp = RouteInput(now=now, anonymous_key=key, loads=loads)
+        inp = lane_input(now, key, loads)
         second = int(now)
+        chosen = route.instance
         lines = snap.lines.get(chosen)
         if lines is None or lines[0] != second:
             cookie = self.writer.value(snap.codec, snap.config, instance.id, route, inp)
@@ -176,3 +236,19 @@ class NewSessions:
                                                         for name, value in act.response_headers(instance.id, cookie)))
         self.minted += 1
         return route, inp, instance, origin, lines[1], counters
+
+    @staticmethod
+    def _target(snap: _Snapshot, placed: tuple[str | None, PlacementHow], counts: Counts,
+                pool: UpstreamPool) -> tuple[Route, tuple[Any, ...], Instance, Origin] | None:
+        """The decision, counters, instance and origin of a placement (kept in ``snap.targets``);
+        None when nothing was placed or the instance has no URL (the general path answers)."""
+        chosen, how = placed
+        if chosen is None:
+            return None
+        instance = snap.view.get(chosen)
+        if instance is None or not instance.url:
+            return None
+        route = Route(InstanceId(chosen), DecisionReason.NEW, set_cookie=True, how=how)
+        target = snap.targets[(chosen, how)] = (route, counts.children(act.counts(act.FORWARD, route)), instance,
+                                               pool.origin(instance.url))
+        return target

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from affinity_proxy.config import CookieConfig, PlacementConfig
-from affinity_proxy.engines.fast.mint import place_with_room, with_room
+from affinity_proxy.engines.fast.mint import RoomWalk, lane_input, place_with_room, with_room
 from affinity_proxy.proxy.act import cookie_attributes
 from affinity_proxy.routing.cookie import AffinityCookie, CookieCodec, set_cookie_value
 from affinity_proxy.routing.decide import DecidePolicy, DecisionReason, Route, RouteInput, decide
@@ -54,6 +54,38 @@ def test_placement_is_decides(seed: int) -> None:
         assert isinstance(decided, Route), (k, decided)
         assert (decided.instance, decided.how, decided.reason) == (chosen, how, DecisionReason.NEW)
         assert decided.set_cookie
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_room_walk_is_place_with_room(seed: int) -> None:
+    """The lane's table of placements per ring position answers what ``place_with_room`` answers,
+    for keys met for the first time and again, and is kept while the instances with room stay."""
+    rng = random.Random(seed)
+    view = view_of(rng.randint(1, 7), rng)
+    loads = {i.id: rng.choice((0, 1, 5, 40, 300)) for i in view.instances if rng.random() < 0.8}
+    factor = rng.choice((1.0, 1.05, 1.25, 2.0))
+    placed = with_room(view, loads, factor)
+    if placed is None:
+        return
+    walk = RoomWalk(*placed)
+    keys = [f"{rng.getrandbits(64):x}" for _ in range(2000)]
+    for key in keys + keys[:500]:
+        assert walk.place(key) == place_with_room(key, *placed), key
+    assert walk.reuse(with_room(view, dict(loads), factor)) is walk
+    other = walk.reuse((placed[0], frozenset()))
+    assert other is not walk and other is not None
+    assert other.place(keys[0]) == (None, PlacementHow.OVERFLOW)
+    assert walk.reuse(None) is None
+
+
+def test_lane_input_is_the_dataclass_s() -> None:
+    """The lane's input equals ``RouteInput(now=, anonymous_key=, loads=)``, every other field at
+    its default, with a fresh ``avoid`` each time."""
+    loads = {"a": 3}
+    one, two = lane_input(12.5, "k1", loads), lane_input(13.0, "k2", None)
+    assert one == RouteInput(now=12.5, anonymous_key="k1", loads=loads)
+    assert two == RouteInput(now=13.0, anonymous_key="k2")
+    assert one.avoid == {} and one.avoid is not two.avoid
 
 
 def served(resp: aiohttp.ClientResponse) -> tuple[str, str]:
