@@ -13,9 +13,11 @@ backends on CPU 0):
   **haproxy-insert** (HAProxy ``cookie ... insert``): ``affinity-new``.
 
 wrk loads each target for a fixed time, in interleaved rounds (every target once per round, a
-different one first each round). Every figure is given as a ratio against its reference measured in
-the same round, and against the byte relay of the same round; the run's figure is the median of
-the per-round ratios with their min-max. A round whose reference looks off (reference req/s per
+different one first each round, every other round in reverse order: a compared ref's twin runs right
+after its target in one round and right before it in the next, so neither gains from its place).
+Every figure is given as a ratio against its reference measured in the same round, and against
+the byte relay of the same round; the run's figure is the median of the per-round ratios with
+their min-max. A round whose reference looks off (reference req/s per
 core of CPU, or direct ÷ nginx, more than 15 % from the run's median; or other work on the machine
 taking CPU meanwhile) is flagged: kept and shown, with separate medians without it. Writes
 benchmarks/RESULTS.md from this one run (not with --quick unless --output is given). Installs
@@ -222,7 +224,8 @@ def results_markdown(info: Mapping[str, str], command: str, args: argparse.Names
           if refs else []),
         f"- command: `{command}`",
         f"- load: wrk -t1 -c{args.connections} -d{args.duration:g}s per target per round, {len(rounds)} rounds "
-        f"interleaved (warm-up {args.warmup:g}s per target first); wrk on CPU {args.wrk_cpu}, the backends "
+        f"interleaved, every other one in reverse order (warm-up {args.warmup:g}s per target first); "
+        f"wrk on CPU {args.wrk_cpu}, the backends "
         f"(one nginx, 1 worker, 3 `return 200` servers) on CPU {args.backend_cpu}, every target on CPU "
         f"{args.target_cpu}",
         f"- flagging: a reference's req/s per core or direct ÷ nginx more than {args.tolerance:.0%} from the run's "
@@ -376,9 +379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for t in targets:
                     load(t, duration=args.warmup)
             for i in range(args.rounds):
-                shift = i % len(targets)  # a different target goes first in every round
+                # a different target first in every round; every other round reversed (see the docstring)
+                order = targets if i % 2 == 0 else targets[::-1]
+                shift = (i // 2) % len(targets)
                 done = {}
-                for t in targets[shift:] + targets[:shift]:
+                for t in order[shift:] + order[:shift]:
                     done[t.name] = load(t, duration=args.duration)
                     print(f"  round {i + 1}: {t.name:28} {done[t.name].rps:10,.0f} req/s, "
                           f"other CPU {done[t.name].other_cpu or 0:.2f}", flush=True)
