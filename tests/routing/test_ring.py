@@ -99,3 +99,19 @@ def test_ketama_compatible_with_uhashring(weights: dict[str, int]) -> None:
     reference = uhashring.HashRing({n: {"weight": w} for n, w in weights.items()}, hash_fn="ketama")
     for key in KEYS[:3000]:
         assert ours.choose(key) == reference.get_node(key)
+
+
+@pytest.mark.parametrize(
+    "weights", [{"a": 1, "b": 1, "c": 1}, {"i-1": 3, "i-2": 1}, {"machine.one": 2, "m_2": 1, "m-3": 4, "x": 1}]
+)
+def test_walks_follow_uhashring_iterate_nodes(weights: dict[str, int]) -> None:
+    """The look-ups run over a copy of uhashring's continuum: a walk from a key visits the instances
+    in the order uhashring's ``iterate_nodes(key, distinct=True)`` does, and ``choose`` past an
+    excluded set takes the first of that walk not excluded."""
+    ours = HashRing(weights)
+    reference = uhashring.HashRing({n: {"weight": w} for n, w in weights.items()}, hash_fn="ketama")
+    for key in KEYS[:1000]:
+        expected = list(reference.iterate_nodes(key, distinct=True))
+        assert list(ours.walk(key)) == expected == ours.preference(key)
+        assert ours.choose(key, exclude=expected[:1]) == (expected[1] if len(expected) > 1 else None)
+        assert ours.choose(key, exclude=set(expected)) is None
