@@ -49,7 +49,7 @@ class RequestHead:
         self.headers: list[tuple[bytes, bytes]] = []
         self.first: dict[bytes, bytes] = {}
         self.lines: list[bytes] = []
-        self.up_memo: tuple[Any, ...] | None = None  # ``rewrite.upstream_head``'s per-head memo
+        self.up_memo: dict[Any, tuple[Any, ...]] | None = None  # ``rewrite.upstream_head``'s memos by origin
         self._rid: bytes | bool | None = False  # ``client_request_id`` memo (False: not computed)
         self.has_rid = False  # a forwardable X-Request-Id is among ``lines``
         self.odd = False

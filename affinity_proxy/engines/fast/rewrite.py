@@ -32,6 +32,8 @@ _NO_BODY_STATUS = (204, 304)
 _STATUS_LINES: dict[tuple[bytes, int, bytes], bytes] = {}
 #: ``_added_lines`` by (X-Forwarded-For lines, peer, scheme, Host): a bounded cache, emptied when full.
 _ADDED_LINES: dict[tuple[object, ...], bytes] = {}
+#: ``upstream_head``'s memos kept per head (one per instance), emptied when full.
+_UP_MEMOS = 64
 #: A rewrite's dropped names as the bytes heads are keyed by (the few distinct sets seen), bounded.
 _DROP_BYTES: dict[frozenset[str], frozenset[bytes]] = {}
 
@@ -51,19 +53,22 @@ def upstream_head(head: RequestHead, origin: Target, peer: str | None, rid: Call
     no client claim from an untrusted peer) the rewrite drops only ``REQUEST_DROPPED``, which the
     head's ``lines`` were filtered against as they were parsed; everything but X-Request-Id then
     depends only on the (shared, immutable) head, the instance, the peer address and ``client``,
-    so it is built once per head for the last of those seen and reused around a fresh request id."""
+    so it is built once per head and instance for the last of those seen (new sessions spread one
+    head over every instance) and reused around a fresh request id."""
     if extra is not None or head.odd or (head.claims and not client.trusted):
         return _filtered_upstream_head(head, origin, peer, rid, fqdn, extra, client)
-    memo = head.up_memo
-    if (memo is None or memo[0] is not origin or memo[1] != peer or memo[2] != client.scheme
-            or memo[3] is not client.trusted):
+    memos = head.up_memo
+    memo = memos.get(origin) if memos is not None else None
+    if memo is None or memo[1] != peer or memo[2] != client.scheme or memo[3] is not client.trusted:
         parts = [head.method.encode(), b" ", origin.prefix, head.target, b" HTTP/1.1\r\n", b"".join(head.lines)]
         if b"host" not in head.first:
             parts += (b"Host: ", origin.host_header, b"\r\n")
         parts.append(_added_lines(head, peer, client.scheme, fqdn))
         after: list[bytes] = []
         _framing(after, head)
-        memo = head.up_memo = (origin, peer, client.scheme, client.trusted, b"".join(parts), b"".join(after))
+        if memos is None or len(memos) >= _UP_MEMOS:
+            memos = head.up_memo = {}
+        memo = memos[origin] = (origin, peer, client.scheme, client.trusted, b"".join(parts), b"".join(after))
     if head.has_rid:
         return memo[4] + memo[5]  # type: ignore[no-any-return]
     return b"".join((memo[4], wire.REQUEST_ID_LINE, rid(), b"\r\n", memo[5]))
