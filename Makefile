@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-all lint install bench bench-compare bench-ws bench-scaling bench-placement bench-budget chaos clean redis-server test-deps
+.PHONY: demo test fuzz test-all lint install bench bench-compare bench-ws bench-scaling bench-placement bench-budget chaos clean redis-server test-deps
 
 # Debian packages the suite needs (redis-server, chromium, prometheus's promtool, nginx, haproxy, openssl,
 # slowhttptest), installed with apt-get when missing; the list is in .ci/install-deps, which CI
@@ -30,6 +30,11 @@ demo: install
 test: install test-deps
 	$(BIN)/ruff check affinity_proxy tests benchmarks
 	$(BIN)/python -m pytest -q -rs -m "not slow" -p no:cacheprovider --durations=25
+
+# The property tests with new random examples each run (1000 per test unless a test says otherwise);
+# `make test` runs a fixed, derandomized set (tests/conftest.py).
+fuzz: install test-deps
+	HYPOTHESIS_PROFILE=explore $(BIN)/python -m pytest -q -p no:cacheprovider $$(grep -rlE "^(from|import) hypothesis" tests)
 
 test-all: install test-deps
 	$(BIN)/python -m pytest -q -rs -p no:cacheprovider

@@ -10,10 +10,12 @@ import it into their conftest).
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
+from hypothesis import settings
 
 from affinity_proxy.config import Config
 from affinity_proxy.serve.app import ProxyServer
@@ -21,6 +23,14 @@ from tests.support.backends import Backends
 from tests.support.engine import ProxyFactory
 from tests.support.redis_server import RedisServer, RedisServerMissing
 from tests.support.redis_topologies import RedisClusterSet, RedisSentinelSet
+
+# Property tests: ``make test`` (and CI) runs the same examples every time (derandomized per test), so
+# its result depends on the code, not on the run; ``make fuzz`` (``HYPOTHESIS_PROFILE=explore``) draws new
+# examples each run, with more of them, to find what the fixed set does not. A failure it finds is
+# a bug: fix it and add the example with ``@example``.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, max_examples=1000, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 def _new_redis() -> RedisServer:
