@@ -34,6 +34,8 @@ _STATUS_LINES: dict[tuple[bytes, int, bytes], bytes] = {}
 _ADDED_LINES: dict[tuple[object, ...], bytes] = {}
 #: ``upstream_head``'s memos kept per head (one per instance), emptied when full.
 _UP_MEMOS = 64
+#: ``known_client_head``'s memos kept per response head (one per instance's lines), emptied when full.
+_CLIENT_MEMOS = 64
 #: A rewrite's dropped names as the bytes heads are keyed by (the few distinct sets seen), bounded.
 _DROP_BYTES: dict[frozenset[str], frozenset[bytes]] = {}
 
@@ -163,13 +165,19 @@ def needs_framing(head: RequestHead, rh: ResponseHead) -> bool:
 
 def known_client_head(head: RequestHead, rh: ResponseHead, extra: tuple[bytes, ...], keep_alive: bool) -> bytes:
     """``client_head`` for a cached response head (Content-Length framed, never re-chunked),
-    memoized on the head for the last (extra, version, keep-alive) it was sent with."""
-    memo = rh.client_memo
+    memoized on the head per ``extra`` (instances answering the same head bytes share one
+    ``ResponseHead``, and new sessions get each instance's lines) for the last (version,
+    keep-alive) it was sent with."""
+    memos = rh.client_memo
     version = head.version
-    if memo is not None and memo[0] == extra and memo[1] == version and memo[2] is keep_alive:
-        return memo[3]  # type: ignore[no-any-return]
+    if memos is not None:
+        memo = memos.get(extra)
+        if memo is not None and memo[0] == version and memo[1] is keep_alive:
+            return memo[2]
     data = client_head(head, rh, extra, False, keep_alive)
-    rh.client_memo = (extra, version, keep_alive, data)
+    if memos is None or len(memos) >= _CLIENT_MEMOS:
+        memos = rh.client_memo = {}
+    memos[extra] = (version, keep_alive, data)
     return data
 
 
@@ -239,7 +247,8 @@ class ResponseHead:
         self.odd = False  # Connection names other headers: the exchange filters ``headers`` itself
         self.keep_alive = True
         self._block: bytes | None = None
-        self.client_memo: tuple[object, ...] | None = None  # ``rewrite.known_client_head``'s memo
+        #: ``rewrite.known_client_head``'s memos: extra lines -> (version, keep-alive, bytes)
+        self.client_memo: dict[tuple[bytes, ...], tuple[bytes, bool, bytes]] | None = None
 
     def add(self, name: bytes, value: bytes) -> None:
         if value and value[-1] in (32, 9):
