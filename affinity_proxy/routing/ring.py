@@ -9,6 +9,7 @@ costs one md5 and one bisect (``position``), and a walk from a position is a sca
 
 from __future__ import annotations
 
+import struct
 from bisect import bisect_right
 from collections.abc import Collection, Iterator, Mapping
 from itertools import chain, islice
@@ -19,6 +20,9 @@ try:  # CPython's own md5: no OpenSSL context to allocate for a 16-byte key (sam
     from _md5 import md5 as _md5
 except ImportError:  # pragma: no cover - a build without the builtin hashes
     from hashlib import md5 as _md5
+
+#: ketama's point of a key: the md5 digest's first 4 bytes, little-endian.
+_ketama = struct.Struct("<I").unpack_from
 
 
 class HashRing:
@@ -45,9 +49,8 @@ class HashRing:
     def position(self, key: str) -> int:
         """The index of the point owning ``key`` (ketama: the first point above the key's hash,
         wrapping to 0). The ring must not be empty."""
-        digest = _md5(str(key).encode("utf-8")).digest()
         points = self._points
-        pos = bisect_right(points, int.from_bytes(digest[:4], "little"))
+        pos = bisect_right(points, _ketama(_md5(key.encode("utf-8")).digest())[0])
         return 0 if pos == len(points) else pos
 
     def owner(self, position: int) -> str:
