@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 from affinity_proxy.config import Config
 from affinity_proxy.serve.app import ProxyServer
@@ -28,8 +28,11 @@ from tests.support.redis_topologies import RedisClusterSet, RedisSentinelSet
 # its result depends on the code, not on the run; ``make fuzz`` (``HYPOTHESIS_PROFILE=explore``) draws new
 # examples each run, with more of them, to find what the fixed set does not. A failure it finds is
 # a bug: fix it and add the example with ``@example``.
-settings.register_profile("deterministic", derandomize=True, database=None)
-settings.register_profile("explore", derandomize=False, max_examples=1000, database=None)
+# No deadline and no too-slow health check in either: they are timing assertions, which a loaded
+# machine fails for no fault of the code.
+_UNTIMED = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+settings.register_profile("deterministic", derandomize=True, database=None, **_UNTIMED)
+settings.register_profile("explore", derandomize=False, max_examples=1000, database=None, **_UNTIMED)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
