@@ -17,6 +17,7 @@ from aiohttp import web
 from affinity_proxy._tasks import TaskSet
 from affinity_proxy.config import Config
 from affinity_proxy.membership.health import HealthChecker
+from affinity_proxy.membership.heartbeat import MembershipRefresher
 from affinity_proxy.membership.private_net import PrivateNet
 from affinity_proxy.membership.registry import Membership
 from affinity_proxy.membership.shared import SharedState
@@ -63,6 +64,7 @@ class ProxyContext:
     client: OutboundClient | None = None  # engines.aiohttp.client.UpstreamClient, made by serve.app
     private_net: PrivateNet | None = None  # fly mode: 6PN names and waking stopped Machines
     health: HealthChecker | None = None
+    refresher: MembershipRefresher | None = None  # the drain/heartbeat refresh loop (its ``rounds``)
     node: str = field(default_factory=lambda: os.environ.get("FLY_MACHINE_ID") or socket.gethostname())
     started_at: float = 0.0
     pin_counts: dict[str, int] = field(default_factory=dict)  # refreshed in the background for metrics

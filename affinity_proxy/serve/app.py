@@ -171,8 +171,8 @@ def _lifecycle(ctx: ProxyContext, reaper: Reaper, rebalancer: Rebalancer):  # ty
         )
         ctx.tasks.spawn(ctx.health.run(), name="health-checker")
         fly_group = ctx.config.fly.process_group if ctx.config.mode == "fly" else None
-        refresher = MembershipRefresher(ctx.membership, ctx.shared, node=ctx.node,
-                                        interval=refresh_interval(h.interval), group=fly_group or "")
+        refresher = ctx.refresher = MembershipRefresher(ctx.membership, ctx.shared, node=ctx.node,
+                                                        interval=refresh_interval(h.interval), group=fly_group or "")
         await refresher.refresh_once()  # start with the shared drain set; never raises on an outage
         ctx.tasks.spawn(refresher.run(), name="membership-refresh")
         ctx.tasks.spawn(reaper.run(), name="reaper")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 
@@ -25,6 +24,13 @@ def state(server: ProxyServer, instance: str) -> str:
     return server.ctx.membership.current().state_of(instance).value
 
 
+def rounds(server: ProxyServer) -> int:
+    """Membership refresh rounds ``server`` completed: "within one refresh" counted in refreshes, not
+    in seconds (a round in progress when the mark was stored may end without it: at most 2)."""
+    assert server.ctx.refresher is not None
+    return server.ctx.refresher.rounds
+
+
 async def owner(http, server: ProxyServer, user: str) -> str:  # type: ignore[no-untyped-def]
     async with http.get(base(server) + "/", headers={"X-User-Id": user}) as resp:
         assert resp.status == 200
@@ -40,12 +46,12 @@ async def test_drain_on_one_node_is_honoured_by_another_within_one_refresh(engin
     pinned = {f"d{i}": await owner(http, n2, f"d{i}") for i in range(60)}
     assert "a" in pinned.values()
 
-    started = time.monotonic()
     async with http.post(admin(n1) + "/instances/a/drain") as resp:
         assert resp.status == 200 and (await resp.json())["state"] == "draining"
+    stored = rounds(n2)  # the drain mark is in Redis now
     assert state(n1, "a") == "draining", "the node that took the request applies it at once"
-    await wait_until(lambda: state(n2, "a") == "draining", timeout=5)
-    assert time.monotonic() - started < refresh + 0.7, "honoured within one membership refresh"
+    await wait_until(lambda: state(n2, "a") == "draining", timeout=5 + 10 * refresh)
+    assert rounds(n2) - stored <= 2, "honoured at the first refresh that started after the mark was stored"
     for user, instance in pinned.items():
         assert await owner(http, n2, user) == instance, "pinned users stay, even on the draining instance"
     for i in range(60):
@@ -53,11 +59,11 @@ async def test_drain_on_one_node_is_honoured_by_another_within_one_refresh(engin
     async with http.get(admin(n2) + "/instances") as resp:
         assert {i["id"]: i["state"] for i in (await resp.json())["instances"]}["a"] == "draining"
 
-    started = time.monotonic()
     async with http.post(admin(n2) + "/instances/a/undrain") as resp:
         assert (await resp.json())["state"] == "up"
-    await wait_until(lambda: state(n1, "a") == "up", timeout=5)
-    assert time.monotonic() - started < refresh + 0.7
+    stored = rounds(n1)
+    await wait_until(lambda: state(n1, "a") == "up", timeout=5 + 10 * refresh)
+    assert rounds(n1) - stored <= 2
     new_owners = {await owner(http, n1, f"later{i}") for i in range(60)}
     assert "a" in new_owners, "undrained: new users reach it again"
 
