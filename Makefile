@@ -52,12 +52,14 @@ REF ?= 9c433204caeeab6bd4a67be0fcb9f174ad14047a
 bench-compare: install
 	$(BIN)/python -m benchmarks.run --duration 8 --rounds 5 --compare-ref $(REF) --output benchmarks/COMPARE.md --targets nginx-proxy,direct,byte-relay,affinity-proxy,affinity-fly,haproxy-insert,affinity-new
 
-# Where a request's CPU goes: µs per request by stage (py-spy samples + kernel time), pinned and
-# new-session paths (about 1 min; needs py-spy: installed here with pip).
+# Where a request's CPU goes (issue #16): µs per request by stage (py-spy samples + kernel time), pinned and
+# new-session paths, before (BUDGET_REF, the commit before #16's performance work, run from a git worktree)
+# and after, interleaved in 3 rounds of the same run (about 3 min; needs py-spy: installed here with pip);
+# writes the CPU-budget section of benchmarks/RESULTS.md.
+BUDGET_REF ?= a3d0e59^
 bench-budget: install
 	$(BIN)/pip install --quiet py-spy
-	$(BIN)/python -m benchmarks.cpu_budget --target affinity-proxy --label pinned
-	$(BIN)/python -m benchmarks.cpu_budget --target affinity-new --label new-session
+	$(BIN)/python -m benchmarks.cpu_budget --rounds 3 --duration 5 --compare-ref '$(BUDGET_REF)' --write
 
 # WebSocket relay against nginx (issue #16): 20 connections echoing 64-byte messages at 5,000 round trips/s
 # through nginx, the Python byte relay and both engines, each proxy alone on CPU 1, 5 interleaved rounds

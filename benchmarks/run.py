@@ -68,6 +68,7 @@ from benchmarks.rounds import (
     verdicts,
     with_ratios,
 )
+from benchmarks.sections import carry_sections
 from benchmarks.targets import (
     ALL_TARGETS,
     HarnessError,
@@ -79,7 +80,6 @@ from benchmarks.targets import (
     softirq_threads,
     start_targets,
 )
-from benchmarks.ws_bench import carry_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -414,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output is not None:
         text = results_markdown(info, command, args, targets, rounds, flags, (load_before, loadavg()), started, minutes,
                                 refs)
-        args.output.write_text(carry_section(args.output, text))  # keeps the make bench-ws section
+        args.output.write_text(carry_sections(args.output, text))  # keeps the bench-ws and bench-budget sections
         print(f"wrote {args.output} ({minutes:.1f} min)")
     return 1 if left else 0
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from benchmarks import nginx
 from benchmarks.refs import SEPARATOR, RefTree, Worktrees, check_imports_from, describe
 from benchmarks.rounds import OTHER_CPU_LIMIT, Spread
+from benchmarks.sections import WS_BENCH, carry_sections, replace_section
 from benchmarks.targets import (
     HarnessError,
     Processes,
@@ -54,7 +55,7 @@ from benchmarks.ws_peers import run_clients
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-BEGIN, END = "<!-- ws-bench:begin -->", "<!-- ws-bench:end -->"
+BEGIN, END = WS_BENCH
 REFERENCE = "nginx-ws"
 CEILING = "byte-relay"  # benchmarks.byte_relay: bytes copied both ways, no parsing at all (the Python ceiling)
 ALL_TARGETS = ("nginx-ws", CEILING, "affinity-ws", "affinity-ws-aiohttp")
@@ -264,21 +265,13 @@ def _commit() -> str:
 
 def write_section(text: str, path: Path = RESULTS) -> None:
     """Replace the WebSocket section of ``path`` (between the markers), or append it."""
-    old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
+    path.write_text(replace_section(path.read_text() if path.exists() else "", text, WS_BENCH))
 
 
 def carry_section(path: Path, text: str) -> str:
     """``text`` (a whole new RESULTS.md from ``benchmarks.run``) with the WebSocket section the file at
     ``path`` holds appended, so that a ``make bench`` run does not drop the last ``make bench-ws`` one."""
-    old = path.read_text() if path.exists() else ""
-    if BEGIN not in old or END not in old or BEGIN in text:
-        return text
-    return text.rstrip("\n") + "\n\n" + old[old.index(BEGIN):old.index(END) + len(END)] + "\n"
+    return carry_sections(path, text, (WS_BENCH,))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
