@@ -24,6 +24,7 @@ def test_a_bound_port_is_never_handed_out() -> None:
         for _ in range(50):
             port = free_port(dual_stack=False)
             sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as every listener here (TIME_WAIT)
             sock.bind(("127.0.0.1", port))
             sock.listen()
             held.append(sock)

@@ -71,6 +71,9 @@ def make_config(backends: Backends, **overrides: object) -> Config:
         # timeout 1 s: a loaded CI machine must not fail a probe of a healthy demo backend (a 0.3 s
         # timeout once marked every instance down under a parallel test run)
         health=HealthConfig(interval=0.3, timeout=1.0, unhealthy_after=1, healthy_after=1),
-        limits=LimitsConfig(upstream_timeout=5.0, upstream_connect_timeout=1.0),
+        # connect timeout 5 s (the product's default): the backends run in the test's loop, which a loaded
+        # machine can stall past 1 s; a connect failure counts against the instance's health (passive),
+        # so 1 s marked healthy instances down and re-pinned their users (seen in a parallel run)
+        limits=LimitsConfig(upstream_timeout=5.0, upstream_connect_timeout=5.0),
     )
     return replace(base, **overrides)  # type: ignore[arg-type]

@@ -50,7 +50,9 @@ async def proxy() -> Callable[..., Awaitable[ProxyServer]]:
             admin_listen="127.0.0.1:0",
             instances=(InstanceConfig("a", f"http://127.0.0.1:{port}"),),
             cookie=CookieConfig(secret="hostile-peers-secret-" + "x" * 20),
-            limits=replace(LimitsConfig(upstream_connect_timeout=1.0), **limits),  # type: ignore[arg-type]
+            # connect timeout 5 s: the instance runs in this test's loop, which a loaded machine can stall
+            # past 1 s; a connect failure then marked the only instance down (503, not the 502 tested)
+            limits=replace(LimitsConfig(upstream_connect_timeout=5.0), **limits),  # type: ignore[arg-type]
         )
         server = ProxyServer(config)
         await server.start()
