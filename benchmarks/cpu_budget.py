@@ -43,7 +43,7 @@ from pathlib import Path
 
 from benchmarks import wrk
 from benchmarks.refs import RefError, RefTree, Worktrees, check_ref_syntax, split_target_name
-from benchmarks.rounds import Spread
+from benchmarks.rounds import OTHER_CPU_LIMIT, Spread
 from benchmarks.run import ensure_tools, loadavg, machine_info, own_cpu_seconds
 from benchmarks.sections import CPU_BUDGET, write_section
 from benchmarks.targets import (
@@ -219,6 +219,12 @@ class Figures:
                    sum(b.errors for b in budgets))
 
 
+def flagged_rounds(rounds: Sequence[Mapping[str, Budget]], limit: float = OTHER_CPU_LIMIT) -> list[int]:
+    """The rounds (0-based) in which other work took more than ``limit`` cores during a measurement
+    (kept in the figures, said in the section: the machine was not quiet)."""
+    return [i for i, r in enumerate(rounds) if any((b.other_cpu or 0.0) > limit for b in r.values())]
+
+
 def same_round_ratio(rounds: Sequence[Mapping[str, Budget]], after: str, before: str) -> Spread | None:
     """Median (min-max) over the rounds of ``after``'s total µs per request ÷ ``before``'s, each
     pair measured in the same round."""
@@ -368,6 +374,7 @@ def describe_ref(tree: RefTree) -> str:
 def section(run: Run, names: Sequence[str], rounds: Sequence[Mapping[str, Budget]], ref: RefTree) -> str:
     """The CPU-budget section of RESULTS.md: before (``ref``) and after (the current tree) per target."""
     before_label, after_label = f"before ({ref.label})", "after"
+    flagged = flagged_rounds(rounds)
     parts = [
         CPU_BUDGET[0],
         "## CPU budget (`make bench-budget`)",
@@ -389,7 +396,11 @@ def section(run: Run, names: Sequence[str], rounds: Sequence[Mapping[str, Budget
         "trees' targets interleaved, every other round in reverse order; the proxy on CPU 1, wrk and the backends "
         "(one nginx, 3 `return 200` servers) on CPU 0; the config of `make bench`",
         f"- load average before / after: {run.load[0]} / {run.load[1]}",
+        f"- flagged rounds (other work above {OTHER_CPU_LIMIT:g} cores during a measurement; kept in the figures): "
+        + (", ".join(str(i + 1) for i in flagged) or "none"),
         "",
+        *([f"> **{len(flagged)} of {len(rounds)} rounds are flagged**: the machine was not quiet. Run it again "
+           "before quoting these figures.", ""] if flagged else []),
     ]
     readings = []
     columns = [n for name in names for n in (f"{name}@{ref.label}", name)]
@@ -437,10 +448,12 @@ def section(run: Run, names: Sequence[str], rounds: Sequence[Mapping[str, Budget
         "",
         *readings,
         "",
-        "<details><summary>Every round: total µs per request</summary>",
+        "<details><summary>Every round: total µs per request, and the most other work took meanwhile</summary>",
         "",
-        _markdown(["round", *columns], [[str(i + 1), *(f"{r[n].us_per_request:.1f}" if n in r else "-"
-                                                        for n in columns)] for i, r in enumerate(rounds)]),
+        _markdown(["round", *columns, "other CPU (cores)"],
+                  [[f"{i + 1}{' (flagged)' if i in flagged else ''}",
+                    *(f"{r[n].us_per_request:.1f}" if n in r else "-" for n in columns),
+                    f"{max((b.other_cpu or 0.0) for b in r.values()):.2f}"] for i, r in enumerate(rounds)]),
         "",
         "</details>",
         CPU_BUDGET[1],
@@ -533,6 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   args.duration, args.rate, args.connections)
         write_section(section(run, args.target, rounds, refs[0]), args.results, CPU_BUDGET)
         print(f"wrote the CPU-budget section of {args.results}")
+    if flagged := flagged_rounds(rounds):
+        print(f"warning: {len(flagged)} of {len(rounds)} rounds flagged (other work above {OTHER_CPU_LIMIT:g} cores "
+              "during a measurement): the machine was not quiet; do not quote this run", file=sys.stderr)
     return 1 if left else 0
 
 

@@ -5,6 +5,7 @@ section and how RESULTS.md keeps it (benchmarks/sections.py). Nothing is run or 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from benchmarks.cpu_budget import (
     Figures,
     Run,
     figures_table,
+    flagged_rounds,
     other_frames,
     parse_collapsed,
     section,
@@ -167,6 +169,15 @@ def test_the_section_has_before_and_after_per_target_between_its_markers() -> No
     assert "`a3d0e59^` = 6117f7100000" in text
     assert "taken in the same round: 0.75." in text
     assert "- affinity-proxy: 42.0 → 31.5 µs per request (-25 %" in text
+    assert "- flagged rounds (other work above 0.25 cores during a measurement; kept in the figures): none" in text
+    assert "rounds are flagged" not in text
+
+
+def test_a_round_with_other_work_is_flagged_and_kept() -> None:
+    quiet, busy = _budget(30, 0.4), dataclasses.replace(_budget(40, 0.4), other_cpu=0.6)
+    rounds = [{"a": quiet, "a@old": quiet}, {"a": quiet, "a@old": busy}]
+    assert flagged_rounds(rounds) == [1]
+    assert Figures.of([r["a@old"] for r in rounds]).total.hi == pytest.approx(40)
 
 
 def test_the_section_is_replaced_in_place_and_kept_by_a_make_bench_rewrite(tmp_path: Path) -> None:
