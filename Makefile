@@ -42,7 +42,7 @@ test-all: install test-deps
 # Benchmark against nginx and HAProxy (installs nginx, wrk and haproxy with apt-get when missing), 5
 # interleaved rounds, about 9 min on a quiet machine; writes benchmarks/RESULTS.md from this one run.
 bench: install
-	$(BIN)/python -m benchmarks.run --duration 8 --rounds 5
+	$(BIN)/python -m benchmarks.run --duration 8 --rounds 5 --legs 4
 
 # The same benchmark with REF's proxy beside the current one (REF checked out in a temporary git worktree,
 # run with this venv) in the same rounds: prints "current / REF same-round ratio" per target and writes
@@ -50,7 +50,7 @@ bench: install
 # redesign; about 8 min.
 REF ?= 9c433204caeeab6bd4a67be0fcb9f174ad14047a
 bench-compare: install
-	$(BIN)/python -m benchmarks.run --duration 8 --rounds 5 --compare-ref $(REF) --output benchmarks/COMPARE.md --targets nginx-proxy,direct,byte-relay,affinity-proxy,affinity-fly,haproxy-insert,affinity-new
+	$(BIN)/python -m benchmarks.run --duration 8 --rounds 5 --legs 4 --compare-ref $(REF) --output benchmarks/COMPARE.md --targets nginx-proxy,direct,byte-relay,affinity-proxy,affinity-fly,haproxy-insert,affinity-new
 
 # Where a request's CPU goes (issue #16): µs per request by stage (py-spy samples + kernel time), pinned and
 # new-session paths, before (BUDGET_REF, the commit before #16's performance work, run from a git worktree)

@@ -7,6 +7,13 @@ per core of CPU far from the run's median, the direct backend's ratio to nginx f
 median, or other work on the machine taking CPU during a measurement. Flagged rounds stay in the
 tables and the all-rounds medians; the medians without them are given separately. Tested in
 tests/benchmarks/test_benchmarks_harness.py; ``run.py`` measures and writes.
+
+A round may measure each target in several *legs* (``--legs K``: K wrk runs of D/K seconds, the
+round's targets swept forward, backward, forward, ... so that every target's legs spread evenly over
+the round and all targets see the same drift of the machine's speed). ``combine_legs`` makes a
+target's one row of the round from its legs: requests over seconds, errors and CPU-seconds summed,
+and the percentiles of the merged latency distribution (``mixture_quantile``), not averages of the
+legs' percentiles.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ import dataclasses
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 REFERENCE = "nginx-proxy"  # pinned sessions (cookie sent): every ratio against nginx's cookie hash
 NEW_SESSION_REFERENCE = "haproxy-insert"  # new sessions (no cookie): against HAProxy's cookie insert
@@ -45,6 +55,153 @@ class Row:
     rps_ratio: float | None = None  # against ``reference`` measured in the same round
     p99_ratio: float | None = None
     ceiling_ratio: float | None = None  # req/s against the byte relay of the same round
+
+
+@dataclass(frozen=True, slots=True)
+class Leg:
+    """One wrk run against a target, a part of its measurement in a round. ``seconds`` is wrk's own
+    duration of the run (requests / wrk's req/s); ``latency_grid`` the latency distribution as
+    ``(percentile, ms)`` points in increasing order of percentile (0 = min, 100 = max; empty when wrk
+    ran without the Lua script: then ``p50_ms``/``p99_ms``, wrk's own, are all there is).
+    ``cpu_seconds`` is the target's CPU time during the run and ``elapsed`` the run's wall time."""
+
+    target: str
+    requests: int
+    seconds: float
+    errors: int
+    p50_ms: float
+    p99_ms: float
+    latency_grid: tuple[tuple[float, float], ...] = ()
+    cpu_seconds: float | None = None
+    elapsed: float = 0.0
+    other_cpu: float | None = None
+    reference: str = REFERENCE
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+
+def _cdf_points(grid: Sequence[tuple[float, float]]) -> list[tuple[float, float, float]]:
+    """``(value, lowest percentile, highest percentile)`` per distinct value of a grid, in increasing
+    order (a value several percentiles share is a step of the CDF: wrk's histogram is in whole
+    microseconds). Values are made non-decreasing in the percentile."""
+    out: list[tuple[float, float, float]] = []
+    top = float("-inf")
+    for pct, value in sorted(grid):
+        top = max(top, value)
+        if out and out[-1][0] == top:
+            out[-1] = (top, out[-1][1], pct)
+        else:
+            out.append((top, pct, pct))
+    return out
+
+
+def _cdf(points: Sequence[tuple[float, float, float]], x: float, *, left: bool = False) -> float:
+    """The CDF (in percent) at ``x`` of a distribution given by ``_cdf_points``, or its limit from the
+    left: linear between the highest percentile at one value and the lowest at the next, a step at a
+    value several percentiles share; 0 below the first value, the last percentile from the last on."""
+    if not points or x < points[0][0] or (left and x == points[0][0]):
+        return 0.0
+    lo, hi = 0, len(points) - 1
+    if x >= points[hi][0]:
+        return points[hi][1] if left and x == points[hi][0] else points[hi][2]
+    while hi - lo > 1:  # points[lo].value <= x < points[hi].value
+        mid = (lo + hi) // 2
+        if points[mid][0] <= x:
+            lo = mid
+        else:
+            hi = mid
+    v0, _, p0 = points[lo]
+    v1, p1, _ = points[hi]
+    if x == v0:
+        return points[lo][1] if left else p0
+    return p0 + (p1 - p0) * (x - v0) / (v1 - v0)
+
+
+def mixture_quantile(parts: Sequence[tuple[float, Sequence[tuple[float, float]]]], pct: float) -> float:
+    """The ``pct`` percentile of a mixture of distributions, each given as ``(weight, grid)`` with
+    ``grid`` as in ``Leg.latency_grid``: the smallest x at which the weighted mean of the parts' CDFs
+    (each interpolated between its grid points) reaches ``pct``. With one part, a percentile on its
+    grid gives that grid point's value exactly."""
+    if not 0 <= pct <= 100:
+        raise ValueError(f"percentile out of range: {pct}")
+    total = sum(w for w, grid in parts if w > 0 and grid)
+    if total <= 0:
+        raise ValueError("no part with a weight and a grid")
+    cdfs = [(w / total, _cdf_points(grid)) for w, grid in parts if w > 0 and grid]
+    xs = sorted({v for _, pts in cdfs for v, _, _ in pts})
+
+    def cdf(x: float, left: bool = False) -> float:
+        return sum(w * _cdf(pts, x, left=left) for w, pts in cdfs)
+
+    eps = 1e-9
+    before = None
+    for x in xs:
+        at = cdf(x)
+        if at >= pct - eps:
+            if before is None:
+                return x
+            prev_x, prev = before
+            limit = cdf(x, left=True)
+            if limit >= pct - eps and limit > prev:  # reached on the way up to x: interpolate
+                return prev_x + (x - prev_x) * min(1.0, max(0.0, (pct - prev) / (limit - prev)))
+            return x  # a step at x crosses pct
+        before = (x, at)
+    return xs[-1]
+
+
+def combine_legs(legs: Sequence[Leg]) -> Row:
+    """A target's row of one round from its legs: req/s = requests summed / wrk's seconds summed,
+    errors summed, CPU = CPU-seconds summed / wall time summed, other CPU the legs' largest, p50 and
+    p99 the percentiles of the legs' latency distributions merged (weighted by their requests); when
+    a leg lacks the grid, the request-weighted mean of wrk's own percentiles. One leg gives that
+    leg's figures."""
+    if not legs:
+        raise ValueError("no legs")
+    first = legs[0]
+    if any(leg.target != first.target or leg.reference != first.reference for leg in legs):
+        raise ValueError(f"legs of different targets: {sorted({leg.target for leg in legs})}")
+    requests = sum(leg.requests for leg in legs)
+    seconds = sum(leg.seconds for leg in legs)
+    elapsed = sum(leg.elapsed for leg in legs)
+    cpus = [leg.cpu_seconds for leg in legs]
+    others = [leg.other_cpu for leg in legs if leg.other_cpu is not None]
+    weighted = [leg for leg in legs if leg.requests > 0]
+    if weighted and all(leg.latency_grid for leg in weighted):
+        parts = [(float(leg.requests), leg.latency_grid) for leg in weighted]
+        p50, p99 = mixture_quantile(parts, 50), mixture_quantile(parts, 99)
+    elif weighted:
+        p50 = sum(leg.requests * leg.p50_ms for leg in weighted) / requests
+        p99 = sum(leg.requests * leg.p99_ms for leg in weighted) / requests
+    else:
+        p50 = sum(leg.p50_ms for leg in legs) / len(legs)
+        p99 = sum(leg.p99_ms for leg in legs) / len(legs)
+    return Row(
+        first.target, requests / seconds if seconds > 0 else 0.0, p50, p99, sum(leg.errors for leg in legs),
+        requests, sum(c for c in cpus if c is not None) / elapsed if elapsed > 0 and None not in cpus else None,
+        other_cpu=max(others) if others else None, reference=first.reference,
+    )
+
+
+def round_order(targets: Sequence[T], index: int) -> list[T]:
+    """The order of round ``index`` (0-based): a different target first in every round, every other
+    round reversed (a compared ref's twin runs right after its target in one round and right before
+    it in the next)."""
+    if not targets:
+        return []
+    order = list(targets) if index % 2 == 0 else list(targets)[::-1]
+    shift = (index // 2) % len(order)
+    return order[shift:] + order[:shift]
+
+
+def serpentine(order: Sequence[T], legs: int) -> list[tuple[int, T]]:
+    """``(leg, target)`` in the order a round runs them: leg 0 through ``order``, leg 1 back through
+    it, leg 2 forward again, ... so that every target's legs spread evenly over the round (with an
+    even number of legs each target's mean position is the same)."""
+    if legs < 1:
+        raise ValueError("legs must be ≥ 1")
+    return [(leg, t) for leg in range(legs) for t in (order if leg % 2 == 0 else order[::-1])]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """Benchmark affinity-proxy against nginx and HAProxy (issues #6, #16): one command, same-round ratios.
 
-    python -m benchmarks.run [--duration 8] [--rounds 5] [--connections 50] [--quick] [--compare-ref REF ...]
+    python -m benchmarks.run [--duration 8] [--rounds 5] [--legs 4] [--connections 50] [--quick] [--compare-ref REF ...]
 
 Starts 3 fast nginx backends, then the targets, each pinned to CPU 1 with taskset (wrk and the
 backends on CPU 0):
@@ -12,9 +12,14 @@ backends on CPU 0):
 - new sessions (no cookie: the proxy picks an instance and sets a cookie), against
   **haproxy-insert** (HAProxy ``cookie ... insert``): ``affinity-new``.
 
-wrk loads each target for a fixed time, in interleaved rounds (every target once per round, a
-different one first each round, every other round in reverse order: a compared ref's twin runs right
-after its target in one round and right before it in the next, so neither gains from its place).
+wrk (``-t1 -c50``) loads each target for a fixed time, in interleaved rounds (every target in every
+round, a different one first each round, every other round in reverse order: a compared ref's twin
+runs right after its target in one round and right before it in the next, so neither gains from its
+place). Inside a round each target is measured in ``--legs K`` legs of D/K seconds (D =
+``--duration``), the legs sweeping the round's order serpentine (forward, backward, forward, ...):
+every target's legs spread evenly over the round, so that all of a round's targets see the same
+drift of the machine's speed, and a target's figures for the round are its legs merged (requests
+over seconds; p50 and p99 of the merged latency distributions; see ``rounds.combine_legs``).
 Every figure is given as a ratio against its reference measured in the same round, and against
 the byte relay of the same round; the run's figure is the median of the per-round ratios with
 their min-max. A round whose reference looks off (reference req/s per
@@ -57,11 +62,15 @@ from benchmarks.rounds import (
     REF_TOLERANCE,
     REFERENCE,
     TOLERANCE,
+    Leg,
     Row,
+    combine_legs,
     comparison_lines,
     flag_rounds,
     reference_table,
+    round_order,
     round_table,
+    serpentine,
     summarize,
     summary_table,
     unflagged,
@@ -83,6 +92,7 @@ from benchmarks.targets import (
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+DEFAULT_LEGS = 4
 
 # --- tools -------------------------------------------------------------------------------------
 
@@ -168,9 +178,10 @@ def own_cpu_seconds() -> float:
 
 
 def measure(target: Target, procs: Processes, wrk_bin: str, script: Path, *, duration: float, connections: int,
-            wrk_cpu: int | None) -> Row:
-    """One wrk run against ``target``: its figures, its CPU use, and the CPU that went to anything
-    but this run's processes meanwhile (``other_cpu``: the noise the flagging looks for)."""
+            wrk_cpu: int | None) -> Leg:
+    """One wrk run against ``target``: its figures (with the latency grid of the Lua script), its CPU
+    use, and the CPU that went to anything but this run's processes meanwhile (``other_cpu``: the
+    noise the flagging looks for)."""
     headers = target.headers()
     argv = wrk.wrk_argv(wrk_bin, target.url, duration=duration,
                         connections=connections, headers=headers, script=script, cpu=wrk_cpu)
@@ -181,12 +192,25 @@ def measure(target: Target, procs: Processes, wrk_bin: str, script: Path, *, dur
     busy = machine_busy_seconds() - busy0
     ours = cpu_seconds(everyone) - ours0 + own_cpu_seconds() - own0
     elapsed = max(1e-9, time.monotonic() - t0)
-    cpu = (cpu_seconds(pids) - cpu0) / elapsed
-    return Row(target.name, result.rps, result.p50_ms, result.p99_ms, result.errors(target.expected_status),
-               result.requests, cpu, other_cpu=max(0.0, (busy - ours) / elapsed), reference=target.reference)
+    cpu = cpu_seconds(pids) - cpu0
+    # wrk's own duration of the run: requests / its req/s (the "in 2.00s" it prints is rounded)
+    seconds = result.requests / result.rps if result.rps > 0 else result.seconds
+    return Leg(target.name, result.requests, seconds, result.errors(target.expected_status), result.p50_ms,
+               result.p99_ms, latency_grid=result.latency_grid, cpu_seconds=cpu, elapsed=elapsed,
+               other_cpu=max(0.0, (busy - ours) / elapsed), reference=target.reference)
 
 
 # --- RESULTS.md --------------------------------------------------------------------------------
+
+
+def legs_text(legs: int, duration: float) -> str:
+    """How a round loads each target, for RESULTS.md."""
+    if legs == 1:
+        return f"-d{duration:g}s per target per round"
+    return (f"{legs} legs of {duration / legs:g}s per target per round, serpentine order (the legs sweep the "
+            "round's targets forward, backward, forward, ...: every target's legs spread evenly over the round, "
+            "so all of them see the same drift of the machine's speed; a target's legs are merged: requests over "
+            "seconds, p50/p99 of the merged latency distributions)")
 
 
 def results_markdown(info: Mapping[str, str], command: str, args: argparse.Namespace, targets: Sequence[Target],
@@ -223,8 +247,9 @@ def results_markdown(info: Mapping[str, str], command: str, args: argparse.Names
         *([f"- compared with (`<target>@REF`, a git worktree run with the same interpreter): {describe(refs)}"]
           if refs else []),
         f"- command: `{command}`",
-        f"- load: wrk -t1 -c{args.connections} -d{args.duration:g}s per target per round, {len(rounds)} rounds "
-        f"interleaved, every other one in reverse order (warm-up {args.warmup:g}s per target first); "
+        f"- load: wrk -t1 -c{args.connections}, {legs_text(args.legs, args.duration)}, "
+        f"{len(rounds)} rounds interleaved, every other one in reverse order (warm-up {args.warmup:g}s per target "
+        "first); "
         f"wrk on CPU {args.wrk_cpu}, the backends "
         f"(one nginx, 1 worker, 3 `return 200` servers) on CPU {args.backend_cpu}, every target on CPU "
         f"{args.target_cpu}",
@@ -279,6 +304,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--duration", type=float, default=8.0, help="seconds of load per target per round (8)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
+    p.add_argument("--legs", type=int, default=None,
+                   help="legs per target per round, of duration/legs whole seconds each, in serpentine order (4; "
+                        "1 with --quick; 1 = one run per target per round)")
     p.add_argument("--connections", type=int, default=50, help="wrk connections (50)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load per target first (2)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 3 s, 1 round, 1 s warm-up, no RESULTS.md")
@@ -298,6 +326,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="also run REF's proxy (a git worktree of this repository) as <target>@REF for each selected "
                         f"target of {','.join(COMPARABLE)}, in the same rounds; repeatable")
     args = p.parse_args(argv)
+    if args.legs is None:
+        args.legs = 1 if args.quick else DEFAULT_LEGS
     if args.quick:
         args.duration, args.rounds, args.warmup = 3.0, 1, 1.0
     elif args.output is None:
@@ -309,6 +339,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--duration 1..600, --rounds 1..20, --connections 1..10000")
     if not 0 < args.tolerance < 1 or args.other_cpu_limit < 0:
         p.error("--tolerance in (0, 1), --other-cpu-limit ≥ 0")
+    leg = args.duration / args.legs if args.legs >= 1 else 0.0
+    if not 1 <= args.legs <= 20 or leg < 1 or abs(leg - round(leg)) > 1e-9:
+        p.error(f"--legs 1..20 with --duration / --legs whole seconds of at least 1 (wrk's -d): "
+                f"{args.duration:g} / {args.legs}")
     if args.compare_ref and not mirrored(args.targets.split(",")):
         p.error(f"--compare-ref needs at least one of {','.join(COMPARABLE)} in --targets")
     if len(set(args.compare_ref)) != len(args.compare_ref):
@@ -334,9 +368,16 @@ def count_targets(names: Sequence[str], refs: int) -> int:
     return len(names) + refs * len(mirrored(names))
 
 
-def estimate_seconds(targets: int, rounds: int, duration: float, warmup: float) -> float:
-    """About how long a run takes: every measurement plus about 0.5 s around it, and the start-up."""
-    return targets * (rounds * (duration + 0.5) + (warmup + 0.5 if warmup > 0 else 0)) + 20
+#: Wall time around each wrk run beyond its duration: wrk's start and stop, the CPU sampling before
+#: and after, the progress line. Measured: 0.015-0.12 s per run (1 and 2 s runs against nginx-proxy,
+#: affinity-proxy and affinity-fly), about 0.05 s on average over the 125 runs of a 5-target 5-round
+#: run with --legs 4 (3.6 min against 3.5 with --legs 1); rounded up.
+LEG_OVERHEAD = 0.1
+
+
+def estimate_seconds(targets: int, rounds: int, duration: float, warmup: float, legs: int = 1) -> float:
+    """About how long a run takes: every leg plus its overhead, the warm-ups, and the start-up."""
+    return targets * (rounds * (duration + legs * LEG_OVERHEAD) + (warmup + LEG_OVERHEAD if warmup > 0 else 0)) + 30
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -351,8 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     nginx_bin, wrk_bin, haproxy_bin = ensure_tools(install=not args.no_install, haproxy="haproxy-insert" in names)
     info = machine_info(nginx_bin, wrk_bin, haproxy_bin)
     count = count_targets(names, len(args.compare_ref))
-    budget = estimate_seconds(count, args.rounds, args.duration, args.warmup)
-    print(f"{count} targets, {args.rounds} rounds, {args.duration:g}s: about {budget / 60:.1f} min", flush=True)
+    budget = estimate_seconds(count, args.rounds, args.duration, args.warmup, args.legs)
+    print(f"{count} targets, {args.rounds} rounds, {args.duration:g}s in {args.legs} leg(s) per target per round: "
+          f"about {budget / 60:.1f} min", flush=True)
     started, t0 = dt.datetime.now(dt.UTC), time.monotonic()
     load_before = loadavg()
     rounds: list[list[Row]] = []
@@ -379,15 +421,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for t in targets:
                     load(t, duration=args.warmup)
             for i in range(args.rounds):
-                # a different target first in every round; every other round reversed (see the docstring)
-                order = targets if i % 2 == 0 else targets[::-1]
-                shift = (i // 2) % len(targets)
-                done = {}
-                for t in order[shift:] + order[:shift]:
-                    done[t.name] = load(t, duration=args.duration)
-                    print(f"  round {i + 1}: {t.name:28} {done[t.name].rps:10,.0f} req/s, "
-                          f"other CPU {done[t.name].other_cpu or 0:.2f}", flush=True)
-                rows = with_ratios([done[t.name] for t in targets])
+                # a different target first in every round, every other round reversed; the legs sweep
+                # that order forward, backward, forward, ... (see the docstring)
+                legs: dict[str, list[Leg]] = {t.name: [] for t in targets}
+                for k, t in serpentine(round_order(targets, i), args.legs):
+                    leg = load(t, duration=args.duration / args.legs)
+                    legs[t.name].append(leg)
+                    print(f"  round {i + 1}" + (f" leg {k + 1}/{args.legs}" if args.legs > 1 else "")
+                          + f": {t.name:28} {leg.rps:10,.0f} req/s, other CPU {leg.other_cpu or 0:.2f}", flush=True)
+                rows = with_ratios([combine_legs(legs[t.name]) for t in targets])
                 rounds.append(rows)
                 print(f"\nround {i + 1} of {args.rounds}\n{round_table(rows)}\n", flush=True)
         except RefError as exc:

@@ -3,6 +3,9 @@
 ``parse_wrk_output`` is pure (tested on captured outputs). The Lua script counts responses per
 status code in each wrk thread and prints them from ``done()`` as ``status <code> <count>`` lines
 after wrk's own report, so a fly-mode target can expect 409 and count anything else as an error.
+It also prints the latency distribution on a grid of percentiles (``latency p <pct> <us>``, wrk's
+own ``latency:percentile(pct)``; 0 is the minimum, 100 the maximum), so that runs split in legs can
+merge their distributions instead of averaging percentiles (``rounds.combine_legs``).
 """
 
 from __future__ import annotations
@@ -13,9 +16,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: The percentiles the Lua script prints besides 0 (the minimum) and 100 (the maximum).
+GRID_PERCENTILES: tuple[float, ...] = (*range(1, 100), 99.5, 99.9, 99.99)
+
 STATUS_LUA = """\
--- benchmarks/wrk.py: count responses per status code, report them from done()
+-- benchmarks/wrk.py: count responses per status code, report them and the latency grid from done()
 local threads = {}
+local GRID = {@GRID@}
 
 function setup(thread)
   table.insert(threads, thread)
@@ -30,6 +37,13 @@ function response(status, headers, body)
 end
 
 function done(summary, latency, requests)
+  if summary.requests > 0 then
+    io.write(string.format("latency p 0 %d\\n", latency.min))
+    for _, p in ipairs(GRID) do
+      io.write(string.format("latency p %g %d\\n", p, latency:percentile(p)))
+    end
+    io.write(string.format("latency p 100 %d\\n", latency.max))
+  end
   local total = {}
   for _, thread in ipairs(threads) do
     local counts = thread:get("statuses")
@@ -41,7 +55,7 @@ function done(summary, latency, requests)
     io.write(string.format("status %d %d\\n", code, n))
   end
 end
-"""
+""".replace("@GRID@", ", ".join(f"{p:g}" for p in GRID_PERCENTILES))
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 _LATENCY = re.compile(r"^\s*(50|75|90|99)(?:\.0+)?%\s+([0-9.]+)(us|ms|s|m|h)\s*$")
@@ -50,6 +64,7 @@ _TOTAL = re.compile(r"^\s*(\d+) requests in ([0-9.]+)(us|ms|s|m|h),")
 _SOCKET = re.compile(r"^\s*Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)\s*$")
 _NON2XX = re.compile(r"^\s*Non-2xx or 3xx responses: (\d+)\s*$")
 _STATUS = re.compile(r"^status (\d{3}) (\d+)\s*$")
+_GRID = re.compile(r"^latency p ([0-9]+(?:\.[0-9]+)?) (\d+)\s*$")
 
 
 class WrkParseError(ValueError):
@@ -68,6 +83,8 @@ class WrkResult:
     socket_errors: Mapping[str, int] = field(default_factory=dict)
     non_2xx_3xx: int = 0
     statuses: Mapping[int, int] = field(default_factory=dict)
+    #: ``(percentile, ms)`` in increasing order of percentile, from the Lua script (empty without it)
+    latency_grid: tuple[tuple[float, float], ...] = ()
 
     def errors(self, expected_status: int | None = None) -> int:
         """Failed requests: socket errors, plus responses with an unexpected status — any status but
@@ -95,6 +112,7 @@ def parse_wrk_output(text: str) -> WrkResult:
     socket: dict[str, int] = {}
     non2xx = 0
     statuses: dict[int, int] = {}
+    grid: dict[float, float] = {}
     for line in text.splitlines():
         if m := _LATENCY.match(line):
             latency[m.group(1)] = to_ms(m.group(2), m.group(3))
@@ -109,6 +127,11 @@ def parse_wrk_output(text: str) -> WrkResult:
             non2xx = int(m.group(1))
         elif m := _STATUS.match(line):
             statuses[int(m.group(1))] = statuses.get(int(m.group(1)), 0) + int(m.group(2))
+        elif m := _GRID.match(line):
+            pct = float(m.group(1))
+            if not 0 <= pct <= 100:
+                raise WrkParseError(f"latency percentile out of range: {line!r}")
+            grid[pct] = int(m.group(2)) / 1000.0
     missing = [name for name, v in (("Requests/sec", rps), ("requests in", requests)) if v is None]
     missing += [f"{p}% latency" for p in ("50", "99") if p not in latency]
     if missing:
@@ -116,7 +139,7 @@ def parse_wrk_output(text: str) -> WrkResult:
     assert rps is not None and requests is not None
     return WrkResult(
         requests=requests, seconds=seconds, rps=rps, p50_ms=latency["50"], p99_ms=latency["99"],
-        socket_errors=socket, non_2xx_3xx=non2xx, statuses=statuses,
+        socket_errors=socket, non_2xx_3xx=non2xx, statuses=statuses, latency_grid=tuple(sorted(grid.items())),
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import re
 import shutil
 import signal
@@ -37,15 +38,20 @@ from benchmarks.rounds import (
     CEILING,
     NEW_SESSION_REFERENCE,
     REFERENCE,
+    Leg,
     Row,
     Spread,
+    combine_legs,
     comparison_lines,
     flag_rounds,
+    mixture_quantile,
     per_core,
     ref_pairs,
     reference_table,
+    round_order,
     round_table,
     same_round_ratio,
+    serpentine,
     summarize,
     summary_table,
     unflagged,
@@ -53,9 +59,9 @@ from benchmarks.rounds import (
     with_ratios,
 )
 from benchmarks.rounds import DIRECT as DIRECT_TARGET
-from benchmarks.run import count_targets, estimate_seconds, parse_args
+from benchmarks.run import count_targets, estimate_seconds, legs_text, parse_args
 from benchmarks.targets import Processes, proxy_configs, start_targets
-from benchmarks.wrk import STATUS_LUA, WrkParseError, parse_wrk_output, to_ms, wrk_argv
+from benchmarks.wrk import GRID_PERCENTILES, STATUS_LUA, WrkParseError, parse_wrk_output, to_ms, wrk_argv
 
 # Captured from Debian's wrk 4.1.0 with benchmarks/wrk.py's Lua script, against an nginx backend.
 DIRECT = """\
@@ -92,6 +98,129 @@ Running 3s test @ http://127.0.0.1:37649/
 Requests/sec:   5209.96
 Transfer/sec:      1.23MB
 status 409 15649
+"""
+
+# Captured from Debian's wrk 4.1.0 with benchmarks/wrk.py's Lua script (the latency grid: 0 = min,
+# 1..99, 99.5, 99.9, 99.99, 100 = max, in microseconds), against nginx-proxy.
+GRID = """\
+Running 1s test @ http://127.0.0.1:19279/
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   464.27us  179.05us   2.75ms   94.70%
+    Req/Sec   103.40k     1.71k  106.16k    72.73%
+  Latency Distribution
+     50%  429.00us
+     75%  494.00us
+     90%  585.00us
+     99%    1.34ms
+  112912 requests in 1.10s, 16.37MB read
+Requests/sec: 102619.10
+Transfer/sec:     14.88MB
+latency p 0 127
+latency p 1 280
+latency p 2 298
+latency p 3 309
+latency p 4 317
+latency p 5 325
+latency p 6 331
+latency p 7 337
+latency p 8 343
+latency p 9 348
+latency p 10 353
+latency p 11 357
+latency p 12 361
+latency p 13 365
+latency p 14 368
+latency p 15 372
+latency p 16 375
+latency p 17 378
+latency p 18 381
+latency p 19 383
+latency p 20 386
+latency p 21 388
+latency p 22 390
+latency p 23 392
+latency p 24 394
+latency p 25 396
+latency p 26 398
+latency p 27 399
+latency p 28 401
+latency p 29 402
+latency p 30 404
+latency p 31 405
+latency p 32 406
+latency p 33 408
+latency p 34 409
+latency p 35 410
+latency p 36 412
+latency p 37 413
+latency p 38 414
+latency p 39 415
+latency p 40 417
+latency p 41 418
+latency p 42 419
+latency p 43 420
+latency p 44 421
+latency p 45 423
+latency p 46 424
+latency p 47 425
+latency p 48 426
+latency p 49 427
+latency p 50 429
+latency p 51 430
+latency p 52 432
+latency p 53 433
+latency p 54 434
+latency p 55 436
+latency p 56 438
+latency p 57 439
+latency p 58 441
+latency p 59 443
+latency p 60 445
+latency p 61 447
+latency p 62 449
+latency p 63 451
+latency p 64 454
+latency p 65 456
+latency p 66 459
+latency p 67 462
+latency p 68 465
+latency p 69 469
+latency p 70 473
+latency p 71 476
+latency p 72 480
+latency p 73 484
+latency p 74 489
+latency p 75 494
+latency p 76 499
+latency p 77 504
+latency p 78 509
+latency p 79 514
+latency p 80 520
+latency p 81 526
+latency p 82 532
+latency p 83 538
+latency p 84 544
+latency p 85 551
+latency p 86 558
+latency p 87 565
+latency p 88 572
+latency p 89 578
+latency p 90 585
+latency p 91 593
+latency p 92 600
+latency p 93 608
+latency p 94 618
+latency p 95 630
+latency p 96 645
+latency p 97 666
+latency p 98 744
+latency p 99 1337
+latency p 99.5 1839
+latency p 99.9 2364
+latency p 99.99 2587
+latency p 100 2752
+status 200 112912
 """
 
 # wrk's report without the Lua script, with socket errors and slow latencies (seconds).
@@ -179,6 +308,29 @@ def test_wrk_command_line() -> None:
 def test_lua_script_reports_from_done() -> None:
     assert "function done(" in STATUS_LUA and 'thread:get("statuses")' in STATUS_LUA
     assert re.search(r'status %d %d\\n', STATUS_LUA)
+    assert re.search(r'latency p %g %d\\n", p, latency:percentile\(p\)', STATUS_LUA)
+    assert "latency.min" in STATUS_LUA and "latency.max" in STATUS_LUA
+    grid = re.search(r"local GRID = \{([^}]*)\}", STATUS_LUA)
+    assert grid is not None
+    assert [float(v) for v in grid.group(1).split(",")] == [float(p) for p in GRID_PERCENTILES]
+    assert GRID_PERCENTILES[:3] == (1, 2, 3) and GRID_PERCENTILES[-4:] == (99, 99.5, 99.9, 99.99)
+
+
+def test_parses_the_latency_grid_of_a_captured_run() -> None:
+    r = parse_wrk_output(GRID)
+    assert r.requests == 112912 and r.statuses == {200: 112912}
+    assert len(r.latency_grid) == len(GRID_PERCENTILES) + 2
+    assert r.latency_grid[0] == (0.0, pytest.approx(0.127))  # the minimum
+    assert r.latency_grid[-1] == (100.0, pytest.approx(2.752))  # the maximum, as wrk's "Max" (2.75ms)
+    grid = dict(r.latency_grid)
+    assert grid[50.0] == pytest.approx(r.p50_ms) == pytest.approx(0.429)  # wrk's own 50%: the same function
+    assert grid[99.0] == pytest.approx(1.337) and r.p99_ms == pytest.approx(1.34)  # wrk prints 2 decimals
+    assert grid[99.99] == pytest.approx(2.587)
+    pcts = [p for p, _ in r.latency_grid]
+    assert pcts == sorted(pcts) and [v for _, v in r.latency_grid] == sorted(v for _, v in r.latency_grid)
+    assert parse_wrk_output(DIRECT).latency_grid == ()  # without the grid lines: none
+    with pytest.raises(WrkParseError):
+        parse_wrk_output(GRID.replace("latency p 99.5 ", "latency p 199.5 "))
 
 
 def _servers(conf: str) -> list[str]:
@@ -452,6 +604,158 @@ def test_verdicts_against_issue_16() -> None:
     assert any(line.startswith("- proxy mode:") and line.endswith("**not met**") for line in lines)
 
 
+# --- legs: a round's measurement of a target split in serpentine legs ----------------------------
+
+
+def _uniform(lo: float, hi: float) -> tuple[tuple[float, float], ...]:
+    """The grid of a uniform distribution on [lo, hi] ms, on the Lua script's percentiles."""
+    return tuple((p, lo + (hi - lo) * p / 100) for p in (0, *GRID_PERCENTILES, 100))
+
+
+def _leg(target: str = "affinity-proxy", requests: int = 100_000, seconds: float = 2.0, *, errors: int = 0,
+         p50: float = 0.5, p99: float = 2.0, grid: tuple[tuple[float, float], ...] = (), cpu: float | None = 1.9,
+         elapsed: float = 2.0, other: float | None = 0.0) -> Leg:
+    return Leg(target, requests, seconds, errors, p50, p99, latency_grid=grid, cpu_seconds=cpu, elapsed=elapsed,
+               other_cpu=other)
+
+
+def test_one_leg_is_the_run_itself() -> None:
+    r = parse_wrk_output(GRID)
+    seconds = r.requests / r.rps
+    leg = Leg("nginx-proxy", r.requests, seconds, r.errors(), r.p50_ms, r.p99_ms, latency_grid=r.latency_grid,
+              cpu_seconds=1.05, elapsed=1.1, other_cpu=0.02)
+    row = combine_legs([leg])
+    assert row.rps == pytest.approx(r.rps)  # wrk's own req/s back
+    assert row.requests == r.requests and row.errors == 0
+    assert row.p50_ms == pytest.approx(r.p50_ms)  # exactly the grid's 50 %, which is wrk's 50 %
+    assert row.p99_ms == pytest.approx(1.337) == pytest.approx(r.p99_ms, abs=0.005)  # wrk's, within its rounding
+    assert row.cpu == pytest.approx(1.05 / 1.1) and row.other_cpu == 0.02
+    assert row.target == "nginx-proxy" and row.reference == REFERENCE and row.rps_ratio is None
+    # Every grid percentile of one distribution comes back exactly, ties (steps) included.
+    for pct, value in r.latency_grid:
+        assert mixture_quantile([(7.0, r.latency_grid)], pct) == pytest.approx(value)
+    steps = ((0, 1.0), (10, 1.0), (50, 1.0), (51, 3.0), (90, 3.0), (99, 3.0), (100, 9.0))
+    assert [mixture_quantile([(1.0, steps)], p) for p in (0, 10, 50, 51, 90, 99, 100)] == [1, 1, 1, 3, 3, 3, 9]
+    # One leg without the grid: wrk's own percentiles.
+    bare = combine_legs([_leg(p50=0.7, p99=3.3)])
+    assert (bare.p50_ms, bare.p99_ms) == (0.7, 3.3)
+
+
+def test_two_legs_give_the_quantiles_of_the_mixture() -> None:
+    low, high = _uniform(0.0, 1.0), _uniform(1.0, 2.0)
+    # Equal weights: uniform on [0, 2] ms.
+    for pct, want in ((1, 0.02), (25, 0.5), (50, 1.0), (75, 1.5), (99, 1.98), (99.9, 1.998)):
+        assert mixture_quantile([(1.0, low), (1.0, high)], pct) == pytest.approx(want)
+    # 3:1 by requests: F(x) = 0.75 x below 1 ms, 0.75 + 0.25 (x - 1) above.
+    assert mixture_quantile([(3.0, low), (1.0, high)], 50) == pytest.approx(2 / 3)
+    assert mixture_quantile([(3.0, low), (1.0, high)], 99) == pytest.approx(1.96)
+    row = combine_legs([_leg(requests=300_000, grid=low), _leg(requests=100_000, grid=high)])
+    assert row.p50_ms == pytest.approx(2 / 3) and row.p99_ms == pytest.approx(1.96)
+    # Not the mean of the legs' percentiles (that would be 1.0 and 1.485 at equal weights).
+    same = combine_legs([_leg(grid=low), _leg(grid=high)])
+    assert same.p50_ms == pytest.approx(1.0) and same.p99_ms == pytest.approx(1.98)
+    # Overlapping legs: one twice as slow as the other, equal weights.
+    a, b = _uniform(0.0, 2.0), _uniform(1.0, 3.0)  # F = x/4 on [0,1], x/2 - 1/4 on [1,2], (x+1)/4 on [2,3]
+    assert mixture_quantile([(1.0, a), (1.0, b)], 50) == pytest.approx(1.5)
+    assert mixture_quantile([(1.0, a), (1.0, b)], 90) == pytest.approx(2.6)
+    # A leg that served nothing weighs nothing; a part without weight or grid is left out.
+    assert combine_legs([_leg(grid=low), _leg(requests=0, grid=high)]).p99_ms == pytest.approx(0.99)
+    with pytest.raises(ValueError):
+        mixture_quantile([(0.0, low), (1.0, ())], 50)
+    with pytest.raises(ValueError):
+        mixture_quantile([(1.0, low)], 101)
+
+
+def test_legs_combine_requests_seconds_errors_and_cpu() -> None:
+    legs = [_leg(requests=100_000, seconds=2.0, errors=1, cpu=1.9, elapsed=2.02, other=0.05),
+            _leg(requests=80_000, seconds=2.01, errors=0, cpu=2.0, elapsed=2.1, other=0.3),
+            _leg(requests=120_000, seconds=1.99, errors=4, cpu=1.8, elapsed=2.0, other=None)]
+    row = combine_legs(legs)
+    assert row.rps == pytest.approx(300_000 / 6.0)  # requests over seconds: not the mean of the legs' req/s
+    assert row.requests == 300_000 and row.errors == 5
+    assert row.cpu == pytest.approx(5.7 / 6.12)  # CPU-seconds over wall seconds
+    assert row.other_cpu == 0.3  # the worst leg's
+    # Without the grid: the request-weighted mean of wrk's own percentiles.
+    mixed = combine_legs([_leg(requests=300, p50=1.0, p99=4.0),
+                          _leg(requests=100, p50=2.0, p99=8.0, grid=_uniform(0, 1))])
+    assert mixed.p50_ms == pytest.approx(1.25) and mixed.p99_ms == pytest.approx(5.0)
+    assert combine_legs([_leg(cpu=None), _leg()]).cpu is None  # a leg without CPU: no CPU figure
+    assert combine_legs([_leg(other=None)]).other_cpu is None
+    nothing = combine_legs([_leg(requests=0, seconds=0.0, p50=0.0, p99=0.0)])
+    assert nothing.rps == 0.0 and nothing.requests == 0
+    with pytest.raises(ValueError):
+        combine_legs([])
+    with pytest.raises(ValueError):
+        combine_legs([_leg("a"), _leg("b")])
+
+
+def test_round_order_rotates_and_reverses() -> None:
+    names = ["a", "b", "c", "d"]
+    assert [round_order(names, i) for i in range(5)] == [
+        ["a", "b", "c", "d"], ["d", "c", "b", "a"], ["b", "c", "d", "a"], ["c", "b", "a", "d"], ["c", "d", "a", "b"]]
+    assert [r[0] for r in (round_order(names, i) for i in range(0, 8, 2))] == names  # a different one first
+    assert round_order([], 3) == []
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10])
+@pytest.mark.parametrize("legs", [1, 2, 3, 4, 6])
+def test_serpentine_legs_spread_every_target_over_the_round(n: int, legs: int) -> None:
+    order = [f"t{i}" for i in range(n)]
+    runs = serpentine(order, legs)
+    assert len(runs) == n * legs
+    assert [t for k, t in runs if k == 0] == order and [k for k, _ in runs] == sorted(k for k, _ in runs)
+    if legs > 1:
+        assert [t for k, t in runs if k == 1] == order[::-1]  # the sweep turns back
+    positions = {t: [i for i, (_, name) in enumerate(runs) if name == t] for t in order}
+    assert all(len(p) == legs for p in positions.values())  # every target in every leg, once
+    for p in positions.values():
+        assert all(k * n <= i < (k + 1) * n for k, i in enumerate(p))  # one leg in each slice of the round
+        assert all(b - a <= 2 * n - 1 for a, b in itertools.pairwise(p))  # never more than 2 sweeps apart
+    if legs % 2 == 0:  # an even number of legs: every target's mean time in the round is the middle
+        assert all(sum(p) / legs == pytest.approx((n * legs - 1) / 2) for p in positions.values())
+        half = n * legs // 2  # and half of its legs fall in each half of the round
+        assert all(sum(i < half for i in p) == legs // 2 for p in positions.values())
+    with pytest.raises(ValueError):
+        serpentine(order, 0)
+
+
+def test_legs_arguments() -> None:
+    assert parse_args([]).legs == 4
+    assert parse_args(["--legs", "1"]).legs == 1  # one run per target per round: the old behaviour
+    assert parse_args(["--quick"]).legs == 1 and parse_args(["--quick", "--legs", "3"]).legs == 3
+    assert parse_args(["--duration", "6", "--legs", "3"]).legs == 3
+    for argv in (["--legs", "0"], ["--legs", "3"], ["--duration", "3", "--legs", "4"], ["--legs", "21"],
+                 ["--duration", "8", "--legs", "16"]):  # wrk's -d is whole seconds, at least 1
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+
+
+def test_estimate_counts_every_leg() -> None:
+    one, four = estimate_seconds(10, 5, 8, 2, legs=1), estimate_seconds(10, 5, 8, 2, legs=4)
+    assert four > one > 10 * 5 * 8
+    assert estimate_seconds(10, 5, 8, 2, legs=7) - four == pytest.approx(four - one)  # linear in the legs
+    assert estimate_seconds(10, 5, 8, 2) == one
+
+
+def test_results_say_how_legs_work(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from benchmarks.run import results_markdown
+    from benchmarks.targets import Target
+
+    info = {"nproc": "2", "cpu": "x", "kernel": "6", "versions": "python 3", "commit": "abc"}
+    targets = [Target(n, "t", 1, [], list) for n in (REFERENCE, "affinity-proxy")]
+    rounds = [with_ratios([_row(REFERENCE, 50_000), _row("affinity-proxy", 30_000)])]
+    argv = ["--legs", "4", "--output", str(tmp_path / "r.md")]
+    text = results_markdown(info, "python -m benchmarks.run " + " ".join(argv), parse_args(argv), targets, rounds, {},
+                            ("0", "0"), dt.datetime.now(dt.UTC), 1.0)
+    assert "- load: wrk -t1 -c50, 4 legs of 2s per target per round, serpentine order" in text
+    assert "--legs 4" in text
+    assert legs_text(1, 8) == "-d8s per target per round"
+    from benchmarks import run
+    assert "serpentine" in (run.__doc__ or "") and "--legs" in (run.__doc__ or "")
+
+
 # --- the run's shape ---------------------------------------------------------------------------
 
 
@@ -461,7 +765,8 @@ def test_make_bench_runs_five_rounds_within_ten_minutes() -> None:
     args = parse_args(line.split("-m benchmarks.run", 1)[1].split())
     assert args.rounds >= 5
     from benchmarks.targets import ALL_TARGETS
-    assert estimate_seconds(len(ALL_TARGETS), args.rounds, args.duration, args.warmup) < 600
+    assert args.legs == 4
+    assert estimate_seconds(len(ALL_TARGETS), args.rounds, args.duration, args.warmup, args.legs) < 600
     assert args.output is not None and args.output.name == "RESULTS.md"
 
 
@@ -710,7 +1015,8 @@ def test_make_bench_compare_passes_the_ref() -> None:
     assert args.compare_ref == ["pre-redesign"] and args.rounds >= 5
     names = args.targets.split(",")
     assert {"affinity-proxy", "affinity-fly", "nginx-proxy"} <= set(names)
-    assert estimate_seconds(count_targets(names, 1), args.rounds, args.duration, args.warmup) < 720
+    assert args.legs == 4
+    assert estimate_seconds(count_targets(names, 1), args.rounds, args.duration, args.warmup, args.legs) < 720
 
 
 @pytest.mark.skipif(NGINX is None, reason="nginx not installed (make test installs it: .ci/install-deps)")
