@@ -6,13 +6,19 @@ draw from ``net.ipv4.ip_local_port_range``), so on a busy test run the listener 
 later sometimes got EADDRINUSE (CI, a Fly cluster fixture). Ports outside that range are never
 taken by the kernel on its own: only another explicit pick can collide, which the bind check below
 and the issued-ports memory make unlikely across processes and impossible within one.
+
+Under pytest-xdist (``PYTEST_XDIST_WORKER`` = ``gw0``, ``gw1``, ... and ``PYTEST_XDIST_WORKER_COUNT``)
+each worker, and every process it starts (they inherit the environment), picks only from its own
+slice of those ranges, so two workers never pick the same port between one's check and its bind.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 
 from affinity_proxy.serve.listeners import dual_stack_socket
@@ -63,6 +69,42 @@ def candidate_ranges() -> list[range]:
     return found
 
 
+def partition(ranges: list[range], index: int, count: int) -> list[range]:
+    """Worker ``index`` of ``count``'s share of ``ranges``: each range cut into ``count`` contiguous
+    slices, the ``index``-th of each (slices of different workers are disjoint; together they cover
+    ``ranges``). Empty slices are left out."""
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"worker {index} of {count}")
+    share = []
+    for r in ranges:
+        start = r.start + len(r) * index // count
+        stop = r.start + len(r) * (index + 1) // count
+        if stop > start:
+            share.append(range(start, stop))
+    return share
+
+
+def xdist_worker(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """(index, count) of the pytest-xdist worker this process runs in or was started by, else None."""
+    env = os.environ if environ is None else environ
+    name, count = env.get("PYTEST_XDIST_WORKER", ""), env.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not (name.startswith("gw") and name[2:].isdigit() and count.isdigit()):
+        return None
+    index, total = int(name[2:]), int(count)
+    return (index, total) if 0 <= index < total else None
+
+
+def _pick_ranges() -> list[range]:
+    ranges = candidate_ranges()
+    worker = xdist_worker()
+    if worker is None:
+        return ranges
+    share = partition(ranges, *worker)
+    if not share:
+        raise RuntimeError(f"no ports left for xdist worker {worker[0]} of {worker[1]} in {ranges}")
+    return sorted(share, key=len, reverse=True)
+
+
 def _bindable(port: int, dual_stack: bool) -> bool:
     try:
         if dual_stack:
@@ -79,7 +121,7 @@ def _bindable(port: int, dual_stack: bool) -> bool:
 def free_port(*, dual_stack: bool = True) -> int:
     """A port outside the ephemeral range that binds now (on ``[::]`` for both families, or on
     127.0.0.1 with ``dual_stack=False``) and that this process has not handed out recently."""
-    ranges = candidate_ranges()
+    ranges = _pick_ranges()
     pick = random.SystemRandom()
     for _ in range(_ATTEMPTS):
         port = pick.choice(pick.choice(ranges))

@@ -13,10 +13,8 @@ on PATH); sentinels run as ``redis-server --sentinel``.
 
 from __future__ import annotations
 
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import redis
 
+from affinity_proxy.devtools.ports import free_port
 from tests.support.redis_server import RedisServerMissing, find_redis_server
 
 READY_TIMEOUT = 90.0  # whole-topology start-up bound on a loaded machine
@@ -40,19 +39,12 @@ def find_redis_cli() -> str:
     raise RedisServerMissing("redis-cli not found: it comes with redis-server (apt-get install redis-tools)")
 
 
-def cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too and below 65536."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 45000)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 10000))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair for a cluster node")
+def cluster_ports() -> tuple[int, int]:
+    """A node's port and its cluster bus port (``cluster-port``, Redis 7): both from
+    ``free_port``, so outside the kernel's ephemeral range and, under pytest-xdist, in this
+    worker's own slice (a fixed ``port + 10000`` bus port landed in the ephemeral range, and in
+    another worker's picks)."""
+    return free_port(dual_stack=False), free_port(dual_stack=False)
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = READY_TIMEOUT) -> None:
@@ -140,8 +132,9 @@ class RedisClusterSet:
                   "--save", "", "--appendonly", "no"]  # fmt: skip
         self.nodes = []
         for _ in range(2 * masters):
-            port = cluster_port()
-            self.nodes.append(Node(root, port, [*common, "--cluster-config-file", f"nodes-{port}.conf"]))
+            port, bus = cluster_ports()
+            self.nodes.append(Node(root, port, [*common, "--cluster-port", str(bus),
+                                                "--cluster-config-file", f"nodes-{port}.conf"]))
 
     @property
     def url(self) -> str:
