@@ -25,11 +25,12 @@ install: $(BIN)/python
 demo: install
 	$(BIN)/affinity-proxy demo
 
-# Runs ruff and the whole suite; -rs prints the reason of any skipped test (CI allows none), --durations
-# the 25 slowest (where to look when CI gets slow).
+# Runs ruff and the whole suite on 2 pytest-xdist workers (-n 2; each picks its ports from its own slice,
+# devtools/ports.py); -rs prints the reason of any skipped test (CI allows none), --durations the 25
+# slowest (where to look when CI gets slow).
 test: install test-deps
 	$(BIN)/ruff check affinity_proxy tests benchmarks
-	$(BIN)/python -m pytest -q -rs -m "not slow" -p no:cacheprovider --durations=25
+	$(BIN)/python -m pytest -q -rs -m "not slow" -p no:cacheprovider --durations=25 -n 2
 
 # The property tests with new random examples each run (1000 per test unless a test says otherwise);
 # `make test` runs a fixed, derandomized set (tests/conftest.py).
