@@ -57,23 +57,23 @@ class ClusterResult:
     spread: list[int] = field(default_factory=list)  # pins per master after the fill
 
 
-def _cluster_port() -> int:
-    """A free port a cluster node can use: its bus listens on port + 10000, so at most 55535."""
-    for _ in range(200):
-        port = free_port()
-        if port <= 55535:
-            return port
-    raise HarnessError("no free port <= 55535 for a cluster node")
+def _cluster_ports() -> tuple[int, int]:
+    """A node's port and its cluster bus port (``--cluster-port``, Redis >= 7), both from
+    ``free_port``: the default bus port (port + 10000) could fall inside the kernel's ephemeral
+    range, where an outgoing connection may already hold it."""
+    return free_port(), free_port()
 
 
 def start_cluster(procs: Processes, masters: int = MASTERS) -> list[int]:
     """``masters`` cluster-enabled redis-servers (no replicas, no persistence) joined with
     ``redis-cli --cluster create``; returns their ports once CLUSTER INFO says ok on each."""
-    ports = [_cluster_port() for _ in range(masters)]
+    pairs = [_cluster_ports() for _ in range(masters)]
+    ports = [port for port, _ in pairs]
     nodes = {}
-    for port in ports:
+    for port, bus in pairs:
         argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--cluster-enabled", "yes", "--cluster-config-file", str(procs.workdir / f"nodes-{port}.conf")]
+                "--cluster-enabled", "yes", "--cluster-port", str(bus),
+                "--cluster-config-file", str(procs.workdir / f"nodes-{port}.conf")]
         nodes[port] = procs.start(f"cluster-{port}", argv, cpu=None)
     deadline = time.monotonic() + 20
     for port in ports:
