@@ -100,7 +100,7 @@ STAGE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((stage, re.compile(
     ("parse", r"(" + _FAST + r"(head|wire|framing)\.py|llhttp|httptools|_http_parser)"),
     ("pool", _FAST + r"(upstream|lane|ports|pool)\.py"),
     ("write", r"(" + _FAST + r"response\.py|transport.*write|write \(|writelines \()"),
-    ("exchange", _FAST + r"(counting|closing|exchange|forward|hot|protocol|server|handoff)\.py"),
+    ("exchange", _FAST + r"(counting|closing|exchange|forward|forward_lane|hot|protocol|server|handoff)\.py"),
     ("event loop", r"(uvloop|loop\.cpython|asyncio/|libuv|uv_run|uv__|\((loop|core|linux|stream|handles|"
                    r"timer|tcp|poll)\.c:)"),
     ("metrics", r"(prometheus_client|observability/)"),
@@ -438,8 +438,8 @@ def section(run: Run, names: Sequence[str], rounds: Sequence[Mapping[str, Budget
         "- *rewrite*: the header blocks both ways (`rewrite`, `headers`, `realip`)",
         "- *pool*: upstream connections and their protocol (`upstream`, `pool`, `lane`)",
         "- *write*: the response head (`ResponseHead`, `response`) and transport writes (uvloop's `write`)",
-        "- *exchange*: the per-request driver (`exchange`, `forward`, `protocol`, `hot`, `closing`, `counting`, "
-        "`server`)",
+        "- *exchange*: the per-request driver (`exchange`, `forward`, `forward_lane`, `protocol`, `hot`, `closing`, "
+        "`counting`, `server`)",
         "- *metrics*: prometheus_client and `observability/`",
         "- *event loop*: uvloop, libuv and asyncio frames with no proxy code inside",
         "- *other*: samples no rule names (interpreter start-up frames, GC, the stdlib outside these)",

@@ -355,7 +355,7 @@ class Forwarding:
 class Exchange(Forwarding):
     """One request from routing to the end of its answer. Never raises out of a callback."""
 
-    __slots__ = ("attempt", "request_id", "routed", "signals", "src", "started")
+    __slots__ = ("attempt", "memoized", "minted", "request_id", "routed", "signals", "src", "started")
 
     def __init__(self, conn: ConnectionPort, head: RequestHead, server: ServerPort, body_done: bool) -> None:
         super().__init__(conn, head, server, body_done)
@@ -365,6 +365,8 @@ class Exchange(Forwarding):
         self.src: ReplaySource | None = None
         self.signals: Triage = NO_SIGNALS
         self.attempt = 0
+        self.memoized = False  # forwarded from a hot-route entry's memo: ``forward_lane.remember`` may follow
+        self.minted = False  # forwarded as a new session (``mint``): ``forward_lane.remember`` may follow
 
     # ------------------------------------------------------------------ routing
 
@@ -386,6 +388,7 @@ class Exchange(Forwarding):
                     route = entry.decision
                     self.routed = (act.FORWARD, route.instance, route.reason)
                     server.counts.inc_all(counted[1])
+                    self.memoized = True
                     self._forward(route, entry.inp)
                     return
                 self.dispatch(entry.decision, entry.inp, entry.plan)
@@ -404,6 +407,7 @@ class Exchange(Forwarding):
                 route, inp, instance, origin, self._resp_extra, counters = minted
                 self.routed = (act.FORWARD, route.instance, route.reason)
                 server.counts.inc_all(counters)
+                self.minted = True
                 self._forward_to(route, inp, instance, origin)
                 return
             inp = router.route_input(head, {})

@@ -58,8 +58,12 @@ class ConnectionPort(Protocol):
     server: ServerPort
     transport: asyncio.Transport | None
     peer: str | None
+    scheme: str
     closing: bool
     handed_off: bool
+    msg_done: bool
+    #: the request in flight: an ``exchange.Exchange`` or a ``forward_lane.LaneExchange``
+    ex: Any
     read_pause: int
     write_paused: bool
     last_rx: float

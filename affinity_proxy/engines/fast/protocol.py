@@ -23,10 +23,11 @@ bad header names and values, and bare LF line ends: the client gets the aiohttp 
 and the connection is closed. A ``Transfer-Encoding`` other than exactly ``chunked`` (``gzip,
 chunked`` passes llhttp) gets the engines' JSON 501, also closed; an HTTP/1.0 request framed by
 ``Transfer-Encoding`` closes after its response. A head over the raw limit gets 431. A body-less
-head whose exact bytes were parsed before is taken from ``head.HeadCache`` instead, and in fly
-mode, when that head was last answered with a replay that still holds, the answer is written by its
-``lane.ReplayLane`` without an exchange. A request the fast engine does not serve itself goes to
-aiohttp (``handoff``). Pipelined requests are served one at a time, in order: the bytes of request
+head whose exact bytes were parsed before is taken from ``head.HeadCache`` instead; when that head
+was last answered with a replay that still holds (fly mode), the answer is written by its
+``lane.ReplayLane`` without an exchange, and when it was last forwarded from a memoized hot route,
+its ``forward_lane.ForwardLane`` forwards it again. A request the fast engine does not serve itself
+goes to aiohttp (``handoff``). Pipelined requests are served one at a time, in order: the bytes of request
 N+1 wait unparsed until response N is complete (reading pauses when they pile up).
 """
 
@@ -42,9 +43,10 @@ import httptools
 from affinity_proxy.proxy.headers import FLY_CLIENT_IP_HEADER, FLY_FORWARDED_PROTO_HEADER
 from affinity_proxy.proxy.realip import RealClient, real_client, trusted_proxies
 
-from . import wire
+from . import forward_lane, wire
 from .closing import Closing
 from .exchange import Exchange
+from .forward_lane import LaneExchange
 from .handoff import hand_off
 from .head import RequestHead, for_aiohttp, text
 
@@ -72,7 +74,7 @@ class RequestFraming:
     server: ServerPort
     parser: httptools.HttpRequestParser
     buf: bytes
-    ex: Exchange | None
+    ex: Exchange | LaneExchange | None
     head: RequestHead | None
     msg_done: bool
     in_body: bool
@@ -234,6 +236,8 @@ class RequestFraming:
         if self.in_body and head.version == b"1.1" and b"expect" in head.first:
             self.write(wire.CONTINUE_100)
         ex.begin()
+        if (ex.memoized or ex.minted) and head.lane is None:  # repeats of this head may take ``forward_lane``
+            forward_lane.remember(ex)
         if self.in_body and self.buf:
             data, self.buf = self.buf, b""
             rest = self._feed_body(data)
@@ -317,7 +321,6 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
         "head",
         "idle_since",
         "in_body",
-        "lanes",
         "last_rx",
         "linger_until",
         "msg_done",
@@ -337,7 +340,7 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.buf = b""
-        self.ex: Exchange | None = None
+        self.ex: Exchange | LaneExchange | None = None
         self.head: RequestHead | None = None
         self.msg_done = True
         self.in_body = False
@@ -358,7 +361,6 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
         self.admitted = False
         self.handed_off = False
         self._processing = False
-        self.lanes = server.router.fly  # repeats of fly replays may take ``lane.ReplayLane``
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -382,8 +384,8 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
                 data = self._feed_body(data)
                 if not data or self.closing:
                     return
-            elif self.lanes and not self.buf and self.ex is None and not self.read_pause and not self.write_paused:
-                head = self.server.heads.get(data)  # exactly one known head: maybe a replay's repeat
+            elif not self.buf and self.ex is None and not self.read_pause and not self.write_paused:
+                head = self.server.heads.get(data)  # exactly one known head: maybe a lane's repeat
                 if head is not None and head.lane is not None and head.lane.answer(self, head):
                     return
             self.buf = self.buf + data if self.buf else data
@@ -461,7 +463,7 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(data)
 
-    def exchange_done(self, ex: Exchange, *, keep_alive: bool) -> None:
+    def exchange_done(self, ex: Exchange | LaneExchange, *, keep_alive: bool) -> None:
         if self.ex is not ex:
             return
         self.ex = None

@@ -146,3 +146,35 @@ async def exchange(port: int, data: bytes | list[bytes], *, expect: int | None =
             pass
     responses, rest = parse_responses(received, head_requests, closed=closed)
     return RawExchange(responses, closed, rest)
+
+
+class Client:
+    """One keep-alive connection; ``send`` writes one request and reads exactly its answer."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.received = b""
+
+    @classmethod
+    async def open(cls, port: int, local: str | None = None) -> Client:
+        """A connection to ``port``; ``local``: the address to connect from (127.0.0.2: another peer)."""
+        return cls(*await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0) if local else None))
+
+    async def send(self, data: bytes, *, head: bool = False) -> RawResponse:
+        self.writer.write(data)
+        async with asyncio.timeout(10):
+            while True:
+                done, rest = parse_responses(self.received, {0} if head else set(), closed=False)
+                if done:
+                    self.received = rest
+                    return done[0]
+                chunk = await self.reader.read(65536)
+                assert chunk, "the proxy closed the connection"
+                self.received += chunk
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass

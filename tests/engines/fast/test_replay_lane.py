@@ -26,7 +26,7 @@ from affinity_proxy.devtools.demo.backend import start_backend
 from affinity_proxy.routing.cookie import CookieCodec
 from affinity_proxy.routing.model import InstanceId
 from affinity_proxy.serve.app import ProxyServer
-from tests.engines.fast.raw import RawResponse, exchange, parse_responses
+from tests.engines.fast.raw import Client, RawResponse, exchange
 from tests.functional.helpers import COOKIE, metric_value
 
 SECRET = "lane-test-secret-" + "z" * 20
@@ -75,37 +75,6 @@ def request(server: ProxyServer, instance: str, *, issued_at: int | None = None,
                          codec.user_digest(USER))
     return (f"{method} /page HTTP/1.1\r\nHost: app.example\r\nCookie: {COOKIE}={value}\r\n"
             f"X-User-Id: {USER}\r\n").encode() + extra + b"\r\n"
-
-
-class Client:
-    """One keep-alive connection; ``send`` writes one request and reads exactly its answer."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.received = b""
-
-    @classmethod
-    async def open(cls, port: int) -> Client:
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
-
-    async def send(self, data: bytes, *, head: bool = False) -> RawResponse:
-        self.writer.write(data)
-        async with asyncio.timeout(10):
-            while True:
-                done, rest = parse_responses(self.received, {0} if head else set(), closed=False)
-                if done:
-                    self.received = rest
-                    return done[0]
-                chunk = await self.reader.read(65536)
-                assert chunk, "the proxy closed the connection"
-                self.received += chunk
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except OSError:
-            pass
 
 
 async def metrics(server: ProxyServer) -> str:
