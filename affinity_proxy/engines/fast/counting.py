@@ -49,6 +49,7 @@ class Counts:
         self._observed: dict[Any, list[float]] = {}
         self._responses: dict[int, Any] = {}
         self._durations: dict[str, Any] = {}
+        self._lane_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._flush_scheduled = False
         self.loop = asyncio.get_running_loop()
 
@@ -122,6 +123,30 @@ class Counts:
         if child is None:
             child = self._durations[instance] = self.child(self.ctx.metrics.upstream_duration, instance)
         self.observe(child, seconds)
+
+    def lane_response(self, counters: tuple[Any, ...] | None, instance: str, status: int, seconds: float) -> None:
+        """``inc_all(counters)`` (unless None), ``observe_duration(instance, seconds)`` and
+        ``count_response(status)`` in one call, the children looked up once per (instance, status):
+        a lane's request and its whole response (``forward_lane``)."""
+        children = self._lane_children.get((instance, status))
+        if children is None:
+            if len(self._lane_children) >= 4096:
+                self._lane_children.clear()
+            children = self._lane_children[(instance, status)] = (
+                self.response_child(status), self.child(self.ctx.metrics.upstream_duration, instance))
+        response, duration = children
+        if counters is not None:
+            pending_all = self._pending_all
+            pending_all[counters] = pending_all.get(counters, 0) + 1
+        pending = self._pending
+        pending[response] = pending.get(response, 0) + 1
+        values = self._observed.get(duration)
+        if values is None:
+            values = self._observed[duration] = []
+        values.append(seconds)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
 
     def response_child(self, status: int) -> Any:
         """``responses.labels(code=str(status))``, looked up once."""

@@ -39,6 +39,7 @@ from affinity_proxy.routing.replay import (
 
 from . import lane, rewrite, wire
 from .head import RequestHead
+from .mint import input_of
 from .rewrite import ResponseHead
 from .route import HotRoute
 from .upstream import UpstreamConnection
@@ -404,11 +405,11 @@ class Exchange(Forwarding):
         else:
             minted = router.new_sessions.mint(head, server.counts, server.pool, key)
             if minted is not None:  # a first visit: the new-session lane (``mint``) placed it
-                route, inp, instance, origin, self._resp_extra, counters = minted
+                route, minted_input, instance, origin, self._resp_extra, counters = minted
                 self.routed = (act.FORWARD, route.instance, route.reason)
                 server.counts.inc_all(counters)
                 self.minted = True
-                self._forward_to(route, inp, instance, origin)
+                self._forward_to(route, input_of(minted_input), instance, origin)
                 return
             inp = router.route_input(head, {})
         decision = router.quick(inp)

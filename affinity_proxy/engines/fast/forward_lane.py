@@ -33,12 +33,14 @@ from affinity_proxy.proxy import act
 
 from . import rewrite, wire
 from .exchange import Exchange
+from .mint import input_of
 
 if TYPE_CHECKING:
     from affinity_proxy.routing.decide import Route, RouteInput
     from affinity_proxy.routing.model import Instance
 
     from .head import RequestHead
+    from .mint import InputArgs
     from .ports import ConnectionPort
     from .rewrite import ResponseHead
     from .route import HotRoute
@@ -51,8 +53,8 @@ _INFO = logging.INFO
 class ForwardLane:
     """One head's forward and what it depends on (see the module docstring)."""
 
-    __slots__ = ("counters", "entry", "extra", "head_only", "instance", "origin", "peer", "prefix", "scheme",
-                 "sources", "suffix", "whole")
+    __slots__ = ("counters", "entry", "extra", "head_only", "instance", "origin", "peer", "prefix", "reply",
+                 "reply_to", "scheme", "sources", "suffix", "whole")
 
     def __init__(self, entry: HotRoute, sources: object, instance: Instance, origin: Origin, extra: tuple[bytes, ...],
                  counters: tuple[Any, ...], peer: str | None, scheme: str, whole: bytes | None, prefix: bytes,
@@ -69,6 +71,9 @@ class ForwardLane:
         self.prefix = prefix  # else the head before and after a fresh ``X-Request-Id`` line
         self.suffix = suffix
         self.head_only = head_only
+        #: the client's response head last sent for ``reply_to`` (a cached ``ResponseHead``), keep-alive
+        self.reply_to: ResponseHead | None = None
+        self.reply = b""
 
     def answer(self, conn: ConnectionPort, head: RequestHead) -> bool:
         """Forward ``head`` as its last forward went and count it; False (nothing done) when the
@@ -90,10 +95,9 @@ class ForwardLane:
         if data is None:
             data = b"".join((self.prefix, wire.REQUEST_ID_LINE, server.ids(), b"\r\n", self.suffix))
         ex = conn.ex = LaneExchange(conn, head, upstream, data, entry.decision, entry.inp, self.instance, self.extra,
-                                    entry)
+                                    self.counters, self)
         conn.msg_done = True
         upstream.send(ex, data, head_only=self.head_only, complete=True)
-        server.counts.inc_all(self.counters)
         return True
 
 
@@ -119,11 +123,11 @@ class MintLane:
             return False
         if server.closing or access_log.isEnabledFor(_INFO):
             return False
-        minted = server.router.new_sessions.mint(head, server.counts, server.pool, head.hot_key)  # type: ignore[arg-type]
+        minted = server.router.new_sessions.mint(head, server.counts, server.pool, head.hot_key,  # type: ignore[arg-type]
+                                                 lazy=True)
         if minted is None:
             return False
         route, inp, instance, origin, extra, counters = minted
-        server.counts.inc_all(counters)
         memos = head.up_memo
         memo = memos.get(origin) if memos is not None else None
         client = conn.real_client(head)
@@ -131,15 +135,16 @@ class MintLane:
         if memo is not None and memo[1] == conn.peer and memo[2] == client.scheme and memo[3] is client.trusted:
             upstream = server.pool.acquire(origin)
         if upstream is None:  # the session is placed: a full exchange builds the head or opens a connection
+            server.counts.inc_all(counters)
             full = conn.ex = Exchange(conn, head, server, True)
             conn.msg_done = True
             full.routed = (act.FORWARD, route.instance, route.reason)
             full._resp_extra = extra
-            full._forward_to(route, inp, instance, origin)
+            full._forward_to(route, input_of(inp), instance, origin)
             return True
         rid = None if head.has_rid else head.client_request_id() or server.ids()
         data = memo[4] + memo[5] if rid is None else b"".join((memo[4], wire.REQUEST_ID_LINE, rid, b"\r\n", memo[5]))
-        ex = conn.ex = LaneExchange(conn, head, upstream, data, route, inp, instance, extra, None)
+        ex = conn.ex = LaneExchange(conn, head, upstream, data, route, inp, instance, extra, counters, None)
         conn.msg_done = True
         upstream.send(ex, data, head_only=self.head_only, complete=True)
         return True
@@ -183,22 +188,27 @@ def remember(ex: Exchange) -> None:
 
 
 class LaneExchange:
-    """One request the lane forwarded (see the module docstring). Never raises out of a callback."""
+    """One request a lane forwarded (see the module docstring). Never raises out of a callback.
+    Its request counters are added with its response (``Counts.lane_response``), or when it is
+    promoted or its client leaves, so that each request is counted once whatever happens."""
 
-    __slots__ = ("conn", "data", "extra", "finished", "full", "head", "hot", "inp", "instance", "route", "started",
-                 "upstream")
+    __slots__ = ("conn", "counters", "data", "extra", "finished", "full", "head", "hot", "inp", "instance", "lane",
+                 "route", "started", "upstream")
 
-    def __init__(self, conn: ConnectionPort, head: RequestHead, upstream: UpstreamConnection, data: bytes, route: Route,
-                 inp: RouteInput, instance: Instance, extra: tuple[bytes, ...], hot: HotRoute | None) -> None:
+    def __init__(self, conn: ConnectionPort, head: RequestHead, upstream: UpstreamConnection, data: bytes,
+                 route: Route, inp: RouteInput | InputArgs, instance: Instance, extra: tuple[bytes, ...],
+                 counters: tuple[Any, ...], lane: ForwardLane | None) -> None:
         self.conn = conn
         self.head = head
         self.upstream: UpstreamConnection | None = upstream
         self.data = data  # the upstream head as sent
         self.route = route
-        self.inp = inp
+        self.inp = inp  # a new session's is built when needed (``mint.input_of``)
         self.instance = instance
         self.extra = extra  # the proxy's response header lines
-        self.hot = hot  # the hot-route entry it was routed from (None: a new session)
+        self.counters: tuple[Any, ...] | None = counters  # None once counted
+        self.lane = lane  # None: a new session (``MintLane``)
+        self.hot = lane.entry if lane is not None else None  # the hot-route entry it was routed from
         self.started = time.perf_counter()
         self.finished = False
         self.full: Exchange | None = None
@@ -217,14 +227,26 @@ class LaneExchange:
         server = conn.server
         ctx = server.ctx
         keep_alive = self.head.keep_alive and not server.closing
-        data = rewrite.known_client_head(self.head, rh, self.extra, keep_alive)
-        conn.write(data + body if body else data)
-        counts = server.counts
-        counts.observe_duration(self.instance.id, time.perf_counter() - self.started)
+        lane = self.lane
+        if lane is not None and lane.reply_to is rh and keep_alive:
+            data = lane.reply  # a forward lane's response head: the same instance lines and version
+        else:
+            data = rewrite.known_client_head(self.head, rh, self.extra, keep_alive)
+            if lane is not None and keep_alive:
+                lane.reply_to, lane.reply = rh, data
+        transport = conn.transport
+        if transport is not None:
+            transport.write(data + body if body else data)
         status = rh.status
-        counts.count_response(status)
+        counters, self.counters = self.counters, None
+        server.counts.lane_response(counters, self.instance.id, status, time.perf_counter() - self.started)
         ctx.events.response(status == ctx.config.fly.replay_status)
         conn.exchange_done(self, keep_alive=keep_alive)
+
+    def _count_request(self) -> None:
+        counters, self.counters = self.counters, None
+        if counters is not None:
+            self.conn.server.counts.inc_all(counters)
 
     def client_lost(self) -> None:
         """``Forwarding.client_lost`` before any response: the instance's socket is not reusable."""
@@ -232,6 +254,7 @@ class LaneExchange:
         if full is not None:
             full.client_lost()
             return
+        self._count_request()
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.close()
@@ -243,12 +266,13 @@ class LaneExchange:
         full = self.full
         if full is not None:
             return full
+        self._count_request()
         conn = self.conn
         route = self.route
         full = self.full = Exchange(conn, self.head, conn.server, True)
         full.hot = self.hot
         full.routed = (act.FORWARD, route.instance, route.reason)
-        full.route, full.inp, full.instance = route, self.inp, self.instance
+        full.route, full.inp, full.instance = route, input_of(self.inp), self.instance
         full._resp_extra = self.extra
         full.up_head = self.data
         full.started = full.up_started = self.started

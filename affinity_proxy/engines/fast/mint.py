@@ -48,9 +48,11 @@ if TYPE_CHECKING:
     from .counting import Counts
     from .upstream import Origin, UpstreamPool
 
-#: One minted session: the decision, its input, the instance, its pool origin, the response header
-#: lines and the counters to add to.
-Minted = tuple[Route, RouteInput, Instance, "Origin", tuple[bytes, ...], tuple[Any, ...]]
+#: What ``lane_input`` builds a new session's ``RouteInput`` from: (now, anonymous key, loads).
+InputArgs = tuple[float, str, Any]
+#: One minted session: the decision, its input (or, from ``mint(lazy=True)``, what ``input_of``
+#: builds it from), the instance, its pool origin, the response header lines and the counters.
+Minted = tuple[Route, "RouteInput | InputArgs", Instance, "Origin", tuple[bytes, ...], tuple[Any, ...]]
 
 
 def with_room(view: MembershipView, loads: Any, load_factor: float) -> tuple[HashRing, frozenset[str]] | None:
@@ -144,6 +146,11 @@ def lane_input(now: float, key: str, loads: Any) -> RouteInput:
     return inp
 
 
+def input_of(inp: RouteInput | InputArgs) -> RouteInput:
+    """The ``RouteInput`` of a minted session, built now when ``mint(lazy=True)`` left it for later."""
+    return inp if isinstance(inp, RouteInput) else lane_input(*inp)
+
+
 class _Snapshot:
     """What the lane derived from one (membership, codec, policy, config) state."""
 
@@ -192,9 +199,11 @@ class NewSessions:
         return extract_user_key(ctx.user_key_sources, head, Query(head.target), jar) is None  # type: ignore[arg-type]
 
     def mint(self, head: RequestHead, counts: Counts, pool: UpstreamPool,
-             hot_key: tuple[Any, ...] | None = None) -> Minted | None:
+             hot_key: tuple[Any, ...] | None = None, *, lazy: bool = False) -> Minted | None:
         """The new session for ``head`` (what the general path would decide and send), or None
-        when the general path must answer (see the module docstring). ``hot_key``: see ``eligible``."""
+        when the general path must answer (see the module docstring). ``hot_key``: see ``eligible``.
+        ``lazy``: return the input's ``InputArgs`` instead of the ``RouteInput`` (``input_of``
+        builds it; a lane forwarding the session needs it only if something fails)."""
         if not self.eligible(head, hot_key):
             return None
         ctx = self.ctx
@@ -226,12 +235,12 @@ class NewSessions:
                 return None
         route, counters, instance, origin = target
         now = time.time()
-        inp = lane_input(now, key, loads)
+        inp: RouteInput | InputArgs = (now, key, loads) if lazy else lane_input(now, key, loads)
         second = int(now)
         chosen = route.instance
         lines = snap.lines.get(chosen)
         if lines is None or lines[0] != second:
-            cookie = self.writer.value(snap.codec, snap.config, instance.id, route, inp)
+            cookie = self.writer.value(snap.codec, snap.config, instance.id, route, input_of(inp))
             lines = snap.lines[chosen] = (second, tuple(b"%s: %s\r\n" % (name.encode(), value.encode())
                                                         for name, value in act.response_headers(instance.id, cookie)))
         self.minted += 1

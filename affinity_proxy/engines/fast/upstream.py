@@ -184,9 +184,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         return _read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_read_buffer[:nbytes].tobytes())
-
-    def data_received(self, data: bytes) -> None:
+        data = _read_buffer[:nbytes].tobytes()  # copied out before the shared buffer's next read
         self._got_bytes = True
         relay = self.relay
         if relay is None:  # bytes from an idle instance: not HTTP we asked for
