@@ -62,7 +62,11 @@ class RecentEvents:
     def response(self, replay_status: bool) -> None:
         """One client request answered; ``replay_status``: its status was ``fly.replay_status``
         (409 by default), whether a replay or the app's own answer. O(1)."""
-        i = self._slot(self._clock())
+        second = int(self._clock())  # ``_slot``, inlined: this runs once per request
+        i = second % self._seconds
+        if self._stamp[i] != second:
+            self._stamp[i] = second
+            self._requests[i] = self._replays[i] = self._replay_status[i] = self._repins[i] = 0
         self._requests[i] += 1
         if replay_status:
             self._replay_status[i] += 1

@@ -36,11 +36,10 @@ from .exchange import Exchange
 from .mint import input_of
 
 if TYPE_CHECKING:
-    from affinity_proxy.routing.decide import Route, RouteInput
     from affinity_proxy.routing.model import Instance
 
     from .head import RequestHead
-    from .mint import InputArgs
+    from .mint import Minted
     from .ports import ConnectionPort
     from .rewrite import ResponseHead
     from .route import HotRoute
@@ -53,24 +52,23 @@ _INFO = logging.INFO
 class ForwardLane:
     """One head's forward and what it depends on (see the module docstring)."""
 
-    __slots__ = ("counters", "entry", "extra", "head_only", "instance", "origin", "peer", "prefix", "reply",
-                 "reply_to", "scheme", "sources", "suffix", "whole")
+    __slots__ = ("entry", "head_only", "origin", "peer", "prefix", "reply", "reply_to", "scheme", "sources", "suffix",
+                 "target", "whole")
 
     def __init__(self, entry: HotRoute, sources: object, instance: Instance, origin: Origin, extra: tuple[bytes, ...],
                  counters: tuple[Any, ...], peer: str | None, scheme: str, whole: bytes | None, prefix: bytes,
                  suffix: bytes, head_only: bool) -> None:
         self.entry = entry
         self.sources = sources
-        self.instance = instance
         self.origin = origin
-        self.extra = extra
-        self.counters = counters
         self.peer = peer
         self.scheme = scheme
         self.whole = whole  # the whole upstream head when its request id is the client's (constant)
         self.prefix = prefix  # else the head before and after a fresh ``X-Request-Id`` line
         self.suffix = suffix
         self.head_only = head_only
+        #: what a ``LaneExchange`` needs, shaped as ``mint.Minted``
+        self.target: Minted = (entry.decision, entry.inp, instance, origin, extra, counters)
         #: the client's response head last sent for ``reply_to`` (a cached ``ResponseHead``), keep-alive
         self.reply_to: ResponseHead | None = None
         self.reply = b""
@@ -94,8 +92,7 @@ class ForwardLane:
         data = self.whole
         if data is None:
             data = b"".join((self.prefix, wire.REQUEST_ID_LINE, server.ids(), b"\r\n", self.suffix))
-        ex = conn.ex = LaneExchange(conn, head, upstream, data, entry.decision, entry.inp, self.instance, self.extra,
-                                    self.counters, self)
+        ex = conn.ex = LaneExchange(conn, head, upstream, data, self.target, self)
         conn.msg_done = True
         upstream.send(ex, data, head_only=self.head_only, complete=True)
         return True
@@ -144,7 +141,7 @@ class MintLane:
             return True
         rid = None if head.has_rid else head.client_request_id() or server.ids()
         data = memo[4] + memo[5] if rid is None else b"".join((memo[4], wire.REQUEST_ID_LINE, rid, b"\r\n", memo[5]))
-        ex = conn.ex = LaneExchange(conn, head, upstream, data, route, inp, instance, extra, counters, None)
+        ex = conn.ex = LaneExchange(conn, head, upstream, data, minted, None)
         conn.msg_done = True
         upstream.send(ex, data, head_only=self.head_only, complete=True)
         return True
@@ -192,24 +189,20 @@ class LaneExchange:
     Its request counters are added with its response (``Counts.lane_response``), or when it is
     promoted or its client leaves, so that each request is counted once whatever happens."""
 
-    __slots__ = ("conn", "counters", "data", "extra", "finished", "full", "head", "hot", "inp", "instance", "lane",
-                 "route", "started", "upstream")
+    __slots__ = ("conn", "counted", "data", "finished", "full", "head", "lane", "started", "target", "upstream")
 
     def __init__(self, conn: ConnectionPort, head: RequestHead, upstream: UpstreamConnection, data: bytes,
-                 route: Route, inp: RouteInput | InputArgs, instance: Instance, extra: tuple[bytes, ...],
-                 counters: tuple[Any, ...], lane: ForwardLane | None) -> None:
+                 target: Minted, lane: ForwardLane | None) -> None:
         self.conn = conn
         self.head = head
         self.upstream: UpstreamConnection | None = upstream
         self.data = data  # the upstream head as sent
-        self.route = route
-        self.inp = inp  # a new session's is built when needed (``mint.input_of``)
-        self.instance = instance
-        self.extra = extra  # the proxy's response header lines
-        self.counters: tuple[Any, ...] | None = counters  # None once counted
+        #: route, input (a new session's is built when needed: ``mint.input_of``), instance, origin,
+        #: the proxy's response header lines, the request's counters
+        self.target = target
         self.lane = lane  # None: a new session (``MintLane``)
-        self.hot = lane.entry if lane is not None else None  # the hot-route entry it was routed from
         self.started = time.perf_counter()
+        self.counted = False
         self.finished = False
         self.full: Exchange | None = None
 
@@ -228,25 +221,32 @@ class LaneExchange:
         ctx = server.ctx
         keep_alive = self.head.keep_alive and not server.closing
         lane = self.lane
+        _, _, instance, _, extra, counters = self.target
         if lane is not None and lane.reply_to is rh and keep_alive:
             data = lane.reply  # a forward lane's response head: the same instance lines and version
         else:
-            data = rewrite.known_client_head(self.head, rh, self.extra, keep_alive)
+            data = rewrite.known_client_head(self.head, rh, extra, keep_alive)
             if lane is not None and keep_alive:
                 lane.reply_to, lane.reply = rh, data
         transport = conn.transport
         if transport is not None:
             transport.write(data + body if body else data)
         status = rh.status
-        counters, self.counters = self.counters, None
-        server.counts.lane_response(counters, self.instance.id, status, time.perf_counter() - self.started)
+        server.counts.lane_response(None if self.counted else counters, instance.id, status,
+                                    time.perf_counter() - self.started)
+        self.counted = True
         ctx.events.response(status == ctx.config.fly.replay_status)
-        conn.exchange_done(self, keep_alive=keep_alive)
+        if (keep_alive and conn.ex is self and not conn.buf and not conn.eof and not conn.read_pause
+                and conn.transport is not None):  # ``exchange_done`` with nothing else to do
+            conn.ex = None
+            conn.idle_since = conn.last_rx
+        else:
+            conn.exchange_done(self, keep_alive=keep_alive)
 
     def _count_request(self) -> None:
-        counters, self.counters = self.counters, None
-        if counters is not None:
-            self.conn.server.counts.inc_all(counters)
+        if not self.counted:
+            self.counted = True
+            self.conn.server.counts.inc_all(self.target[5])
 
     def client_lost(self) -> None:
         """``Forwarding.client_lost`` before any response: the instance's socket is not reusable."""
@@ -268,12 +268,12 @@ class LaneExchange:
             return full
         self._count_request()
         conn = self.conn
-        route = self.route
+        route, inp, instance, _, extra, _ = self.target
         full = self.full = Exchange(conn, self.head, conn.server, True)
-        full.hot = self.hot
+        full.hot = self.lane.entry if self.lane is not None else None
         full.routed = (act.FORWARD, route.instance, route.reason)
-        full.route, full.inp, full.instance = route, input_of(self.inp), self.instance
-        full._resp_extra = self.extra
+        full.route, full.inp, full.instance = route, input_of(inp), instance
+        full._resp_extra = extra
         full.up_head = self.data
         full.started = full.up_started = self.started
         full.upstream = self.upstream

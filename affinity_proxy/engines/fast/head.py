@@ -133,12 +133,15 @@ class HeadCache:
     MAX_COST = 8 * 1024 * 1024
     FIELD_COST = 320  # about what one parsed field costs (its pair, its line, its ``first`` entry)
 
-    __slots__ = ("_config", "_cost", "_ctx", "_heads", "_seen")
+    __slots__ = ("_config", "_cost", "_ctx", "_heads", "_seen", "lanes")
 
     def __init__(self, ctx: ProxyContext) -> None:
         self._ctx = ctx
         self._config: object = ctx.config
         self._heads: dict[bytes, RequestHead] = {}
+        #: the heads by their bytes without ``get``'s config check, for the lanes' look-up (a lane
+        #: checks the config its answer depends on itself; ``get`` empties the cache after a reload)
+        self.lanes = self._heads
         self._seen: set[int] = set()
         self._cost = 0
 

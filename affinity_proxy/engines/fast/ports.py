@@ -62,6 +62,8 @@ class ConnectionPort(Protocol):
     closing: bool
     handed_off: bool
     msg_done: bool
+    buf: bytes
+    eof: bool
     #: the request in flight: an ``exchange.Exchange`` or a ``forward_lane.LaneExchange``
     ex: Any
     read_pause: int

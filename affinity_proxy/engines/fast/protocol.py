@@ -385,7 +385,7 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
                 if not data or self.closing:
                     return
             elif not self.buf and self.ex is None and not self.read_pause and not self.write_paused:
-                head = self.server.heads.get(data)  # exactly one known head: maybe a lane's repeat
+                head = self.server.heads.lanes.get(data)  # exactly one known head: maybe a lane's repeat
                 if head is not None and head.lane is not None and head.lane.answer(self, head):
                     return
             self.buf = self.buf + data if self.buf else data

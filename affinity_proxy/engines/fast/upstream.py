@@ -414,7 +414,9 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         self.active.discard(conn)
-        idle = self._idle.setdefault(conn.origin.key, deque())
+        idle = self._idle.get(conn.origin.key)
+        if idle is None:
+            idle = self._idle[conn.origin.key] = deque()
         if self.closed or len(idle) >= MAX_IDLE_PER_ORIGIN:
             conn.close()
             return
