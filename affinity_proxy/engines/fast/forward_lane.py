@@ -10,12 +10,14 @@ a fresh request id, the counters are the same children. ``remember`` keeps on th
 every use, exactly as ``HotRoutes.get`` checks the entry (before ``cookie.revalidate_after`` and
 the cookie's expiry, the same membership snapshot, codec, policy, config and user-key sources;
 and the same peer address and scheme, which the upstream head's added lines depend on), takes a
-pooled connection, writes the head and counts the request as ``Exchange.begin`` would.
+pooled connection and writes the head. ``MintLane`` does the same for a repeated cookie-less head,
+each repeat a new session placed by ``mint.NewSessions``.
 
 The request is then carried by a ``LaneExchange``: when the instance's answer arrives whole in
 one read with a head parsed before (``rewrite.ResponseCache``, the usual case for a repeat) it
-writes the client's response, observes the duration and counts the response as
-``Forwarding.upstream_whole`` and ``Exchange._finish`` do. Anything else (a response that needs
+writes the client's response and counts the request, its response and the duration as
+``Exchange.begin``, ``Forwarding.upstream_whole`` and ``Exchange._finish`` do (the request is
+counted when it is promoted or its client leaves instead). Anything else (a response that needs
 llhttp, a failure, a stale pooled socket to resend, flow control) turns it into the full
 ``exchange.Exchange`` it stands for (``_promote``: the same state, so the same behaviour) and
 hands the event on. The lane declines (the caller takes the full path) when no pooled connection
@@ -106,16 +108,18 @@ class MintLane:
     whose instance has no idle pooled connection, or no memo for this peer yet, is handed to a full
     ``exchange.Exchange`` as ``Exchange.begin`` hands a minted one (so it is placed once)."""
 
-    __slots__ = ("head_only", "sources")
+    __slots__ = ("config", "head_only", "sources")
 
-    def __init__(self, sources: object, head_only: bool) -> None:
+    def __init__(self, sources: object, config: object, head_only: bool) -> None:
         self.sources = sources
+        self.config = config  # the head was parsed and checked under it (``HeadCache.lanes`` skips that check)
         self.head_only = head_only
 
     def answer(self, conn: ConnectionPort, head: RequestHead) -> bool:
         server = conn.server
         ctx = server.ctx
-        if self.sources is not ctx.user_key_sources or head.hot_sources is not self.sources:
+        if (self.sources is not ctx.user_key_sources or head.hot_sources is not self.sources
+                or self.config is not ctx.config):
             head.lane = None
             return False
         if server.closing or access_log.isEnabledFor(_INFO):
@@ -163,7 +167,7 @@ def remember(ex: Exchange) -> None:
     if head.odd or (head.claims and not client.trusted):
         return
     if ex.minted:
-        head.lane = MintLane(head.hot_sources, head.method == "HEAD")
+        head.lane = MintLane(head.hot_sources, ctx.config, head.method == "HEAD")
         return
     entry = ex.hot
     if entry is None or entry.forward is None or entry.counted is None or entry.counted[0] != act.FORWARD:

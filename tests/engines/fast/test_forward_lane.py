@@ -15,11 +15,13 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from affinity_proxy.config import load_config
 from affinity_proxy.engines.fast import FastServer
 from affinity_proxy.engines.fast.forward_lane import ForwardLane, MintLane
 from affinity_proxy.routing.cookie import AffinityCookie, CookieCodec
@@ -27,6 +29,7 @@ from affinity_proxy.routing.model import InstanceId
 from affinity_proxy.serve.app import ProxyServer
 from tests.engines.fast.raw import Client, RawResponse, exchange
 from tests.functional.helpers import COOKIE, metric_value
+from tests.functional.test_reload import write_config
 from tests.support.backends import Backends, make_config
 from tests.support.waiting import wait_until
 
@@ -290,3 +293,30 @@ async def test_first_visits_placed_on_a_dead_instance_are_retried_elsewhere(prox
     text = await metrics(proxy)  # some of them did fail on b first (or this test proves nothing)
     assert sum(metric_value(text, "affinity_upstream_errors_total", {"instance": "b", "kind": kind})
                for kind in ("connect", "protocol")) > 0
+
+
+@pytest.mark.parametrize("cookie", [False, True], ids=["mint", "forward"])
+async def test_a_reload_ends_both_lanes(backends: Backends, start_proxy: Any, tmp_path: Path, cookie: bool) -> None:
+    """A reload replaces the config a warm lane's head was parsed and checked under (the lanes look
+    heads up without ``HeadCache.get``'s config check): the lane is dropped on its next use and the
+    full path answers, parsing the head again under the new config."""
+    cfg = tmp_path / "proxy.yaml"
+    write_config(cfg, backends, ["a", "b", "c"], engine="fast", secret=SECRET)
+    server: ProxyServer = await start_proxy(load_config(cfg), config_path=str(cfg))
+    data = request() if cookie else FIRST_VISIT
+    client = await Client.open(server.main_port)
+    for _ in range(4):
+        assert echoed(await client.send(data))["path"] == "/page"
+    kind = ForwardLane if cookie else MintLane
+    assert lanes(server, kind) == 1
+    warm = fast(server).heads._heads[data]
+    write_config(cfg, backends, ["a", "b", "c"], engine="fast", secret=SECRET,
+                 extra="limits: {max_header_bytes: 4096}\n")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{server.admin_port}/reload") as resp:
+            assert resp.status == 200, await resp.text()
+    assert isinstance(warm.lane, kind)
+    assert echoed(await client.send(data))["path"] == "/page"
+    assert warm.lane is None  # dropped, not taken
+    assert fast(server).heads._heads.get(data) is not warm  # parsed again under the new config
+    await client.close()
