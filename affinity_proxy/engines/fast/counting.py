@@ -38,6 +38,46 @@ def _observe_all(histogram: Any, values: list[float]) -> None:
         buckets[i].inc(n)
 
 
+class Tally:
+    """A lane's requests of one kind since the last flush: ``inc_all(counters)``,
+    ``count_response(status)`` and ``observe_duration(instance, seconds)`` per ``add``, in a few
+    attribute updates (``forward_lane.LaneExchange``); ``Counts.flush`` drains it with the rest."""
+
+    __slots__ = ("counters", "counts", "dirty", "duration", "n", "response", "seconds", "status")
+
+    def __init__(self, counts: Counts, counters: tuple[Any, ...], response: Any, duration: Any, status: int) -> None:
+        self.counts = counts
+        self.counters = counters
+        self.response = response
+        self.duration = duration
+        self.status = status
+        self.n = 0
+        self.seconds: list[float] = []
+        self.dirty = False
+
+    def add(self, seconds: float) -> None:
+        """One request counted with its response, which took ``seconds`` at the instance."""
+        self.n += 1
+        self.seconds.append(seconds)
+        if not self.dirty:
+            self.dirty = True
+            self.counts._dirty(self)
+
+    def drain(self, pending_all: dict[tuple[Any, ...], int], pending: dict[Any, int],
+              observed: dict[Any, list[float]]) -> None:
+        n, self.n = self.n, 0
+        seconds, self.seconds = self.seconds, []
+        self.dirty = False
+        if n:
+            pending_all[self.counters] = pending_all.get(self.counters, 0) + n
+            pending[self.response] = pending.get(self.response, 0) + n
+            values = observed.get(self.duration)
+            if values is None:
+                observed[self.duration] = seconds
+            else:
+                values += seconds
+
+
 class Counts:
     """One per process (event loop)."""
 
@@ -49,7 +89,8 @@ class Counts:
         self._observed: dict[Any, list[float]] = {}
         self._responses: dict[int, Any] = {}
         self._durations: dict[str, Any] = {}
-        self._lane_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._tallies: dict[tuple[Any, ...], Tally] = {}
+        self._dirty_tallies: list[Tally] = []
         self._flush_scheduled = False
         self.loop = asyncio.get_running_loop()
 
@@ -92,6 +133,10 @@ class Counts:
     def flush(self) -> None:
         self._flush_scheduled = False
         pending, self._pending = self._pending, {}
+        if self._dirty_tallies:
+            tallies, self._dirty_tallies = self._dirty_tallies, []
+            for tally in tallies:
+                tally.drain(self._pending_all, pending, self._observed)
         if self._pending_all:
             pending_all, self._pending_all = self._pending_all, {}
             for counters, n in pending_all.items():
@@ -124,26 +169,20 @@ class Counts:
             child = self._durations[instance] = self.child(self.ctx.metrics.upstream_duration, instance)
         self.observe(child, seconds)
 
-    def lane_response(self, counters: tuple[Any, ...] | None, instance: str, status: int, seconds: float) -> None:
-        """``inc_all(counters)`` (unless None), ``observe_duration(instance, seconds)`` and
-        ``count_response(status)`` in one call, the children looked up once per (instance, status):
-        a lane's request and its whole response (``forward_lane``)."""
-        children = self._lane_children.get((instance, status))
-        if children is None:
-            if len(self._lane_children) >= 4096:
-                self._lane_children.clear()
-            children = self._lane_children[(instance, status)] = (
-                self.response_child(status), self.child(self.ctx.metrics.upstream_duration, instance))
-        response, duration = children
-        if counters is not None:
-            pending_all = self._pending_all
-            pending_all[counters] = pending_all.get(counters, 0) + 1
-        pending = self._pending
-        pending[response] = pending.get(response, 0) + 1
-        values = self._observed.get(duration)
-        if values is None:
-            values = self._observed[duration] = []
-        values.append(seconds)
+    def tally_of(self, counters: tuple[Any, ...], instance: str, status: int) -> Tally:
+        """The ``Tally`` of a lane's requests routed with ``counters`` to ``instance`` and answered
+        ``status`` (one per such triple, kept; a forward lane also keeps its own)."""
+        key = (counters, instance, status)
+        found = self._tallies.get(key)
+        if found is None:
+            if len(self._tallies) >= 4096:
+                self._tallies.clear()
+            found = self._tallies[key] = Tally(self, counters, self.response_child(status),
+                                               self.child(self.ctx.metrics.upstream_duration, instance), status)
+        return found
+
+    def _dirty(self, tally: Tally) -> None:
+        self._dirty_tallies.append(tally)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self.flush)

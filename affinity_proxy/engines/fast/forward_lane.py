@@ -40,6 +40,7 @@ from .mint import input_of
 if TYPE_CHECKING:
     from affinity_proxy.routing.model import Instance
 
+    from .counting import Tally
     from .head import RequestHead
     from .mint import Minted
     from .ports import ConnectionPort
@@ -55,7 +56,7 @@ class ForwardLane:
     """One head's forward and what it depends on (see the module docstring)."""
 
     __slots__ = ("entry", "head_only", "origin", "peer", "prefix", "reply", "reply_to", "scheme", "sources", "suffix",
-                 "target", "whole")
+                 "tally", "target", "whole")
 
     def __init__(self, entry: HotRoute, sources: object, instance: Instance, origin: Origin, extra: tuple[bytes, ...],
                  counters: tuple[Any, ...], peer: str | None, scheme: str, whole: bytes | None, prefix: bytes,
@@ -74,6 +75,7 @@ class ForwardLane:
         #: the client's response head last sent for ``reply_to`` (a cached ``ResponseHead``), keep-alive
         self.reply_to: ResponseHead | None = None
         self.reply = b""
+        self.tally: Tally | None = None  # ``counting.Tally`` of its requests with the last status seen
 
     def answer(self, conn: ConnectionPort, head: RequestHead) -> bool:
         """Forward ``head`` as its last forward went and count it; False (nothing done) when the
@@ -236,8 +238,12 @@ class LaneExchange:
         if transport is not None:
             transport.write(data + body if body else data)
         status = rh.status
-        server.counts.lane_response(None if self.counted else counters, instance.id, status,
-                                    time.perf_counter() - self.started)
+        tally = lane.tally if lane is not None else None
+        if tally is None or tally.status != status:
+            tally = server.counts.tally_of(counters, instance.id, status)
+            if lane is not None:
+                lane.tally = tally
+        tally.add(time.perf_counter() - self.started)  # the request (never counted before here), response, duration
         self.counted = True
         ctx.events.response(status == ctx.config.fly.replay_status)
         if (keep_alive and conn.ex is self and not conn.buf and not conn.eof and not conn.read_pause
