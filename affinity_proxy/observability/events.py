@@ -71,6 +71,13 @@ class RecentEvents:
         if replay_status:
             self._replay_status[i] += 1
 
+    def responses(self, count: int, replay_status: bool) -> None:
+        """``response(replay_status)`` ``count`` times (a batch counted together: ``Tally``)."""
+        i = self._slot(self._clock())
+        self._requests[i] += count
+        if replay_status:
+            self._replay_status[i] += count
+
     def replay_answered(self, now: float) -> None:
         """``route("replay", r)`` then ``response(True)`` for a replay whose route is no re-pin (the
         replay lane's answers: its routes come from the hot-route cache, which holds cookie and

@@ -40,8 +40,9 @@ def _observe_all(histogram: Any, values: list[float]) -> None:
 
 class Tally:
     """A lane's requests of one kind since the last flush: ``inc_all(counters)``,
-    ``count_response(status)`` and ``observe_duration(instance, seconds)`` per ``add``, in a few
-    attribute updates (``forward_lane.LaneExchange``); ``Counts.flush`` drains it with the rest."""
+    ``count_response(status)``, ``observe_duration(instance, seconds)`` and the recent events'
+    ``response`` per ``add``, in a few attribute updates (``forward_lane.LaneExchange``);
+    ``Counts.flush`` drains it with the rest."""
 
     __slots__ = ("counters", "counts", "dirty", "duration", "n", "response", "seconds", "status")
 
@@ -76,6 +77,8 @@ class Tally:
                 observed[self.duration] = seconds
             else:
                 values += seconds
+            ctx = self.counts.ctx
+            ctx.events.responses(n, self.status == ctx.config.fly.replay_status)
 
 
 class Counts:

@@ -192,8 +192,8 @@ def remember(ex: Exchange) -> None:
 
 class LaneExchange:
     """One request a lane forwarded (see the module docstring). Never raises out of a callback.
-    Its request counters are added with its response (``Counts.lane_response``), or when it is
-    promoted or its client leaves, so that each request is counted once whatever happens."""
+    Its request counters are added with its response (``counting.Tally``), or when it is promoted
+    or its client leaves, so that each request is counted once whatever happens."""
 
     __slots__ = ("conn", "counted", "data", "finished", "full", "head", "lane", "started", "target", "upstream")
 
@@ -224,7 +224,6 @@ class LaneExchange:
         self.finished = True
         conn = self.conn
         server = conn.server
-        ctx = server.ctx
         keep_alive = self.head.keep_alive and not server.closing
         lane = self.lane
         _, _, instance, _, extra, counters = self.target
@@ -245,7 +244,6 @@ class LaneExchange:
                 lane.tally = tally
         tally.add(time.perf_counter() - self.started)  # the request (never counted before here), response, duration
         self.counted = True
-        ctx.events.response(status == ctx.config.fly.replay_status)
         if (keep_alive and conn.ex is self and not conn.buf and not conn.eof and not conn.read_pause
                 and conn.transport is not None):  # ``exchange_done`` with nothing else to do
             conn.ex = None
