@@ -48,7 +48,7 @@ from .closing import Closing
 from .exchange import Exchange
 from .forward_lane import LaneExchange
 from .handoff import hand_off
-from .head import RequestHead, for_aiohttp, text
+from .head import HeadCache, RequestHead, for_aiohttp, text
 
 if TYPE_CHECKING:
     from .ports import ServerPort
@@ -384,7 +384,8 @@ class ClientConnection(RequestFraming, Closing, asyncio.Protocol):
                 data = self._feed_body(data)
                 if not data or self.closing:
                     return
-            elif not self.buf and self.ex is None and not self.read_pause and not self.write_paused:
+            elif (not self.buf and self.ex is None and not self.read_pause and not self.write_paused
+                  and len(data) <= HeadCache.MAX_BYTES):  # longer reads are never one cached head: not hashed
                 head = self.server.heads.lanes.get(data)  # exactly one known head: maybe a lane's repeat
                 if head is not None and head.lane is not None and head.lane.answer(self, head):
                     return
