@@ -69,6 +69,17 @@ def echoed(resp: RawResponse) -> dict[str, Any]:
     return body
 
 
+async def warm(server: ProxyServer, data: bytes) -> Client:
+    """A keep-alive connection that sent ``data`` three times, each answered by ``b``: the first
+    makes the hot route, the second memoizes its forward, the third forwards from the memo and
+    leaves the lane on the head."""
+    client = await Client.open(server.main_port)
+    for _ in range(3):
+        assert echoed(await client.send(data))["instance"] == "b"
+    assert lanes(server) == 1
+    return client
+
+
 @pytest.fixture
 async def proxy(backends: Backends, start_proxy: Any) -> ProxyServer:
     server: ProxyServer = await start_proxy(make_config(backends, engine="fast"))
@@ -135,10 +146,7 @@ async def test_another_peer_gets_its_own_forwarded_for(proxy: ProxyServer) -> No
 
 async def test_a_membership_change_ends_the_lane(proxy: ProxyServer, backends: Backends) -> None:
     data = request()
-    client = await Client.open(proxy.main_port)
-    for _ in range(3):
-        assert echoed(await client.send(data))["instance"] == "b"
-    assert lanes(proxy) == 1
+    client = await warm(proxy, data)
     await backends.kill("b")
     await wait_until(lambda: not proxy.ctx.membership.current().state_of("b").accepts_new, timeout=10)
     resp = await client.send(data)  # re-pinned elsewhere without an error, by the full path
@@ -153,10 +161,7 @@ async def test_a_dead_instance_behind_a_warm_lane_is_retried_elsewhere(proxy: Pr
     """The instance dies before health notices: the lane's pooled socket is stale, its resend cannot
     connect, and the full exchange the lane stands for retries the user elsewhere with a new cookie."""
     data = request()
-    client = await Client.open(proxy.main_port)
-    for _ in range(3):
-        assert echoed(await client.send(data))["instance"] == "b"
-    assert lanes(proxy) == 1
+    client = await warm(proxy, data)
     await backends.kill("b")
     resp = await client.send(data)
     assert resp.status == 200 and echoed(resp)["instance"] in ("a", "c")
@@ -170,10 +175,7 @@ async def test_revalidation_due_ends_the_lane(backends: Backends, start_proxy: A
     config = make_config(backends, engine="fast")
     server: ProxyServer = await start_proxy(replace(config, cookie=replace(config.cookie, revalidate_after=2)))
     data = request(issued_at=int(time.time()) - 1)
-    client = await Client.open(server.main_port)
-    for _ in range(3):
-        assert echoed(await client.send(data))["instance"] == "b"
-    assert lanes(server) == 1
+    client = await warm(server, data)
     await asyncio.sleep(1.2)
     resp = await client.send(data)  # the full path now: a revalidated cookie is set again
     assert echoed(resp)["instance"] == "b"
@@ -207,10 +209,7 @@ async def test_head_requests_get_no_body(proxy: ProxyServer) -> None:
 
 async def test_a_client_that_leaves_mid_request_drops_the_instance_socket(proxy: ProxyServer) -> None:
     data = request(path="/slow?delay=0.5")
-    client = await Client.open(proxy.main_port)
-    for _ in range(3):  # the third forwards from the hot route's memo and leaves the lane
-        assert echoed(await client.send(data))["instance"] == "b"
-    assert lanes(proxy) == 1
+    client = await warm(proxy, data)
     answered = metric_value(await metrics(proxy), "affinity_responses_total", {"code": "200"})
     client.writer.write(data)
     pool = fast(proxy).pool
