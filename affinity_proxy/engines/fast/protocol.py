@@ -25,8 +25,9 @@ chunked`` passes llhttp) gets the engines' JSON 501, also closed; an HTTP/1.0 re
 ``Transfer-Encoding`` closes after its response. A head over the raw limit gets 431. A body-less
 head whose exact bytes were parsed before is taken from ``head.HeadCache`` instead; when that head
 was last answered with a replay that still holds (fly mode), the answer is written by its
-``lane.ReplayLane`` without an exchange, and when it was last forwarded from a memoized hot route,
-its ``forward_lane.ForwardLane`` forwards it again. A request the fast engine does not serve itself
+``lane.ReplayLane`` without an exchange, and when it was last forwarded from a memoized hot route
+(or, cookie-less, as a new session) its ``forward_lane.ForwardLane`` (``MintLane``) forwards it
+again. A request the fast engine does not serve itself
 goes to aiohttp (``handoff``). Pipelined requests are served one at a time, in order: the bytes of request
 N+1 wait unparsed until response N is complete (reading pauses when they pile up).
 """
